@@ -1,0 +1,161 @@
+"""ModelArgs: the single source of every shape in the engine.
+
+Built from a Hugging Face `config.json` (`ModelArgs.from_hf_config`) by the architecture
+module chosen by `model_type` (see `flashinfer/arch/`). Nothing else in the code base
+hard-codes a dimension; derived shapes (`q_dim`, `kv_dim`, `n_rep`) are properties here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from flashinfer.errors import ConfigError, ModelPathError, UnsupportedArchitectureError
+
+ACTIVATIONS = ("silu", "relu")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """HF `rope_scaling` / `rope_parameters`: how RoPE frequencies are stretched."""
+
+    kind: str  # "linear" | "llama3"
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    model_type: str
+    family: str  # "llama" | "opt": which flashinfer/arch module maps the weights
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    ffn_dim: int
+    max_seq_len: int
+    norm: str  # "rms" | "layer"
+    norm_eps: float
+    act: str  # one of ACTIVATIONS
+    gated_ffn: bool  # SwiGLU-style gate * act(up) (Llama) vs act(up) (OPT)
+    positional: str  # "rope" | "learned"
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    learned_pos_offset: int = 0  # OPT's embed_positions start at row 2
+    sliding_window: int | None = None
+    norm_before: bool = True  # pre-LN (all Llama, most OPT) vs post-LN (OPT-350m style)
+    attn_bias: bool = False
+    ffn_bias: bool = False
+    tie_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+
+    # ---- derived shapes -------------------------------------------------------------
+    @property
+    def q_dim(self) -> int:
+        return self.n_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.n_kv_heads * self.head_dim
+
+    @property
+    def n_rep(self) -> int:
+        """Query heads per KV head (GQA group size)."""
+        return self.n_heads // self.n_kv_heads
+
+    # ---- construction ---------------------------------------------------------------
+    @classmethod
+    def from_hf_config(cls, cfg: dict, source: str = "config.json") -> "ModelArgs":
+        from flashinfer.arch import arch_for_model_type
+
+        model_type = cfg.get("model_type")
+        if not model_type:
+            raise ConfigError(f"{source}: no 'model_type' key; is this a Hugging Face config.json?")
+        arch = arch_for_model_type(model_type, source)
+        try:
+            args = cls(**arch.args_from_hf_config(cfg, source))
+        except KeyError as e:
+            raise ConfigError(f"{source}: required key {e.args[0]!r} is missing") from None
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{source}: bad value in config ({e})") from None
+        args.validate(source)
+        return args
+
+    @classmethod
+    def from_model_dir(cls, path: str | Path) -> "ModelArgs":
+        path = Path(path)
+        config_path = path / "config.json"
+        if not path.exists():
+            raise ModelPathError(f"{path}: no such file or directory")
+        if not config_path.is_file():
+            raise ModelPathError(f"{path}: no config.json here; expected a Hugging Face model directory")
+        try:
+            cfg = json.loads(config_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{config_path}: not valid JSON ({e})") from None
+        if not isinstance(cfg, dict):
+            raise ConfigError(f"{config_path}: expected a JSON object")
+        return cls.from_hf_config(cfg, str(config_path))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelArgs":
+        d = dict(d)
+        if d.get("rope_scaling") is not None:
+            d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+        d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
+        return cls(**d)
+
+    def validate(self, source: str = "config") -> None:
+        positive = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "max_seq_len")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{source}: {name} must be a positive integer, got {value!r}")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(
+                f"{source}: num_attention_heads ({self.n_heads}) is not a multiple of "
+                f"num_key_value_heads ({self.n_kv_heads})"
+            )
+        if self.positional == "rope" and self.head_dim % 2:
+            raise ConfigError(f"{source}: RoPE needs an even head_dim, got {self.head_dim}")
+        if self.act not in ACTIVATIONS:
+            raise UnsupportedArchitectureError(
+                f"{source}: activation {self.act!r} is not supported (supported: {', '.join(ACTIVATIONS)})"
+            )
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise ConfigError(f"{source}: sliding_window must be positive, got {self.sliding_window}")
+
+    # ---- RoPE ---------------------------------------------------------------------
+    def rope_inv_freq(self) -> np.ndarray:
+        """Inverse frequencies of RoPE, float64 [head_dim/2], including rope scaling."""
+        half = self.head_dim // 2
+        inv_freq = 1.0 / (self.rope_theta ** (np.arange(0, half, dtype=np.float64) * 2.0 / self.head_dim))
+        s = self.rope_scaling
+        if s is None:
+            return inv_freq
+        if s.kind == "linear":
+            return inv_freq / s.factor
+        # Llama 3.1: long wavelengths are stretched by `factor`, short ones kept, the band
+        # between interpolated (transformers' _compute_llama3_parameters).
+        low_freq_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+        high_freq_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+        wavelen = 2.0 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_freq_wavelen, inv_freq / s.factor, inv_freq)
+        smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+            s.high_freq_factor - s.low_freq_factor
+        )
+        smoothed = (1.0 - smooth) * scaled / s.factor + smooth * scaled
+        medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+        return np.where(medium, smoothed, scaled)

@@ -1,0 +1,162 @@
+"""The forward pass: tokens in, logits out, over a preallocated KV cache.
+
+llama2.c style: every buffer is allocated once in `RunState` and reused for every chunk
+of tokens; `forward` reads top to bottom. Prompts are processed in chunks of up to
+`RunState.chunk` tokens (prefill) and then one token at a time (decode), both through the
+same code. The FFN is a separate method so the sparse path (neuron cache + predictor) can
+take its place without touching attention.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from flashinfer import kernels as K
+from flashinfer.config import ModelArgs
+from flashinfer.errors import GenerationError
+from flashinfer.weights import EMPTY, LayerWeights, ModelWeights
+
+DEFAULT_CHUNK = 64  # prefill tokens per pass: big enough to reuse each weight row, small scratch
+
+
+class RunState:
+    """Scratch activations for up to `chunk` tokens, and the KV cache for `ctx` positions."""
+
+    def __init__(self, args: ModelArgs, ctx: int, chunk: int):
+        self.chunk = chunk
+        f32 = np.float32
+        self.x = np.zeros((chunk, args.dim), f32)  # residual stream
+        self.xb = np.zeros((chunk, args.dim), f32)  # normed input of a block
+        self.block_out = np.zeros((chunk, args.dim), f32)  # attention / FFN output
+        self.q = np.zeros((chunk, args.q_dim), f32)
+        self.attn = np.zeros((chunk, args.q_dim), f32)
+        self.hidden = np.zeros((chunk, args.ffn_dim), f32)  # act(gate) * up, or act(up)
+        self.up = np.zeros((chunk, args.ffn_dim) if args.gated_ffn else (0, 0), f32)
+        self.scores = np.zeros(ctx, f32)
+        self.positions = np.arange(ctx, dtype=np.int64)
+        self.logits = np.zeros((1, args.vocab_size), f32)
+        self.k_cache = np.zeros((args.n_layers, ctx, args.kv_dim), f32)
+        self.v_cache = np.zeros((args.n_layers, ctx, args.kv_dim), f32)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in vars(self).values() if isinstance(a, np.ndarray))
+
+
+class Model:
+    def __init__(self, args: ModelArgs, weights: ModelWeights, ctx: int, chunk: int = DEFAULT_CHUNK):
+        if ctx > args.max_seq_len and args.positional == "learned":
+            raise GenerationError(f"ctx {ctx} exceeds this model's {args.max_seq_len} learned positions")
+        self.args = args
+        self.weights = weights
+        self.ctx = ctx
+        self.state = RunState(args, ctx, chunk)
+        self.inv_freq = args.rope_inv_freq()
+        self.window = args.sliding_window or 0
+        self.act = K.ACT_SILU if args.act == "silu" else K.ACT_RELU
+        self.n_past = 0  # positions filled in the KV cache
+
+    def reset(self) -> None:
+        self.n_past = 0
+
+    def forward(self, tokens: np.ndarray, logits_out: np.ndarray | None = None) -> np.ndarray:
+        """Run `tokens` at positions n_past.. and append them to the KV cache.
+
+        With `logits_out` [len(tokens), vocab] fills the logits of every token; otherwise
+        returns the last token's logits (a view of a reused buffer: copy to keep it).
+        """
+        tokens = np.asarray(tokens, dtype=np.int64)
+        if self.n_past + len(tokens) > self.ctx:
+            raise GenerationError(
+                f"{self.n_past + len(tokens)} tokens exceed the context of {self.ctx}; "
+                "open the engine with a larger ctx (up to the model's max_position_embeddings)"
+            )
+        chunk = self.state.chunk
+        for begin in range(0, len(tokens), chunk):
+            piece = tokens[begin : begin + chunk]
+            if logits_out is not None:
+                out = logits_out[begin : begin + len(piece)]
+            elif begin + chunk >= len(tokens):  # only the last token's logits are wanted
+                out = self.state.logits
+            else:
+                out = None
+            self._forward_chunk(piece, out)
+        return self.state.logits[0]
+
+    def _norm(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray, out: np.ndarray) -> None:
+        if self.args.norm == "rms":
+            K.rmsnorm(x, weight, self.args.norm_eps, out)
+        else:
+            K.layernorm(x, weight, bias, self.args.norm_eps, out)
+
+    def _forward_chunk(self, tokens: np.ndarray, logits_out: np.ndarray | None) -> None:
+        a, w, s = self.args, self.weights, self.state
+        n = len(tokens)
+        start = self.n_past
+        x, xb, block_out = s.x[:n], s.xb[:n], s.block_out[:n]
+        positions = s.positions[start : start + n]
+
+        K.embed(tokens, w.tok_embeddings, x)
+        if a.positional == "learned":
+            K.add_rows(x, w.pos_embeddings, positions + a.learned_pos_offset)
+
+        for i, layer in enumerate(w.layers):
+            # attention block: pre-LN adds attn(norm(x)); post-LN (OPT-350m) norms after the add
+            if a.norm_before:
+                self._norm(x, layer.attn_norm_w, layer.attn_norm_b, xb)
+            else:
+                xb[:] = x
+            self._attention(i, layer, xb, start, block_out)
+            x += block_out
+            if not a.norm_before:
+                self._norm(x, layer.attn_norm_w, layer.attn_norm_b, x)
+
+            # FFN block
+            if a.norm_before:
+                self._norm(x, layer.ffn_norm_w, layer.ffn_norm_b, xb)
+            else:
+                xb[:] = x
+            self._ffn(i, layer, xb, block_out)
+            x += block_out
+            if not a.norm_before:
+                self._norm(x, layer.ffn_norm_w, layer.ffn_norm_b, x)
+
+        self.n_past += n
+        if logits_out is None:
+            return
+        rows = x[-logits_out.shape[0] :]
+        if a.norm_before:  # post-LN models end normed already
+            self._norm(rows, w.norm_w, w.norm_b, xb[: len(rows)])
+            rows = xb[: len(rows)]
+        K.matmul(rows, w.lm_head, EMPTY, logits_out)
+
+    def _attention(self, i: int, layer: LayerWeights, xb: np.ndarray, start: int, out: np.ndarray) -> None:
+        a, s = self.args, self.state
+        n = xb.shape[0]
+        q = s.q[:n]
+        k = s.k_cache[i, start : start + n]  # new keys and values go straight into the cache
+        v = s.v_cache[i, start : start + n]
+        K.matmul(xb, layer.wq, layer.bq, q)
+        K.matmul(xb, layer.wk, layer.bk, k)
+        K.matmul(xb, layer.wv, layer.bv, v)
+        if a.positional == "rope":
+            positions = s.positions[start : start + n]
+            K.rope(q, positions, self.inv_freq, a.head_dim)
+            K.rope(k, positions, self.inv_freq, a.head_dim)
+        attn = s.attn[:n]
+        K.attention(q, s.k_cache[i], s.v_cache[i], start, a.n_kv_heads, a.head_dim, self.window, s.scores, attn)
+        K.matmul(attn, layer.wo, layer.bo, out)
+
+    def _ffn(self, i: int, layer: LayerWeights, xb: np.ndarray, out: np.ndarray) -> None:
+        """Dense FFN: down(act(gate(x)) * up(x)) or down(act(up(x)))."""
+        n = xb.shape[0]
+        hidden = self.state.hidden[:n]
+        if self.args.gated_ffn:
+            up = self.state.up[:n]
+            K.matmul(xb, layer.w_up, layer.b_up, up)
+            K.matmul(xb, layer.w_gate, layer.b_gate, hidden)
+            K.gated_act(hidden, up, self.act)
+        else:  # OPT: ReLU only (the config refuses other ungated activations)
+            K.matmul(xb, layer.w_up, layer.b_up, hidden)
+            K.relu_(hidden)
+        K.matmul(hidden, layer.w_down, layer.b_down, out)

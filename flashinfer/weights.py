@@ -1,0 +1,168 @@
+"""The model's tensors under canonical names, their shapes, and loading them from an HF checkpoint.
+
+Canonical names (the engine's own, independent of the HF family):
+    tok_embeddings.weight [vocab, dim]          pos_embeddings.weight [max_seq + offset, dim] (learned)
+    layers.{i}.attn_norm.{weight,bias} [dim]    layers.{i}.ffn_norm.{weight,bias} [dim]
+    layers.{i}.attn.wq.{weight [q_dim, dim], bias}   wk/wv [kv_dim, dim]   wo [dim, q_dim]
+    layers.{i}.ffn.w_up / w_gate [ffn_dim, dim]      w_down [dim, ffn_dim]
+    norm.{weight,bias} [dim]                    lm_head.weight [vocab, dim] (absent when tied)
+
+Matrices are kept as the kernels consume them: float32, or float16 as its raw uint16 bits
+(numba has no float16 on the CPU; kernels widen in registers). bf16 has no such kernel and
+is widened to float32 once at load. Vectors (norms, biases) are always float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from flashinfer.config import ModelArgs
+from storage.errors import CheckpointError
+from storage.safetensors import Checkpoint
+
+EMPTY = np.zeros(0, np.float32)  # stands for "no bias" so kernels keep one signature
+EMPTY.flags.writeable = False
+
+
+def weight_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Every canonical tensor the model needs, with its shape."""
+    d, q, kv, f = args.dim, args.q_dim, args.kv_dim, args.ffn_dim
+    shapes: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (args.vocab_size, d)}
+    if args.positional == "learned":
+        shapes["pos_embeddings.weight"] = (args.max_seq_len + args.learned_pos_offset, d)
+    norm_params = ("weight", "bias") if args.norm == "layer" else ("weight",)
+    if args.norm_before:
+        shapes |= {f"norm.{p}": (d,) for p in norm_params}
+    if not args.tie_embeddings:
+        shapes["lm_head.weight"] = (args.vocab_size, d)
+    for i in range(args.n_layers):
+        p = f"layers.{i}."
+        for norm in ("attn_norm", "ffn_norm"):
+            shapes |= {f"{p}{norm}.{n}": (d,) for n in norm_params}
+        attn = {"wq": (q, d), "wk": (kv, d), "wv": (kv, d), "wo": (d, q)}
+        ffn = {"w_up": (f, d), "w_down": (d, f)} | ({"w_gate": (f, d)} if args.gated_ffn else {})
+        for name, shape in attn.items():
+            shapes[f"{p}attn.{name}.weight"] = shape
+            if args.attn_bias:
+                shapes[f"{p}attn.{name}.bias"] = (shape[0],)
+        for name, shape in ffn.items():
+            shapes[f"{p}ffn.{name}.weight"] = shape
+            if args.ffn_bias:
+                shapes[f"{p}ffn.{name}.bias"] = (shape[0],)
+    return shapes
+
+
+@dataclass
+class LayerWeights:
+    attn_norm_w: np.ndarray
+    attn_norm_b: np.ndarray
+    wq: np.ndarray
+    bq: np.ndarray
+    wk: np.ndarray
+    bk: np.ndarray
+    wv: np.ndarray
+    bv: np.ndarray
+    wo: np.ndarray
+    bo: np.ndarray
+    ffn_norm_w: np.ndarray
+    ffn_norm_b: np.ndarray
+    w_up: np.ndarray
+    b_up: np.ndarray
+    w_gate: np.ndarray  # EMPTY for ungated FFNs
+    b_gate: np.ndarray
+    w_down: np.ndarray
+    b_down: np.ndarray
+
+
+@dataclass
+class ModelWeights:
+    tok_embeddings: np.ndarray
+    pos_embeddings: np.ndarray  # EMPTY unless learned positions
+    layers: list[LayerWeights]
+    norm_w: np.ndarray  # EMPTY for post-LN models (no final norm)
+    norm_b: np.ndarray
+    lm_head: np.ndarray  # the embedding table itself when tied
+
+    @classmethod
+    def from_tensors(cls, args: ModelArgs, get) -> "ModelWeights":
+        """Assemble from `get(canonical_name) -> array or None`."""
+
+        def vec(name: str) -> np.ndarray:
+            arr = get(name)
+            return EMPTY if arr is None else arr
+
+        layers = []
+        for i in range(args.n_layers):
+            p = f"layers.{i}."
+            layers.append(LayerWeights(
+                attn_norm_w=vec(p + "attn_norm.weight"), attn_norm_b=vec(p + "attn_norm.bias"),
+                wq=get(p + "attn.wq.weight"), bq=vec(p + "attn.wq.bias"),
+                wk=get(p + "attn.wk.weight"), bk=vec(p + "attn.wk.bias"),
+                wv=get(p + "attn.wv.weight"), bv=vec(p + "attn.wv.bias"),
+                wo=get(p + "attn.wo.weight"), bo=vec(p + "attn.wo.bias"),
+                ffn_norm_w=vec(p + "ffn_norm.weight"), ffn_norm_b=vec(p + "ffn_norm.bias"),
+                w_up=get(p + "ffn.w_up.weight"), b_up=vec(p + "ffn.w_up.bias"),
+                w_gate=vec(p + "ffn.w_gate.weight"), b_gate=vec(p + "ffn.w_gate.bias"),
+                w_down=get(p + "ffn.w_down.weight"), b_down=vec(p + "ffn.w_down.bias"),
+            ))
+        tok = get("tok_embeddings.weight")
+        return cls(
+            tok_embeddings=tok,
+            pos_embeddings=vec("pos_embeddings.weight"),
+            layers=layers,
+            norm_w=vec("norm.weight"),
+            norm_b=vec("norm.bias"),
+            lm_head=tok if args.tie_embeddings else get("lm_head.weight"),
+        )
+
+
+def _kernel_array(ckpt: Checkpoint, hf_name: str, is_matrix: bool) -> np.ndarray:
+    """A read-only array in a dtype the kernels take (see module docstring)."""
+    dtype = ckpt.tensors[hf_name].dtype
+    if is_matrix and dtype == "F16":
+        arr = ckpt.raw(hf_name).view(np.uint16)
+    elif dtype in ("F32", "F16", "BF16", "F64"):
+        arr = np.ascontiguousarray(ckpt.as_float32(hf_name))
+    else:
+        raise CheckpointError(f"{ckpt.tensors[hf_name].path}: tensor {hf_name!r} has dtype {dtype}; "
+                              "expected a floating-point weight (F32, F16 or BF16)")
+    arr.flags.writeable = False
+    return arr
+
+
+def load_hf_weights(args: ModelArgs, ckpt: Checkpoint) -> ModelWeights:
+    """Map, check and load every tensor the model needs; name whatever is missing or extra."""
+    from flashinfer.arch import FAMILIES
+
+    arch = FAMILIES[args.family]
+    present = {arch.normalize_hf_name(n): n for n in ckpt.tensors}  # normalized -> stored name
+    wanted = arch.weight_names(args)  # canonical -> normalized HF name
+    shapes = weight_shapes(args)
+    missing = sorted(hf for hf in wanted.values() if hf not in present)
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise CheckpointError(f"{ckpt.source}: checkpoint lacks {len(missing)} tensor(s) the config needs: {shown}")
+    extra = set(present) - set(wanted.values()) - arch.ignored_names(args, set(present))
+    if extra:
+        shown = ", ".join(sorted(extra)[:8]) + (f" and {len(extra) - 8} more" if len(extra) > 8 else "")
+        raise CheckpointError(
+            f"{ckpt.source}: checkpoint has {len(extra)} tensor(s) this {args.model_type} config does not use: "
+            f"{shown} (does config.json match the weights?)"
+        )
+    for canonical, hf in wanted.items():
+        info = ckpt.tensors[present[hf]]
+        if info.shape != shapes[canonical]:
+            raise CheckpointError(
+                f"{info.path}: tensor {info.name!r} has shape {list(info.shape)}, "
+                f"config.json implies {list(shapes[canonical])}"
+            )
+
+    def get(canonical: str) -> np.ndarray | None:
+        hf = wanted.get(canonical)
+        if hf is None:
+            return None
+        return _kernel_array(ckpt, present[hf], is_matrix=len(shapes[canonical]) == 2)
+
+    return ModelWeights.from_tensors(args, get)

@@ -1,0 +1,29 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures"
+GOLDEN_MODELS = ["llama", "mistral", "relu_llama", "opt", "opt_postln", "llama_bf16", "llama_f16_sharded"]
+
+
+def load_golden(name: str) -> dict:
+    with np.load(FIXTURES / name / "golden.npz") as z:
+        return {k: z[k] for k in z.files}
+
+
+@pytest.fixture(scope="session")
+def engines():
+    """Engines opened once per test session, by fixture name (opening compiles nothing twice)."""
+    from flashinfer import Engine
+
+    opened = {}
+
+    def get(name: str):
+        if name not in opened:
+            opened[name] = Engine.open(FIXTURES / name)
+        return opened[name]
+
+    yield get
+    for engine in opened.values():
+        engine.close()
