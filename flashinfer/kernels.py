@@ -29,31 +29,178 @@ def widen(v):
     return np.float32(v)
 
 
-@overload(widen, inline="always")
+@overload(widen)
 def _widen_jit(v):
     if isinstance(v, types.Integer) and v.bitwidth == 16 and not v.signed:
 
         def widen_f16_bits(v):
+            # sign to bit 31, exponent+mantissa to bits 13..27; the multiply rebiases the exponent
             h = np.uint32(v)
-            magnitude = np.uint32((h & np.uint32(0x7FFF)) << np.uint32(13)).view(np.float32) * _F16_EXP_SHIFT
-            return -magnitude if h & np.uint32(0x8000) else magnitude
+            bits = ((h & np.uint32(0x8000)) << np.uint32(16)) | ((h & np.uint32(0x7FFF)) << np.uint32(13))
+            return np.uint32(bits).view(np.float32) * _F16_EXP_SHIFT
 
         return widen_f16_bits
     return lambda v: np.float32(v)
 
 
+def _is_float_weight(dtype) -> bool:
+    """float32 values, or float16 carried as uint16 bits."""
+    return dtype == types.float32 or (isinstance(dtype, types.Integer) and dtype.bitwidth == 16 and not dtype.signed)
+
+
+def row_dot(w, scales, mins, group, r, x, t):
+    """sum_k value(w[r, k]) * x[t, k] for any store scheme (pure-Python form for NUMBA_DISABLE_JIT=1)."""
+    from storage import quant
+
+    return np.float32(np.dot(_dequant_row(w, scales, mins, group, r, quant), x[t]))
+
+
+def row_axpy(w, scales, mins, group, r, coef, out, t):
+    """out[t, k] += coef * value(w[r, k]) (pure-Python form)."""
+    from storage import quant
+
+    out[t] += coef * _dequant_row(w, scales, mins, group, r, quant)
+
+
+def _dequant_row(w, scales, mins, group, r, quant):
+    if w.dtype == np.float32 or w.dtype == np.uint16:
+        return w[r].view(np.float16).astype(np.float32) if w.dtype == np.uint16 else w[r]
+    scheme = "q8" if w.dtype == np.int8 else ("q4a" if mins.shape[1] else "q4")
+    k = w.shape[1] * (1 if scheme == "q8" else 2)
+    qt = quant.QuantizedTensor(scheme, group, (1, k), w[r : r + 1], scales[r : r + 1].view(np.float16),
+                               mins[r : r + 1].view(np.float16) if scheme == "q4a" else None)
+    return quant.dequantize(qt)[0]
+
+
+@overload(row_dot)
+def _row_dot_jit(w, scales, mins, group, r, x, t):
+    if _is_float_weight(w.dtype):
+
+        def dot_float(w, scales, mins, group, r, x, t):
+            acc = np.float32(0.0)
+            for k in range(x.shape[1]):
+                acc += widen(w[r, k]) * x[t, k]
+            return acc
+
+        return dot_float
+    if w.dtype == types.int8:
+
+        def dot_q8(w, scales, mins, group, r, x, t):
+            acc = np.float32(0.0)
+            for g in range(scales.shape[1]):
+                base = g * group
+                part = np.float32(0.0)
+                for j in range(group):
+                    part += np.float32(w[r, base + j]) * x[t, base + j]
+                acc += part * widen(scales[r, g])
+            return acc
+
+        return dot_q8
+    if w.dtype == types.uint8:
+
+        def dot_q4(w, scales, mins, group, r, x, t):
+            # value = q * scale + min (q4: min = -8 * scale), so per group
+            # sum value*x = scale * sum(q*x) + min * sum(x)
+            half = group // 2
+            acc = np.float32(0.0)
+            for g in range(scales.shape[1]):
+                qx = np.float32(0.0)
+                sx = np.float32(0.0)
+                for j in range(half):
+                    b = w[r, g * half + j]
+                    x0 = x[t, g * group + 2 * j]
+                    x1 = x[t, g * group + 2 * j + 1]
+                    qx += np.float32(b & np.uint8(15)) * x0 + np.float32(b >> np.uint8(4)) * x1
+                    sx += x0 + x1
+                s = widen(scales[r, g])
+                m = widen(mins[r, g]) if mins.shape[1] else np.float32(-8.0) * s
+                acc += s * qx + m * sx
+            return acc
+
+        return dot_q4
+
+
+@overload(row_axpy)
+def _row_axpy_jit(w, scales, mins, group, r, coef, out, t):
+    if _is_float_weight(w.dtype):
+
+        def axpy_float(w, scales, mins, group, r, coef, out, t):
+            for k in range(out.shape[1]):
+                out[t, k] += coef * widen(w[r, k])
+
+        return axpy_float
+    if w.dtype == types.int8:
+
+        def axpy_q8(w, scales, mins, group, r, coef, out, t):
+            for g in range(scales.shape[1]):
+                s = coef * widen(scales[r, g])
+                for j in range(g * group, (g + 1) * group):
+                    out[t, j] += s * np.float32(w[r, j])
+
+        return axpy_q8
+    if w.dtype == types.uint8:
+
+        def axpy_q4(w, scales, mins, group, r, coef, out, t):
+            half = group // 2
+            for g in range(scales.shape[1]):
+                s = widen(scales[r, g])
+                m = widen(mins[r, g]) if mins.shape[1] else np.float32(-8.0) * s
+                cs = coef * s
+                cm = coef * m
+                for j in range(half):
+                    b = w[r, g * half + j]
+                    k = g * group + 2 * j
+                    out[t, k] += cs * np.float32(b & np.uint8(15)) + cm
+                    out[t, k + 1] += cs * np.float32(b >> np.uint8(4)) + cm
+
+        return axpy_q4
+
+
 # parallel over output rows: bench/kernels.py measured 1.5-2.0x on 2 cores (decode and prefill).
 @njit(cache=True, nogil=True, fastmath=FAST, parallel=True)
-def matmul(x, w, bias, out):
-    """out[t, n] = sum_k x[t, k] * w[n, k] (+ bias[n]); w float32 or f16 bits; bias may be empty."""
-    n_tokens, k_dim = x.shape
+def matmul(x, w, scales, mins, group, bias, out):
+    """out[t, n] = sum_k x[t, k] * value(w[n, k]) (+ bias[n]).
+
+    w: float32, f16 bits (uint16), q8 (int8) or q4/q4a (uint8 nibbles) [N, K or K/2];
+    scales/mins: f16 bits [N, K/group] (empty [0, 0] when unused); bias may be empty."""
     for n in prange(w.shape[0]):
         b = bias[n] if bias.shape[0] else np.float32(0.0)
-        for t in range(n_tokens):
-            acc = np.float32(0.0)
-            for k in range(k_dim):
-                acc += widen(w[n, k]) * x[t, k]
-            out[t, n] = acc + b
+        for t in range(x.shape[0]):
+            out[t, n] = row_dot(w, scales, mins, group, n, x, t) + b
+
+
+@njit(cache=True, nogil=True, fastmath=FAST)
+def ffn_rows(x, n_rows, up, up_s, up_m, gate, gate_s, gate_m, down, down_s, down_m, up_b, gate_b,
+             group, act, out):
+    """FFN over neuron rows 0..n_rows-1 of a bundle matrix (the store's row-column bundles,
+    as component views): out[t] = sum_i h_i * down_i with h_i = act(gate_i.x) * (up_i.x)
+    for gated FFNs (gate has rows) or act(up_i.x) otherwise. Rows with h_i == 0 (ReLU)
+    cost no down-projection work. `out` is overwritten."""
+    gated = gate.shape[0] > 0
+    for t in range(out.shape[0]):
+        for k in range(out.shape[1]):
+            out[t, k] = 0.0
+    for r in range(n_rows):
+        for t in range(x.shape[0]):
+            u = row_dot(up, up_s, up_m, group, r, x, t)
+            if up_b.shape[0]:
+                u += up_b[r]
+            if gated:
+                g = row_dot(gate, gate_s, gate_m, group, r, x, t)
+                if gate_b.shape[0]:
+                    g += gate_b[r]
+                h = _activate(g, act) * u
+            else:
+                h = _activate(u, act)
+            if h != 0.0:
+                row_axpy(down, down_s, down_m, group, r, h, out, t)
+
+
+@njit(fastmath=FAST)
+def _activate(v, act):
+    if act == ACT_SILU:
+        return v / (np.float32(1.0) + np.exp(-v))
+    return max(v, np.float32(0.0))
 
 
 @njit(cache=True, nogil=True, fastmath=FAST)
@@ -162,18 +309,9 @@ def relu_(h):
             h[t, i] = max(h[t, i], np.float32(0.0))
 
 
-@njit(cache=True, nogil=True)
-def embed(tokens, table, out):
-    """out[t] = table[tokens[t]] as float32 (table float32 or f16 bits)."""
-    for t in range(tokens.shape[0]):
-        row = tokens[t]
-        for d in range(out.shape[1]):
-            out[t, d] = widen(table[row, d])
-
-
-@njit(cache=True, nogil=True)
-def add_rows(out, table, rows):
-    """out[t] += table[rows[t]] (OPT's learned positions)."""
+@njit(cache=True, nogil=True, fastmath=FAST)
+def add_rows(out, w, scales, mins, group, rows):
+    """out[t] += value(w[rows[t]]) for any store scheme: embedding lookup (into zeros) and
+    OPT's learned positions."""
     for t in range(rows.shape[0]):
-        for d in range(out.shape[1]):
-            out[t, d] += widen(table[rows[t], d])
+        row_axpy(w, scales, mins, group, rows[t], np.float32(1.0), out, t)

@@ -14,9 +14,17 @@ import numpy as np
 from flashinfer import kernels as K
 from flashinfer.config import ModelArgs
 from flashinfer.errors import GenerationError
-from flashinfer.weights import EMPTY, LayerWeights, ModelWeights
+from flashinfer.weights import EMPTY, LayerWeights, Matrix, ModelWeights
 
 DEFAULT_CHUNK = 64  # prefill tokens per pass: big enough to reuse each weight row, small scratch
+
+
+def linear(x: np.ndarray, m: Matrix, bias: np.ndarray, out: np.ndarray) -> None:
+    K.matmul(x, m.data, m.scales, m.mins, m.group, bias, out)
+
+
+def add_rows(out: np.ndarray, m: Matrix, rows: np.ndarray) -> None:
+    K.add_rows(out, m.data, m.scales, m.mins, m.group, rows)
 
 
 class RunState:
@@ -96,9 +104,10 @@ class Model:
         x, xb, block_out = s.x[:n], s.xb[:n], s.block_out[:n]
         positions = s.positions[start : start + n]
 
-        K.embed(tokens, w.tok_embeddings, x)
+        x[:] = 0.0
+        add_rows(x, w.tok_embeddings, tokens)
         if a.positional == "learned":
-            K.add_rows(x, w.pos_embeddings, positions + a.learned_pos_offset)
+            add_rows(x, w.pos_embeddings, positions + a.learned_pos_offset)
 
         for i, layer in enumerate(w.layers):
             # attention block: pre-LN adds attn(norm(x)); post-LN (OPT-350m) norms after the add
@@ -128,7 +137,7 @@ class Model:
         if a.norm_before:  # post-LN models end normed already
             self._norm(rows, w.norm_w, w.norm_b, xb[: len(rows)])
             rows = xb[: len(rows)]
-        K.matmul(rows, w.lm_head, EMPTY, logits_out)
+        linear(rows, w.lm_head, EMPTY, logits_out)
 
     def _attention(self, i: int, layer: LayerWeights, xb: np.ndarray, start: int, out: np.ndarray) -> None:
         a, s = self.args, self.state
@@ -136,16 +145,16 @@ class Model:
         q = s.q[:n]
         k = s.k_cache[i, start : start + n]  # new keys and values go straight into the cache
         v = s.v_cache[i, start : start + n]
-        K.matmul(xb, layer.wq, layer.bq, q)
-        K.matmul(xb, layer.wk, layer.bk, k)
-        K.matmul(xb, layer.wv, layer.bv, v)
+        linear(xb, layer.wq, layer.bq, q)
+        linear(xb, layer.wk, layer.bk, k)
+        linear(xb, layer.wv, layer.bv, v)
         if a.positional == "rope":
             positions = s.positions[start : start + n]
             K.rope(q, positions, self.inv_freq, a.head_dim)
             K.rope(k, positions, self.inv_freq, a.head_dim)
         attn = s.attn[:n]
         K.attention(q, s.k_cache[i], s.v_cache[i], start, a.n_kv_heads, a.head_dim, self.window, s.scores, attn)
-        K.matmul(attn, layer.wo, layer.bo, out)
+        linear(attn, layer.wo, layer.bo, out)
 
     def _ffn(self, i: int, layer: LayerWeights, xb: np.ndarray, out: np.ndarray) -> None:
         """Dense FFN: down(act(gate(x)) * up(x)) or down(act(up(x)))."""
@@ -153,10 +162,10 @@ class Model:
         hidden = self.state.hidden[:n]
         if self.args.gated_ffn:
             up = self.state.up[:n]
-            K.matmul(xb, layer.w_up, layer.b_up, up)
-            K.matmul(xb, layer.w_gate, layer.b_gate, hidden)
+            linear(xb, layer.w_up, layer.b_up, up)
+            linear(xb, layer.w_gate, layer.b_gate, hidden)
             K.gated_act(hidden, up, self.act)
         else:  # OPT: ReLU only (the config refuses other ungated activations)
-            K.matmul(xb, layer.w_up, layer.b_up, hidden)
+            linear(xb, layer.w_up, layer.b_up, hidden)
             K.relu_(hidden)
-        K.matmul(hidden, layer.w_down, layer.b_down, out)
+        linear(hidden, layer.w_down, layer.b_down, out)

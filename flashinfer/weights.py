@@ -15,6 +15,7 @@ is widened to float32 once at load. Vectors (norms, biases) are always float32.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -24,6 +25,22 @@ from storage.safetensors import Checkpoint
 
 EMPTY = np.zeros(0, np.float32)  # stands for "no bias" so kernels keep one signature
 EMPTY.flags.writeable = False
+NO_SCALES = np.zeros((0, 0), np.uint16)  # float matrices have no scales / mins
+NO_SCALES.flags.writeable = False
+
+
+class Matrix(NamedTuple):
+    """A weight matrix as the kernels take it: data float32 / f16 bits (uint16) / int8 (q8) /
+    uint8 nibbles (q4, q4a), and f16-bit scales and mins [rows, K/group] (empty when unused)."""
+
+    data: np.ndarray
+    scales: np.ndarray = NO_SCALES
+    mins: np.ndarray = NO_SCALES
+    group: int = 0
+
+    @property
+    def rows(self) -> int:
+        return self.data.shape[0]
 
 
 def weight_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
@@ -58,36 +75,38 @@ def weight_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
 class LayerWeights:
     attn_norm_w: np.ndarray
     attn_norm_b: np.ndarray
-    wq: np.ndarray
+    wq: Matrix
     bq: np.ndarray
-    wk: np.ndarray
+    wk: Matrix
     bk: np.ndarray
-    wv: np.ndarray
+    wv: Matrix
     bv: np.ndarray
-    wo: np.ndarray
+    wo: Matrix
     bo: np.ndarray
     ffn_norm_w: np.ndarray
     ffn_norm_b: np.ndarray
-    w_up: np.ndarray
+    # dense FFN (None when the FFN lives in the store's bundles, read per token)
+    w_up: Matrix | None
     b_up: np.ndarray
-    w_gate: np.ndarray  # EMPTY for ungated FFNs
+    w_gate: Matrix | None  # None for ungated FFNs
     b_gate: np.ndarray
-    w_down: np.ndarray
+    w_down: Matrix | None
     b_down: np.ndarray
 
 
 @dataclass
 class ModelWeights:
-    tok_embeddings: np.ndarray
-    pos_embeddings: np.ndarray  # EMPTY unless learned positions
+    tok_embeddings: Matrix
+    pos_embeddings: Matrix | None  # learned positions only
     layers: list[LayerWeights]
     norm_w: np.ndarray  # EMPTY for post-LN models (no final norm)
     norm_b: np.ndarray
-    lm_head: np.ndarray  # the embedding table itself when tied
+    lm_head: Matrix  # the embedding table itself when tied
 
     @classmethod
     def from_tensors(cls, args: ModelArgs, get) -> "ModelWeights":
-        """Assemble from `get(canonical_name) -> array or None`."""
+        """Assemble from `get(canonical_name)`: a Matrix for 2-D tensors, an array for 1-D,
+        None when absent."""
 
         def vec(name: str) -> np.ndarray:
             arr = get(name)
@@ -104,13 +123,13 @@ class ModelWeights:
                 wo=get(p + "attn.wo.weight"), bo=vec(p + "attn.wo.bias"),
                 ffn_norm_w=vec(p + "ffn_norm.weight"), ffn_norm_b=vec(p + "ffn_norm.bias"),
                 w_up=get(p + "ffn.w_up.weight"), b_up=vec(p + "ffn.w_up.bias"),
-                w_gate=vec(p + "ffn.w_gate.weight"), b_gate=vec(p + "ffn.w_gate.bias"),
+                w_gate=get(p + "ffn.w_gate.weight"), b_gate=vec(p + "ffn.w_gate.bias"),
                 w_down=get(p + "ffn.w_down.weight"), b_down=vec(p + "ffn.w_down.bias"),
             ))
         tok = get("tok_embeddings.weight")
         return cls(
             tok_embeddings=tok,
-            pos_embeddings=vec("pos_embeddings.weight"),
+            pos_embeddings=get("pos_embeddings.weight"),
             layers=layers,
             norm_w=vec("norm.weight"),
             norm_b=vec("norm.bias"),
@@ -118,8 +137,8 @@ class ModelWeights:
         )
 
 
-def _kernel_array(ckpt: Checkpoint, hf_name: str, is_matrix: bool) -> np.ndarray:
-    """A read-only array in a dtype the kernels take (see module docstring)."""
+def _kernel_array(ckpt: Checkpoint, hf_name: str, is_matrix: bool) -> np.ndarray | Matrix:
+    """A read-only array (1-D) or Matrix (2-D) in a dtype the kernels take (see module docstring)."""
     dtype = ckpt.tensors[hf_name].dtype
     if is_matrix and dtype == "F16":
         arr = ckpt.raw(hf_name).view(np.uint16)
@@ -129,7 +148,7 @@ def _kernel_array(ckpt: Checkpoint, hf_name: str, is_matrix: bool) -> np.ndarray
         raise CheckpointError(f"{ckpt.tensors[hf_name].path}: tensor {hf_name!r} has dtype {dtype}; "
                               "expected a floating-point weight (F32, F16 or BF16)")
     arr.flags.writeable = False
-    return arr
+    return Matrix(arr) if is_matrix else arr
 
 
 def load_hf_weights(args: ModelArgs, ckpt: Checkpoint) -> ModelWeights:

@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 
 from flashinfer import kernels as K
+from flashinfer.weights import NO_SCALES, Matrix
+from storage import quant
 from tests import reference as ref
 
 rng = np.random.default_rng(0)
@@ -13,27 +15,71 @@ def randn(*shape):
     return rng.standard_normal(shape).astype(np.float32)
 
 
-@pytest.mark.parametrize("weight_dtype", ["f32", "f16"])
+SCHEMES = ["f32", "f16", "q8", "q4", "q4a"]
+
+
+def kernel_matrix(w: np.ndarray, scheme: str, group: int = 32) -> Matrix:
+    """A float32 matrix quantized by the numpy reference, in the kernels' form."""
+    qt = quant.quantize(w, scheme, group)
+    if scheme == "f32":
+        return Matrix(qt.data)
+    if scheme == "f16":
+        return Matrix(qt.data.view(np.uint16))
+    mins = qt.mins.view(np.uint16) if qt.mins is not None else NO_SCALES
+    return Matrix(qt.data, qt.scales.view(np.uint16), mins, group)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("n_tokens", [1, 5])
-def test_matmul(weight_dtype, with_bias, n_tokens):
-    x, w = randn(n_tokens, 48), randn(40, 48)
-    if weight_dtype == "f16":
-        w = w.astype(np.float16).view(np.uint16)
+def test_matmul_every_scheme(scheme, with_bias, n_tokens):
+    x, w = randn(n_tokens, 64), randn(40, 64)
+    m = kernel_matrix(w, scheme)
     bias = randn(40) if with_bias else np.zeros(0, np.float32)
     out = np.empty((n_tokens, 40), np.float32)
-    K.matmul(x, w, bias, out)
-    np.testing.assert_allclose(out, ref.matmul(x, w, bias), rtol=1e-5, atol=1e-5)
+    K.matmul(x, m.data, m.scales, m.mins, m.group, bias, out)
+    expected = ref.matmul(x, quant.dequantize(quant.quantize(w, scheme, 32)), bias)
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_add_rows_every_scheme(scheme):
+    table = randn(6, 64)
+    m = kernel_matrix(table, scheme)
+    out = np.ones((3, 64), np.float32)
+    rows = np.array([5, 0, 5])
+    K.add_rows(out, m.data, m.scales, m.mins, m.group, rows)
+    expected = 1.0 + quant.dequantize(quant.quantize(table, scheme, 32))[rows]
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_widen_f16_bits_exact_over_all_finite_halves():
     bits = np.arange(65536, dtype=np.uint16)
-    halves = bits.view(np.float16)
-    finite = bits[np.isfinite(halves)]
-    table = finite.reshape(1, -1)
-    out = np.empty((1, finite.size), np.float32)
-    K.embed(np.zeros(1, np.int64), table, out)
+    finite = bits[np.isfinite(bits.view(np.float16))]
+    out = np.zeros((1, finite.size), np.float32)
+    K.add_rows(out, finite.reshape(1, -1), NO_SCALES, NO_SCALES, 0, np.zeros(1, np.int64))
     np.testing.assert_array_equal(out[0], finite.view(np.float16).astype(np.float32))
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("gated,act,biases", [(True, K.ACT_SILU, False), (True, K.ACT_RELU, False), (False, K.ACT_RELU, True)])
+def test_ffn_rows(scheme, gated, act, biases):
+    dim, n_neurons, n_rows, n_tokens = 64, 24, 17, 3
+    x = randn(n_tokens, dim)
+    w_up, w_gate, w_down_t = randn(n_neurons, dim), randn(n_neurons, dim), randn(n_neurons, dim)
+    b_up, b_gate = (randn(n_neurons), randn(n_neurons)) if biases else (np.zeros(0, np.float32),) * 2
+    up, down = kernel_matrix(w_up, scheme), kernel_matrix(w_down_t, scheme)
+    gate = kernel_matrix(w_gate, scheme) if gated else Matrix(np.zeros((0, 0), up.data.dtype))
+    out = np.full((n_tokens, dim), np.nan, np.float32)
+    K.ffn_rows(x, n_rows, up.data, up.scales, up.mins, gate.data, gate.scales, gate.mins,
+               down.data, down.scales, down.mins, b_up, b_gate if gated else np.zeros(0, np.float32), 32, act, out)
+    deq = lambda w: quant.dequantize(quant.quantize(w, scheme, 32))[:n_rows]  # noqa: E731
+    u = ref.matmul(x, deq(w_up), b_up[:n_rows] if biases else np.zeros(0, np.float32))
+    if gated:
+        h = ref.gated_act(ref.matmul(x, deq(w_gate), np.zeros(0, np.float32)), u, act)
+    else:
+        h = np.maximum(u, 0)
+    np.testing.assert_allclose(out, h @ deq(w_down_t), rtol=1e-4, atol=1e-4)
 
 
 def test_rmsnorm_and_layernorm_in_place():
@@ -73,14 +119,8 @@ def test_gated_act(act):
     np.testing.assert_allclose(out, ref.gated_act(gate, up, act), rtol=1e-5, atol=1e-6)
 
 
-def test_relu_embed_add_rows():
+def test_relu():
     h = randn(2, 10)
     out = h.copy()
     K.relu_(out)
     np.testing.assert_array_equal(out, np.maximum(h, 0))
-    table = randn(6, 4)
-    emb = np.empty((3, 4), np.float32)
-    K.embed(np.array([5, 0, 2]), table, emb)
-    np.testing.assert_array_equal(emb, table[[5, 0, 2]])
-    K.add_rows(emb, table, np.array([1, 1, 3]))
-    np.testing.assert_allclose(emb, table[[5, 0, 2]] + table[[1, 1, 3]])

@@ -1,0 +1,176 @@
+"""The flash store format, version 1: the spec, as data, next to the code that reads it.
+
+A store is one directory:
+
+    manifest.json          what is where (this module's dataclasses, as JSON)
+    resident.bin           tensors kept in DRAM: embeddings, attention, norms, biases, lm_head
+    ffn/L{layer}.bin       per layer, the FFN as row-column bundles, one per neuron
+    tokenizer.json, tokenizer_config.json   copied from the checkpoint
+
+All integers are little-endian; all offsets are bytes from the start of their file.
+
+Quantized rows (see storage/quant.py for the arithmetic): a row of K values in scheme
+    f32   K float32                    f16  K float16
+    q8    K int8, then K/G float16 scales
+    q4    K/2 bytes (value 2j in the low nibble, 2j+1 in the high nibble, stored as v+8),
+          then K/G float16 scales
+    q4a   K/2 bytes (unsigned 0..15), K/G float16 scales, K/G float16 mins
+A 2-D resident tensor [rows, K] is its rows one after another in that layout's planar
+form: all data [rows, data_bytes], then all scales [rows, K/G], then all mins (see
+`ResidentTensor`); 1-D tensors (norms, biases) are always f32.
+
+FFN bundles (the paper's row-column bundling, section 3.2): for neuron i of a layer, the
+bundle holds, at the offsets given by its `BundleComponent`s,
+    up      row i of the up projection       [dim]  (fc1 in OPT)
+    gate    row i of the gate projection     [dim]  (gated FFNs only)
+    down    column i of the down projection  [dim]  (row i of W_down transposed)
+    up_bias / gate_bias   one float32        (models with FFN biases)
+so a single read fetches everything neuron i needs. Each component starts at a multiple
+of 4 bytes; `bundle_bytes` is their padded total. Bundle i lives at byte
+i * bundle_bytes of its layer file: the file is a plain [n_neurons, bundle_bytes] array.
+Checksums and compression work on chunks of `bundles_per_chunk` consecutive bundles,
+chosen so that a chunk is a whole number of 4 KiB pages; the file is padded to 4 KiB,
+so every chunk starts 4 KiB-aligned and O_DIRECT can read any chunk-aligned range.
+With compression "zstd" each chunk is stored as one zstd frame at `Chunk.offset`
+(4 KiB-aligned) and a read must fetch and decompress the whole chunk.
+
+Checksums are blake2b (16-byte digest, hex) of the uncompressed bytes of each resident
+tensor and of each FFN chunk.
+
+Readers must reject a manifest whose `version` is newer than theirs; writers write the
+store into `<name>.partial-<pid>` and rename it into place only when it is complete, so a
+directory named like a store with a manifest.json is always a complete store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from storage.errors import FormatError
+
+FORMAT_NAME = "flashinfer-store"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+RESIDENT_FILE = "resident.bin"
+PAGE = 4096  # alignment of chunks and files: O_DIRECT and 4 KiB flash pages
+COMPONENT_ALIGN = 4  # so f16 scales and f32 values inside a bundle are aligned
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+SCHEMES = ("f32", "f16", "q8", "q4", "q4a")
+COMPRESSIONS = ("none", "zstd")
+
+
+def ffn_file(layer: int) -> str:
+    return f"ffn/L{layer}.bin"
+
+
+def align_up(n: int, to: int) -> int:
+    return -(-n // to) * to
+
+
+def checksum(data) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+@dataclass(frozen=True)
+class ResidentTensor:
+    """A tensor in resident.bin. For 2-D quantized tensors the bytes are planar:
+    data at `offset` ([rows, data_bytes_per_row]), then scales, then mins."""
+
+    scheme: str
+    group_size: int  # 0 for f32/f16
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+    checksum: str
+
+
+@dataclass(frozen=True)
+class BundleComponent:
+    name: str  # "up" | "gate" | "down" | "up_bias" | "gate_bias"
+    scheme: str  # a quant scheme for rows; "f32" for biases
+    group_size: int
+    length: int  # values: dim for rows, 1 for biases
+    offset: int  # within the bundle
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Chunk:
+    offset: int  # in the layer file; 4 KiB-aligned
+    stored_bytes: int  # on disk (== uncompressed size unless compressed)
+    checksum: str  # of the uncompressed bytes
+
+
+@dataclass(frozen=True)
+class FFNLayer:
+    file: str
+    n_neurons: int
+    bundle_bytes: int
+    components: tuple[BundleComponent, ...]
+    bundles_per_chunk: int
+    compression: str
+    chunks: tuple[Chunk, ...]
+    file_bytes: int
+
+    def component(self, name: str) -> BundleComponent | None:
+        return next((c for c in self.components if c.name == name), None)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    model_config: dict  # flashinfer ModelArgs fields (storage does not interpret them)
+    hf_config: dict  # the checkpoint's config.json, for reference
+    resident: dict[str, ResidentTensor]
+    resident_bytes: int
+    ffn_layers: tuple[FFNLayer, ...]
+    quant: dict  # e.g. {"ffn": "q4", "resident": "q8", "group_size": 32}
+    source: str = ""  # what it was converted from
+    format: str = FORMAT_NAME
+    version: int = FORMAT_VERSION
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def load(cls, store_dir: Path) -> "Manifest":
+        path = Path(store_dir) / MANIFEST
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FormatError(f"{store_dir}: no {MANIFEST}; not a flashinfer store") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise FormatError(f"{path}: not valid JSON ({e}); the store is damaged, convert it again") from None
+        if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
+            raise FormatError(f"{path}: not a {FORMAT_NAME} manifest")
+        version = raw.get("version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise FormatError(
+                f"{path}: store format version {version} is newer than this flashinfer reads "
+                f"({FORMAT_VERSION}); upgrade flashinfer or convert the model again with this version"
+            )
+        try:
+            return cls(
+                model_config=raw["model_config"],
+                hf_config=raw["hf_config"],
+                resident={k: ResidentTensor(**{**v, "shape": tuple(v["shape"])}) for k, v in raw["resident"].items()},
+                resident_bytes=raw["resident_bytes"],
+                ffn_layers=tuple(
+                    FFNLayer(**{
+                        **layer,
+                        "components": tuple(BundleComponent(**c) for c in layer["components"]),
+                        "chunks": tuple(Chunk(**c) for c in layer["chunks"]),
+                    })
+                    for layer in raw["ffn_layers"]
+                ),
+                quant=raw["quant"],
+                source=raw.get("source", ""),
+                format=raw["format"],
+                version=version,
+                extra=raw.get("extra", {}),
+            )
+        except (KeyError, TypeError) as e:
+            raise FormatError(f"{path}: manifest is missing or has a malformed field ({e}); convert again") from None

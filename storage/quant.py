@@ -1,0 +1,303 @@
+"""Numpy reference quantizers: the spec the numba quantized kernels are tested against.
+
+Everything here is plain numpy and written for clarity, not speed. Another program must be
+able to reimplement these layouts from this docstring alone.
+
+Schemes
+-------
+``f32``  float32, stored as is.            ``f16``  float16 (IEEE half), round-to-nearest-even.
+``q8``   int8, symmetric, one f16 scale per group.
+``q4``   4-bit, symmetric, one f16 scale per group.
+``q4a``  4-bit, asymmetric, one f16 scale and one f16 min per group.
+
+Groups
+------
+A weight is 2-D, ``[rows, K]``, row-major (for a linear layer ``[out, in]``). Groups are G
+consecutive elements along the LAST axis, G in {32, 64}: group ``g`` of row ``r`` is
+``w[r, g*G:(g+1)*G]``. K must be a positive multiple of G. (Groups run along the input
+dimension because that is what one row's dot product consumes; a kernel walks a row group by
+group with one scale in a register.) f16/f32 have no groups; their ``group_size`` is 0.
+
+Quantization (float32 math throughout; ``rint`` is round-half-to-even)
+------------------------------------------------------------------------
+q8:  ``s16 = f16(max|w_g| / 127)``,  ``s = f32(s16)``,
+     ``q = clip(rint(w / s), -127, 127)`` (0 when s == 0);   ``w' = q * s``.
+     -128 is never produced, so kernels may negate freely.
+q4:  ``s16 = f16(max|w_g| / 7)``, ``q = clip(rint(w / s), -8, 7)`` (0 when s == 0);
+     stored as the nibble ``q + 8`` (0..15 holds -8..7);  ``w' = (nibble - 8) * s``.
+q4a: ``m16 = f16(min w_g)``, ``m = f32(m16)``, ``s16 = f16(max(max w_g - m, 0) / 15)``,
+     ``q = clip(rint((w - m) / s), 0, 15)`` (0 when s == 0);  ``w' = q * s + m``.
+The scale is rounded to f16 BEFORE the division, so dequantization with the stored f16 scale
+reproduces exactly the values quantization aimed at. An all-zero group gets scale 0 and
+quantizes to zeros (no NaN). Non-finite weights, and weights whose scale or min would not fit
+an f16 (|w| beyond ~65504 * qmax), raise ``QuantError``.
+
+Arrays of a ``QuantizedTensor`` (shape ``[rows, K]``, ``n_groups = K // G``)
+-----------------------------------------------------------------------------
+f32:  data float32 [rows, K];             scales None;  mins None.
+f16:  data float16 [rows, K];             scales None;  mins None.
+q8:   data int8    [rows, K];             scales float16 [rows, n_groups];  mins None.
+q4:   data uint8   [rows, K // 2];        scales float16 [rows, n_groups];  mins None.
+q4a:  data uint8   [rows, K // 2];        scales float16 [rows, n_groups];
+                                          mins   float16 [rows, n_groups].
+4-bit packing: byte ``j`` of a row holds element ``2j`` in its LOW nibble (bits 0-3) and
+element ``2j+1`` in its HIGH nibble (bits 4-7): ``byte = e[2j] | (e[2j+1] << 4)``.
+
+Row record (the bytes of one row, contiguous, as written into the store)
+------------------------------------------------------------------------
+``[data][scales][mins]``, all little-endian, no padding:
+  data:   f32: 4K bytes; f16: 2K bytes; q8: K bytes (int8); q4/q4a: K/2 bytes (packed as above)
+  scales: q8/q4/q4a only, n_groups little-endian f16 (2 bytes each), group 0 first
+  mins:   q4a only, n_groups little-endian f16
+so ``scheme_bytes_per_row`` is 4K, 2K, K + 2K/G, K/2 + 2K/G, K/2 + 4K/G respectively.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from storage.errors import QuantError
+
+SCHEMES = ("f32", "f16", "q8", "q4", "q4a")
+GROUPED_SCHEMES = ("q8", "q4", "q4a")
+GROUP_SIZES = (32, 64)
+DEFAULT_GROUP_SIZE = 32
+
+# Largest |q| the symmetric schemes aim max|w| at; q4 keeps -8 as clip headroom only.
+Q8_MAX = np.float32(127.0)
+Q4_MAX = np.float32(7.0)
+Q4A_LEVELS = np.float32(15.0)
+Q4_OFFSET = 8  # q4 symmetric nibble = q + 8
+
+DATA_DTYPES = {"f32": np.dtype("<f4"), "f16": np.dtype("<f2"), "q8": np.dtype("i1"),
+               "q4": np.dtype("u1"), "q4a": np.dtype("u1")}
+SCALE_DTYPE = np.dtype("<f2")
+
+
+@dataclass(frozen=True, eq=False)
+class QuantizedTensor:
+    """A 2-D weight in one scheme; see the module docstring for the exact array layouts."""
+
+    scheme: str
+    group_size: int  # 0 for f16/f32 (no groups)
+    shape: tuple[int, int]  # the logical [rows, K] of the float weight
+    data: np.ndarray
+    scales: np.ndarray | None
+    mins: np.ndarray | None
+
+    def __post_init__(self) -> None:
+        _check_layout(self)
+
+    @property
+    def bytes_per_row(self) -> int:
+        return scheme_bytes_per_row(self.scheme, self.shape[1], self.group_size)
+
+
+def _check_scheme(scheme: str) -> None:
+    if scheme not in SCHEMES:
+        raise QuantError(f"unknown quantization scheme {scheme!r}; expected one of {', '.join(SCHEMES)}")
+
+
+def _group_size_for(scheme: str, group_size: int) -> int:
+    """The group size a tensor of `scheme` records: the validated G, or 0 if ungrouped."""
+    _check_scheme(scheme)
+    if scheme not in GROUPED_SCHEMES:
+        return 0
+    if group_size not in GROUP_SIZES:
+        raise QuantError(f"group size {group_size!r} is not supported for {scheme}; "
+                         f"use one of {', '.join(map(str, GROUP_SIZES))}")
+    return group_size
+
+
+def _check_row_length(scheme: str, shape: tuple[int, ...], group_size: int) -> None:
+    row_length = shape[-1]
+    if group_size == 0:
+        if row_length < 1:
+            raise QuantError(f"cannot store a tensor of shape {tuple(shape)} as {scheme}: rows are empty")
+        return
+    if row_length < 1 or row_length % group_size:
+        raise QuantError(f"cannot quantize a tensor of shape {tuple(shape)} to {scheme} with group size "
+                         f"{group_size}: the last axis ({row_length}) must be a positive multiple of "
+                         f"{group_size}")
+
+
+def _expected_arrays(scheme: str, rows: int, row_length: int, group_size: int):
+    """(data shape, scales shape or None, mins shape or None) of a [rows, row_length] tensor."""
+    data_cols = row_length // 2 if scheme in ("q4", "q4a") else row_length
+    group_shape = (rows, row_length // group_size) if group_size else None
+    return (rows, data_cols), group_shape, group_shape if scheme == "q4a" else None
+
+
+def _check_layout(qt: QuantizedTensor) -> None:
+    group_size = _group_size_for(qt.scheme, qt.group_size)
+    if group_size != qt.group_size:
+        raise QuantError(f"{qt.scheme} is not grouped; its group_size must be 0, not {qt.group_size}")
+    if len(qt.shape) != 2:
+        raise QuantError(f"a QuantizedTensor is 2-D, got shape {qt.shape}")
+    _check_row_length(qt.scheme, qt.shape, group_size)
+    data_shape, scales_shape, mins_shape = _expected_arrays(qt.scheme, *qt.shape, group_size)
+    for name, array, shape, dtype in (("data", qt.data, data_shape, DATA_DTYPES[qt.scheme]),
+                                      ("scales", qt.scales, scales_shape, SCALE_DTYPE),
+                                      ("mins", qt.mins, mins_shape, SCALE_DTYPE)):
+        if shape is None:
+            if array is not None:
+                raise QuantError(f"{qt.scheme} tensor of shape {qt.shape} has {name}, but the scheme has none")
+        elif array is None or array.shape != shape or array.dtype != dtype:
+            got = "None" if array is None else f"{array.dtype} {array.shape}"
+            raise QuantError(f"{qt.scheme} tensor of shape {qt.shape} (group {group_size}) needs {name} "
+                             f"{dtype} {shape}, got {got}")
+
+
+def scheme_bytes_per_row(scheme: str, K: int, group_size: int = DEFAULT_GROUP_SIZE) -> int:
+    """Bytes of one row record (data + scales + mins) for a row of K weights."""
+    group_size = _group_size_for(scheme, group_size)
+    _check_row_length(scheme, (K,), group_size)
+    data_shape, scales_shape, mins_shape = _expected_arrays(scheme, 1, K, group_size)
+    n_bytes = data_shape[1] * DATA_DTYPES[scheme].itemsize
+    for group_shape in (scales_shape, mins_shape):
+        if group_shape is not None:
+            n_bytes += group_shape[1] * SCALE_DTYPE.itemsize
+    return n_bytes
+
+
+def _as_float32_matrix(w: np.ndarray) -> np.ndarray:
+    w = np.asarray(w)
+    if w.ndim != 2:
+        raise QuantError(f"quantize takes a 2-D [rows, K] weight, got shape {w.shape}")
+    if not np.issubdtype(w.dtype, np.floating):
+        raise QuantError(f"quantize takes a floating-point weight, got {w.dtype} of shape {w.shape}")
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    if not np.isfinite(w).all():
+        raise QuantError(f"weight of shape {w.shape} contains NaN or infinity; it cannot be quantized")
+    return w
+
+
+def _to_f16(values: np.ndarray, what: str, scheme: str, shape: tuple[int, int]) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        values16 = values.astype(SCALE_DTYPE)
+    if not np.isfinite(values16).all():
+        raise QuantError(f"{scheme} {what} of a tensor of shape {shape} overflow float16 "
+                         f"(largest {float(np.abs(values).max()):.6g}); weights are too large for {scheme}")
+    return values16
+
+
+def _divide_or_zero(numerator: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """numerator / scale per group, 0 where the scale is 0 (an all-zero or constant group)."""
+    scale = scale[..., None]
+    return np.divide(numerator, scale, out=np.zeros_like(numerator), where=scale > 0)
+
+
+def _pack_nibbles(values: np.ndarray) -> np.ndarray:
+    """[rows, K] of 0..15 -> [rows, K//2] uint8, element 2j low nibble, 2j+1 high nibble."""
+    values = values.astype(np.uint8)
+    return values[:, 0::2] | (values[:, 1::2] << 4)
+
+
+def _unpack_nibbles(packed: np.ndarray) -> np.ndarray:
+    rows, half = packed.shape
+    values = np.empty((rows, half * 2), dtype=np.uint8)
+    values[:, 0::2] = packed & 0x0F
+    values[:, 1::2] = packed >> 4
+    return values
+
+
+def quantize(w: np.ndarray, scheme: str, group_size: int = DEFAULT_GROUP_SIZE) -> QuantizedTensor:
+    """Quantize a 2-D float weight [rows, K] along its last axis (see the module docstring)."""
+    group_size = _group_size_for(scheme, group_size)
+    w = _as_float32_matrix(w)
+    shape = (int(w.shape[0]), int(w.shape[1]))
+    _check_row_length(scheme, shape, group_size)
+    if scheme == "f32":
+        return QuantizedTensor(scheme, 0, shape, w.copy(), None, None)
+    if scheme == "f16":
+        return QuantizedTensor(scheme, 0, shape, _to_f16(w, "weights", scheme, shape), None, None)
+
+    groups = w.reshape(shape[0], shape[1] // group_size, group_size)
+    if scheme == "q4a":
+        mins16 = _to_f16(groups.min(axis=2), "group mins", scheme, shape)
+        group_min = mins16.astype(np.float32)
+        span = np.maximum(groups.max(axis=2) - group_min, np.float32(0))
+        scales16 = _to_f16(span / Q4A_LEVELS, "scales", scheme, shape)
+        shifted = groups - group_min[..., None]
+        q = np.clip(np.rint(_divide_or_zero(shifted, scales16.astype(np.float32))), 0, 15)
+        return QuantizedTensor(scheme, group_size, shape, _pack_nibbles(q.reshape(shape)), scales16, mins16)
+
+    q_max = Q8_MAX if scheme == "q8" else Q4_MAX
+    scales16 = _to_f16(np.abs(groups).max(axis=2) / q_max, "scales", scheme, shape)
+    q = np.rint(_divide_or_zero(groups, scales16.astype(np.float32))).reshape(shape)
+    if scheme == "q8":
+        return QuantizedTensor(scheme, group_size, shape, np.clip(q, -127, 127).astype(np.int8), scales16, None)
+    nibbles = np.clip(q, -8, 7) + Q4_OFFSET
+    return QuantizedTensor(scheme, group_size, shape, _pack_nibbles(nibbles), scales16, None)
+
+
+def dequantize(qt: QuantizedTensor) -> np.ndarray:
+    """The float32 [rows, K] weight a QuantizedTensor stands for."""
+    if qt.scheme in ("f32", "f16"):
+        return qt.data.astype(np.float32)
+    rows, row_length = qt.shape
+    if qt.scheme == "q8":
+        q = qt.data.astype(np.float32)
+    else:
+        q = _unpack_nibbles(qt.data).astype(np.float32)
+        if qt.scheme == "q4":
+            q -= Q4_OFFSET
+    groups = q.reshape(rows, row_length // qt.group_size, qt.group_size)
+    values = groups * qt.scales.astype(np.float32)[..., None]
+    if qt.mins is not None:
+        values += qt.mins.astype(np.float32)[..., None]
+    return values.reshape(rows, row_length)
+
+
+def _bytes_of(array: np.ndarray | None, dtype: np.dtype, rows: int) -> list[np.ndarray]:
+    if array is None:
+        return []
+    return [np.ascontiguousarray(array, dtype=dtype).view(np.uint8).reshape(rows, -1)]
+
+
+def row_records(qt: QuantizedTensor) -> np.ndarray:
+    """All row records as a uint8 [rows, bytes_per_row] array (layout in the module docstring)."""
+    rows = qt.shape[0]
+    parts = (_bytes_of(qt.data, DATA_DTYPES[qt.scheme], rows) + _bytes_of(qt.scales, SCALE_DTYPE, rows)
+             + _bytes_of(qt.mins, SCALE_DTYPE, rows))
+    return np.concatenate(parts, axis=1)
+
+
+def row_bytes(qt: QuantizedTensor, i: int) -> bytes:
+    """The record of row i: [data][scales f16][mins f16 if q4a], little-endian."""
+    rows = qt.shape[0]
+    if not 0 <= i < rows:
+        raise IndexError(f"row {i} out of range for a {qt.scheme} tensor of shape {qt.shape}")
+    one_row = QuantizedTensor(qt.scheme, qt.group_size, (1, qt.shape[1]), qt.data[i:i + 1],
+                              None if qt.scales is None else qt.scales[i:i + 1],
+                              None if qt.mins is None else qt.mins[i:i + 1])
+    return row_records(one_row).tobytes()
+
+
+def rows_from_bytes(buf, scheme: str, K: int, group_size: int, n_rows: int) -> QuantizedTensor:
+    """Decode n_rows consecutive row records from buf (bytes, memoryview, mmap or uint8 array).
+
+    The arrays of the result are copies, so buf may be reused afterwards.
+    """
+    bytes_per_row = scheme_bytes_per_row(scheme, K, group_size)
+    group_size = _group_size_for(scheme, group_size)
+    records = np.frombuffer(buf, dtype=np.uint8)
+    if records.size != n_rows * bytes_per_row:
+        raise QuantError(f"{records.size} bytes cannot hold {n_rows} {scheme} rows of {K} weights "
+                         f"(group {group_size}): expected {n_rows} x {bytes_per_row} = "
+                         f"{n_rows * bytes_per_row} bytes")
+    records = records.reshape(n_rows, bytes_per_row)
+    data_shape, scales_shape, mins_shape = _expected_arrays(scheme, n_rows, K, group_size)
+
+    arrays = []
+    start = 0
+    for shape, dtype in ((data_shape, DATA_DTYPES[scheme]), (scales_shape, SCALE_DTYPE), (mins_shape, SCALE_DTYPE)):
+        if shape is None:
+            arrays.append(None)
+            continue
+        stop = start + shape[1] * dtype.itemsize
+        arrays.append(np.ascontiguousarray(records[:, start:stop]).view(dtype).reshape(shape))
+        start = stop
+    return QuantizedTensor(scheme, group_size, (n_rows, K), *arrays)
