@@ -113,14 +113,12 @@ def _group_size_for(scheme: str, group_size: int) -> int:
 
 def _check_row_length(scheme: str, shape: tuple[int, ...], group_size: int) -> None:
     row_length = shape[-1]
-    if group_size == 0:
-        if row_length < 1:
-            raise QuantError(f"cannot store a tensor of shape {tuple(shape)} as {scheme}: rows are empty")
-        return
-    if row_length < 1 or row_length % group_size:
-        raise QuantError(f"cannot quantize a tensor of shape {tuple(shape)} to {scheme} with group size "
-                         f"{group_size}: the last axis ({row_length}) must be a positive multiple of "
-                         f"{group_size}")
+    if row_length < 1:
+        raise QuantError(f"cannot store a tensor of shape {tuple(shape)} as {scheme}: its rows are empty")
+    if group_size and row_length % group_size:
+        raise QuantError(f"cannot quantize a tensor of shape {tuple(shape)} to {scheme}: row length "
+                         f"{row_length} is not a multiple of the {scheme} group size {group_size} "
+                         f"(groups run along the last axis)")
 
 
 def _expected_arrays(scheme: str, rows: int, row_length: int, group_size: int):
@@ -276,21 +274,19 @@ def row_bytes(qt: QuantizedTensor, i: int) -> bytes:
     return row_records(one_row).tobytes()
 
 
-def rows_from_bytes(buf, scheme: str, K: int, group_size: int, n_rows: int) -> QuantizedTensor:
-    """Decode n_rows consecutive row records from buf (bytes, memoryview, mmap or uint8 array).
+def rows_from_records(records: np.ndarray, scheme: str, K: int, group_size: int) -> QuantizedTensor:
+    """Decode a uint8 [n_rows, bytes_per_row] array of row records (the inverse of row_records).
 
-    The arrays of the result are copies, so buf may be reused afterwards.
+    The arrays of the result are copies, so `records` may be reused afterwards.
     """
     bytes_per_row = scheme_bytes_per_row(scheme, K, group_size)
     group_size = _group_size_for(scheme, group_size)
-    records = np.frombuffer(buf, dtype=np.uint8)
-    if records.size != n_rows * bytes_per_row:
-        raise QuantError(f"{records.size} bytes cannot hold {n_rows} {scheme} rows of {K} weights "
-                         f"(group {group_size}): expected {n_rows} x {bytes_per_row} = "
-                         f"{n_rows * bytes_per_row} bytes")
-    records = records.reshape(n_rows, bytes_per_row)
+    records = np.asarray(records)
+    if records.dtype != np.uint8 or records.ndim != 2 or records.shape[1] != bytes_per_row:
+        raise QuantError(f"{scheme} row records of {K} weights (group {group_size}) are uint8 "
+                         f"[n_rows, {bytes_per_row}], got {records.dtype} {records.shape}")
+    n_rows = records.shape[0]
     data_shape, scales_shape, mins_shape = _expected_arrays(scheme, n_rows, K, group_size)
-
     arrays = []
     start = 0
     for shape, dtype in ((data_shape, DATA_DTYPES[scheme]), (scales_shape, SCALE_DTYPE), (mins_shape, SCALE_DTYPE)):
@@ -301,3 +297,14 @@ def rows_from_bytes(buf, scheme: str, K: int, group_size: int, n_rows: int) -> Q
         arrays.append(np.ascontiguousarray(records[:, start:stop]).view(dtype).reshape(shape))
         start = stop
     return QuantizedTensor(scheme, group_size, (n_rows, K), *arrays)
+
+
+def rows_from_bytes(buf, scheme: str, K: int, group_size: int, n_rows: int) -> QuantizedTensor:
+    """Decode n_rows consecutive row records from buf (bytes, memoryview, mmap or uint8 array)."""
+    bytes_per_row = scheme_bytes_per_row(scheme, K, group_size)
+    flat = np.frombuffer(buf, dtype=np.uint8)
+    if flat.size != n_rows * bytes_per_row:
+        raise QuantError(f"{flat.size} bytes cannot hold {n_rows} {scheme} rows of {K} weights "
+                         f"(group {group_size}): expected {n_rows} x {bytes_per_row} = "
+                         f"{n_rows * bytes_per_row} bytes")
+    return rows_from_records(flat.reshape(n_rows, bytes_per_row), scheme, K, group_size)

@@ -27,17 +27,6 @@ TARGET_CHUNK_BYTES = 256 * 1024  # checksum / compression unit; bench/compressio
 NEURON_BLOCK = 1024  # neurons quantized at a time: bounds peak RSS while converting
 
 
-def _row_records(qt: quant.QuantizedTensor) -> np.ndarray:
-    """uint8 [rows, row_bytes]: each row's data, then its scales, then its mins (per-row layout)."""
-    rows = qt.shape[0]
-    parts = [np.ascontiguousarray(qt.data).view(np.uint8).reshape(rows, -1)]
-    if qt.scales is not None:
-        parts.append(np.ascontiguousarray(qt.scales).view(np.uint8).reshape(rows, -1))
-    if qt.mins is not None:
-        parts.append(np.ascontiguousarray(qt.mins).view(np.uint8).reshape(rows, -1))
-    return np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
-
-
 def _planar_bytes(qt: quant.QuantizedTensor) -> list[np.ndarray]:
     """Resident layout: all data, then all scales, then all mins."""
     parts = [qt.data, qt.scales, qt.mins]
@@ -154,12 +143,11 @@ class StoreWriter:
                     if c.name.endswith("bias"):
                         bundles[:, c.offset : c.offset + 4] = values.reshape(-1, 1).view(np.uint8)
                     else:
-                        bundles[:, c.offset : c.offset + c.nbytes] = _row_records(quant.quantize(values, scheme, group_size or 32))
+                        bundles[:, c.offset : c.offset + c.nbytes] = quant.row_records(quant.quantize(values, scheme, group_size or 32))
                 for c0 in range(0, stop - start, per_chunk):
                     chunk = bundles[c0 : c0 + per_chunk]
                     chunks.append(self._write_chunk(f, chunk, f"{rel} chunk {len(chunks)}"))
-            if self.compression == "none":
-                self._pad_to_page(f, rel)
+            self._pad_to_page(f, rel)  # every read, even of the last chunk, is whole pages
             file_bytes = f.tell()
         self._ffn_layers.append(fmt.FFNLayer(
             file=rel, n_neurons=n_neurons, bundle_bytes=bundle_bytes, components=tuple(components),

@@ -1,0 +1,262 @@
+"""StoreReader: opens a flash store, checks it, and reads FFN bundles from disk.
+
+Resident tensors are memory-mapped and handed out as zero-copy views. FFN bundles are read
+per request with `read_bundles`: neuron ids are sorted and coalesced into runs (reading a
+few unwanted bundles when that is cheaper than another request, as the paper's section
+3.2 does), each run is split into reads of at most `max_read_bytes`, and a thread pool
+issues them concurrently as positioned reads into preallocated page-aligned buffers.
+
+Reads bypass the page cache: the layer files are opened with O_DIRECT where the file
+system allows it (the store pads everything to 4 KiB so any chunk-aligned range is a legal
+O_DIRECT read); where it does not (tmpfs, some network file systems) each read is followed
+by posix_fadvise(DONTNEED). Without this the OS would silently keep the model in RAM and
+a DRAM cap would be fiction.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from storage import format as fmt
+from storage.errors import FormatError, StorageError
+from storage.quant import QuantizedTensor
+
+DEFAULT_IO_THREADS = 4  # bench/io.py: what this disk likes; the paper used 32 on a phone
+DEFAULT_MAX_READ_BYTES = 1 << 20
+# Read through a gap of unwanted bundles when it is smaller than this: one request's fixed
+# cost on this disk is worth about 64 KiB of transfer (0.6 GB/s at 64 KiB vs 1.7 GB/s at 4 MiB).
+DEFAULT_GAP_BYTES = 64 * 1024
+
+
+@dataclass
+class ReadStats:
+    bytes_read: int = 0  # bytes transferred from disk, incl. alignment and gap overhead
+    bytes_wanted: int = 0  # bytes of the requested bundles
+    requests: int = 0
+    read_seconds: float = 0.0  # summed over reader threads
+
+
+def _aligned_buffer(nbytes: int) -> np.ndarray:
+    """A page-aligned uint8 buffer (anonymous mmap), as O_DIRECT requires."""
+    return np.frombuffer(mmap.mmap(-1, fmt.align_up(max(nbytes, 1), fmt.PAGE)), dtype=np.uint8)
+
+
+class StoreReader:
+    def __init__(self, store_dir: str | Path, *, verify: bool = False, direct: bool = True, throttle=None,
+                 io_threads: int = DEFAULT_IO_THREADS, max_read_bytes: int = DEFAULT_MAX_READ_BYTES,
+                 gap_bytes: int = DEFAULT_GAP_BYTES):
+        self.dir = Path(store_dir)
+        if ".partial-" in self.dir.name:
+            raise FormatError(f"{self.dir}: left by an interrupted conversion; delete it and convert again")
+        if not self.dir.is_dir():
+            raise FormatError(f"{self.dir}: no such store directory")
+        self.manifest = fmt.Manifest.load(self.dir)
+        self._check_sizes()
+        self._resident = np.memmap(self.dir / fmt.RESIDENT_FILE, dtype=np.uint8, mode="r")
+        if verify:
+            self.verify()
+        self.throttle = throttle
+        self.max_read_bytes = fmt.align_up(max_read_bytes, fmt.PAGE)
+        self.gap_bytes = gap_bytes
+        self.stats = ReadStats()
+        self._stats_lock = threading.Lock()
+        self.direct = direct
+        self._fds = [self._open_layer(layer) for layer in self.manifest.ffn_layers]
+        self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="flash-read")
+        self._buffers = threading.local()  # one staging buffer per reader thread, made once
+
+    # ---- opening and checking -----------------------------------------------------
+    def _check_sizes(self) -> None:
+        m = self.manifest
+        expected = [(fmt.RESIDENT_FILE, m.resident_bytes)] + [(layer.file, layer.file_bytes) for layer in m.ffn_layers]
+        for rel, size in expected:
+            path = self.dir / rel
+            if not path.is_file():
+                raise FormatError(f"{path}: missing from the store; convert the model again")
+            actual = path.stat().st_size
+            if actual != size:
+                raise FormatError(
+                    f"{path}: {actual} bytes but the manifest says {size}; the file is "
+                    f"{'truncated' if actual < size else 'not the one the manifest describes'} (convert again)"
+                )
+        for name, t in m.resident.items():
+            if t.offset + t.nbytes > m.resident_bytes:
+                raise FormatError(f"{self.dir / fmt.RESIDENT_FILE}: tensor {name!r} lies outside the file")
+
+    def _open_layer(self, layer: fmt.FFNLayer) -> int:
+        path = str(self.dir / layer.file)
+        if self.direct and hasattr(os, "O_DIRECT"):
+            try:
+                return os.open(path, os.O_RDONLY | os.O_DIRECT)
+            except OSError:  # EINVAL: the file system has no O_DIRECT (tmpfs); use fadvise instead
+                self.direct = False
+        return os.open(path, os.O_RDONLY)
+
+    def verify(self) -> None:
+        """Check every checksum; raise FormatError naming the first damaged tensor or chunk."""
+        for name, t in self.manifest.resident.items():
+            if fmt.checksum(self._resident[t.offset : t.offset + t.nbytes]) != t.checksum:
+                raise FormatError(f"{self.dir / fmt.RESIDENT_FILE}: checksum mismatch in tensor {name!r}; "
+                                  "the store is damaged, convert again")
+        for layer in self.manifest.ffn_layers:
+            path = self.dir / layer.file
+            with open(path, "rb") as f:
+                for index, chunk in enumerate(layer.chunks):
+                    f.seek(chunk.offset)
+                    raw = f.read(chunk.stored_bytes)
+                    if layer.compression == "zstd":
+                        raw = self._decompress(raw, path, index)
+                    if fmt.checksum(raw) != chunk.checksum:
+                        raise FormatError(f"{path}: checksum mismatch in chunk {index} "
+                                          f"(bytes {chunk.offset}..{chunk.offset + chunk.stored_bytes}); "
+                                          "the store is damaged, convert again")
+
+    @staticmethod
+    def _decompress(raw: bytes, path: Path, index: int) -> bytes:
+        import zstandard
+
+        try:
+            return zstandard.ZstdDecompressor().decompress(raw)
+        except zstandard.ZstdError as e:
+            raise FormatError(f"{path}: chunk {index} does not decompress ({e}); the store is damaged") from None
+
+    # ---- resident tensors ---------------------------------------------------------
+    def resident_tensor(self, name: str) -> np.ndarray | QuantizedTensor:
+        """A 1-D f32 array, or a QuantizedTensor of zero-copy views, of resident tensor `name`."""
+        t = self.manifest.resident[name]
+        raw = self._resident[t.offset : t.offset + t.nbytes]
+        if len(t.shape) == 1:
+            return raw.view(np.float32)
+        rows, k = t.shape
+        if t.scheme in ("f32", "f16"):
+            dtype = np.float32 if t.scheme == "f32" else np.float16
+            return QuantizedTensor(t.scheme, 0, (rows, k), raw.view(dtype).reshape(rows, k), None, None)
+        data_bytes = rows * (k if t.scheme == "q8" else k // 2)
+        groups = k // t.group_size
+        data = raw[:data_bytes].view(np.int8 if t.scheme == "q8" else np.uint8).reshape(rows, -1)
+        scales = raw[data_bytes : data_bytes + 2 * rows * groups].view(np.float16).reshape(rows, groups)
+        mins = None
+        if t.scheme == "q4a":
+            mins = raw[data_bytes + 2 * rows * groups :].view(np.float16).reshape(rows, groups)
+        return QuantizedTensor(t.scheme, t.group_size, (rows, k), data, scales, mins)
+
+    # ---- FFN bundles --------------------------------------------------------------
+    def read_bundles(self, layer: int, neuron_ids, out: np.ndarray | None = None) -> np.ndarray:
+        """The bundles of `neuron_ids` (sorted, duplicates dropped) as uint8 [n, bundle_bytes],
+        read from disk. Row j of the result is the j-th smallest id."""
+        spec = self.manifest.ffn_layers[layer]
+        ids = np.unique(np.asarray(neuron_ids, dtype=np.int64))
+        if ids.size and (ids[0] < 0 or ids[-1] >= spec.n_neurons):
+            raise StorageError(f"layer {layer}: neuron ids must be in [0, {spec.n_neurons}), got {ids[0]}..{ids[-1]}")
+        if out is None:
+            out = np.empty((ids.size, spec.bundle_bytes), np.uint8)
+        elif out.shape[0] < ids.size or out.shape[1] != spec.bundle_bytes:
+            raise StorageError(f"out buffer {out.shape} cannot hold {ids.size} bundles of {spec.bundle_bytes} bytes")
+        if not ids.size:
+            return out[:0]
+        jobs = self._plan_reads(spec, ids)
+        futures = [self._pool.submit(self._read_job, layer, spec, ids, job, out) for job in jobs]
+        for f in futures:
+            f.result()
+        with self._stats_lock:
+            self.stats.bytes_wanted += ids.size * spec.bundle_bytes
+        return out[: ids.size]
+
+    def _plan_reads(self, spec: fmt.FFNLayer, ids: np.ndarray) -> list[tuple[int, int]]:
+        """Split sorted ids into [lo, hi) index ranges, one read each: a new read starts where
+        the gap to the previous id exceeds gap_bytes, or the read would exceed max_read_bytes
+        (or, compressed, at each chunk: a chunk is decompressed whole)."""
+        bb = spec.bundle_bytes
+        if spec.compression == "zstd":
+            chunk_of = ids // spec.bundles_per_chunk
+            cuts = np.flatnonzero(np.diff(chunk_of)) + 1
+        else:
+            gaps = (np.diff(ids) - 1) * bb
+            cuts = list(np.flatnonzero(gaps > self.gap_bytes) + 1)
+            # split long runs so every read fits a staging buffer
+            bounded, lo = [], 0
+            for hi in [*cuts, ids.size]:
+                start = lo
+                for i in range(lo + 1, hi):
+                    if (ids[i] - ids[start] + 1) * bb + 2 * fmt.PAGE > self.max_read_bytes:
+                        bounded.append(i)
+                        start = i
+                if hi < ids.size:
+                    bounded.append(hi)
+                lo = hi
+            cuts = bounded
+        edges = [0, *map(int, cuts), ids.size]
+        return [(edges[i], edges[i + 1]) for i in range(len(edges) - 1)]
+
+    def _staging(self, nbytes: int) -> np.ndarray:
+        buf = getattr(self._buffers, "buf", None)
+        if buf is None or buf.size < nbytes:
+            buf = self._buffers.buf = _aligned_buffer(max(nbytes, self.max_read_bytes))
+        return buf
+
+    def _read_job(self, layer: int, spec: fmt.FFNLayer, ids: np.ndarray, job: tuple[int, int], out: np.ndarray) -> None:
+        lo, hi = job
+        bb = spec.bundle_bytes
+        first, last = int(ids[lo]), int(ids[hi - 1])
+        if spec.compression == "zstd":
+            index = first // spec.bundles_per_chunk
+            chunk = spec.chunks[index]
+            data = self._pread(layer, chunk.offset, fmt.align_up(chunk.stored_bytes, fmt.PAGE))
+            raw = np.frombuffer(self._decompress(bytes(data[: chunk.stored_bytes]), self.dir / spec.file, index), np.uint8)
+            base = index * spec.bundles_per_chunk
+            rows = raw.reshape(-1, bb)
+            np.take(rows, ids[lo:hi] - base, axis=0, out=out[lo:hi])
+            return
+        start = first * bb // fmt.PAGE * fmt.PAGE
+        end = fmt.align_up((last + 1) * bb, fmt.PAGE)
+        data = self._pread(layer, start, end - start)
+        skip = first * bb - start
+        rows = data[skip : skip + (last - first + 1) * bb].reshape(-1, bb)
+        if hi - lo == last - first + 1:  # no gaps: one copy
+            out[lo:hi] = rows
+        else:
+            np.take(rows, ids[lo:hi] - first, axis=0, out=out[lo:hi])
+
+    def _pread(self, layer: int, offset: int, length: int) -> np.ndarray:
+        """Read [offset, offset + length) (page-aligned) into this thread's staging buffer."""
+        if self.throttle is not None and self.throttle.enabled:
+            self.throttle.acquire(length)
+        buf = self._staging(length)
+        fd = self._fds[layer]
+        t0 = time.perf_counter()
+        done = 0
+        view = memoryview(buf)
+        while done < length:
+            n = os.preadv(fd, [view[done:length]], offset + done)
+            if n <= 0:
+                raise StorageError(f"{self.dir / self.manifest.ffn_layers[layer].file}: short read at byte "
+                                   f"{offset + done} (file changed or truncated since it was opened)")
+            done += n
+        if not self.direct:
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+        elapsed = time.perf_counter() - t0
+        with self._stats_lock:
+            self.stats.bytes_read += length
+            self.stats.requests += 1
+            self.stats.read_seconds += elapsed
+        return buf[:length]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+
+    def __enter__(self) -> "StoreReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
