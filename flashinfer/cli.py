@@ -12,13 +12,14 @@ import sys
 import time
 
 EXIT_USAGE = 2
+SCHEMES = ("f32", "f16", "q8", "q4", "q4a")  # storage.quant.SCHEMES, listed here to keep --help import-free
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from flashinfer.engine import Engine
 
     t0 = time.perf_counter()
-    engine = Engine.open(args.model, ctx=args.ctx)
+    engine = Engine.open(args.model, ctx=args.ctx, flash_bw=args.flash_bw, flash_latency=args.flash_latency)
     load_s = time.perf_counter() - t0
     with engine:
         responses = engine.stream(
@@ -47,6 +48,39 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from flashinfer.convert import convert_checkpoint
+    from flashinfer.progress import Progress
+    from storage.reader import StoreReader
+
+    progress = Progress(f"converting {args.model}")
+    t0 = time.perf_counter()
+    try:
+        out = convert_checkpoint(args.model, args.out, quant=args.quant, resident_quant=args.resident_quant,
+                                 group_size=args.group_size, compression=args.compress, overwrite=args.overwrite,
+                                 progress=progress)
+    finally:
+        progress.close()
+    seconds = time.perf_counter() - t0
+    if args.verify:
+        StoreReader(out, verify=True).close()
+    print(f"wrote {out}: {progress.done / 1e6:.1f} MB in {seconds:.1f} s ({progress.done / 1e6 / max(seconds, 1e-9):.0f} MB/s)"
+          f"{', checksums verified' if args.verify else ''}")
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from storage.reader import StoreReader
+
+    with StoreReader(args.store, verify=True) as reader:
+        m = reader.manifest
+        ffn_bytes = sum(layer.file_bytes for layer in m.ffn_layers)
+        print(f"{args.store}: ok — format v{m.version}, {len(m.resident)} resident tensors "
+              f"({m.resident_bytes / 1e6:.1f} MB), {len(m.ffn_layers)} FFN layers ({ffn_bytes / 1e6:.1f} MB), "
+              f"quant {m.quant}, every checksum matches")
+    return 0
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -66,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="generate text from a prompt", description="Generate text, streamed as it is made.")
-    run.add_argument("model", help="Hugging Face model directory (config.json, *.safetensors, tokenizer.json)")
+    run.add_argument("model", help="a flash store (flashinfer convert) or a Hugging Face model directory")
     run.add_argument("--prompt", required=True, help="the prompt text")
     run.add_argument("--max-tokens", type=_positive_int, default=128, help="tokens to generate at most (default 128)")
     run.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -76,7 +110,26 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     run.add_argument("--ctx", type=_positive_int, default=None, help="context length in tokens (default: model max, <= 4096)")
     run.add_argument("--echo", action="store_true", help="print the prompt before the generated text")
+    run.add_argument("--flash-bw", default=None, help="emulate flash of this bandwidth, e.g. 1GB/s (store only)")
+    run.add_argument("--flash-latency", default=None, help="extra latency per flash read, e.g. 50us (store only)")
     run.set_defaults(func=_cmd_run)
+
+    convert = sub.add_parser("convert", help="convert a Hugging Face checkpoint into a flash store",
+                             description="Quantize and bundle a checkpoint into a flash store (storage/format.py).")
+    convert.add_argument("model", help="Hugging Face model directory")
+    convert.add_argument("out", help="store directory to create")
+    convert.add_argument("--quant", default="q4", choices=SCHEMES, help="FFN bundles (default q4)")
+    convert.add_argument("--resident-quant", default="q8", choices=SCHEMES,
+                         help="embeddings, attention, lm_head (default q8); norms and biases stay f32")
+    convert.add_argument("--group-size", type=int, default=32, choices=(32, 64), help="quantization group (default 32)")
+    convert.add_argument("--compress", default="none", choices=("none", "zstd"), help="zstd per FFN chunk (default none)")
+    convert.add_argument("--verify", action="store_true", help="read the store back and check every checksum")
+    convert.add_argument("--overwrite", action="store_true", help="replace an existing store at OUT")
+    convert.set_defaults(func=_cmd_convert)
+
+    check = sub.add_parser("check", help="verify a flash store (sizes and every checksum)")
+    check.add_argument("store")
+    check.set_defaults(func=_cmd_check)
     return parser
 
 

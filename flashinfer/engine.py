@@ -86,35 +86,77 @@ class Engine:
 
     # ---- opening ------------------------------------------------------------------
     @classmethod
-    def open(cls, path: str | Path, ctx: int | None = None) -> "Engine":
-        """Open a Hugging Face model directory (config.json, *.safetensors, tokenizer.json).
+    def open(cls, path: str | Path, ctx: int | None = None, flash_bw: str | float | None = None,
+             flash_latency: str | float | None = None, verify: bool = False) -> "Engine":
+        """Open a flash store (made by `flashinfer convert`) or a Hugging Face model directory
+        (config.json, *.safetensors, tokenizer.json).
 
-        `ctx`: KV cache length in tokens (default: the model's maximum, capped at 4096).
+        ctx: KV cache length in tokens (default: the model's maximum, capped at 4096).
+        flash_bw / flash_latency: emulate slower flash for a store ("1GB/s", "50us").
+        verify: check every checksum of a store before running.
         """
-        from flashinfer.weights import load_hf_weights
-        from storage.safetensors import Checkpoint
+        from storage.format import MANIFEST
 
         path = Path(path)
         if not path.exists():
             raise ModelPathError(f"{path}: no such file or directory")
         if not path.is_dir():
-            raise ModelPathError(f"{path}: not a directory; expected a Hugging Face model directory")
+            raise ModelPathError(f"{path}: not a directory; expected a flash store or a Hugging Face model directory")
+        if (path / MANIFEST).is_file() or ".partial-" in path.name:
+            return cls._open_store(path, ctx, flash_bw, flash_latency, verify)
+        if flash_bw is not None or flash_latency is not None:
+            raise ModelPathError(f"{path}: flash_bw/flash_latency apply to a flash store; convert the model first")
+        return cls._open_hf(path, ctx)
+
+    @classmethod
+    def _open_hf(cls, path: Path, ctx: int | None) -> "Engine":
+        from flashinfer.weights import load_hf_weights
+        from storage.safetensors import Checkpoint
+
         args = ModelArgs.from_model_dir(path)
+        tokenizer = cls._tokenizer_for(path, args)
+        ctx = cls._check_ctx(args, ctx)
+        checkpoint = Checkpoint.open(path)
+        try:
+            model = Model(args, load_hf_weights(args, checkpoint), ctx)
+        except BaseException:
+            checkpoint.close()
+            raise
+        return cls(args, tokenizer, model, [checkpoint], path)
+
+    @classmethod
+    def _open_store(cls, path: Path, ctx, flash_bw, flash_latency, verify: bool) -> "Engine":
+        from flashinfer.errors import ConfigError
+        from flashinfer.flash_ffn import FlashFFN
+        from flashinfer.weights import load_store_weights
+        from storage.reader import StoreReader
+        from storage.throttle import Throttle
+
+        throttle = Throttle.from_strings(flash_bw, flash_latency) if flash_bw or flash_latency else None
+        reader = StoreReader(path, verify=verify, throttle=throttle)
+        try:
+            try:
+                args = ModelArgs.from_dict(reader.manifest.model_config)
+                args.validate(str(path / "manifest.json"))
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"{path / 'manifest.json'}: model_config does not describe a model ({e})") from None
+            tokenizer = cls._tokenizer_for(path, args)
+            ctx = cls._check_ctx(args, ctx)
+            model = Model(args, load_store_weights(args, reader), ctx, flash_ffn=FlashFFN(reader, args))
+        except BaseException:
+            reader.close()
+            raise
+        return cls(args, tokenizer, model, [reader], path)
+
+    @staticmethod
+    def _tokenizer_for(path: Path, args: ModelArgs) -> Tokenizer:
         tokenizer = Tokenizer.from_dir(path)
         if tokenizer.vocab_size > args.vocab_size:
             raise ModelPathError(
                 f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model only {args.vocab_size} "
                 "embeddings; tokenizer.json does not belong to these weights"
             )
-        ctx = cls._check_ctx(args, ctx)
-        checkpoint = Checkpoint.open(path)
-        try:
-            weights = load_hf_weights(args, checkpoint)
-            model = Model(args, weights, ctx)
-        except BaseException:
-            checkpoint.close()
-            raise
-        return cls(args, tokenizer, model, [checkpoint], path)
+        return tokenizer
 
     @staticmethod
     def _check_ctx(args: ModelArgs, ctx: int | None) -> int:

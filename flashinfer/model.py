@@ -52,7 +52,9 @@ class RunState:
 
 
 class Model:
-    def __init__(self, args: ModelArgs, weights: ModelWeights, ctx: int, chunk: int = DEFAULT_CHUNK):
+    def __init__(self, args: ModelArgs, weights: ModelWeights, ctx: int, chunk: int = DEFAULT_CHUNK, flash_ffn=None):
+        """`flash_ffn`: an object whose forward(layer, x, out) computes the FFN from flash
+        (flashinfer/flash_ffn.py); None computes it from the dense matrices in `weights`."""
         if ctx > args.max_seq_len and args.positional == "learned":
             raise GenerationError(f"ctx {ctx} exceeds this model's {args.max_seq_len} learned positions")
         self.args = args
@@ -63,6 +65,7 @@ class Model:
         self.window = args.sliding_window or 0
         self.act = K.ACT_SILU if args.act == "silu" else K.ACT_RELU
         self.n_past = 0  # positions filled in the KV cache
+        self.flash_ffn = flash_ffn
 
     def reset(self) -> None:
         self.n_past = 0
@@ -157,7 +160,12 @@ class Model:
         linear(attn, layer.wo, layer.bo, out)
 
     def _ffn(self, i: int, layer: LayerWeights, xb: np.ndarray, out: np.ndarray) -> None:
-        """Dense FFN: down(act(gate(x)) * up(x)) or down(act(up(x)))."""
+        """down(act(gate(x)) * up(x)) or down(act(up(x))), from flash or from dense matrices."""
+        if self.flash_ffn is not None:
+            self.flash_ffn.forward(i, xb, out)
+            if layer.b_down.size:
+                out += layer.b_down
+            return
         n = xb.shape[0]
         hidden = self.state.hidden[:n]
         if self.args.gated_ffn:

@@ -151,8 +151,9 @@ def _kernel_array(ckpt: Checkpoint, hf_name: str, is_matrix: bool) -> np.ndarray
     return Matrix(arr) if is_matrix else arr
 
 
-def load_hf_weights(args: ModelArgs, ckpt: Checkpoint) -> ModelWeights:
-    """Map, check and load every tensor the model needs; name whatever is missing or extra."""
+def map_hf_tensors(args: ModelArgs, ckpt: Checkpoint) -> dict[str, str]:
+    """canonical name -> stored HF name for every tensor the model needs, after checking
+    that none is missing, none is extra and every shape matches the config."""
     from flashinfer.arch import FAMILIES
 
     arch = FAMILIES[args.family]
@@ -177,11 +178,39 @@ def load_hf_weights(args: ModelArgs, ckpt: Checkpoint) -> ModelWeights:
                 f"{info.path}: tensor {info.name!r} has shape {list(info.shape)}, "
                 f"config.json implies {list(shapes[canonical])}"
             )
+    return {canonical: present[hf] for canonical, hf in wanted.items()}
 
-    def get(canonical: str) -> np.ndarray | None:
-        hf = wanted.get(canonical)
-        if hf is None:
+
+def load_hf_weights(args: ModelArgs, ckpt: Checkpoint) -> ModelWeights:
+    """Every tensor the model needs, checked, as kernel-ready read-only arrays."""
+    stored = map_hf_tensors(args, ckpt)
+    shapes = weight_shapes(args)
+
+    def get(canonical: str) -> np.ndarray | Matrix | None:
+        name = stored.get(canonical)
+        return None if name is None else _kernel_array(ckpt, name, is_matrix=len(shapes[canonical]) == 2)
+
+    return ModelWeights.from_tensors(args, get)
+
+
+def matrix_from_quantized(qt) -> Matrix:
+    """A storage.quant.QuantizedTensor (views into the store) as the kernels take it."""
+    if qt.scheme == "f32":
+        return Matrix(qt.data)
+    if qt.scheme == "f16":
+        return Matrix(qt.data.view(np.uint16))
+    mins = NO_SCALES if qt.mins is None else qt.mins.view(np.uint16)
+    return Matrix(qt.data, qt.scales.view(np.uint16), mins, qt.group_size)
+
+
+def load_store_weights(args: ModelArgs, reader) -> ModelWeights:
+    """Resident tensors of a flash store as zero-copy views; the FFN stays on flash (None)."""
+    resident = reader.manifest.resident
+
+    def get(canonical: str) -> np.ndarray | Matrix | None:
+        if canonical not in resident:
             return None
-        return _kernel_array(ckpt, present[hf], is_matrix=len(shapes[canonical]) == 2)
+        tensor = reader.resident_tensor(canonical)
+        return tensor if isinstance(tensor, np.ndarray) else matrix_from_quantized(tensor)
 
     return ModelWeights.from_tensors(args, get)

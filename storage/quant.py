@@ -95,14 +95,14 @@ class QuantizedTensor:
         return scheme_bytes_per_row(self.scheme, self.shape[1], self.group_size)
 
 
-def _check_scheme(scheme: str) -> None:
+def check_scheme(scheme: str) -> None:
     if scheme not in SCHEMES:
         raise QuantError(f"unknown quantization scheme {scheme!r}; expected one of {', '.join(SCHEMES)}")
 
 
 def _group_size_for(scheme: str, group_size: int) -> int:
     """The group size a tensor of `scheme` records: the validated G, or 0 if ungrouped."""
-    _check_scheme(scheme)
+    check_scheme(scheme)
     if scheme not in GROUPED_SCHEMES:
         return 0
     if group_size not in GROUP_SIZES:

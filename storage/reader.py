@@ -163,9 +163,11 @@ class StoreReader:
         if not ids.size:
             return out[:0]
         jobs = self._plan_reads(spec, ids)
-        futures = [self._pool.submit(self._read_job, layer, spec, ids, job, out) for job in jobs]
-        for f in futures:
-            f.result()
+        if len(jobs) == 1:  # no hand-off to the pool for a single read
+            self._read_job(layer, spec, ids, jobs[0], out)
+        else:
+            for f in [self._pool.submit(self._read_job, layer, spec, ids, job, out) for job in jobs]:
+                f.result()
         with self._stats_lock:
             self.stats.bytes_wanted += ids.size * spec.bundle_bytes
         return out[: ids.size]
@@ -181,18 +183,15 @@ class StoreReader:
         else:
             gaps = (np.diff(ids) - 1) * bb
             cuts = list(np.flatnonzero(gaps > self.gap_bytes) + 1)
-            # split long runs so every read fits a staging buffer
-            bounded, lo = [], 0
-            for hi in [*cuts, ids.size]:
-                start = lo
-                for i in range(lo + 1, hi):
-                    if (ids[i] - ids[start] + 1) * bb + 2 * fmt.PAGE > self.max_read_bytes:
-                        bounded.append(i)
-                        start = i
-                if hi < ids.size:
-                    bounded.append(hi)
-                lo = hi
-            cuts = bounded
+            # split long runs into reads of at most `per_read` bundles, so a read's page-aligned
+            # span (at most per_read * bb + 2 pages) fits max_read_bytes
+            per_read = max(1, (self.max_read_bytes - 2 * fmt.PAGE) // bb)
+            bounded = []
+            for lo, hi in zip([0, *cuts], [*cuts, ids.size]):
+                piece = (ids[lo:hi] - ids[lo]) // per_read
+                bounded.extend(lo + np.flatnonzero(np.diff(piece)) + 1)
+                bounded.append(hi)
+            cuts = bounded[:-1]
         edges = [0, *map(int, cuts), ids.size]
         return [(edges[i], edges[i + 1]) for i in range(len(edges) - 1)]
 

@@ -1,0 +1,83 @@
+"""FFN computed from the store's row-column bundles (storage/format.py).
+
+`bundle_views` turns a uint8 [n, bundle_bytes] block of bundles, straight from the reader
+or from the neuron cache, into the component arrays the `ffn_rows` kernel takes: no copy,
+just strided views. `FlashFFN` is the naive flash baseline of the paper: every neuron of a
+layer read from flash for every token, no cache, no predictor.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from flashinfer import kernels as K
+from flashinfer.config import ModelArgs
+from flashinfer.weights import EMPTY, NO_SCALES, Matrix
+from storage.format import BundleComponent, FFNLayer
+
+_DATA_DTYPE = {"f32": np.float32, "f16": np.uint16, "q8": np.int8, "q4": np.uint8, "q4a": np.uint8}
+
+
+class BundleViews(NamedTuple):
+    up: Matrix
+    gate: Matrix  # zero rows for ungated FFNs
+    down: Matrix
+    up_bias: np.ndarray  # EMPTY without biases
+    gate_bias: np.ndarray
+    group: int
+
+
+def _component_matrix(bundles: np.ndarray, c: BundleComponent) -> Matrix:
+    dtype = np.dtype(_DATA_DTYPE[c.scheme])
+    if c.scheme in ("f32", "f16"):
+        return Matrix(bundles[:, c.offset : c.offset + c.nbytes].view(dtype))
+    data_bytes = c.length if c.scheme == "q8" else c.length // 2
+    groups = c.length // c.group_size
+    at = c.offset + data_bytes
+    data = bundles[:, c.offset : at].view(dtype)
+    scales = bundles[:, at : at + 2 * groups].view(np.uint16)
+    mins = bundles[:, at + 2 * groups : at + 4 * groups].view(np.uint16) if c.scheme == "q4a" else NO_SCALES
+    return Matrix(data, scales, mins, c.group_size)
+
+
+def bundle_views(bundles: np.ndarray, layer: FFNLayer) -> BundleViews:
+    up = _component_matrix(bundles, layer.component("up"))
+    gate_spec = layer.component("gate")
+    gate = _component_matrix(bundles, gate_spec) if gate_spec else Matrix(np.zeros((0, 0), up.data.dtype))
+
+    def bias(name: str) -> np.ndarray:
+        c = layer.component(name)
+        return EMPTY if c is None else bundles[:, c.offset : c.offset + 4].view(np.float32)[:, 0]
+
+    return BundleViews(up, gate, _component_matrix(bundles, layer.component("down")), bias("up_bias"),
+                       bias("gate_bias"), up.group)
+
+
+def ffn_over_bundles(x: np.ndarray, n_rows: int, views: BundleViews, act: int, out: np.ndarray) -> None:
+    v = views
+    K.ffn_rows(x, n_rows, v.up.data, v.up.scales, v.up.mins, v.gate.data, v.gate.scales, v.gate.mins,
+               v.down.data, v.down.scales, v.down.mins, v.up_bias, v.gate_bias, v.group, act, out)
+
+
+class FlashFFN:
+    """Every FFN neuron streamed from flash, every token (the paper's naive baseline)."""
+
+    def __init__(self, reader, args: ModelArgs):
+        self.reader = reader
+        self.layers = reader.manifest.ffn_layers
+        self.act = K.ACT_SILU if args.act == "silu" else K.ACT_RELU
+        self.all_ids = [np.arange(layer.n_neurons, dtype=np.int64) for layer in self.layers]
+        largest = max(layer.n_neurons * layer.bundle_bytes for layer in self.layers)
+        self.buffer = np.empty(largest, np.uint8)  # one layer's bundles at a time, reused
+
+    @property
+    def nbytes(self) -> int:
+        return self.buffer.nbytes
+
+    def forward(self, layer: int, x: np.ndarray, out: np.ndarray) -> None:
+        spec = self.layers[layer]
+        bundles = self.buffer[: spec.n_neurons * spec.bundle_bytes].reshape(spec.n_neurons, spec.bundle_bytes)
+        self.reader.read_bundles(layer, self.all_ids[layer], out=bundles)
+        ffn_over_bundles(x, spec.n_neurons, bundle_views(bundles, spec), self.act, out)
