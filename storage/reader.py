@@ -60,7 +60,8 @@ class StoreReader:
             raise FormatError(f"{self.dir}: no such store directory")
         self.manifest = fmt.Manifest.load(self.dir)
         self._check_sizes()
-        self._resident = np.memmap(self.dir / fmt.RESIDENT_FILE, dtype=np.uint8, mode="r")
+        self._resident = (np.memmap(self.dir / fmt.RESIDENT_FILE, dtype=np.uint8, mode="r")
+                          if self.manifest.resident_bytes else np.zeros(0, np.uint8))
         if verify:
             self.verify()
         self.throttle = throttle
