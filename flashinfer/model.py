@@ -20,7 +20,8 @@ DEFAULT_CHUNK = 64  # prefill tokens per pass: big enough to reuse each weight r
 
 
 def linear(x: np.ndarray, m: Matrix, bias: np.ndarray, out: np.ndarray) -> None:
-    K.matmul(x, m.data, m.scales, m.mins, m.group, bias, out)
+    small = m.data.size < K.PARALLEL_MIN_ELEMENTS
+    (K.matmul_serial if small else K.matmul)(x, m.data, m.scales, m.mins, m.group, bias, out)
 
 
 def add_rows(out: np.ndarray, m: Matrix, rows: np.ndarray) -> None:
