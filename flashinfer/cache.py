@@ -1,0 +1,111 @@
+"""The DRAM neuron cache of one FFN layer (LLM in a flash, section 3.3).
+
+A preallocated row-packed matrix of `capacity` bundles (the store's row-column bundle
+layout, so the sparse FFN kernel runs over rows 0..n-1 in one pass), a `row_to_id` array
+and an `id_to_row` array (-1 when absent), and the count `n` of rows in use.
+
+- insert appends at row n;
+- delete of row r copies row n-1 into r, fixes both maps and decrements n:
+  no holes, no reallocation, the live rows stay packed;
+- windowing: a neuron stays while it was predicted active in one of the last `window`
+  tokens; under pressure (the window's neurons exceed the capacity) the least recently
+  predicted go first.
+
+Row moves are numba kernels: a 7B model churns hundreds of neurons per layer per token.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+
+@njit(cache=True, nogil=True)
+def _delete_rows(rows, row_to_id, id_to_row, n, victims):
+    """Delete the neurons `victims` (ids, all resident); returns the new n."""
+    for i in range(victims.shape[0]):
+        r = id_to_row[victims[i]]
+        last = n - 1
+        if r != last:
+            moved = row_to_id[last]
+            rows[r, :] = rows[last, :]
+            row_to_id[r] = moved
+            id_to_row[moved] = r
+        id_to_row[victims[i]] = -1
+        row_to_id[last] = -1
+        n -= 1
+    return n
+
+
+@njit(cache=True, nogil=True)
+def _append_rows(rows, row_to_id, id_to_row, n, ids, bundles):
+    for i in range(ids.shape[0]):
+        rows[n, :] = bundles[i, :]
+        row_to_id[n] = ids[i]
+        id_to_row[ids[i]] = n
+        n += 1
+    return n
+
+
+class NeuronCache:
+    def __init__(self, n_neurons: int, bundle_bytes: int, capacity: int, window: int = 5):
+        if not 0 < capacity <= n_neurons:
+            raise ValueError(f"capacity must be in 1..{n_neurons}, got {capacity}")
+        if window < 1:
+            raise ValueError(f"window must be >= 1 token, got {window}")
+        self.capacity = capacity
+        self.window = window
+        self.rows = np.zeros((capacity, bundle_bytes), np.uint8)
+        self.row_to_id = np.full(capacity, -1, np.int32)
+        self.id_to_row = np.full(n_neurons, -1, np.int32)
+        self.last_active = np.full(n_neurons, -(2**40), np.int64)  # token index a neuron was last predicted
+        self.n = 0
+        self.token = 0  # tokens seen
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows.nbytes + self.row_to_id.nbytes + self.id_to_row.nbytes + self.last_active.nbytes
+
+    def resident_ids(self) -> np.ndarray:
+        return self.row_to_id[: self.n]
+
+    def missing(self, predicted: np.ndarray) -> np.ndarray:
+        """The predicted ids (sorted, unique) not resident."""
+        return predicted[self.id_to_row[predicted] < 0]
+
+    def step(self, predicted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Start a token whose predicted active neurons are `predicted` (sorted, unique int).
+
+        Marks them used, evicts neurons that fell out of the window, and, if the predicted
+        set still does not fit, the least recently predicted others. Returns (ids to load,
+        ids evicted). If `predicted` alone exceeds the capacity, only the first `capacity`
+        of it can be resident: the caller must size the cache for its predictor."""
+        t = self.token
+        self.token += 1
+        if predicted.size > self.capacity:
+            predicted = predicted[: self.capacity]
+        self.last_active[predicted] = t
+        live = self.row_to_id[: self.n]
+        stale = live[self.last_active[live] <= t - self.window]
+        to_load = self.missing(predicted)
+        overflow = self.n - stale.size + to_load.size - self.capacity
+        if overflow > 0:  # pressure: evict the least recently predicted that are not needed now
+            keep = np.setdiff1d(live, stale, assume_unique=True)
+            keep = keep[self.last_active[keep] < t]
+            lru = keep[np.argsort(self.last_active[keep], kind="stable")[:overflow]]
+            stale = np.concatenate([stale, lru])
+        self.n = _delete_rows(self.rows, self.row_to_id, self.id_to_row, self.n, stale.astype(np.int32))
+        return to_load, stale
+
+    def insert(self, ids: np.ndarray, bundles: np.ndarray) -> None:
+        """Append bundles (uint8 [len(ids), bundle_bytes]) for ids not yet resident."""
+        if self.n + ids.size > self.capacity:
+            raise ValueError(f"cache overflow: {self.n} + {ids.size} rows > capacity {self.capacity}")
+        self.n = _append_rows(self.rows, self.row_to_id, self.id_to_row, self.n, ids.astype(np.int32), bundles)
+
+    def reset(self) -> None:
+        self.id_to_row[self.row_to_id[: self.n]] = -1
+        self.row_to_id[:] = -1
+        self.last_active[:] = -(2**40)
+        self.n = 0
+        self.token = 0

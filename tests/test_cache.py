@@ -1,0 +1,61 @@
+"""NeuronCache: the paper's row-packed cache, checked against a model after every step."""
+
+import numpy as np
+import pytest
+
+from flashinfer.cache import NeuronCache
+
+
+def check_invariants(cache: NeuronCache, store: np.ndarray) -> None:
+    live = cache.row_to_id[: cache.n]
+    assert np.unique(live).size == cache.n  # no duplicates
+    assert np.all(cache.row_to_id[cache.n :] == -1)
+    np.testing.assert_array_equal(cache.id_to_row[live], np.arange(cache.n))  # maps are inverse
+    assert np.count_nonzero(cache.id_to_row >= 0) == cache.n
+    np.testing.assert_array_equal(cache.rows[: cache.n], store[live])  # each row is its id's bundle
+
+
+@pytest.mark.parametrize("window,capacity", [(1, 40), (3, 60), (5, 25)])
+def test_randomized_against_model(window, capacity):
+    rng = np.random.default_rng(window)
+    n_neurons, bundle = 100, 24
+    store = rng.integers(0, 256, (n_neurons, bundle), dtype=np.uint8)
+    cache = NeuronCache(n_neurons, bundle, capacity, window)
+    history: list[np.ndarray] = []
+    hot = rng.choice(n_neurons, 10, replace=False)
+    for t in range(2000):
+        k = int(rng.integers(0, 20))
+        predicted = np.unique(np.concatenate([rng.choice(n_neurons, k), hot[: rng.integers(0, 10)]])).astype(np.int64)
+        before = set(cache.resident_ids().tolist())
+        to_load, evicted = cache.step(predicted)
+        assert set(to_load.tolist()) == set(predicted[:capacity].tolist()) - before  # only what was missing
+        assert not set(evicted.tolist()) & set(predicted.tolist())  # never evicts what is needed now
+        cache.insert(to_load, store[to_load])
+        check_invariants(cache, store)
+        history.append(predicted)
+        resident = set(cache.resident_ids().tolist())
+        assert set(predicted[:capacity].tolist()) <= resident  # everything predicted now is there
+        in_window = set(np.concatenate(history[-window:]).tolist())
+        assert resident <= in_window  # nothing outside the window stays
+        if len(in_window) <= capacity:  # no pressure: the whole window stays
+            assert resident == in_window
+
+
+def test_delete_moves_last_row_into_the_hole():
+    store = np.arange(10 * 4, dtype=np.uint8).reshape(10, 4)
+    cache = NeuronCache(10, 4, capacity=4, window=1)
+    ids = np.array([2, 5, 7])
+    to_load, _ = cache.step(ids)
+    cache.insert(to_load, store[to_load])
+    assert cache.row_to_id[:3].tolist() == [2, 5, 7]
+    to_load, evicted = cache.step(np.array([5, 7]))  # 2 falls out of the 1-token window
+    assert evicted.tolist() == [2] and to_load.size == 0
+    assert cache.row_to_id[:2].tolist() == [7, 5]  # row 0 now holds the former last row
+    np.testing.assert_array_equal(cache.rows[0], store[7])
+
+
+def test_bad_sizes():
+    with pytest.raises(ValueError, match="capacity must be in 1..10"):
+        NeuronCache(10, 4, capacity=0)
+    with pytest.raises(ValueError, match="window must be >= 1"):
+        NeuronCache(10, 4, capacity=3, window=0)
