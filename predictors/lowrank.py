@@ -1,0 +1,64 @@
+"""Fitting the low-rank predictor of one layer from arrays (LLM in a flash, section 3.1).
+
+score(x) = (x A) B + c approximates the activation-deciding pre-activation W x + b.
+1. Initialise from a truncated SVD of W (rank r): A = V_r S_r^1/2, B = S_r^1/2 U_r^T, c = b,
+   so score equals the rank-r approximation of the true pre-activation.
+2. Fit on calibration pairs (FFN input x, active mask) with a class-balanced logistic loss
+   (active neurons are 3-10% of all: unweighted, the fit would learn "never active").
+3. Choose the decision threshold on the calibration data so that `target_recall` of the
+   active neurons score above it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from predictors.sparsity import LowRankLayer
+
+
+def truncated_svd(w: np.ndarray, rank: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """U [m, r], S [r], Vt [r, n] of w [m, n]; randomized (Halko et al.) for large matrices."""
+    if min(w.shape) <= 4 * rank:
+        u, s, vt = np.linalg.svd(w, full_matrices=False)
+        return u[:, :rank], s[:rank], vt[:rank]
+    rng = np.random.default_rng(seed)
+    q = np.linalg.qr(w @ rng.standard_normal((w.shape[1], rank + 16), dtype=np.float32))[0]
+    for _ in range(2):  # power iterations sharpen the spectrum
+        q = np.linalg.qr(w @ (w.T @ q))[0]
+    u_small, s, vt = np.linalg.svd(q.T @ w, full_matrices=False)
+    return (q @ u_small)[:, :rank], s[:rank], vt[:rank]
+
+
+def fit_lowrank_layer(w_act: np.ndarray, bias: np.ndarray | None, x: np.ndarray, active: np.ndarray,
+                      rank: int = 128, target_recall: float = 0.99, steps: int = 150, lr: float = 3e-3,
+                      seed: int = 0) -> LowRankLayer:
+    """w_act [n_neurons, dim], x [tokens, dim] float32, active [tokens, n_neurons] bool."""
+    rank = min(rank, *w_act.shape)
+    u, s, vt = truncated_svd(w_act.astype(np.float32), rank, seed)
+    root = np.sqrt(s).astype(np.float32)
+    a = (vt.T * root).astype(np.float32)
+    b = (root[:, None] * u.T).astype(np.float32)
+    c = (np.zeros(w_act.shape[0], np.float32) if bias is None else bias.astype(np.float32)).copy()
+    x = x.astype(np.float32)
+    y = active.astype(np.float32)
+    positives = max(float(y.sum()), 1.0)
+    pos_weight = np.float32((y.size - positives) / positives)
+    params = [a, b, c]
+    moments = [(np.zeros_like(p), np.zeros_like(p)) for p in params]
+    scale = np.float32(1.0 / x.shape[0])
+    for step in range(1, steps + 1):
+        xa = x @ a
+        z = xa @ b + c
+        p = 1.0 / (1.0 + np.exp(-np.clip(z, -30, 30)))
+        g = (p - y) * np.where(y > 0, pos_weight, np.float32(1.0)) * scale  # dLoss/dz, balanced
+        grads = [x.T @ (g @ b.T), xa.T @ g, g.sum(axis=0)]
+        for param, grad, (m, v) in zip(params, grads, moments):  # Adam
+            m *= 0.9
+            m += 0.1 * grad
+            v *= 0.999
+            v += 0.001 * grad * grad
+            param -= lr * (m / (1 - 0.9**step)) / (np.sqrt(v / (1 - 0.999**step)) + 1e-8)
+    scores = (x @ a) @ b + c
+    positive_scores = scores[active]
+    threshold = float(np.quantile(positive_scores, 1.0 - target_recall)) if positive_scores.size else 0.0
+    return LowRankLayer(a, b, c, threshold)

@@ -1,0 +1,135 @@
+"""Sparsity predictors: which FFN neurons of a layer will be active for an FFN input x.
+
+Interface: `predict(layer, x) -> sorted unique int64 neuron ids`, x float32 [dim] or
+[T, dim] (then the union over the T tokens). A neuron is *active* when its activation is
+non-zero: for ReLU FFNs, when its pre-activation (gate row for gated FFNs, up row
+otherwise, plus bias) is > 0.
+
+- DensePredictor: every neuron (the naive baseline: no sparsity used).
+- OraclePredictor: computes every pre-activation exactly (the quality ceiling and a test tool;
+  it needs the full activation matrices, so it saves no I/O).
+- StaticPredictor: the neurons most often active on calibration data (a fixed hot set).
+- LowRankPredictor: score = (x A) B + c with rank r (LLM in a flash, section 3.1; Deja Vu),
+  active when score > threshold; fitted in predictors/lowrank.py.
+
+Knows nothing of the cache or the engine: everything here is built from arrays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def _rows(x: np.ndarray) -> np.ndarray:
+    return x.reshape(1, -1) if x.ndim == 1 else x
+
+
+class DensePredictor:
+    name = "dense"
+
+    def __init__(self, n_neurons: list[int]):
+        self._all = [np.arange(n, dtype=np.int64) for n in n_neurons]
+
+    def predict(self, layer: int, x: np.ndarray) -> np.ndarray:
+        return self._all[layer]
+
+
+class OraclePredictor:
+    name = "oracle"
+
+    def __init__(self, act_weights: list[np.ndarray], act_biases: list[np.ndarray | None], threshold: float = 0.0):
+        """act_weights[l]: float32 [n_neurons, dim] rows whose dot with x decides activity."""
+        self.weights = act_weights
+        self.biases = act_biases
+        self.threshold = threshold
+
+    def pre_activations(self, layer: int, x: np.ndarray) -> np.ndarray:
+        z = _rows(x) @ self.weights[layer].T
+        if self.biases[layer] is not None:
+            z += self.biases[layer]
+        return z
+
+    def predict(self, layer: int, x: np.ndarray) -> np.ndarray:
+        active = (self.pre_activations(layer, x) > self.threshold).any(axis=0)
+        return np.flatnonzero(active)
+
+
+class StaticPredictor:
+    name = "static"
+
+    def __init__(self, hot_sets: list[np.ndarray]):
+        self.hot_sets = [np.sort(h).astype(np.int64) for h in hot_sets]
+
+    @classmethod
+    def fit(cls, masks: list[np.ndarray], target_recall: float = 0.9) -> "StaticPredictor":
+        """masks[l]: bool [tokens, n_neurons] of calibration activity. Keeps, per layer, the most
+        frequently active neurons until they cover `target_recall` of all activations."""
+        hot = []
+        for mask in masks:
+            counts = mask.sum(axis=0)
+            order = np.argsort(-counts, kind="stable")
+            covered = np.cumsum(counts[order]) / max(counts.sum(), 1)
+            hot.append(order[: int(np.searchsorted(covered, target_recall)) + 1])
+        return cls(hot)
+
+    def predict(self, layer: int, x: np.ndarray) -> np.ndarray:
+        return self.hot_sets[layer]
+
+
+@dataclass
+class LowRankLayer:
+    a: np.ndarray  # float32 [dim, rank]
+    b: np.ndarray  # float32 [rank, n_neurons]
+    c: np.ndarray  # float32 [n_neurons]
+    threshold: float
+
+    @property
+    def nbytes(self) -> int:
+        return self.a.nbytes + self.b.nbytes + self.c.nbytes
+
+
+class LowRankPredictor:
+    name = "lowrank"
+
+    def __init__(self, layers: list[LowRankLayer]):
+        self.layers = layers
+
+    def scores(self, layer: int, x: np.ndarray) -> np.ndarray:
+        p = self.layers[layer]
+        return (_rows(x) @ p.a) @ p.b + p.c
+
+    def predict(self, layer: int, x: np.ndarray) -> np.ndarray:
+        active = (self.scores(layer, x) > self.layers[layer].threshold).any(axis=0)
+        return np.flatnonzero(active)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.layers)
+
+    def save(self, path) -> None:
+        arrays = {}
+        for i, p in enumerate(self.layers):
+            arrays |= {f"a{i}": p.a, f"b{i}": p.b, f"c{i}": p.c, f"t{i}": np.float32(p.threshold)}
+        np.savez(path, n_layers=len(self.layers), **arrays)
+
+    @classmethod
+    def load(cls, path) -> "LowRankPredictor":
+        with np.load(path) as z:
+            return cls([LowRankLayer(z[f"a{i}"], z[f"b{i}"], z[f"c{i}"], float(z[f"t{i}"]))
+                        for i in range(int(z["n_layers"]))])
+
+
+def recall_report(predicted: np.ndarray, mask: np.ndarray, magnitude: np.ndarray) -> dict:
+    """Quality of a prediction against calibration truth, per token averaged.
+
+    predicted, mask: bool [tokens, n_neurons]; magnitude: |activation| [tokens, n_neurons].
+    recall: share of active neurons predicted; mass_recall: share of sum |a| predicted;
+    fraction: share of all neurons predicted (what must be resident)."""
+    hits = (predicted & mask).sum()
+    return {
+        "recall": float(hits / max(mask.sum(), 1)),
+        "mass_recall": float((magnitude * predicted).sum() / max(magnitude.sum(), 1e-30)),
+        "fraction": float(predicted.mean()),
+    }
