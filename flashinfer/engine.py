@@ -87,13 +87,18 @@ class Engine:
     # ---- opening ------------------------------------------------------------------
     @classmethod
     def open(cls, path: str | Path, ctx: int | None = None, flash_bw: str | float | None = None,
-             flash_latency: str | float | None = None, verify: bool = False) -> "Engine":
+             flash_latency: str | float | None = None, verify: bool = False, predictor: str = "dense",
+             window: int = 5) -> "Engine":
         """Open a flash store (made by `flashinfer convert`) or a Hugging Face model directory
         (config.json, *.safetensors, tokenizer.json).
 
         ctx: KV cache length in tokens (default: the model's maximum, capped at 4096).
         flash_bw / flash_latency: emulate slower flash for a store ("1GB/s", "50us").
         verify: check every checksum of a store before running.
+        predictor: for a store, which FFN neurons to load per token: "dense" (all, read every
+            token: the naive baseline) or "oracle" (exactly the active ones, through the
+            windowed neuron cache; small models only, see flashinfer/sparse_ffn.py).
+        window: tokens a loaded neuron stays cached after it was last predicted active.
         """
         from storage.format import MANIFEST
 
@@ -103,9 +108,10 @@ class Engine:
         if not path.is_dir():
             raise ModelPathError(f"{path}: not a directory; expected a flash store or a Hugging Face model directory")
         if (path / MANIFEST).is_file() or ".partial-" in path.name:
-            return cls._open_store(path, ctx, flash_bw, flash_latency, verify)
-        if flash_bw is not None or flash_latency is not None:
-            raise ModelPathError(f"{path}: flash_bw/flash_latency apply to a flash store; convert the model first")
+            return cls._open_store(path, ctx, flash_bw, flash_latency, verify, predictor, window)
+        if flash_bw is not None or flash_latency is not None or predictor != "dense":
+            raise ModelPathError(f"{path}: flash_bw, flash_latency and predictor apply to a flash store; "
+                                 "convert the model first (flashinfer convert)")
         return cls._open_hf(path, ctx)
 
     @classmethod
@@ -125,9 +131,9 @@ class Engine:
         return cls(args, tokenizer, model, [checkpoint], path)
 
     @classmethod
-    def _open_store(cls, path: Path, ctx, flash_bw, flash_latency, verify: bool) -> "Engine":
+    def _open_store(cls, path: Path, ctx, flash_bw, flash_latency, verify: bool, predictor: str,
+                    window: int) -> "Engine":
         from flashinfer.errors import ConfigError
-        from flashinfer.flash_ffn import FlashFFN
         from flashinfer.weights import load_store_weights
         from storage.reader import StoreReader
         from storage.throttle import Throttle
@@ -142,11 +148,26 @@ class Engine:
                 raise ConfigError(f"{path / 'manifest.json'}: model_config does not describe a model ({e})") from None
             tokenizer = cls._tokenizer_for(path, args)
             ctx = cls._check_ctx(args, ctx)
-            model = Model(args, load_store_weights(args, reader), ctx, flash_ffn=FlashFFN(reader, args))
+            model = Model(args, load_store_weights(args, reader), ctx,
+                          flash_ffn=cls._flash_ffn(reader, args, predictor, window))
         except BaseException:
             reader.close()
             raise
         return cls(args, tokenizer, model, [reader], path)
+
+    @staticmethod
+    def _flash_ffn(reader, args: ModelArgs, predictor: str, window: int):
+        from flashinfer.flash_ffn import FlashFFN
+        from flashinfer.sparse_ffn import SparseFFN, oracle_from_store
+
+        if not isinstance(window, int) or window < 1:
+            raise GenerationError(f"window must be a positive number of tokens, got {window!r}")
+        if predictor == "dense":
+            return FlashFFN(reader, args)
+        if predictor == "oracle":
+            capacities = [spec.n_neurons for spec in reader.manifest.ffn_layers]
+            return SparseFFN(reader, args, oracle_from_store(reader, args), capacities, window)
+        raise GenerationError(f"predictor {predictor!r} is not available (available: dense, oracle)")
 
     @staticmethod
     def _tokenizer_for(path: Path, args: ModelArgs) -> Tokenizer:

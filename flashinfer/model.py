@@ -69,7 +69,11 @@ class Model:
         self.flash_ffn = flash_ffn
 
     def reset(self) -> None:
+        """Start a new sequence: empty KV cache and, for the sparse path, cold neuron caches
+        (so a sequence's output never depends on what ran before it)."""
         self.n_past = 0
+        if hasattr(self.flash_ffn, "reset"):
+            self.flash_ffn.reset()
 
     def forward(self, tokens: np.ndarray, logits_out: np.ndarray | None = None) -> np.ndarray:
         """Run `tokens` at positions n_past.. and append them to the KV cache.
