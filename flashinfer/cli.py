@@ -13,6 +13,7 @@ import time
 
 EXIT_USAGE = 2
 SCHEMES = ("f32", "f16", "q8", "q4", "q4a")  # storage.quant.SCHEMES, listed here to keep --help import-free
+SYNTH_PRESETS = ("tiny", "tiny-opt", "1b", "opt-6.7b", "llama-2-7b-relu", "mistral-7b-relu")  # storage.synth.PRESETS
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -81,6 +82,29 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_synth(args: argparse.Namespace) -> int:
+    import resource
+
+    from flashinfer.progress import Progress
+    from storage.synth import synthesize
+
+    progress = Progress(f"synthesizing {args.preset}")
+    try:
+        report = synthesize(args.preset, args.out, sparsity=args.sparsity, hot_skew=args.hot_skew, seed=args.seed,
+                            dtype=args.dtype, progress=progress, gguf_path=args.gguf, overwrite=args.overwrite)
+    finally:
+        progress.close()
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"{report.out_dir}: synthetic {args.preset} (random weights, not a language model), "
+          f"{report.n_params / 1e6:.1f} M params, {report.bytes_written / 1e9:.2f} GB in {report.seconds:.1f} s, "
+          f"peak RSS {rss_mb:.0f} MB" + (f", GGUF {report.gguf_path}" if report.gguf_path else ""))
+    print(f"FFN sparsity target {report.sparsity_target}, measured mean {report.mean_sparsity:.4f}; per layer: "
+          + " ".join(f"{v:.3f}" for v in report.layer_sparsity))
+    print(f"share of firings on the hottest 10% of neurons: target {report.hot10_share_target:.3f}; per layer: "
+          + " ".join(f"{v:.3f}" for v in report.layer_hot10_share))
+    return 0
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -126,6 +150,20 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--verify", action="store_true", help="read the store back and check every checksum")
     convert.add_argument("--overwrite", action="store_true", help="replace an existing store at OUT")
     convert.set_defaults(func=_cmd_convert)
+
+    synth = sub.add_parser("synth", help="write a synthetic checkpoint with planted FFN sparsity",
+                           description="Random-weight HF checkpoints of real model shapes whose ReLU FFNs fire "
+                                       "sparsely (for performance work; not language models).")
+    synth.add_argument("preset", choices=SYNTH_PRESETS)
+    synth.add_argument("out", help="HF model directory to create")
+    synth.add_argument("--sparsity", type=float, default=0.9, help="target fraction of zero FFN activations (default 0.9)")
+    synth.add_argument("--hot-skew", type=float, default=1.0, help="power-law exponent of neuron hotness (0 = uniform)")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--dtype", default="f16", choices=("f16", "bf16", "f32"))
+    synth.add_argument("--gguf", default=None, help="also write the weights as a llama.cpp GGUF file (llama/mistral)")
+    synth.add_argument("--overwrite", action="store_true")
+    synth.add_argument("--quiet", action="store_true", help="(kept for scripts; progress shows only on a TTY)")
+    synth.set_defaults(func=_cmd_synth)
 
     check = sub.add_parser("check", help="verify a flash store (sizes and every checksum)")
     check.add_argument("store")

@@ -106,3 +106,21 @@ def test_help_is_fast_and_lazy():
     code = "import sys, flashinfer.cli; flashinfer.cli.build_parser(); print('numba' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_cli_choice_lists_match_the_library():
+    """The CLI spells these out to keep --help import-free; they must not drift."""
+    from flashinfer import cli
+    from storage import quant, synth
+
+    assert cli.SCHEMES == quant.SCHEMES
+    assert cli.SYNTH_PRESETS == tuple(synth.PRESETS)
+
+
+def test_synth_command(tmp_path, capsys):
+    assert main(["synth", "tiny", str(tmp_path / "m"), "--sparsity", "0.9"]) == 0
+    out = capsys.readouterr().out
+    assert "random weights, not a language model" in out
+    measured = float(out.split("measured mean ")[1].split(";")[0])
+    assert abs(measured - 0.9) < 0.05
+    assert main(["run", str(tmp_path / "m"), "--prompt", "hi", "--max-tokens", "3"]) == 0
