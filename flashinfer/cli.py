@@ -20,7 +20,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from flashinfer.engine import Engine
 
     t0 = time.perf_counter()
-    engine = Engine.open(args.model, ctx=args.ctx, flash_bw=args.flash_bw, flash_latency=args.flash_latency)
+    engine = Engine.open(args.model, ctx=args.ctx, flash_bw=args.flash_bw, flash_latency=args.flash_latency,
+                         predictor=args.predictor, window=args.window)
     load_s = time.perf_counter() - t0
     with engine:
         responses = engine.stream(
@@ -67,6 +68,30 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         StoreReader(out, verify=True).close()
     print(f"wrote {out}: {progress.done / 1e6:.1f} MB in {seconds:.1f} s ({progress.done / 1e6 / max(seconds, 1e-9):.0f} MB/s)"
           f"{', checksums verified' if args.verify else ''}")
+    return 0
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from flashinfer.calibrate import calibrate_store
+    from flashinfer.errors import FlashinferError
+    from flashinfer.progress import Progress
+
+    try:
+        text = Path(args.text).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise FlashinferError(f"{args.text}: cannot read the calibration text ({e})") from None
+    progress = Progress("fitting predictors (layers)")
+    try:
+        reports = calibrate_store(args.store, text, max_tokens=args.tokens, rank=args.rank,
+                                  target_recall=args.recall, progress=progress)
+    finally:
+        progress.close()
+    print(f"{'layer':>5} {'recall':>7} {'mass recall':>11} {'predicted':>9} {'size MB':>8}")
+    for r in reports:
+        print(f"{r.layer:>5} {r.recall:>7.3f} {r.mass_recall:>11.3f} {r.fraction:>9.3f} {r.predictor_bytes / 1e6:>8.2f}")
+    print(f"saved {args.store}/predictors/lowrank.npz (recall measured on the last 20% of the tokens, unseen by the fit)")
     return 0
 
 
@@ -136,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--echo", action="store_true", help="print the prompt before the generated text")
     run.add_argument("--flash-bw", default=None, help="emulate flash of this bandwidth, e.g. 1GB/s (store only)")
     run.add_argument("--flash-latency", default=None, help="extra latency per flash read, e.g. 50us (store only)")
+    run.add_argument("--predictor", default="dense", choices=("dense", "oracle", "lowrank"),
+                     help="FFN neurons to load per token (store only): dense = all (default), "
+                          "lowrank = calibrated predictor, oracle = exact (small models)")
+    run.add_argument("--window", type=_positive_int, default=5, help="tokens a loaded neuron stays cached (default 5)")
     run.set_defaults(func=_cmd_run)
 
     convert = sub.add_parser("convert", help="convert a Hugging Face checkpoint into a flash store",
@@ -164,6 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--overwrite", action="store_true")
     synth.add_argument("--quiet", action="store_true", help="(kept for scripts; progress shows only on a TTY)")
     synth.set_defaults(func=_cmd_synth)
+
+    calibrate = sub.add_parser("calibrate", help="fit the low-rank sparsity predictors of a store on text")
+    calibrate.add_argument("store")
+    calibrate.add_argument("--text", required=True, help="a text file to run the model over")
+    calibrate.add_argument("--tokens", type=_positive_int, default=2048, help="calibration tokens at most (default 2048)")
+    calibrate.add_argument("--rank", type=_positive_int, default=128, help="predictor rank (default 128)")
+    calibrate.add_argument("--recall", type=float, default=0.99, help="target recall of active neurons (default 0.99)")
+    calibrate.set_defaults(func=_cmd_calibrate)
 
     check = sub.add_parser("check", help="verify a flash store (sizes and every checksum)")
     check.add_argument("store")

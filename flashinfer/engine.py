@@ -97,7 +97,8 @@ class Engine:
         verify: check every checksum of a store before running.
         predictor: for a store, which FFN neurons to load per token: "dense" (all, read every
             token: the naive baseline) or "oracle" (exactly the active ones, through the
-            windowed neuron cache; small models only, see flashinfer/sparse_ffn.py).
+            windowed neuron cache; small models only, see flashinfer/sparse_ffn.py) or "lowrank"
+            (fitted by `flashinfer calibrate`).
         window: tokens a loaded neuron stays cached after it was last predicted active.
         """
         from storage.format import MANIFEST
@@ -164,10 +165,19 @@ class Engine:
             raise GenerationError(f"window must be a positive number of tokens, got {window!r}")
         if predictor == "dense":
             return FlashFFN(reader, args)
+        capacities = [spec.n_neurons for spec in reader.manifest.ffn_layers]
         if predictor == "oracle":
-            capacities = [spec.n_neurons for spec in reader.manifest.ffn_layers]
             return SparseFFN(reader, args, oracle_from_store(reader, args), capacities, window)
-        raise GenerationError(f"predictor {predictor!r} is not available (available: dense, oracle)")
+        if predictor == "lowrank":
+            from flashinfer.calibrate import LOWRANK_FILE, PREDICTOR_DIR
+            from predictors.sparsity import LowRankPredictor
+
+            path = reader.dir / PREDICTOR_DIR / LOWRANK_FILE
+            if not path.is_file():
+                raise GenerationError(f"{reader.dir}: no calibrated predictor ({PREDICTOR_DIR}/{LOWRANK_FILE}); "
+                                      f"run `flashinfer calibrate {reader.dir} --text FILE` first")
+            return SparseFFN(reader, args, LowRankPredictor.load(path), capacities, window)
+        raise GenerationError(f"predictor {predictor!r} is not available (available: dense, oracle, lowrank)")
 
     @staticmethod
     def _tokenizer_for(path: Path, args: ModelArgs) -> Tokenizer:

@@ -67,6 +67,7 @@ class Model:
         self.act = K.ACT_SILU if args.act == "silu" else K.ACT_RELU
         self.n_past = 0  # positions filled in the KV cache
         self.flash_ffn = flash_ffn
+        self.ffn_input_observer = None  # callback(layer, x) before each FFN: calibration collects inputs
 
     def reset(self) -> None:
         """Start a new sequence: empty KV cache and, for the sparse path, cold neuron caches
@@ -166,6 +167,8 @@ class Model:
 
     def _ffn(self, i: int, layer: LayerWeights, xb: np.ndarray, out: np.ndarray) -> None:
         """down(act(gate(x)) * up(x)) or down(act(up(x))), from flash or from dense matrices."""
+        if self.ffn_input_observer is not None:
+            self.ffn_input_observer(i, xb)
         if self.flash_ffn is not None:
             self.flash_ffn.forward(i, xb, out)
             if layer.b_down.size:
