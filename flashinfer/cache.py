@@ -97,6 +97,22 @@ class NeuronCache:
         self.n = _delete_rows(self.rows, self.row_to_id, self.id_to_row, self.n, stale.astype(np.int32))
         return to_load, stale
 
+    def free_rows(self, k: int) -> np.ndarray:
+        """The next `k` unused rows (a view): read bundles straight into them, then `commit`.
+        Saves a staging copy as large as a layer's cache."""
+        if self.n + k > self.capacity:
+            raise ValueError(f"cache overflow: {self.n} + {k} rows > capacity {self.capacity}")
+        return self.rows[self.n : self.n + k]
+
+    def commit(self, ids: np.ndarray) -> None:
+        """Register `ids` as the contents of the rows `free_rows(len(ids))` returned."""
+        k = ids.size
+        if self.n + k > self.capacity:
+            raise ValueError(f"cache overflow: {self.n} + {k} rows > capacity {self.capacity}")
+        self.row_to_id[self.n : self.n + k] = ids
+        self.id_to_row[ids] = np.arange(self.n, self.n + k, dtype=np.int32)
+        self.n += k
+
     def insert(self, ids: np.ndarray, bundles: np.ndarray) -> None:
         """Append bundles (uint8 [len(ids), bundle_bytes]) for ids not yet resident."""
         if self.n + ids.size > self.capacity:

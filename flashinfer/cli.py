@@ -21,7 +21,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     engine = Engine.open(args.model, ctx=args.ctx, flash_bw=args.flash_bw, flash_latency=args.flash_latency,
-                         predictor=args.predictor, window=args.window)
+                         predictor=args.predictor, window=args.window, dram=args.dram)
+    if engine.memory_plan is not None and args.plan:
+        print(engine.memory_plan.table(), file=sys.stderr)
     load_s = time.perf_counter() - t0
     with engine:
         responses = engine.stream(
@@ -44,10 +46,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(
             f"[prompt {last.usage.prompt_tokens} tokens, {prompt_rate:.1f} tok/s | "
             f"decode {last.usage.completion_tokens} tokens, {decode_rate:.1f} tok/s | "
-            f"finish: {last.finish_reason} | load {load_s:.2f} s incl. JIT {engine.jit_seconds:.2f} s]",
+            f"finish: {last.finish_reason} | load {load_s:.2f} s incl. JIT {engine.jit_seconds:.2f} s{_rss_note(engine)}]",
             file=sys.stderr,
         )
     return 0
+
+
+def _rss_note(engine) -> str:
+    from flashinfer.memory import peak_rss_bytes
+
+    peak = peak_rss_bytes()
+    if engine.memory_plan is None:
+        return f" | peak RSS {peak / 2**20:.0f} MiB"
+    cap = engine.memory_plan.cap_bytes
+    verdict = "within" if peak <= cap else "OVER"
+    return f" | peak RSS {peak / 2**20:.0f} MiB, {verdict} the {cap / 2**20:.0f} MiB cap"
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
@@ -165,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="FFN neurons to load per token (store only): dense = all (default), "
                           "lowrank = calibrated predictor, oracle = exact (small models)")
     run.add_argument("--window", type=_positive_int, default=5, help="tokens a loaded neuron stays cached (default 5)")
+    run.add_argument("--dram", default=None, help="cap for the whole process, e.g. 2GB (store only): sizes the caches")
+    run.add_argument("--plan", action="store_true", help="print the DRAM plan (with --dram)")
     run.set_defaults(func=_cmd_run)
 
     convert = sub.add_parser("convert", help="convert a Hugging Face checkpoint into a flash store",

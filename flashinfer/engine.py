@@ -22,7 +22,7 @@ import numpy as np
 
 from flashinfer.config import ModelArgs
 from flashinfer.errors import GenerationError, ModelPathError
-from flashinfer.model import Model
+from flashinfer.model import Model, RunState
 from flashinfer.sampling import SamplingParams, sample
 from flashinfer.tokenizer import StreamDecoder, Tokenizer
 
@@ -82,13 +82,14 @@ class Engine:
         self._resources = resources  # things with close(): checkpoint files
         self._lock = threading.Lock()
         self.eos_ids = set(args.eos_token_ids) | ({tokenizer.eos_id} if tokenizer.eos_id is not None else set())
+        self.memory_plan = None  # set by open() when a DRAM cap is given
         self.jit_seconds = self._warm_up()
 
     # ---- opening ------------------------------------------------------------------
     @classmethod
     def open(cls, path: str | Path, ctx: int | None = None, flash_bw: str | float | None = None,
              flash_latency: str | float | None = None, verify: bool = False, predictor: str = "dense",
-             window: int = 5) -> "Engine":
+             window: int = 5, dram: str | int | None = None) -> "Engine":
         """Open a flash store (made by `flashinfer convert`) or a Hugging Face model directory
         (config.json, *.safetensors, tokenizer.json).
 
@@ -100,6 +101,8 @@ class Engine:
             windowed neuron cache; small models only, see flashinfer/sparse_ffn.py) or "lowrank"
             (fitted by `flashinfer calibrate`).
         window: tokens a loaded neuron stays cached after it was last predicted active.
+        dram: a cap for the whole process ("2GB"); the planner sizes the neuron caches under
+            it or refuses with what would fit (flashinfer/memory.py). The plan is `engine.memory_plan`.
         """
         from storage.format import MANIFEST
 
@@ -109,9 +112,9 @@ class Engine:
         if not path.is_dir():
             raise ModelPathError(f"{path}: not a directory; expected a flash store or a Hugging Face model directory")
         if (path / MANIFEST).is_file() or ".partial-" in path.name:
-            return cls._open_store(path, ctx, flash_bw, flash_latency, verify, predictor, window)
-        if flash_bw is not None or flash_latency is not None or predictor != "dense":
-            raise ModelPathError(f"{path}: flash_bw, flash_latency and predictor apply to a flash store; "
+            return cls._open_store(path, ctx, flash_bw, flash_latency, verify, predictor, window, dram)
+        if flash_bw is not None or flash_latency is not None or predictor != "dense" or dram is not None:
+            raise ModelPathError(f"{path}: flash_bw, flash_latency, predictor and dram apply to a flash store; "
                                  "convert the model first (flashinfer convert)")
         return cls._open_hf(path, ctx)
 
@@ -133,7 +136,7 @@ class Engine:
 
     @classmethod
     def _open_store(cls, path: Path, ctx, flash_bw, flash_latency, verify: bool, predictor: str,
-                    window: int) -> "Engine":
+                    window: int, dram) -> "Engine":
         from flashinfer.errors import ConfigError
         from flashinfer.weights import load_store_weights
         from storage.reader import StoreReader
@@ -149,35 +152,46 @@ class Engine:
                 raise ConfigError(f"{path / 'manifest.json'}: model_config does not describe a model ({e})") from None
             tokenizer = cls._tokenizer_for(path, args)
             ctx = cls._check_ctx(args, ctx)
-            model = Model(args, load_store_weights(args, reader), ctx,
-                          flash_ffn=cls._flash_ffn(reader, args, predictor, window))
+            flash_ffn, plan = cls._flash_ffn(reader, args, predictor, window, dram, ctx)
+            model = Model(args, load_store_weights(args, reader), ctx, flash_ffn=flash_ffn)
         except BaseException:
             reader.close()
             raise
-        return cls(args, tokenizer, model, [reader], path)
+        engine = cls(args, tokenizer, model, [reader], path)
+        engine.memory_plan = plan
+        return engine
 
     @staticmethod
-    def _flash_ffn(reader, args: ModelArgs, predictor: str, window: int):
+    def _flash_ffn(reader, args: ModelArgs, predictor: str, window: int, dram, ctx: int):
+        """The FFN source for a store, and the memory plan when a DRAM cap is given."""
         from flashinfer.flash_ffn import FlashFFN
+        from flashinfer.memory import plan_memory
         from flashinfer.sparse_ffn import SparseFFN, oracle_from_store
+        from storage.units import parse_size
 
         if not isinstance(window, int) or window < 1:
             raise GenerationError(f"window must be a positive number of tokens, got {window!r}")
+        layers = reader.manifest.ffn_layers
+        sparse_share = None
         if predictor == "dense":
-            return FlashFFN(reader, args)
-        capacities = [spec.n_neurons for spec in reader.manifest.ffn_layers]
-        if predictor == "oracle":
-            return SparseFFN(reader, args, oracle_from_store(reader, args), capacities, window)
-        if predictor == "lowrank":
-            from flashinfer.calibrate import LOWRANK_FILE, PREDICTOR_DIR
-            from predictors.sparsity import LowRankPredictor
-
-            path = reader.dir / PREDICTOR_DIR / LOWRANK_FILE
-            if not path.is_file():
-                raise GenerationError(f"{reader.dir}: no calibrated predictor ({PREDICTOR_DIR}/{LOWRANK_FILE}); "
-                                      f"run `flashinfer calibrate {reader.dir} --text FILE` first")
-            return SparseFFN(reader, args, LowRankPredictor.load(path), capacities, window)
-        raise GenerationError(f"predictor {predictor!r} is not available (available: dense, oracle, lowrank)")
+            predictor_obj = None
+        elif predictor == "oracle":
+            predictor_obj = oracle_from_store(reader, args)
+        elif predictor == "lowrank":
+            predictor_obj, sparse_share = _load_lowrank(reader)
+        else:
+            raise GenerationError(f"predictor {predictor!r} is not available (available: dense, oracle, lowrank)")
+        plan = None
+        capacities = [spec.n_neurons for spec in layers]
+        if dram is not None:
+            plan = plan_memory(parse_size(dram), args, reader.manifest, ctx, sparse=predictor_obj is not None,
+                               predictor_bytes=getattr(predictor_obj, "nbytes", 0),
+                               io_buffer_bytes=reader.io_buffer_bytes, scratch_bytes=RunState.scratch_bytes(args, ctx),
+                               sparse_share=sparse_share)
+            capacities = plan.capacities or capacities
+        if predictor_obj is None:
+            return FlashFFN(reader, args), plan
+        return SparseFFN(reader, args, predictor_obj, capacities, window), plan
 
     @staticmethod
     def _tokenizer_for(path: Path, args: ModelArgs) -> Tokenizer:
@@ -336,6 +350,25 @@ class Engine:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _load_lowrank(reader):
+    """The calibrated predictor of a store and the share of neurons it selects per token."""
+    import json
+
+    from flashinfer.calibrate import LOWRANK_FILE, PREDICTOR_DIR, REPORT_FILE
+    from predictors.sparsity import LowRankPredictor
+
+    path = reader.dir / PREDICTOR_DIR / LOWRANK_FILE
+    if not path.is_file():
+        raise GenerationError(f"{reader.dir}: no calibrated predictor ({PREDICTOR_DIR}/{LOWRANK_FILE}); "
+                              f"run `flashinfer calibrate {reader.dir} --text FILE` first")
+    report_path = path.with_name(REPORT_FILE)
+    share = None
+    if report_path.is_file():
+        layers = json.loads(report_path.read_text())["layers"]
+        share = max(layer["fraction"] for layer in layers)
+    return LowRankPredictor.load(path), share
 
 
 def _split_at_stop(text: str, stops: list[str], final: bool = False) -> tuple[str, str, bool]:

@@ -51,6 +51,12 @@ class RunState:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in vars(self).values() if isinstance(a, np.ndarray))
 
+    @staticmethod
+    def scratch_bytes(args: ModelArgs, ctx: int, chunk: int = DEFAULT_CHUNK) -> int:
+        """What __init__ allocates besides the KV cache, for the DRAM planner (tested equal)."""
+        per_token = 3 * args.dim + 2 * args.q_dim + args.ffn_dim * (2 if args.gated_ffn else 1)
+        return 4 * (chunk * per_token + args.vocab_size) + ctx * (4 + 8)
+
 
 class Model:
     def __init__(self, args: ModelArgs, weights: ModelWeights, ctx: int, chunk: int = DEFAULT_CHUNK, flash_ffn=None):

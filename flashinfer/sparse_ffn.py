@@ -4,7 +4,7 @@ cache, compute over the cache's packed rows (LLM in a flash, sections 3.1-3.3).
 Per layer and chunk of tokens:
     ids = predictor.predict(layer, x)          the neurons likely active for these tokens
     to_load, _ = cache.step(ids)               windowing and eviction (flashinfer/cache.py)
-    cache.insert(to_load, reader.read_bundles(layer, to_load))
+    reader.read_bundles(layer, to_load, out=cache.free_rows(len(to_load))); cache.commit(to_load)
     out = FFN over cache rows 0..n-1           rows not active cost no down-projection (ReLU)
 """
 
@@ -27,22 +27,20 @@ class SparseFFN:
         self.caches = [NeuronCache(spec.n_neurons, spec.bundle_bytes, cap, window)
                        for spec, cap in zip(self.layers, capacities)]
         self.views = [bundle_views(cache.rows, spec) for cache, spec in zip(self.caches, self.layers)]
-        largest = max(cap * spec.bundle_bytes for spec, cap in zip(self.layers, capacities))
-        self.staging = np.empty(largest, np.uint8)  # bundles read for one layer, before insertion
         self.loaded = 0  # neurons read from flash since the last reset (stats)
         self.predicted = 0
 
     @property
     def nbytes(self) -> int:
-        return sum(c.nbytes for c in self.caches) + self.staging.nbytes
+        return sum(c.nbytes for c in self.caches)
 
     def forward(self, layer: int, x: np.ndarray, out: np.ndarray) -> None:
-        spec, cache = self.layers[layer], self.caches[layer]
+        cache = self.caches[layer]
         ids = self.predictor.predict(layer, x)
         to_load, _ = cache.step(ids)
-        if to_load.size:
-            staging = self.staging[: to_load.size * spec.bundle_bytes].reshape(to_load.size, spec.bundle_bytes)
-            cache.insert(to_load, self.reader.read_bundles(layer, to_load, out=staging))
+        if to_load.size:  # read straight into the cache's free rows: no staging copy
+            self.reader.read_bundles(layer, to_load, out=cache.free_rows(to_load.size))
+            cache.commit(to_load)
         self.loaded += int(to_load.size)
         self.predicted += int(ids.size)
         ffn_over_bundles(x, cache.n, self.views[layer], self.act, out)

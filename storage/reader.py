@@ -73,6 +73,7 @@ class StoreReader:
         self._fds = [self._open_layer(layer) for layer in self.manifest.ffn_layers]
         self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="flash-read")
         self._buffers = threading.local()  # one staging buffer per reader thread, made once
+        self.io_buffer_bytes = (io_threads + 1) * (self.max_read_bytes + 2 * fmt.PAGE)  # pool + calling thread
 
     # ---- opening and checking -----------------------------------------------------
     def _check_sizes(self) -> None:

@@ -30,7 +30,11 @@ def test_randomized_against_model(window, capacity):
         to_load, evicted = cache.step(predicted)
         assert set(to_load.tolist()) == set(predicted[:capacity].tolist()) - before  # only what was missing
         assert not set(evicted.tolist()) & set(predicted[:capacity].tolist())  # never evicts what is needed now
-        cache.insert(to_load, store[to_load])
+        if t % 2:
+            cache.insert(to_load, store[to_load])
+        else:  # the engine's path: read straight into the free rows, then register them
+            cache.free_rows(to_load.size)[:] = store[to_load]
+            cache.commit(to_load)
         check_invariants(cache, store)
         history.append(predicted)
         resident = set(cache.resident_ids().tolist())
@@ -59,3 +63,5 @@ def test_bad_sizes():
         NeuronCache(10, 4, capacity=0)
     with pytest.raises(ValueError, match="window must be >= 1"):
         NeuronCache(10, 4, capacity=3, window=0)
+    with pytest.raises(ValueError, match="cache overflow: 0 \\+ 4 rows > capacity 3"):
+        NeuronCache(10, 4, capacity=3).free_rows(4)

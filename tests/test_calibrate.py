@@ -76,3 +76,15 @@ def test_silu_model_is_refused(tmp_path):
         calibrate_store(store, "word " * 200)
     with pytest.raises(GenerationError, match="no calibrated predictor .* run `flashinfer calibrate"):
         Engine.open(store, predictor="lowrank")
+
+
+def test_run_under_a_dram_cap_prints_the_plan_and_refuses_what_cannot_fit(calibrated, capsys):
+    store, _, _ = calibrated
+    argv = ["run", str(store), "--prompt", "the time", "--max-tokens", "4", "--predictor", "lowrank", "--plan"]
+    assert main(argv + ["--dram", "400MB"]) == 0
+    err = capsys.readouterr().err
+    assert "DRAM plan:" in err and "neuron caches" in err
+    assert "MiB cap]" in err and "within the" in err  # peak RSS checked against the cap after generating
+    assert main(argv + ["--dram", "100MB"]) == 2  # less than the Python + numba runtime alone
+    err = capsys.readouterr().err
+    assert err.startswith("error: a DRAM cap of 100 MB cannot hold this model") and "Would fit: " in err

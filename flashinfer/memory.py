@@ -1,0 +1,112 @@
+"""The DRAM budget planner: `--dram 2GB` is a cap for the whole process.
+
+Before the first token the planner sizes every part from the store and the settings —
+the Python + numba runtime (measured: the process's RSS when planning starts), resident
+weights (memory-mapped, they count once touched), the KV cache (from ctx), scratch
+activations, the reader's staging buffers, the predictor, and, with what is left, the
+neuron caches (an equal share of rows per layer, capped at the layer's size). It refuses
+a configuration that cannot fit and says what would (a shorter context, a lower-bit
+store, a larger cap). After generation, the process's peak RSS is compared with the cap.
+"""
+
+from __future__ import annotations
+
+import resource
+from dataclasses import dataclass, field
+
+import psutil
+
+from flashinfer.config import ModelArgs
+from flashinfer.errors import FlashinferError
+
+RUNTIME_HEADROOM = 64 * 2**20  # allocator slack, numba's per-call temporaries, Python objects made while running
+MIN_CACHE_SHARE = 0.15  # a sparse cache smaller than this share of a layer thrashes; refuse below it
+PREDICTED_MARGIN = 1.5  # cache rows per predicted-active neuron (mean share): tokens vary, and the window keeps more
+
+
+class BudgetError(FlashinferError):
+    """The DRAM cap cannot hold this configuration."""
+
+
+@dataclass
+class MemoryPlan:
+    cap_bytes: int
+    runtime_bytes: int
+    resident_bytes: int
+    kv_bytes: int
+    scratch_bytes: int
+    io_bytes: int
+    predictor_bytes: int
+    cache_bytes: int = 0
+    capacities: list[int] = field(default_factory=list)  # neuron-cache rows per layer
+
+    @property
+    def total_bytes(self) -> int:
+        return (self.runtime_bytes + self.resident_bytes + self.kv_bytes + self.scratch_bytes + self.io_bytes
+                + self.predictor_bytes + self.cache_bytes + RUNTIME_HEADROOM)
+
+    def table(self) -> str:
+        rows = [("python + numba runtime (measured)", self.runtime_bytes), ("resident weights", self.resident_bytes),
+                ("KV cache", self.kv_bytes), ("activations scratch", self.scratch_bytes),
+                ("flash read buffers", self.io_bytes), ("predictor", self.predictor_bytes),
+                ("neuron caches", self.cache_bytes), ("headroom", RUNTIME_HEADROOM)]
+        lines = [f"  {name:36} {b / 2**20:9.1f} MiB" for name, b in rows]
+        lines.append(f"  {'total':36} {self.total_bytes / 2**20:9.1f} MiB of {self.cap_bytes / 2**20:.1f} MiB cap")
+        if self.capacities:
+            lines.append(f"  cache rows per layer: {min(self.capacities)}..{max(self.capacities)}")
+        return "DRAM plan:\n" + "\n".join(lines)
+
+
+def kv_cache_bytes(args: ModelArgs, ctx: int) -> int:
+    return 2 * args.n_layers * ctx * args.kv_dim * 4  # float32 keys and values
+
+
+def plan_memory(cap_bytes: int, args: ModelArgs, manifest, ctx: int, *, sparse: bool, predictor_bytes: int,
+                io_buffer_bytes: int, scratch_bytes: int, sparse_share: float | None = None,
+                runtime_bytes: int | None = None) -> MemoryPlan:
+    """Size everything under `cap_bytes`. `sparse_share`: the mean share of a layer's neurons
+    the predictor selects per token (from calibration) — the cache must hold well over that.
+    `runtime_bytes`: what the process holds before the model (default: its RSS now)."""
+    runtime = psutil.Process().memory_info().rss if runtime_bytes is None else runtime_bytes
+    layers = manifest.ffn_layers
+    # the dense path streams each layer through one layer-sized buffer; the sparse path reads
+    # straight into the neuron caches' free rows (NeuronCache.free_rows), so it needs none
+    layer_buffer = 0 if sparse else max(spec.n_neurons * spec.bundle_bytes for spec in layers)
+    plan = MemoryPlan(cap_bytes=cap_bytes, runtime_bytes=runtime, resident_bytes=manifest.resident_bytes,
+                      kv_bytes=kv_cache_bytes(args, ctx), scratch_bytes=scratch_bytes,
+                      io_bytes=io_buffer_bytes + layer_buffer, predictor_bytes=predictor_bytes)
+    left = cap_bytes - plan.total_bytes
+    if not sparse:
+        if left < 0:
+            raise BudgetError(_refusal(plan, args, ctx, -left))
+        return plan
+    per_row = [spec.bundle_bytes + 4 for spec in layers]  # + row_to_id
+    fixed_maps = sum(spec.n_neurons * 12 for spec in layers)  # id_to_row int32 + last_active int64
+    all_rows_bytes = sum(spec.n_neurons * r for spec, r in zip(layers, per_row))
+    budget = left - fixed_maps
+    share = budget / all_rows_bytes
+    needed = min(1.0, max(MIN_CACHE_SHARE, PREDICTED_MARGIN * (sparse_share or 0.0)))
+    if share < needed:
+        short = int(needed * all_rows_bytes) - budget
+        raise BudgetError(_refusal(plan, args, ctx, short, cache_share=needed))
+    plan.capacities = [min(spec.n_neurons, int(spec.n_neurons * share)) for spec in layers]
+    plan.cache_bytes = sum(c * r for c, r in zip(plan.capacities, per_row)) + fixed_maps
+    return plan
+
+
+def _refusal(plan: MemoryPlan, args: ModelArgs, ctx: int, short_bytes: int, cache_share: float | None = None) -> str:
+    what = f"neuron caches of {cache_share:.0%} of each layer" if cache_share else "the dense path"
+    hints = []
+    if plan.kv_bytes > short_bytes:
+        per_token = kv_cache_bytes(args, 1)
+        hints.append(f"--ctx {max(16, ctx - -(-short_bytes // per_token))}")
+    hints.append(f"--dram {(plan.cap_bytes + short_bytes) / 1e9 + 0.05:.2f}GB")
+    if plan.resident_bytes > short_bytes:
+        hints.append("a store with lower-bit resident weights (flashinfer convert --resident-quant q4)")
+    return (f"a DRAM cap of {plan.cap_bytes / 1e6:.0f} MB cannot hold this model with {what}: "
+            f"{short_bytes / 1e6:.0f} MB short. Would fit: {' or '.join(hints)}.\n{plan.table()}")
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -1,0 +1,70 @@
+"""The DRAM budget planner, and the cap measured on a real run in a child process."""
+
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from flashinfer.config import ModelArgs
+from flashinfer.memory import BudgetError, kv_cache_bytes, plan_memory
+from flashinfer.model import RunState
+from storage.synth import synthesize
+from tests.test_config import MISTRAL
+
+MISTRAL_7B = ModelArgs.from_hf_config(MISTRAL | {"hidden_act": "relu"})
+# a q4 FFN store of Mistral-7B: 14336 neurons x 6912-byte bundles per layer; q4 resident ~0.85 GB
+MANIFEST_7B = SimpleNamespace(resident_bytes=850_000_000,
+                              ffn_layers=[SimpleNamespace(n_neurons=14336, bundle_bytes=6912)] * 32)
+
+
+def plan(cap, ctx, share=0.1, sparse=True):
+    return plan_memory(cap, MISTRAL_7B, MANIFEST_7B, ctx, sparse=sparse, predictor_bytes=40_000_000,
+                       io_buffer_bytes=5 * 2**20, scratch_bytes=RunState.scratch_bytes(MISTRAL_7B, ctx),
+                       sparse_share=share, runtime_bytes=150 * 2**20)  # a flashinfer process measures ~150 MB
+
+
+def test_scratch_estimate_equals_what_runstate_allocates():
+    args = ModelArgs.from_hf_config(MISTRAL | {"num_hidden_layers": 2, "hidden_size": 256, "intermediate_size": 512,
+                                               "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1000})
+    state = RunState(args, ctx=64, chunk=16)
+    assert state.nbytes - kv_cache_bytes(args, 64) == RunState.scratch_bytes(args, 64, chunk=16)
+
+
+def test_7b_fits_2gb_with_a_short_context():
+    p = plan(2_000_000_000, ctx=512)
+    assert p.total_bytes <= p.cap_bytes
+    assert all(0.15 * 14336 <= c < 14336 for c in p.capacities)  # the FFN (3.2 GB) does not fit whole
+    assert "neuron caches" in p.table() and "KV cache" in p.table()
+
+
+def test_7b_with_long_context_is_refused_with_what_would_fit():
+    with pytest.raises(BudgetError) as e:
+        plan(2_000_000_000, ctx=4096)
+    message = str(e.value)
+    assert message.startswith("a DRAM cap of 2000 MB cannot hold this model with neuron caches of 15% of each layer")
+    assert "Would fit: --ctx " in message and "--dram " in message
+
+
+def test_dense_path_needs_room_for_one_layer():
+    with pytest.raises(BudgetError, match="with the dense path"):
+        plan(600_000_000, ctx=512, sparse=False)
+
+
+def test_generation_in_a_child_process_stays_under_the_cap(tmp_path):
+    """Peak RSS of a whole process (Python, numba, weights, caches) measured after generating."""
+    synthesize("tiny", tmp_path / "m", sparsity=0.9)
+    code = f"""
+import sys
+from flashinfer import Engine
+from flashinfer.convert import convert_checkpoint
+from flashinfer.memory import peak_rss_bytes
+store = convert_checkpoint({str(tmp_path / 'm')!r}, {str(tmp_path / 's')!r}, quant="q8", resident_quant="q8")
+with Engine.open(store, predictor="oracle", dram="400MB", window=3) as engine:
+    engine.generate("hello there", max_tokens=32)
+    print(engine.memory_plan.cap_bytes, engine.memory_plan.total_bytes, peak_rss_bytes())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    cap, planned, peak = map(int, out.split())
+    assert planned <= cap and peak <= cap
