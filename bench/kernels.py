@@ -1,6 +1,9 @@
-"""Dense matmul kernel: numba parallel=True vs serial, for every store scheme (f32, f16, q8,
-q4), decode (1 token) and prefill (16 tokens), Llama-7B FFN shape [11008, 4096].
-Ratios in one run.
+"""Kernels, numba parallel=True vs serial, ratios in one run:
+- dense matmul for every store scheme (f32, f16, q8, q4), decode (1 token) and prefill
+  (16 tokens), Llama-7B FFN shape [11008, 4096];
+- the sparse FFN over cached bundle rows (ffn_rows vs ffn_rows_parallel), Mistral-7B
+  bundles (gated, dim 4096), 10% and 30% of a layer's 14336 neurons resident, ReLU with
+  90% of the rows inactive.
 
     python -m bench.kernels
 """
@@ -49,6 +52,39 @@ def main() -> None:
             t_parallel = best_seconds(K.matmul, x, *weights, no_bias, out)
             print(f"{dtype:8} {n_tokens:>6} {t_serial * 1e3:>10.2f} {t_parallel * 1e3:>12.2f} "
                   f"{t_serial / t_parallel:>7.2f}x {nbytes / t_parallel / 1e9:>14.1f}")
+    sparse_ffn_rows(rng)
+
+
+def sparse_ffn_rows(rng) -> None:
+    from flashinfer import flash_ffn
+    from storage import format as fmt
+    from storage.writer import bundle_layout, pack_bundles
+
+    dim, n_neurons = 4096, 14336
+    print(f"\nsparse FFN over cached rows (ffn_rows), gated, dim {dim}, 90% of rows inactive")
+    print(f"{'bundles':8} {'rows':>6} {'serial ms':>10} {'parallel ms':>12} {'speedup':>8} {'parallel GB/s':>14}")
+    import numba
+
+    slices = np.zeros((numba.get_num_threads(), 1, dim), np.float32)
+    for scheme in ("f16", "q8", "q4"):
+        for share in (0.1, 0.3):
+            n_rows = int(n_neurons * share)
+            weights = {name: rng.standard_normal((n_rows, dim), dtype=np.float32) for name in ("up", "gate", "down")}
+            inactive = rng.random(n_rows) < 0.9
+            weights["gate"][inactive] = -np.abs(weights["gate"][inactive])  # negative pre-activations
+            x = np.abs(rng.standard_normal((1, dim))).astype(np.float32)  # ... for a positive input
+            components, bundle_bytes = bundle_layout(weights, dim, scheme, 32)
+            bundles = pack_bundles(weights, components, bundle_bytes)
+            layer = fmt.FFNLayer(file="", n_neurons=n_rows, bundle_bytes=bundle_bytes, components=tuple(components),
+                                 bundles_per_chunk=1, compression="none", chunks=(), file_bytes=0)
+            v = flash_ffn.bundle_views(bundles, layer)
+            out = np.empty((1, dim), np.float32)
+            operands = (x, n_rows, v.up.data, v.up.scales, v.up.mins, v.gate.data, v.gate.scales, v.gate.mins,
+                        v.down.data, v.down.scales, v.down.mins, v.up_bias, v.gate_bias, v.group, K.ACT_RELU)
+            t_serial = best_seconds(K.ffn_rows, *operands, out)
+            t_parallel = best_seconds(K.ffn_rows_parallel, *operands, slices, out)
+            print(f"{scheme:8} {n_rows:>6} {t_serial * 1e3:>10.2f} {t_parallel * 1e3:>12.2f} "
+                  f"{t_serial / t_parallel:>7.2f}x {bundles.nbytes / t_parallel / 1e9:>14.1f}")
 
 
 if __name__ == "__main__":

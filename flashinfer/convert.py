@@ -37,6 +37,18 @@ def _rows_f32(ckpt: Checkpoint, name: str, rows: slice | None = None, cols: slic
     return np.array(arr, dtype=np.float32)
 
 
+class _LazyRows:
+    """A checkpoint tensor that yields float32 rows on slicing: StoreWriter.add_resident
+    quantizes a block of rows at a time, so a 500 MB embedding is never copied whole."""
+
+    def __init__(self, ckpt: Checkpoint, name: str):
+        self.ckpt, self.name = ckpt, name
+        self.shape = ckpt.tensors[name].shape
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        return _rows_f32(self.ckpt, self.name, rows=rows)
+
+
 def convert_checkpoint(model_dir: str | Path, out_dir: str | Path, *, quant: str = DEFAULT_FFN_QUANT,
                        resident_quant: str = DEFAULT_RESIDENT_QUANT, group_size: int = DEFAULT_GROUP_SIZE,
                        compression: str = "none", overwrite: bool = False, progress=None) -> Path:
@@ -57,10 +69,14 @@ def convert_checkpoint(model_dir: str | Path, out_dir: str | Path, *, quant: str
                          progress=progress) as writer:
             for canonical, name in stored.items():
                 if not _in_bundles(canonical):
-                    writer.add_resident(canonical, _rows_f32(ckpt, name), resident_quant, group_size)
+                    writer.add_resident(canonical, _LazyRows(ckpt, name), resident_quant, group_size)
+                    ckpt.release(name)  # keeps peak RSS at one tensor, not the whole checkpoint
             for i in range(args.n_layers):
                 writer.add_ffn_layer(i, args.ffn_dim, args.dim, quant, group_size,
                                      _neuron_blocks(ckpt, stored, args, i))
+                for canonical, name in stored.items():
+                    if canonical.startswith(f"layers.{i}.ffn."):
+                        ckpt.release(name)
             for tokenizer_file in TOKENIZER_FILES:
                 if (model_dir / tokenizer_file).is_file():
                     writer.copy_file(model_dir / tokenizer_file)

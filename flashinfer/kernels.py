@@ -177,17 +177,11 @@ PARALLEL_MIN_ELEMENTS = 1 << 18  # rows * cols below which matmul_serial is used
 
 
 @njit(cache=True, nogil=True, fastmath=FAST)
-def ffn_rows(x, n_rows, up, up_s, up_m, gate, gate_s, gate_m, down, down_s, down_m, up_b, gate_b,
-             group, act, out):
-    """FFN over neuron rows 0..n_rows-1 of a bundle matrix (the store's row-column bundles,
-    as component views): out[t] = sum_i h_i * down_i with h_i = act(gate_i.x) * (up_i.x)
-    for gated FFNs (gate has rows) or act(up_i.x) otherwise. Rows with h_i == 0 (ReLU)
-    cost no down-projection work. `out` is overwritten."""
+def _ffn_row_range(x, lo, hi, up, up_s, up_m, gate, gate_s, gate_m, down, down_s, down_m, up_b, gate_b,
+                   group, act, out):
+    """out[t] += sum over rows lo..hi-1 of h_i * down_i (see ffn_rows)."""
     gated = gate.shape[0] > 0
-    for t in range(out.shape[0]):
-        for k in range(out.shape[1]):
-            out[t, k] = 0.0
-    for r in range(n_rows):
+    for r in range(lo, hi):
         for t in range(x.shape[0]):
             u = row_dot(up, up_s, up_m, group, r, x, t)
             if up_b.shape[0]:
@@ -201,6 +195,40 @@ def ffn_rows(x, n_rows, up, up_s, up_m, gate, gate_s, gate_m, down, down_s, down
                 h = _activate(u, act)
             if h != 0.0:
                 row_axpy(down, down_s, down_m, group, r, h, out, t)
+
+
+@njit(cache=True, nogil=True, fastmath=FAST)
+def ffn_rows(x, n_rows, up, up_s, up_m, gate, gate_s, gate_m, down, down_s, down_m, up_b, gate_b,
+             group, act, out):
+    """FFN over neuron rows 0..n_rows-1 of a bundle matrix (the store's row-column bundles,
+    as component views): out[t] = sum_i h_i * down_i with h_i = act(gate_i.x) * (up_i.x)
+    for gated FFNs (gate has rows) or act(up_i.x) otherwise. Rows with h_i == 0 (ReLU)
+    cost no down-projection work. `out` is overwritten."""
+    out[:, :] = 0.0
+    _ffn_row_range(x, 0, n_rows, up, up_s, up_m, gate, gate_s, gate_m, down, down_s, down_m, up_b, gate_b,
+                   group, act, out)
+
+
+# Rows split into partial.shape[0] slices, one per thread, each summed into its own slice of
+# `partial` [n_slices, T, dim] (caller-owned scratch), then reduced: the down-projection is
+# a scatter into all of out, so threads cannot share it. bench/kernels.py measures the gain.
+@njit(cache=True, nogil=True, fastmath=FAST, parallel=True)
+def ffn_rows_parallel(x, n_rows, up, up_s, up_m, gate, gate_s, gate_m, down, down_s, down_m, up_b, gate_b,
+                      group, act, partial, out):
+    """ffn_rows with the rows split over threads; same result up to summation order."""
+    n_slices = partial.shape[0]
+    step = (n_rows + n_slices - 1) // n_slices
+    for c in prange(n_slices):
+        part = partial[c, : x.shape[0]]
+        part[:, :] = 0.0
+        _ffn_row_range(x, c * step, min(n_rows, (c + 1) * step), up, up_s, up_m, gate, gate_s, gate_m,
+                       down, down_s, down_m, up_b, gate_b, group, act, part)
+    for t in range(out.shape[0]):
+        for k in range(out.shape[1]):
+            acc = np.float32(0.0)
+            for c in range(n_slices):
+                acc += partial[c, t, k]
+            out[t, k] = acc
 
 
 @njit(fastmath=FAST)

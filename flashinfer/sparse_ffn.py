@@ -15,7 +15,7 @@ import numpy as np
 from flashinfer import kernels as K
 from flashinfer.cache import NeuronCache
 from flashinfer.config import ModelArgs
-from flashinfer.flash_ffn import bundle_views, ffn_over_bundles
+from flashinfer.flash_ffn import PartialSums, bundle_views, ffn_over_bundles
 
 
 class SparseFFN:
@@ -27,6 +27,7 @@ class SparseFFN:
         self.caches = [NeuronCache(spec.n_neurons, spec.bundle_bytes, cap, window)
                        for spec, cap in zip(self.layers, capacities)]
         self.views = [bundle_views(cache.rows, spec) for cache, spec in zip(self.caches, self.layers)]
+        self.partial = PartialSums(args.dim)
         self.loaded = 0  # neurons read from flash since the last reset (stats)
         self.predicted = 0
 
@@ -43,7 +44,7 @@ class SparseFFN:
             cache.commit(to_load)
         self.loaded += int(to_load.size)
         self.predicted += int(ids.size)
-        ffn_over_bundles(x, cache.n, self.views[layer], self.act, out)
+        ffn_over_bundles(x, cache.n, self.views[layer], self.act, out, self.partial)
 
     def reset(self) -> None:
         """Forget everything resident (a new sequence starts cold)."""

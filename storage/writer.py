@@ -25,12 +25,37 @@ from storage.errors import StorageError
 
 TARGET_CHUNK_BYTES = 256 * 1024  # checksum / compression unit; bench/compression.py measured the trade-off
 NEURON_BLOCK = 1024  # neurons quantized at a time: bounds peak RSS while converting
+RESIDENT_BLOCK_BYTES = 32 << 20  # float32 rows of a resident matrix quantized at a time (same reason)
 
 
-def _planar_bytes(qt: quant.QuantizedTensor) -> list[np.ndarray]:
-    """Resident layout: all data, then all scales, then all mins."""
-    parts = [qt.data, qt.scales, qt.mins]
-    return [np.ascontiguousarray(p).reshape(-1).view(np.uint8) for p in parts if p is not None]
+def bundle_layout(names, dim: int, scheme: str, group_size: int) -> tuple[list[fmt.BundleComponent], int]:
+    """The components of a row-column bundle (in the format's fixed order, each aligned)
+    for the FFN arrays `names` ("up", "gate", "down", "up_bias", "gate_bias"), and its size."""
+    if scheme in ("f32", "f16"):
+        group_size = 0
+    components, offset = [], 0
+    for name in ("up", "gate", "down", "up_bias", "gate_bias"):
+        if name not in names:
+            continue
+        is_bias = name.endswith("bias")
+        c_scheme, c_group, length = ("f32", 0, 1) if is_bias else (scheme, group_size, dim)
+        nbytes = 4 if is_bias else quant.scheme_bytes_per_row(scheme, dim, group_size or 32)
+        components.append(fmt.BundleComponent(name, c_scheme, c_group, length, offset, nbytes))
+        offset = fmt.align_up(offset + nbytes, fmt.COMPONENT_ALIGN)
+    return components, offset
+
+
+def pack_bundles(arrays: dict, components: list[fmt.BundleComponent], bundle_bytes: int) -> np.ndarray:
+    """uint8 [n, bundle_bytes]: neuron i's quantized up/gate rows, down column and biases."""
+    n = len(arrays["up"])
+    bundles = np.zeros((n, bundle_bytes), np.uint8)
+    for c in components:
+        values = np.asarray(arrays[c.name], dtype=np.float32)
+        if c.name.endswith("bias"):
+            bundles[:, c.offset : c.offset + 4] = values.reshape(-1, 1).view(np.uint8)
+        else:
+            bundles[:, c.offset : c.offset + c.nbytes] = quant.row_records(quant.quantize(values, c.scheme, c.group_size or 32))
+    return bundles
 
 
 class StoreWriter:
@@ -89,24 +114,46 @@ class StoreWriter:
         if pad:
             self._write(f, bytes(pad), what)
 
-    def add_resident(self, name: str, tensor: np.ndarray, scheme: str, group_size: int) -> None:
-        """Quantize (2-D) or keep as f32 (1-D) and append to resident.bin, 4 KiB-aligned."""
+    def add_resident(self, name: str, tensor, scheme: str, group_size: int) -> None:
+        """Quantize (2-D) or keep as f32 (1-D) and append to resident.bin, 4 KiB-aligned.
+
+        `tensor` is an array, or anything with `.shape` whose `[start:stop]` gives float32
+        rows (e.g. a lazy view of a memory-mapped bf16 checkpoint tensor): 2-D tensors are
+        quantized RESIDENT_BLOCK_BYTES of rows at a time, so converting a 500 MB embedding
+        does not hold it plus its quantization temporaries in RAM at once."""
         assert self.state == "open", self.state
-        tensor = np.asarray(tensor, dtype=np.float32)
-        if tensor.ndim == 1:
+        shape = tuple(int(d) for d in tensor.shape)
+        if len(shape) == 1:
             scheme, group_size = "f32", 0
-        qt = quant.quantize(tensor, scheme, group_size) if tensor.ndim == 2 else None
-        parts = _planar_bytes(qt) if qt is not None else [np.ascontiguousarray(tensor).view(np.uint8)]
         f = self._resident_file
         self._pad_to_page(f, name)
         offset = f.tell()
         digest = hashlib.blake2b(digest_size=16)
-        for part in parts:
+
+        def emit(part: np.ndarray) -> None:
+            part = np.ascontiguousarray(part).reshape(-1).view(np.uint8)
             digest.update(part)
             self._write(f, part, name)
+
+        if len(shape) == 1:
+            emit(np.asarray(tensor[0 : shape[0]], dtype=np.float32))
+        else:
+            # planar layout (all data, then scales, then mins): data goes out block by block,
+            # the small scales/mins are kept until the end
+            tails: list[list[np.ndarray]] = [[], []]
+            step = max(1, RESIDENT_BLOCK_BYTES // (4 * max(1, shape[1])))
+            for start in range(0, shape[0], step):
+                qt = quant.quantize(np.asarray(tensor[start : start + step], dtype=np.float32), scheme, group_size)
+                emit(qt.data)
+                for kept, part in zip(tails, (qt.scales, qt.mins)):
+                    if part is not None:
+                        kept.append(part)
+            for kept in tails:
+                for part in kept:
+                    emit(part)
         self._resident[name] = fmt.ResidentTensor(
             scheme=scheme, group_size=group_size if scheme not in ("f32", "f16") else 0,
-            shape=tuple(tensor.shape), offset=offset, nbytes=f.tell() - offset, checksum=digest.hexdigest())
+            shape=shape, offset=offset, nbytes=f.tell() - offset, checksum=digest.hexdigest())
 
     def add_ffn_layer(self, layer: int, n_neurons: int, dim: int, scheme: str, group_size: int,
                       neuron_block) -> None:
@@ -114,19 +161,8 @@ class StoreWriter:
         arrays for neurons start..stop-1: "up" [n, dim], optional "gate" [n, dim], "down"
         [n, dim] (columns of W_down), optional "up_bias"/"gate_bias" [n]."""
         assert self.state == "open" and layer == len(self._ffn_layers), (self.state, layer)
-        if scheme in ("f32", "f16"):
-            group_size = 0
         first = neuron_block(0, min(1, n_neurons))
-        components, offset = [], 0
-        for name in ("up", "gate", "down", "up_bias", "gate_bias"):
-            if first.get(name) is None:
-                continue
-            is_bias = name.endswith("bias")
-            c_scheme, c_group, length = ("f32", 0, 1) if is_bias else (scheme, group_size, dim)
-            nbytes = 4 if is_bias else quant.scheme_bytes_per_row(scheme, dim, group_size or 32)
-            components.append(fmt.BundleComponent(name, c_scheme, c_group, length, offset, nbytes))
-            offset = fmt.align_up(offset + nbytes, fmt.COMPONENT_ALIGN)
-        bundle_bytes = offset
+        components, bundle_bytes = bundle_layout([k for k, v in first.items() if v is not None], dim, scheme, group_size)
         base = fmt.PAGE // math.gcd(bundle_bytes, fmt.PAGE)  # bundles per whole number of pages
         per_chunk = base * max(1, round(TARGET_CHUNK_BYTES / (base * bundle_bytes)))
         block = max(per_chunk, NEURON_BLOCK // per_chunk * per_chunk)
@@ -136,14 +172,7 @@ class StoreWriter:
         with open(self.tmp_dir / rel, "wb") as f:
             for start in range(0, n_neurons, block):
                 stop = min(start + block, n_neurons)
-                arrays = neuron_block(start, stop)
-                bundles = np.zeros((stop - start, bundle_bytes), np.uint8)
-                for c in components:
-                    values = np.asarray(arrays[c.name], dtype=np.float32)
-                    if c.name.endswith("bias"):
-                        bundles[:, c.offset : c.offset + 4] = values.reshape(-1, 1).view(np.uint8)
-                    else:
-                        bundles[:, c.offset : c.offset + c.nbytes] = quant.row_records(quant.quantize(values, scheme, group_size or 32))
+                bundles = pack_bundles(neuron_block(start, stop), components, bundle_bytes)
                 for c0 in range(0, stop - start, per_chunk):
                     chunk = bundles[c0 : c0 + per_chunk]
                     chunks.append(self._write_chunk(f, chunk, f"{rel} chunk {len(chunks)}"))

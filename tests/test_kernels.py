@@ -61,9 +61,10 @@ def test_widen_f16_bits_exact_over_all_finite_halves():
     np.testing.assert_array_equal(out[0], finite.view(np.float16).astype(np.float32))
 
 
+@pytest.mark.parametrize("slices", [0, 1, 2, 5])  # 0: the serial kernel; else ffn_rows_parallel
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("gated,act,biases", [(True, K.ACT_SILU, False), (True, K.ACT_RELU, False), (False, K.ACT_RELU, True)])
-def test_ffn_rows(scheme, gated, act, biases):
+def test_ffn_rows(scheme, gated, act, biases, slices):
     dim, n_neurons, n_rows, n_tokens = 64, 24, 17, 3
     x = randn(n_tokens, dim)
     w_up, w_gate, w_down_t = randn(n_neurons, dim), randn(n_neurons, dim), randn(n_neurons, dim)
@@ -71,8 +72,12 @@ def test_ffn_rows(scheme, gated, act, biases):
     up, down = kernel_matrix(w_up, scheme), kernel_matrix(w_down_t, scheme)
     gate = kernel_matrix(w_gate, scheme) if gated else Matrix(np.zeros((0, 0), up.data.dtype))
     out = np.full((n_tokens, dim), np.nan, np.float32)
-    K.ffn_rows(x, n_rows, up.data, up.scales, up.mins, gate.data, gate.scales, gate.mins,
-               down.data, down.scales, down.mins, b_up, b_gate if gated else np.zeros(0, np.float32), 32, act, out)
+    operands = (x, n_rows, up.data, up.scales, up.mins, gate.data, gate.scales, gate.mins,
+                down.data, down.scales, down.mins, b_up, b_gate if gated else np.zeros(0, np.float32), 32, act)
+    if slices:
+        K.ffn_rows_parallel(*operands, np.full((slices, n_tokens + 2, dim), np.nan, np.float32), out)
+    else:
+        K.ffn_rows(*operands, out)
     deq = lambda w: quant.dequantize(quant.quantize(w, scheme, 32))[:n_rows]  # noqa: E731
     u = ref.matmul(x, deq(w_up), b_up[:n_rows] if biases else np.zeros(0, np.float32))
     if gated:

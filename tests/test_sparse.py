@@ -10,8 +10,10 @@ from tests.test_store import stores  # noqa: F401  (module-scoped store fixture)
 
 
 @pytest.mark.parametrize("name", ["relu_llama", "opt", "opt_postln"])
-@pytest.mark.parametrize("window", [1, 4])
-def test_oracle_equals_dense_for_relu_models(stores, name, window):  # noqa: F811
+@pytest.mark.parametrize("window,threads", [(1, "serial"), (4, "serial"), (4, "parallel")])
+def test_oracle_equals_dense_for_relu_models(stores, name, window, threads, monkeypatch):  # noqa: F811
+    if threads == "parallel":  # the fixtures are too small for ffn_rows_parallel otherwise
+        monkeypatch.setattr("flashinfer.kernels.PARALLEL_MIN_ELEMENTS", 0)
     golden = load_golden(name)
     ids = golden["prompt_ids"].tolist()
     store = stores(name, "q8", "q8")

@@ -71,6 +71,17 @@ def test_quantization_error_is_bounded(stores, name, ffn, resident):
     assert diff.max() <= max_bound and diff.mean() <= mean_bound
 
 
+@pytest.mark.parametrize("scheme", ["q8", "q4a", "f16"])
+def test_resident_tensors_quantized_in_row_blocks_are_byte_identical(tmp_path, monkeypatch, scheme):
+    """The converter quantizes big resident matrices a block of rows at a time (peak RSS)."""
+    import storage.writer
+
+    whole = convert_checkpoint(FIXTURES / "opt", tmp_path / "whole", quant="q8", resident_quant=scheme)
+    monkeypatch.setattr(storage.writer, "RESIDENT_BLOCK_BYTES", 3000)  # a few rows per block
+    blocks = convert_checkpoint(FIXTURES / "opt", tmp_path / "blocks", quant="q8", resident_quant=scheme)
+    assert (whole / "resident.bin").read_bytes() == (blocks / "resident.bin").read_bytes()
+
+
 def test_zstd_store_gives_identical_logits(stores):
     ids = load_golden("opt")["prompt_ids"].tolist()
     with Engine.open(stores("opt", "q4", "q8")) as plain, Engine.open(stores("opt", "q4", "q8", "zstd")) as packed:
