@@ -113,6 +113,22 @@ class NeuronCache:
         self.id_to_row[ids] = np.arange(self.n, self.n + k, dtype=np.int32)
         self.n += k
 
+    def make_room_for_prefetch(self, guess: np.ndarray) -> np.ndarray:
+        """Before the next `step`: evict what that step would evict anyway (out of the window)
+        and return the guessed ids that are missing and fit in the free rows — the ones to
+        read ahead, into `free_rows`, then `commit_prefetched`. Never evicts a live neuron."""
+        t = self.token  # the token the next step() starts
+        live = self.row_to_id[: self.n]
+        stale = live[self.last_active[live] <= t - self.window]
+        self.n = _delete_rows(self.rows, self.row_to_id, self.id_to_row, self.n, stale.astype(np.int32))
+        return self.missing(guess)[: self.capacity - self.n]
+
+    def commit_prefetched(self, ids: np.ndarray) -> None:
+        """Register read-ahead rows. They count as predicted just inside the window, so the
+        next step keeps them, and the one after drops them unless they were predicted."""
+        self.commit(ids)
+        self.last_active[ids] = np.maximum(self.last_active[ids], self.token - self.window + 1)
+
     def insert(self, ids: np.ndarray, bundles: np.ndarray) -> None:
         """Append bundles (uint8 [len(ids), bundle_bytes]) for ids not yet resident."""
         if self.n + ids.size > self.capacity:

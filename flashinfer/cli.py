@@ -21,7 +21,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     engine = Engine.open(args.model, ctx=args.ctx, flash_bw=args.flash_bw, flash_latency=args.flash_latency,
-                         predictor=args.predictor, window=args.window, dram=args.dram)
+                         predictor=args.predictor, window=args.window, dram=args.dram, prefetch=args.prefetch)
     if engine.memory_plan is not None and args.plan:
         print(engine.memory_plan.table(), file=sys.stderr)
     load_s = time.perf_counter() - t0
@@ -178,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="FFN neurons to load per token (store only): dense = all (default), "
                           "lowrank = calibrated predictor, oracle = exact (small models)")
     run.add_argument("--window", type=_positive_int, default=5, help="tokens a loaded neuron stays cached (default 5)")
+    run.add_argument("--prefetch", action="store_true",
+                     help="read the next layer's guessed neurons while this layer computes (sparse predictors)")
     run.add_argument("--dram", default=None, help="cap for the whole process, e.g. 2GB (store only): sizes the caches")
     run.add_argument("--plan", action="store_true", help="print the DRAM plan (with --dram)")
     run.set_defaults(func=_cmd_run)

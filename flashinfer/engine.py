@@ -79,7 +79,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.model = model
         self.source = source
-        self._resources = resources  # things with close(): checkpoint files
+        self._resources = resources  # things with close(): checkpoint files, store reader, read-ahead thread
         self._lock = threading.Lock()
         self.eos_ids = set(args.eos_token_ids) | ({tokenizer.eos_id} if tokenizer.eos_id is not None else set())
         self.memory_plan = None  # set by open() when a DRAM cap is given
@@ -89,7 +89,7 @@ class Engine:
     @classmethod
     def open(cls, path: str | Path, ctx: int | None = None, flash_bw: str | float | None = None,
              flash_latency: str | float | None = None, verify: bool = False, predictor: str = "dense",
-             window: int = 5, dram: str | int | None = None) -> "Engine":
+             window: int = 5, dram: str | int | None = None, prefetch: bool = False) -> "Engine":
         """Open a flash store (made by `flashinfer convert`) or a Hugging Face model directory
         (config.json, *.safetensors, tokenizer.json).
 
@@ -101,6 +101,8 @@ class Engine:
             windowed neuron cache; small models only, see flashinfer/sparse_ffn.py) or "lowrank"
             (fitted by `flashinfer calibrate`).
         window: tokens a loaded neuron stays cached after it was last predicted active.
+        prefetch: read layer l+1's guessed neurons in the background while layer l computes
+            (sparse predictors only; see flashinfer/sparse_ffn.py).
         dram: a cap for the whole process ("2GB"); the planner sizes the neuron caches under
             it or refuses with what would fit (flashinfer/memory.py). The plan is `engine.memory_plan`.
         """
@@ -112,9 +114,9 @@ class Engine:
         if not path.is_dir():
             raise ModelPathError(f"{path}: not a directory; expected a flash store or a Hugging Face model directory")
         if (path / MANIFEST).is_file() or ".partial-" in path.name:
-            return cls._open_store(path, ctx, flash_bw, flash_latency, verify, predictor, window, dram)
-        if flash_bw is not None or flash_latency is not None or predictor != "dense" or dram is not None:
-            raise ModelPathError(f"{path}: flash_bw, flash_latency, predictor and dram apply to a flash store; "
+            return cls._open_store(path, ctx, flash_bw, flash_latency, verify, predictor, window, dram, prefetch)
+        if flash_bw is not None or flash_latency is not None or predictor != "dense" or dram is not None or prefetch:
+            raise ModelPathError(f"{path}: flash_bw, flash_latency, predictor, dram and prefetch apply to a flash store; "
                                  "convert the model first (flashinfer convert)")
         return cls._open_hf(path, ctx)
 
@@ -136,7 +138,7 @@ class Engine:
 
     @classmethod
     def _open_store(cls, path: Path, ctx, flash_bw, flash_latency, verify: bool, predictor: str,
-                    window: int, dram) -> "Engine":
+                    window: int, dram, prefetch: bool) -> "Engine":
         from flashinfer.errors import ConfigError
         from flashinfer.weights import load_store_weights
         from storage.reader import StoreReader
@@ -152,17 +154,18 @@ class Engine:
                 raise ConfigError(f"{path / 'manifest.json'}: model_config does not describe a model ({e})") from None
             tokenizer = cls._tokenizer_for(path, args)
             ctx = cls._check_ctx(args, ctx)
-            flash_ffn, plan = cls._flash_ffn(reader, args, predictor, window, dram, ctx)
+            flash_ffn, plan = cls._flash_ffn(reader, args, predictor, window, dram, ctx, prefetch)
             model = Model(args, load_store_weights(args, reader), ctx, flash_ffn=flash_ffn)
         except BaseException:
             reader.close()
             raise
-        engine = cls(args, tokenizer, model, [reader], path)
+        resources = [r for r in (flash_ffn, reader) if hasattr(r, "close")]  # the read-ahead thread first
+        engine = cls(args, tokenizer, model, resources, path)
         engine.memory_plan = plan
         return engine
 
     @staticmethod
-    def _flash_ffn(reader, args: ModelArgs, predictor: str, window: int, dram, ctx: int):
+    def _flash_ffn(reader, args: ModelArgs, predictor: str, window: int, dram, ctx: int, prefetch: bool = False):
         """The FFN source for a store, and the memory plan when a DRAM cap is given."""
         from flashinfer.flash_ffn import FlashFFN
         from flashinfer.memory import plan_memory
@@ -190,8 +193,11 @@ class Engine:
                                sparse_share=sparse_share)
             capacities = plan.capacities or capacities
         if predictor_obj is None:
+            if prefetch:
+                raise GenerationError("prefetch needs a sparse predictor (lowrank or oracle): the dense path "
+                                      "reads every neuron anyway")
             return FlashFFN(reader, args), plan
-        return SparseFFN(reader, args, predictor_obj, capacities, window), plan
+        return SparseFFN(reader, args, predictor_obj, capacities, window, prefetch=prefetch), plan
 
     @staticmethod
     def _tokenizer_for(path: Path, args: ModelArgs) -> Tokenizer:

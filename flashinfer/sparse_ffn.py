@@ -6,9 +6,19 @@ Per layer and chunk of tokens:
     to_load, _ = cache.step(ids)               windowing and eviction (flashinfer/cache.py)
     reader.read_bundles(layer, to_load, out=cache.free_rows(len(to_load))); cache.commit(to_load)
     out = FFN over cache rows 0..n-1           rows not active cost no down-projection (ReLU)
+
+With `prefetch`, layer l also guesses layer l+1's neurons from its own input (PowerInfer-2's
+trick: the residual stream changes little from one layer to the next) and a background
+thread reads the missing ones into layer l+1's cache while layer l's FFN and layer l+1's
+attention compute. Layer l+1 then reads synchronously only what the guess missed. The
+numba kernels release the GIL, so the read really overlaps. `stats` counts both.
 """
 
 from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -18,8 +28,25 @@ from flashinfer.config import ModelArgs
 from flashinfer.flash_ffn import PartialSums, bundle_views, ffn_over_bundles
 
 
+@dataclass
+class SparseStats:
+    """Counts since the last reset, summed over layers and tokens."""
+
+    predicted: int = 0  # neurons the predictor selected
+    loaded: int = 0  # neurons read from flash on the critical path (the layer waited for them)
+    prefetched: int = 0  # neurons read ahead for the next layer
+    prefetch_used: int = 0  # ... of which that layer's predictor then selected
+    wait_seconds: float = 0.0  # time layers spent waiting for flash (reads and unfinished read-aheads)
+
+    @property
+    def hit_rate(self) -> float:
+        """Share of predicted neurons found resident without waiting for a read."""
+        return 1.0 - self.loaded / self.predicted if self.predicted else 1.0
+
+
 class SparseFFN:
-    def __init__(self, reader, args: ModelArgs, predictor, capacities: list[int], window: int):
+    def __init__(self, reader, args: ModelArgs, predictor, capacities: list[int], window: int,
+                 prefetch: bool = False):
         self.reader = reader
         self.predictor = predictor
         self.layers = reader.manifest.ffn_layers
@@ -28,28 +55,61 @@ class SparseFFN:
                        for spec, cap in zip(self.layers, capacities)]
         self.views = [bundle_views(cache.rows, spec) for cache, spec in zip(self.caches, self.layers)]
         self.partial = PartialSums(args.dim)
-        self.loaded = 0  # neurons read from flash since the last reset (stats)
-        self.predicted = 0
+        self.stats = SparseStats()
+        self.prefetch = prefetch
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") if prefetch else None
+        self._pending: dict[int, tuple[Future, np.ndarray]] = {}  # layer -> read-ahead in flight
 
     @property
     def nbytes(self) -> int:
         return sum(c.nbytes for c in self.caches)
 
     def forward(self, layer: int, x: np.ndarray, out: np.ndarray) -> None:
-        cache = self.caches[layer]
+        cache, stats = self.caches[layer], self.stats
+        t0 = time.perf_counter()
+        prefetched = self._finish_prefetch(layer)
         ids = self.predictor.predict(layer, x)
         to_load, _ = cache.step(ids)
         if to_load.size:  # read straight into the cache's free rows: no staging copy
             self.reader.read_bundles(layer, to_load, out=cache.free_rows(to_load.size))
             cache.commit(to_load)
-        self.loaded += int(to_load.size)
-        self.predicted += int(ids.size)
+        stats.wait_seconds += time.perf_counter() - t0
+        stats.loaded += int(to_load.size)
+        stats.predicted += int(ids.size)
+        if prefetched is not None:
+            stats.prefetch_used += int(np.intersect1d(prefetched, ids, assume_unique=True).size)
+        if self.prefetch and layer + 1 < len(self.caches):
+            self._start_prefetch(layer + 1, x)
         ffn_over_bundles(x, cache.n, self.views[layer], self.act, out, self.partial)
+
+    def _start_prefetch(self, layer: int, x: np.ndarray) -> None:
+        cache = self.caches[layer]
+        fetch = cache.make_room_for_prefetch(self.predictor.predict(layer, x))
+        if fetch.size:
+            rows = cache.free_rows(fetch.size)  # nothing else touches these rows until committed
+            self._pending[layer] = (self._io.submit(self.reader.read_bundles, layer, fetch, rows), fetch)
+            self.stats.prefetched += int(fetch.size)
+
+    def _finish_prefetch(self, layer: int) -> np.ndarray | None:
+        pending = self._pending.pop(layer, None)
+        if pending is None:
+            return None
+        future, ids = pending
+        future.result()  # re-raises a read error here, in the layer that needs the rows
+        self.caches[layer].commit_prefetched(ids)
+        return ids
 
     def reset(self) -> None:
         """Forget everything resident (a new sequence starts cold)."""
+        for layer in list(self._pending):
+            self._pending.pop(layer)[0].result()
         for cache in self.caches:
             cache.reset()
+        self.stats = SparseStats()
+
+    def close(self) -> None:
+        if self._io is not None:
+            self._io.shutdown(wait=True)
 
 
 def oracle_from_store(reader, args: ModelArgs):

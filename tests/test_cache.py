@@ -65,3 +65,32 @@ def test_bad_sizes():
         NeuronCache(10, 4, capacity=3, window=0)
     with pytest.raises(ValueError, match="cache overflow: 0 \\+ 4 rows > capacity 3"):
         NeuronCache(10, 4, capacity=3).free_rows(4)
+
+
+def test_randomized_with_read_ahead():
+    """Read-ahead before a step (SparseFFN's prefetch): never evicts a live neuron, the rows
+    it fills hold the right bundles, and unused read-ahead leaves after one more token."""
+    rng = np.random.default_rng(7)
+    n_neurons, bundle, window, capacity = 80, 16, 3, 30
+    store = rng.integers(0, 256, (n_neurons, bundle), dtype=np.uint8)
+    cache = NeuronCache(n_neurons, bundle, capacity, window)
+    history: list[np.ndarray] = []
+    for t in range(2000):
+        guess = np.unique(rng.choice(n_neurons, int(rng.integers(0, 12)))).astype(np.int64)
+        live_before = set(cache.resident_ids().tolist())
+        in_window_now = set(np.concatenate(history[-(window - 1):]).tolist()) if history and window > 1 else set()
+        fetch = cache.make_room_for_prefetch(guess)
+        assert in_window_now & live_before <= set(cache.resident_ids().tolist())  # live rows survive
+        assert not set(fetch.tolist()) & set(cache.resident_ids().tolist())
+        cache.free_rows(fetch.size)[:] = store[fetch]
+        cache.commit_prefetched(fetch)
+        check_invariants(cache, store)
+        predicted = np.unique(rng.choice(n_neurons, int(rng.integers(0, 12)))).astype(np.int64)
+        to_load, _ = cache.step(predicted)
+        assert not set(to_load.tolist()) & set(fetch.tolist())  # read-ahead rows are used, not re-read
+        cache.insert(to_load, store[to_load])
+        check_invariants(cache, store)
+        history.append(predicted)
+        resident = set(cache.resident_ids().tolist())
+        assert set(predicted.tolist()) <= resident
+        assert resident <= set(np.concatenate(history[-window:]).tolist()) | set(fetch.tolist())

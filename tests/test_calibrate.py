@@ -49,7 +49,7 @@ def test_lowrank_engine_close_to_dense(calibrated):
         ids = dense.tokenize(text)[-128:]  # text the predictor was not fitted on
         d, s = _decode_logits(dense, ids), _decode_logits(sparse, ids)
         ffn = sparse.model.flash_ffn
-        loaded_share = ffn.loaded / (len(ids) * sum(spec.n_neurons for spec in ffn.layers))
+        loaded_share = ffn.stats.loaded / (len(ids) * sum(spec.n_neurons for spec in ffn.layers))
     agree = np.mean(d.argmax(-1) == s.argmax(-1))
     diff = np.abs(d - s)
     print(f"greedy agreement {agree:.3f}, |logit diff| max {diff.max():.3f} mean {diff.mean():.4f}, loaded {loaded_share:.3f}")
