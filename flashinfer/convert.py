@@ -1,19 +1,25 @@
-"""Convert a Hugging Face checkpoint into a flash store (storage/format.py).
+"""Convert a Hugging Face checkpoint or a llama.cpp GGUF file into a flash store (storage/format.py).
 
 The model knowledge lives here (which tensors are FFN, how HF names map to ours); the
 byte layout lives in storage/writer.py. Streams: resident tensors one at a time, FFN
 layers in blocks of neurons, so converting a 7B checkpoint needs little RAM.
+
+Both sources go through the same `_write_store`, so the store is the same whatever it was
+made from: a GGUF file (storage/gguf.py) looks like a checkpoint with HF names and shapes
+whose tensors come out dequantized, in HF orientation, block by block.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from flashinfer.config import ModelArgs
-from flashinfer.errors import ModelPathError
+from flashinfer.errors import ModelPathError, TokenizerError, UnsupportedArchitectureError
 from flashinfer.weights import map_hf_tensors
 from storage.format import TOKENIZER_FILES
 from storage.quant import check_scheme
@@ -25,64 +31,163 @@ DEFAULT_RESIDENT_QUANT = "q8"
 DEFAULT_GROUP_SIZE = 32
 
 
-def _rows_f32(ckpt: Checkpoint, name: str, rows: slice | None = None, cols: slice | None = None) -> np.ndarray:
-    """A float32 copy of a block of a (memory-mapped) tensor."""
-    arr = ckpt.raw(name)
-    if rows is not None:
-        arr = arr[rows]
-    if cols is not None:
-        arr = arr[:, cols]
-    if ckpt.tensors[name].dtype == "BF16":
-        return bf16_to_float32(np.ascontiguousarray(arr))
-    return np.array(arr, dtype=np.float32)
+class _Safetensors:
+    """A safetensors checkpoint as the converter reads it (GGUFCheckpoint has the same
+    `tensors`, `source`, `rows_f32` and `release`): float32 copies of blocks of rows or
+    columns of a memory-mapped tensor."""
+
+    def __init__(self, ckpt: Checkpoint):
+        self.ckpt, self.tensors, self.source = ckpt, ckpt.tensors, ckpt.source
+
+    def rows_f32(self, name: str, rows: slice | None = None, cols: slice | None = None) -> np.ndarray:
+        arr = self.ckpt.raw(name)
+        if rows is not None:
+            arr = arr[rows]
+        if cols is not None:
+            arr = arr[:, cols]
+        if self.tensors[name].dtype == "BF16":
+            return bf16_to_float32(np.ascontiguousarray(arr))
+        return np.array(arr, dtype=np.float32)
+
+    def release(self, name: str) -> None:
+        self.ckpt.release(name)
 
 
 class _LazyRows:
     """A checkpoint tensor that yields float32 rows on slicing: StoreWriter.add_resident
     quantizes a block of rows at a time, so a 500 MB embedding is never copied whole."""
 
-    def __init__(self, ckpt: Checkpoint, name: str):
-        self.ckpt, self.name = ckpt, name
-        self.shape = ckpt.tensors[name].shape
+    def __init__(self, src, name: str):
+        self.src, self.name = src, name
+        self.shape = src.tensors[name].shape
 
     def __getitem__(self, rows: slice) -> np.ndarray:
-        return _rows_f32(self.ckpt, self.name, rows=rows)
+        return self.src.rows_f32(self.name, rows=rows)
 
 
-def convert_checkpoint(model_dir: str | Path, out_dir: str | Path, *, quant: str = DEFAULT_FFN_QUANT,
+def convert_checkpoint(model_path: str | Path, out_dir: str | Path, *, quant: str = DEFAULT_FFN_QUANT,
                        resident_quant: str = DEFAULT_RESIDENT_QUANT, group_size: int = DEFAULT_GROUP_SIZE,
-                       compression: str = "none", overwrite: bool = False, progress=None) -> Path:
-    """Write the store for the HF model in `model_dir` to `out_dir`; returns out_dir."""
-    model_dir = Path(model_dir)
-    args = ModelArgs.from_model_dir(model_dir)
+                       compression: str = "none", overwrite: bool = False, progress=None,
+                       tokenizer_dir: str | Path | None = None) -> Path:
+    """Write the store for the model at `model_path` to `out_dir`; returns out_dir.
+
+    `model_path` is a Hugging Face model directory or a llama.cpp GGUF file (architecture
+    "llama"; see convert_gguf). `tokenizer_dir`, if given, holds the tokenizer.json (and
+    optionally tokenizer_config.json) to store instead of the model's own."""
+    model_path = Path(model_path)
+    if model_path.is_file():
+        return convert_gguf(model_path, out_dir, quant=quant, resident_quant=resident_quant, group_size=group_size,
+                            compression=compression, overwrite=overwrite, progress=progress,
+                            tokenizer_dir=tokenizer_dir)
+    args = ModelArgs.from_model_dir(model_path)
     for scheme in (quant, resident_quant):
         check_scheme(scheme)
-    if not (model_dir / "tokenizer.json").is_file():
-        raise ModelPathError(f"{model_dir}: no tokenizer.json; a store carries the model's tokenizer")
-    ckpt = Checkpoint.open(model_dir)
+    tokenizer_files = _tokenizer_dir_files(tokenizer_dir or model_path, args)
+    ckpt = Checkpoint.open(model_path)
     try:
-        stored = map_hf_tensors(args, ckpt)
-        hf_config = json.loads((model_dir / "config.json").read_text())
-        quant_config = {"ffn": quant, "resident": resident_quant, "group_size": group_size}
-        with StoreWriter(out_dir, model_config=args.to_dict(), hf_config=hf_config, quant_config=quant_config,
-                         compression=compression, source=str(model_dir), overwrite=overwrite,
-                         progress=progress) as writer:
-            for canonical, name in stored.items():
-                if not _in_bundles(canonical):
-                    writer.add_resident(canonical, _LazyRows(ckpt, name), resident_quant, group_size)
-                    ckpt.release(name)  # keeps peak RSS at one tensor, not the whole checkpoint
-            for i in range(args.n_layers):
-                writer.add_ffn_layer(i, args.ffn_dim, args.dim, quant, group_size,
-                                     _neuron_blocks(ckpt, stored, args, i))
-                for canonical, name in stored.items():
-                    if canonical.startswith(f"layers.{i}.ffn."):
-                        ckpt.release(name)
-            for tokenizer_file in TOKENIZER_FILES:
-                if (model_dir / tokenizer_file).is_file():
-                    writer.copy_file(model_dir / tokenizer_file)
-            return writer.finish()
+        hf_config = json.loads((model_path / "config.json").read_text())
+        return _write_store(_Safetensors(ckpt), args, hf_config, out_dir, tokenizer_files,
+                            quant=quant, resident_quant=resident_quant, group_size=group_size,
+                            compression=compression, overwrite=overwrite, progress=progress)
     finally:
         ckpt.close()
+
+
+def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, quant: str = DEFAULT_FFN_QUANT,
+                 resident_quant: str = DEFAULT_RESIDENT_QUANT, group_size: int = DEFAULT_GROUP_SIZE,
+                 compression: str = "none", overwrite: bool = False, progress=None,
+                 tokenizer_dir: str | Path | None = None) -> Path:
+    """Write the store for a llama.cpp GGUF file (architecture "llama", tensors F32, F16,
+    BF16, Q8_0 or another type in storage.gguf.SUPPORTED_TYPES) to `out_dir`.
+
+    GGUF weights are dequantized to float32 a block at a time and re-quantized to `quant` /
+    `resident_quant`: from a Q8_0 file, a q8 store carries both roundings. The config comes
+    from the llama.* metadata (FFN activation SiLU, as llama.cpp runs every llama model,
+    unless the file says `flashinfer.hidden_act`); the tokenizer from `tokenizer_dir` if
+    given, else rebuilt from tokenizer.ggml.* (storage.gguf.GGUFCheckpoint.tokenizer_files).
+    """
+    from storage.gguf import GGUFCheckpoint
+
+    for scheme in (quant, resident_quant):
+        check_scheme(scheme)
+    gguf_path = Path(gguf_path)
+    if not gguf_path.exists():
+        raise ModelPathError(f"{gguf_path}: no such file or directory")
+    with GGUFCheckpoint.open(gguf_path) as ckpt, tempfile.TemporaryDirectory(prefix="flashinfer-tok-") as tmp:
+        hf_config = ckpt.hf_config()
+        args = ModelArgs.from_hf_config(hf_config, f"{gguf_path} (GGUF metadata)")
+        if ckpt.rope_freqs is not None:
+            _check_rope_freqs(args, ckpt.rope_freqs, gguf_path)
+        # every tokenizer file is ready before the store directory is made
+        if tokenizer_dir is not None:
+            tokenizer_files = _tokenizer_dir_files(tokenizer_dir, args)
+            if not any(f.name == "tokenizer_config.json" for f in tokenizer_files):
+                tokenizer_files.append(_write_json(Path(tmp) / "tokenizer_config.json", ckpt.tokenizer_config()))
+        else:
+            tokenizer_json, tokenizer_config = ckpt.tokenizer_files()
+            (Path(tmp) / "tokenizer.json").write_text(tokenizer_json)
+            tokenizer_files = [Path(tmp) / "tokenizer.json",
+                               _write_json(Path(tmp) / "tokenizer_config.json", tokenizer_config)]
+        return _write_store(ckpt, args, hf_config, out_dir, tokenizer_files,
+                            quant=quant, resident_quant=resident_quant, group_size=group_size,
+                            compression=compression, overwrite=overwrite, progress=progress)
+
+
+def _write_store(src, args: ModelArgs, hf_config: dict, out_dir: str | Path, tokenizer_files: list[Path], *,
+                 quant: str, resident_quant: str, group_size: int, compression: str, overwrite: bool,
+                 progress) -> Path:
+    """Stream every tensor of `src` (a _Safetensors or a GGUFCheckpoint) into a new store."""
+    stored = map_hf_tensors(args, src)
+    quant_config = {"ffn": quant, "resident": resident_quant, "group_size": group_size}
+    with StoreWriter(out_dir, model_config=args.to_dict(), hf_config=hf_config, quant_config=quant_config,
+                     compression=compression, source=str(src.source), overwrite=overwrite,
+                     progress=progress) as writer:
+        for canonical, name in stored.items():
+            if not _in_bundles(canonical):
+                writer.add_resident(canonical, _LazyRows(src, name), resident_quant, group_size)
+                src.release(name)  # keeps peak RSS at one tensor, not the whole checkpoint
+        for i in range(args.n_layers):
+            writer.add_ffn_layer(i, args.ffn_dim, args.dim, quant, group_size, _neuron_blocks(src, stored, args, i))
+            for canonical, name in stored.items():
+                if canonical.startswith(f"layers.{i}.ffn."):
+                    src.release(name)
+        for path in tokenizer_files:
+            writer.copy_file(path)
+        return writer.finish()
+
+
+def _tokenizer_dir_files(tokenizer_dir: str | Path, args: ModelArgs) -> list[Path]:
+    """The tokenizer files of `tokenizer_dir` to copy into the store, checked against the model."""
+    tokenizer_dir = Path(tokenizer_dir)
+    if not (tokenizer_dir / "tokenizer.json").is_file():
+        raise ModelPathError(f"{tokenizer_dir}: no tokenizer.json; a store carries the model's tokenizer")
+    from tokenizers import Tokenizer
+
+    try:
+        n_tokens = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+    except Exception as e:  # tokenizers raises plain Exception subclasses from Rust
+        raise TokenizerError(f"{tokenizer_dir / 'tokenizer.json'}: cannot load tokenizer ({e})") from None
+    if n_tokens > args.vocab_size:
+        raise TokenizerError(f"{tokenizer_dir / 'tokenizer.json'}: has {n_tokens} tokens but the model only "
+                             f"{args.vocab_size} embeddings; it does not belong to these weights")
+    return [tokenizer_dir / name for name in TOKENIZER_FILES if (tokenizer_dir / name).is_file()]
+
+
+def _write_json(path: Path, obj: dict) -> Path:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    return path
+
+
+def _check_rope_freqs(args: ModelArgs, rope_freqs: np.ndarray, source: Path) -> None:
+    """A GGUF's rope_freqs.weight divides each RoPE frequency; flashinfer runs Llama 3's
+    rope scaling (config.py), which must reproduce those divisors."""
+    base = dataclasses.replace(args, rope_scaling=None).rope_inv_freq()
+    ours = base / args.rope_inv_freq()
+    if rope_freqs.shape != ours.shape or not np.allclose(rope_freqs, ours, rtol=1e-5):
+        raise UnsupportedArchitectureError(
+            f"{source}: rope_freqs.weight holds RoPE frequency divisors that Llama 3's rope scaling "
+            f"(factor {args.rope_scaling.factor:g}, low/high freq factors 1/4, original context "
+            f"{args.rope_scaling.original_max_position_embeddings}) does not reproduce; not supported")
 
 
 def _in_bundles(canonical: str) -> bool:
@@ -90,21 +195,21 @@ def _in_bundles(canonical: str) -> bool:
     return ".ffn." in canonical and not canonical.endswith("w_down.bias")
 
 
-def _neuron_blocks(ckpt: Checkpoint, stored: dict[str, str], args: ModelArgs, layer: int):
+def _neuron_blocks(src, stored: dict[str, str], args: ModelArgs, layer: int):
     """neuron_block(start, stop) for StoreWriter.add_ffn_layer: rows of up/gate, columns of down."""
     p = f"layers.{layer}.ffn."
 
     def block(start: int, stop: int) -> dict[str, np.ndarray | None]:
         rows = slice(start, stop)
         arrays = {
-            "up": _rows_f32(ckpt, stored[p + "w_up.weight"], rows=rows),
-            "down": _rows_f32(ckpt, stored[p + "w_down.weight"], cols=rows).T,
-            "gate": _rows_f32(ckpt, stored[p + "w_gate.weight"], rows=rows) if args.gated_ffn else None,
+            "up": src.rows_f32(stored[p + "w_up.weight"], rows=rows),
+            "down": src.rows_f32(stored[p + "w_down.weight"], cols=rows).T,
+            "gate": src.rows_f32(stored[p + "w_gate.weight"], rows=rows) if args.gated_ffn else None,
         }
         if args.ffn_bias:
-            arrays["up_bias"] = _rows_f32(ckpt, stored[p + "w_up.bias"], rows=rows)
+            arrays["up_bias"] = src.rows_f32(stored[p + "w_up.bias"], rows=rows)
             if args.gated_ffn:
-                arrays["gate_bias"] = _rows_f32(ckpt, stored[p + "w_gate.bias"], rows=rows)
+                arrays["gate_bias"] = src.rows_f32(stored[p + "w_gate.bias"], rows=rows)
         return arrays
 
     return block

@@ -89,6 +89,7 @@ from statistics import NormalDist
 import numpy as np
 
 from storage.errors import ConfigValueError, StorageError
+from storage.gguf import FLASHINFER_ACT_KEY, gguf_name, gguf_permute_rows  # noqa: F401  (gguf_name: re-exported)
 
 SYNTH_VERSION = 1
 MAX_SHARD_BYTES = 1_000_000_000  # HF's "1GB" (decimal), a shard never holds more unless one tensor does
@@ -827,33 +828,6 @@ def _tokenizer_files(s: SynthShape) -> tuple[str, dict]:
 
 # ---- GGUF (llama.cpp) -------------------------------------------------------------------
 
-_GGUF_NAMES = {  # HF suffix -> llama.cpp name, as convert_hf_to_gguf.py maps LlamaForCausalLM
-    "input_layernorm.weight": "attn_norm.weight", "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.k_proj.weight": "attn_k.weight", "self_attn.v_proj.weight": "attn_v.weight",
-    "self_attn.o_proj.weight": "attn_output.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
-}
-
-
-def gguf_name(hf_name: str) -> str:
-    if hf_name == "model.embed_tokens.weight":
-        return "token_embd.weight"
-    if hf_name == "model.norm.weight":
-        return "output_norm.weight"
-    if hf_name == "lm_head.weight":
-        return "output.weight"
-    _, _, layer, suffix = hf_name.split(".", 3)  # model.layers.{i}.{suffix}
-    return f"blk.{layer}.{_GGUF_NAMES[suffix]}"
-
-
-def gguf_permute_rows(rows: np.ndarray, head_dim: int) -> np.ndarray:
-    """convert_hf_to_gguf.py's LlamaModel.permute on whole heads: HF pairs element i of a
-    head with i + head_dim/2 (rotate_half); llama.cpp's LLAMA rope pairs 2i with 2i+1."""
-    n = rows.shape[0] // head_dim
-    return rows.reshape(n, 2, head_dim // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
-
-
 class _GGUFStream:
     """The same tensors as a llama.cpp GGUF (arch "llama"), streamed block by block.
 
@@ -861,8 +835,11 @@ class _GGUFStream:
     appended by hand, aligned as its write_tensor_data does, because that takes whole tensors.
     Matrices keep the checkpoint's dtype (F16/BF16/F32), norms are F32 and attn_q/attn_k rows
     are permuted, all as convert_hf_to_gguf.py writes them. llama.cpp's llama graph always
-    uses SiLU in the FFN: it runs these weights with SiLU instead of ReLU, so the GGUF is for
-    speed baselines (same shapes, same bytes), not for comparing outputs."""
+    uses SiLU in the FFN: it runs these weights with SiLU instead of ReLU, so in llama.cpp the
+    GGUF is for speed baselines (same shapes, same bytes), not for comparing outputs. The
+    `flashinfer.hidden_act` key records "relu" for `flashinfer convert` (storage/gguf.py),
+    which so makes the same store from the GGUF as from the HF directory; llama.cpp ignores
+    the key. The tokenizer is GPT-2's byte-level BPE, tokenizer.ggml.pre "gpt-2"."""
 
     def __init__(self, path: Path, preset: str, s: SynthShape, plan, dtype: str):
         try:
@@ -885,9 +862,12 @@ class _GGUFStream:
         w.add_file_type(int(ftype))
         w.add_vocab_size(s.vocab)
         w.add_rope_dimension_count(s.head_dim)
+        w.add_string(FLASHINFER_ACT_KEY, "relu")
+        if s.sliding_window:
+            w.add_sliding_window(s.sliding_window)
         tokens, merges = _tokenizer_pieces(s.vocab)
         w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre("default")
+        w.add_tokenizer_pre("gpt-2")  # ByteLevel with GPT-2's split regex, as _tokenizer_files
         w.add_token_list(tokens)
         w.add_token_types([gguf.TokenType.CONTROL] * 3 + [gguf.TokenType.NORMAL] * (len(tokens) - 3))
         w.add_token_merges([f"{a} {b}" for a, b in merges])
