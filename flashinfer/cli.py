@@ -73,7 +73,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     try:
         out = convert_checkpoint(args.model, args.out, quant=args.quant, resident_quant=args.resident_quant,
                                  group_size=args.group_size, compression=args.compress, overwrite=args.overwrite,
-                                 progress=progress)
+                                 progress=progress, tokenizer_dir=args.tokenizer)
     finally:
         progress.close()
     seconds = time.perf_counter() - t0
@@ -184,9 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--plan", action="store_true", help="print the DRAM plan (with --dram)")
     run.set_defaults(func=_cmd_run)
 
-    convert = sub.add_parser("convert", help="convert a Hugging Face checkpoint into a flash store",
-                             description="Quantize and bundle a checkpoint into a flash store (storage/format.py).")
-    convert.add_argument("model", help="Hugging Face model directory")
+    convert = sub.add_parser("convert", help="convert a Hugging Face checkpoint or a GGUF file into a flash store",
+                             description="Quantize and bundle a checkpoint into a flash store (storage/format.py): "
+                                         "a Hugging Face model directory (safetensors) or a llama.cpp GGUF file "
+                                         "(architecture llama; F32, F16, BF16, Q8_0, Q4_0/1, Q5_0/1 and "
+                                         "Q2_K-Q6_K tensors, dequantized and re-quantized).")
+    convert.add_argument("model", help="Hugging Face model directory, or a .gguf file")
     convert.add_argument("out", help="store directory to create")
     convert.add_argument("--quant", default="q4", choices=SCHEMES, help="FFN bundles (default q4)")
     convert.add_argument("--resident-quant", default="q8", choices=SCHEMES,
@@ -195,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--compress", default="none", choices=("none", "zstd"), help="zstd per FFN chunk (default none)")
     convert.add_argument("--verify", action="store_true", help="read the store back and check every checksum")
     convert.add_argument("--overwrite", action="store_true", help="replace an existing store at OUT")
+    convert.add_argument("--tokenizer", default=None, metavar="DIR",
+                         help="take tokenizer.json (and tokenizer_config.json) from DIR; for a GGUF, the default "
+                              "rebuilds them from its tokenizer metadata (gpt2 BPE or llama SentencePiece)")
     convert.set_defaults(func=_cmd_convert)
 
     synth = sub.add_parser("synth", help="write a synthetic checkpoint with planted FFN sparsity",
