@@ -135,9 +135,13 @@ class NeuronCache:
             raise ValueError(f"cache overflow: {self.n} + {ids.size} rows > capacity {self.capacity}")
         self.n = _append_rows(self.rows, self.row_to_id, self.id_to_row, self.n, ids.astype(np.int32), bundles)
 
-    def reset(self) -> None:
+    def clear(self) -> None:
+        """Drop every row (keeps the token count and recency)."""
         self.id_to_row[self.row_to_id[: self.n]] = -1
-        self.row_to_id[:] = -1
-        self.last_active[:] = -(2**40)
+        self.row_to_id[: self.n] = -1
         self.n = 0
+
+    def reset(self) -> None:
+        self.clear()
+        self.last_active[:] = -(2**40)
         self.token = 0

@@ -25,6 +25,7 @@ PREDICTOR_DIR = "predictors"
 LOWRANK_FILE = "lowrank.npz"
 REPORT_FILE = "lowrank.json"
 HELD_OUT_SHARE = 0.2  # last 20% of the calibration tokens measure recall on text the fit did not see
+THRESHOLD_SHARE = 0.15  # the 15% before them pick each layer's threshold (predictors/lowrank.py says why)
 
 
 @dataclass
@@ -85,11 +86,13 @@ def calibrate_store(store: str | Path, text: str, *, max_tokens: int = 2048, ran
             raise FlashinferError(f"calibration text gives {len(token_ids)} tokens; give at least 64 (ideally 1000+)")
         inputs = collect_ffn_inputs(engine, token_ids)
         split = int(len(token_ids) * (1 - HELD_OUT_SHARE))
+        fit_end = int(len(token_ids) * (1 - HELD_OUT_SHARE - THRESHOLD_SHARE))
         layers, reports = [], []
         for i, x in enumerate(inputs):
             w_act, bias = activation_rows(engine.model.flash_ffn.reader, i, engine.args.gated_ffn)
             z = x @ w_act.T + (0 if bias is None else bias)
-            layer = fit_lowrank_layer(w_act, bias, x[:split], z[:split] > 0, rank=rank, target_recall=target_recall)
+            layer = fit_lowrank_layer(w_act, bias, x[:fit_end], z[:fit_end] > 0, rank=rank, target_recall=target_recall,
+                                      threshold_data=(x[fit_end:split], z[fit_end:split] > 0))
             layers.append(layer)
             held_x, held_z = x[split:], z[split:]
             predicted = LowRankPredictor([layer]).scores(0, held_x) > layer.threshold

@@ -55,6 +55,14 @@ def bundle_views(bundles: np.ndarray, layer: FFNLayer) -> BundleViews:
                        bias("gate_bias"), up.group)
 
 
+# rows * dim from which the FFN over bundles runs on all cores: never, by default. Alone,
+# ffn_rows_parallel is 2x ffn_rows on 2 cores (bench/kernels.py); inside a real decode, where
+# each layer's parallel region follows Python work (predictor, cache bookkeeping, reads),
+# it halved tokens/s (bench/sparse.py: 4.2 vs 8.3 tok/s, 1B store) — the idle worker thread
+# sleeps between regions and waking it costs more than the ~1 ms kernel saves.
+FFN_PARALLEL_MIN_ELEMENTS = 2**62
+
+
 class PartialSums:
     """Per-thread scratch of ffn_rows_parallel, grown to the largest chunk of tokens seen."""
 
@@ -76,7 +84,7 @@ def ffn_over_bundles(x: np.ndarray, n_rows: int, views: BundleViews, act: int, o
     v = views
     operands = (x, n_rows, v.up.data, v.up.scales, v.up.mins, v.gate.data, v.gate.scales, v.gate.mins,
                 v.down.data, v.down.scales, v.down.mins, v.up_bias, v.gate_bias, v.group, act)
-    if partial is not None and n_rows * x.shape[1] >= K.PARALLEL_MIN_ELEMENTS:
+    if partial is not None and n_rows * x.shape[1] >= FFN_PARALLEL_MIN_ELEMENTS:
         K.ffn_rows_parallel(*operands, partial.get(x.shape[0]), out)
     else:
         K.ffn_rows(*operands, out)

@@ -7,6 +7,10 @@ Per layer and chunk of tokens:
     reader.read_bundles(layer, to_load, out=cache.free_rows(len(to_load))); cache.commit(to_load)
     out = FFN over cache rows 0..n-1           rows not active cost no down-projection (ReLU)
 
+When the predicted set is larger than the cache (a prefill chunk of many tokens under a tight
+cap), it streams through the cache in capacity-sized pieces and the FFN sums over them:
+slower, never wrong. Truncating the set would silently drop active neurons.
+
 With `prefetch`, layer l also guesses layer l+1's neurons from its own input (PowerInfer-2's
 trick: the residual stream changes little from one layer to the next) and a background
 thread reads the missing ones into layer l+1's cache while layer l's FFN and layer l+1's
@@ -59,6 +63,7 @@ class SparseFFN:
         self.prefetch = prefetch
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") if prefetch else None
         self._pending: dict[int, tuple[Future, np.ndarray]] = {}  # layer -> read-ahead in flight
+        self._piece_out: np.ndarray | None = None  # partial FFN output when the predicted set exceeds the cache
 
     @property
     def nbytes(self) -> int:
@@ -69,6 +74,10 @@ class SparseFFN:
         t0 = time.perf_counter()
         prefetched = self._finish_prefetch(layer)
         ids = self.predictor.predict(layer, x)
+        if ids.size > cache.capacity:
+            self._forward_in_pieces(layer, x, ids, out)
+            stats.wait_seconds += time.perf_counter() - t0  # mostly reads; the pieces' compute is small
+            return
         to_load, _ = cache.step(ids)
         if to_load.size:  # read straight into the cache's free rows: no staging copy
             self.reader.read_bundles(layer, to_load, out=cache.free_rows(to_load.size))
@@ -81,6 +90,23 @@ class SparseFFN:
         if self.prefetch and layer + 1 < len(self.caches):
             self._start_prefetch(layer + 1, x)
         ffn_over_bundles(x, cache.n, self.views[layer], self.act, out, self.partial)
+
+    def _forward_in_pieces(self, layer: int, x: np.ndarray, ids: np.ndarray, out: np.ndarray) -> None:
+        cache = self.caches[layer]
+        if self._piece_out is None or self._piece_out.shape[0] < x.shape[0]:
+            self._piece_out = np.empty((x.shape[0], out.shape[1]), np.float32)
+        piece_out = self._piece_out[: x.shape[0]]
+        out[:] = 0.0
+        for start in range(0, ids.size, cache.capacity):
+            piece = ids[start : start + cache.capacity]
+            cache.clear()
+            self.reader.read_bundles(layer, piece, out=cache.free_rows(piece.size))
+            cache.commit(piece)
+            ffn_over_bundles(x, cache.n, self.views[layer], self.act, piece_out, self.partial)
+            out += piece_out
+        cache.step(piece)  # the last piece stays resident, as recently used
+        self.stats.loaded += int(ids.size)
+        self.stats.predicted += int(ids.size)
 
     def _start_prefetch(self, layer: int, x: np.ndarray) -> None:
         cache = self.caches[layer]

@@ -31,8 +31,12 @@ def truncated_svd(w: np.ndarray, rank: int, seed: int = 0) -> tuple[np.ndarray, 
 
 def fit_lowrank_layer(w_act: np.ndarray, bias: np.ndarray | None, x: np.ndarray, active: np.ndarray,
                       rank: int = 128, target_recall: float = 0.99, steps: int = 150, lr: float = 3e-3,
-                      seed: int = 0) -> LowRankLayer:
-    """w_act [n_neurons, dim], x [tokens, dim] float32, active [tokens, n_neurons] bool."""
+                      seed: int = 0, threshold_data: tuple[np.ndarray, np.ndarray] | None = None) -> LowRankLayer:
+    """w_act [n_neurons, dim], x [tokens, dim] float32, active [tokens, n_neurons] bool.
+
+    `threshold_data` (x, active) of tokens the fit does not see picks the decision threshold:
+    on the fitted tokens the scores are optimistic (1.6k tokens for a rank-128 fit), and a
+    threshold set there for 0.99 recall gave 0.81-0.97 on unseen text (1B synthetic model)."""
     rank = min(rank, *w_act.shape)
     u, s, vt = truncated_svd(w_act.astype(np.float32), rank, seed)
     root = np.sqrt(s).astype(np.float32)
@@ -58,7 +62,9 @@ def fit_lowrank_layer(w_act: np.ndarray, bias: np.ndarray | None, x: np.ndarray,
             v *= 0.999
             v += 0.001 * grad * grad
             param -= lr * (m / (1 - 0.9**step)) / (np.sqrt(v / (1 - 0.999**step)) + 1e-8)
-    scores = (x @ a) @ b + c
+    if threshold_data is not None:
+        x, active = threshold_data
+    scores = (x.astype(np.float32) @ a) @ b + c
     positive_scores = scores[active]
     threshold = float(np.quantile(positive_scores, 1.0 - target_recall)) if positive_scores.size else 0.0
     return LowRankLayer(a, b, c, threshold)

@@ -53,7 +53,8 @@ def test_lowrank_engine_close_to_dense(calibrated):
     agree = np.mean(d.argmax(-1) == s.argmax(-1))
     diff = np.abs(d - s)
     print(f"greedy agreement {agree:.3f}, |logit diff| max {diff.max():.3f} mean {diff.mean():.4f}, loaded {loaded_share:.3f}")
-    # measured 2026-11-25: agreement 0.961, max 1.31, mean 0.043, loaded 0.069
+    # measured 2026-11-25: agreement 0.984, max 0.41, mean 0.013, loaded 0.068 (threshold on unseen tokens;
+    # 0.961 / 0.043 when it was set on the fitted tokens)
     assert agree >= 0.9 and diff.mean() < 0.1
     assert loaded_share < 0.5  # reads a fraction of what the dense baseline reads every token
 

@@ -14,7 +14,7 @@ from tests.test_store import stores  # noqa: F401  (module-scoped store fixture)
                                                      (4, "parallel", False), (1, "serial", True), (4, "serial", True)])
 def test_oracle_equals_dense_for_relu_models(stores, name, window, threads, prefetch, monkeypatch):  # noqa: F811
     if threads == "parallel":  # the fixtures are too small for ffn_rows_parallel otherwise
-        monkeypatch.setattr("flashinfer.kernels.PARALLEL_MIN_ELEMENTS", 0)
+        monkeypatch.setattr("flashinfer.flash_ffn.FFN_PARALLEL_MIN_ELEMENTS", 0)
     golden = load_golden(name)
     ids = golden["prompt_ids"].tolist()
     store = stores(name, "q8", "q8")
@@ -31,6 +31,23 @@ def test_oracle_equals_dense_for_relu_models(stores, name, window, threads, pref
         assert 0 < ffn.stats.loaded < n_neurons * len(ids)
         if prefetch:  # the oracle of layer l+1 on layer l's input guesses some of l+1's neurons
             assert 0 < ffn.stats.prefetch_used <= ffn.stats.prefetched
+
+
+@pytest.mark.parametrize("capacity", [3, 10])
+def test_predicted_set_larger_than_the_cache_streams_in_pieces(stores, capacity):  # noqa: F811
+    """A prefill chunk predicts the union of its tokens' neurons, which can exceed a cache
+    sized for one token under a tight cap: the FFN must still be exact, not truncated."""
+    from flashinfer.sparse_ffn import SparseFFN
+
+    golden = load_golden("relu_llama")
+    ids = golden["prompt_ids"].tolist()
+    store = stores("relu_llama", "q8", "q8")
+    with Engine.open(store) as dense, Engine.open(store, predictor="oracle") as sparse:
+        old = sparse.model.flash_ffn
+        tight = SparseFFN(old.reader, sparse.args, old.predictor, [capacity] * len(old.layers), window=2)
+        sparse.model.flash_ffn = tight
+        np.testing.assert_allclose(sparse.logits(ids), dense.logits(ids), atol=1e-4, rtol=0)
+        assert tight.stats.loaded >= tight.stats.predicted > capacity * len(old.layers)
 
 
 def test_predictor_knob_errors(stores):  # noqa: F811
