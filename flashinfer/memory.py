@@ -7,6 +7,9 @@ activations, the reader's staging buffers, the predictor, and, with what is left
 neuron caches (an equal share of rows per layer, capped at the layer's size). It refuses
 a configuration that cannot fit and says what would (a shorter context, a lower-bit
 store, a larger cap). After generation, the process's peak RSS is compared with the cap.
+
+Not counted: the first-ever run's JIT compilation (LLVM peaks near 550 MB). It happens once
+per machine; numba caches the compiled kernels on disk (`@njit(cache=True)`).
 """
 
 from __future__ import annotations
