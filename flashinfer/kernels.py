@@ -156,6 +156,13 @@ def _row_axpy_jit(w, scales, mins, group, r, coef, out, t):
         return axpy_q4
 
 
+@njit(cache=True, nogil=True, fastmath=FAST)
+def _matmul_row(x, w, scales, mins, group, bias, out, n):
+    b = bias[n] if bias.shape[0] else np.float32(0.0)
+    for t in range(x.shape[0]):
+        out[t, n] = row_dot(w, scales, mins, group, n, x, t) + b
+
+
 # parallel over output rows: bench/kernels.py measured 1.5-2.0x on 2 cores (decode and prefill).
 @njit(cache=True, nogil=True, fastmath=FAST, parallel=True)
 def matmul(x, w, scales, mins, group, bias, out):
@@ -164,15 +171,21 @@ def matmul(x, w, scales, mins, group, bias, out):
     w: float32, f16 bits (uint16), q8 (int8) or q4/q4a (uint8 nibbles) [N, K or K/2];
     scales/mins: f16 bits [N, K/group] (empty [0, 0] when unused); bias may be empty."""
     for n in prange(w.shape[0]):
-        b = bias[n] if bias.shape[0] else np.float32(0.0)
-        for t in range(x.shape[0]):
-            out[t, n] = row_dot(w, scales, mins, group, n, x, t) + b
+        _matmul_row(x, w, scales, mins, group, bias, out, n)
 
 
-# The same source without threads, for small matrices: a parallel region costs a few us when
-# the cores are idle and whole scheduler time slices when another process holds a core
-# (a 2-layer fixture decoded at 8 tok/s instead of 2000 beside a busy process).
-matmul_serial = njit(cache=True, nogil=True, fastmath=FAST)(matmul.py_func)
+# The same without threads, for small matrices: a parallel region costs a few us when the
+# cores are idle and whole scheduler time slices when another process holds a core (a
+# 2-layer fixture decoded at 8 tok/s instead of 2000 beside a busy process). A function of
+# its own, not njit(matmul.py_func): numba's on-disk cache keys entries by source name, line
+# and signature, not by `parallel`, so the two variants overwrote each other's cache entries
+# (each process recompiled, and a cached variant could be loaded as the other).
+@njit(cache=True, nogil=True, fastmath=FAST)
+def matmul_serial(x, w, scales, mins, group, bias, out):
+    for n in range(w.shape[0]):
+        _matmul_row(x, w, scales, mins, group, bias, out, n)
+
+
 PARALLEL_MIN_ELEMENTS = 1 << 18  # rows * cols below which matmul_serial is used
 
 
