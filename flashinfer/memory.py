@@ -111,5 +111,16 @@ def _refusal(plan: MemoryPlan, args: ModelArgs, ctx: int, short_bytes: int, cach
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident set size so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """This process's peak resident set size so far.
+
+    Linux: VmHWM of /proc/self/status, the high-water mark of this program's own memory.
+    Not ru_maxrss: that survives exec, so a child started by a big parent (a pytest run at
+    550 MB) reports the parent's size as its own peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux, bytes on macOS
