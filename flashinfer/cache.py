@@ -4,7 +4,7 @@ A preallocated row-packed matrix of `capacity` bundles (the store's row-column b
 layout, so the sparse FFN kernel runs over rows 0..n-1 in one pass), a `row_to_id` array
 and an `id_to_row` array (-1 when absent), and the count `n` of rows in use.
 
-- insert appends at row n;
+- insert appends at row n (or the caller reads into `free_rows` and `commit`s);
 - delete of row r copies row n-1 into r, fixes both maps and decrements n:
   no holes, no reallocation, the live rows stay packed;
 - windowing: a neuron stays while it was predicted active in one of the last `window`
@@ -34,16 +34,6 @@ def _delete_rows(rows, row_to_id, id_to_row, n, victims):
         id_to_row[victims[i]] = -1
         row_to_id[last] = -1
         n -= 1
-    return n
-
-
-@njit(cache=True, nogil=True)
-def _append_rows(rows, row_to_id, id_to_row, n, ids, bundles):
-    for i in range(ids.shape[0]):
-        rows[n, :] = bundles[i, :]
-        row_to_id[n] = ids[i]
-        id_to_row[ids[i]] = n
-        n += 1
     return n
 
 
@@ -86,7 +76,7 @@ class NeuronCache:
             predicted = predicted[: self.capacity]
         self.last_active[predicted] = t
         live = self.row_to_id[: self.n]
-        stale = live[self.last_active[live] <= t - self.window]
+        stale = self._out_of_window(t)
         to_load = self.missing(predicted)
         overflow = self.n - stale.size + to_load.size - self.capacity
         if overflow > 0:  # pressure: evict the least recently predicted that are not needed now
@@ -96,6 +86,11 @@ class NeuronCache:
             stale = np.concatenate([stale, lru])
         self.n = _delete_rows(self.rows, self.row_to_id, self.id_to_row, self.n, stale.astype(np.int32))
         return to_load, stale
+
+    def _out_of_window(self, t: int) -> np.ndarray:
+        """Resident ids not predicted in the `window` tokens up to token t."""
+        live = self.row_to_id[: self.n]
+        return live[self.last_active[live] <= t - self.window]
 
     def free_rows(self, k: int) -> np.ndarray:
         """The next `k` unused rows (a view): read bundles straight into them, then `commit`.
@@ -117,9 +112,7 @@ class NeuronCache:
         """Before the next `step`: evict what that step would evict anyway (out of the window)
         and return the guessed ids that are missing and fit in the free rows — the ones to
         read ahead, into `free_rows`, then `commit_prefetched`. Never evicts a live neuron."""
-        t = self.token  # the token the next step() starts
-        live = self.row_to_id[: self.n]
-        stale = live[self.last_active[live] <= t - self.window]
+        stale = self._out_of_window(self.token)  # the token the next step() starts
         self.n = _delete_rows(self.rows, self.row_to_id, self.id_to_row, self.n, stale.astype(np.int32))
         return self.missing(guess)[: self.capacity - self.n]
 
@@ -131,9 +124,8 @@ class NeuronCache:
 
     def insert(self, ids: np.ndarray, bundles: np.ndarray) -> None:
         """Append bundles (uint8 [len(ids), bundle_bytes]) for ids not yet resident."""
-        if self.n + ids.size > self.capacity:
-            raise ValueError(f"cache overflow: {self.n} + {ids.size} rows > capacity {self.capacity}")
-        self.n = _append_rows(self.rows, self.row_to_id, self.id_to_row, self.n, ids.astype(np.int32), bundles)
+        self.free_rows(ids.size)[:] = bundles
+        self.commit(ids)
 
     def clear(self) -> None:
         """Drop every row (keeps the token count and recency)."""

@@ -79,8 +79,8 @@ class PartialSums:
 
 def ffn_over_bundles(x: np.ndarray, n_rows: int, views: BundleViews, act: int, out: np.ndarray,
                      partial: PartialSums | None = None) -> None:
-    """The FFN over bundle rows 0..n_rows-1; split over threads (`partial` given) when the rows
-    are many enough to pay for a parallel region (bench/kernels.py: 1.7-2x on 2 cores for q8/q4)."""
+    """The FFN over bundle rows 0..n_rows-1; split over threads (`partial` given) only from
+    FFN_PARALLEL_MIN_ELEMENTS, which is never by default (see there)."""
     v = views
     operands = (x, n_rows, v.up.data, v.up.scales, v.up.mins, v.gate.data, v.gate.scales, v.gate.mins,
                 v.down.data, v.down.scales, v.down.mins, v.up_bias, v.gate_bias, v.group, act)

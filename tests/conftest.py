@@ -7,6 +7,19 @@ FIXTURES = Path(__file__).parent / "fixtures"
 GOLDEN_MODELS = ["llama", "mistral", "relu_llama", "opt", "opt_postln", "llama_bf16", "llama_f16_sharded"]
 
 
+def interrupt_after(n_calls: int):
+    """A convert progress callback that raises KeyboardInterrupt (as Ctrl-C would) on its
+    n-th call: the conversion stops midway through writing the store."""
+    calls = []
+
+    def progress(done_bytes):
+        calls.append(done_bytes)
+        if len(calls) == n_calls:
+            raise KeyboardInterrupt
+
+    return progress
+
+
 def load_golden(name: str) -> dict:
     with np.load(FIXTURES / name / "golden.npz") as z:
         return {k: z[k] for k in z.files}

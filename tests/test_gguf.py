@@ -28,6 +28,7 @@ from storage.gguf import (  # noqa: E402
     FLASHINFER_ACT_KEY, GGUFCheckpoint, gguf_name, gguf_permute_rows, gguf_row_of_hf_row, hf_name,
 )
 from storage.safetensors import Checkpoint, write_safetensors  # noqa: E402
+from tests.conftest import interrupt_after  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 SEQS = [[synth.BOS_ID, *np.random.default_rng(s).integers(3, 512, 47).tolist()] for s in range(3)]
@@ -332,15 +333,8 @@ def _assert_nothing_written(out: Path) -> None:
 
 
 def test_interrupted_gguf_conversion_leaves_nothing(tmp_path, tiny):
-    calls = []
-
-    def fail_midway(done_bytes):
-        calls.append(done_bytes)
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        convert_checkpoint(tiny[1], tmp_path / "out", progress=fail_midway)
+        convert_checkpoint(tiny[1], tmp_path / "out", progress=interrupt_after(5))
     assert list(tmp_path.iterdir()) == []
 
 

@@ -17,7 +17,7 @@ from storage import format as fmt
 from storage import quant
 from storage.errors import FormatError, StorageError
 from storage.reader import StoreReader
-from tests.conftest import FIXTURES, GOLDEN_MODELS, load_golden
+from tests.conftest import FIXTURES, GOLDEN_MODELS, interrupt_after, load_golden
 
 
 @pytest.fixture(scope="module")
@@ -226,15 +226,8 @@ def test_garbled_manifest(store_copy, capsys):
 
 
 def test_interrupted_conversion_leaves_nothing_that_loads(tmp_path, capsys):
-    calls = []
-
-    def fail_midway(done_bytes):
-        calls.append(done_bytes)
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        convert_checkpoint(FIXTURES / "llama", tmp_path / "store", progress=fail_midway)
+        convert_checkpoint(FIXTURES / "llama", tmp_path / "store", progress=interrupt_after(5))
     assert list(tmp_path.iterdir()) == []
     # a partial directory left by a killed process (no cleanup ran) is refused by name
     partial = tmp_path / f"store.partial-{os.getpid()}"
