@@ -1,7 +1,7 @@
 """Sparse decoding from flash under a DRAM cap: tokens/s, neuron-cache hit rate, bytes read
 per token, time waiting for flash, and peak RSS of the whole process, for the naive dense
 baseline (every FFN neuron read every token) and the sparse path with and without
-read-ahead, side by side in one run. Each configuration runs in its own child process so
+read-ahead, and with tracing on (what `flashinfer profile` costs), side by side in one run. Each configuration runs in its own child process so
 its peak RSS is its own.
 
     python -m bench.sparse --store out/1b-relu-q8 --dram 600MB --tokens 64
@@ -38,7 +38,7 @@ with Engine.open(cfg["store"], ctx=256, predictor=cfg["predictor"], window=cfg["
     engine.generate(cfg["prompt"], max_tokens=4)  # warm: JIT, resident pages
     ffn, reader = engine.model.flash_ffn, engine.model.flash_ffn.reader
     reader.stats.__init__()
-    result = engine.generate(cfg["prompt"], max_tokens=cfg["tokens"], temperature=0.0)
+    result = engine.generate(cfg["prompt"], max_tokens=cfg["tokens"], temperature=0.0, trace=cfg.get("trace", False))
     n = result.usage.completion_tokens + result.usage.prompt_tokens
     stats = getattr(ffn, "stats", None)
     out = {"decode_tok_s": result.usage.completion_tokens / result.timings.decode_s,
@@ -92,7 +92,8 @@ def main() -> None:
     configs += [(f"{opts.predictor}", sparse),
                 (f"{opts.predictor}, serial matmuls too", sparse | {"serial_matmul": True}),
                 (f"{opts.predictor}, parallel FFN", sparse | {"parallel_ffn": True}),
-                (f"{opts.predictor} + prefetch", sparse | {"prefetch": True})]
+                (f"{opts.predictor} + prefetch", sparse | {"prefetch": True}),
+                (f"{opts.predictor}, traced (profile)", sparse | {"trace": True})]
     command = (f"python -m bench.sparse --store {opts.store} --dram {opts.dram} --tokens {opts.tokens} "
                f"--window {opts.window} --predictor {opts.predictor}"
                + (f" --flash-bw {opts.flash_bw}" if opts.flash_bw else "") + (" --no-dense" if opts.no_dense else "")

@@ -1,11 +1,15 @@
 """`flashinfer calibrate`: fit the low-rank sparsity predictors of a store on real text.
 
 1. Run the dense model over the calibration text (FFN streamed from the store, so it works
-   under a small DRAM budget) and record every layer's FFN input x.
-2. Layer by layer: read the layer's bundles, decode the rows that decide activity (gate for
-   gated FFNs, up otherwise), compute the true pre-activations z = W x + b, and hand
-   (x, z > 0) to predictors.lowrank to fit; report recall on held-out tokens.
-3. Save predictors/lowrank.npz (and a JSON report) into the store, atomically.
+   under a small DRAM budget) and record every layer's FFN input x — to files in a scratch
+   directory inside the store, not to RAM (7B, 2048 tokens: 1 GB of inputs).
+2. Layer by layer: read the layer's inputs and bundles, decode the rows that decide activity
+   (gate for gated FFNs, up otherwise), compute the true pre-activations z = W x + b, and
+   hand (x, z > 0) to predictors.lowrank to fit (rank `rank`, `last_rank` for the last
+   `last_layers` layers, where the paper too spends more); report recall on held-out tokens.
+   The static hot set (predictors.sparsity.StaticPredictor) is fitted on the same masks.
+3. Save predictors/lowrank.npz, predictors/static.npz and a JSON report into the store,
+   atomically (each file is written aside and renamed).
 
 Only ReLU-family models have exact zeros to predict; SiLU models are refused.
 """
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,6 +29,8 @@ from flashinfer.errors import FlashinferError
 PREDICTOR_DIR = "predictors"
 LOWRANK_FILE = "lowrank.npz"
 REPORT_FILE = "lowrank.json"
+STATIC_FILE = "static.npz"
+STATIC_COVERAGE = 0.9  # the hot set keeps the most frequent neurons until they carry 90% of firings
 HELD_OUT_SHARE = 0.2  # last 20% of the calibration tokens measure recall on text the fit did not see
 THRESHOLD_SHARE = 0.15  # the 15% before them pick each layer's threshold (predictors/lowrank.py says why)
 
@@ -35,14 +42,20 @@ class LayerReport:
     mass_recall: float  # share of sum |activation| predicted
     fraction: float  # share of neurons predicted per token
     predictor_bytes: int
+    rank: int
+    origin: str  # "fit" or "svd": which factors won on the threshold tokens (predictors/lowrank.py)
+    static_recall: float  # the static hot set on the same held-out tokens
+    static_fraction: float
 
 
-def collect_ffn_inputs(engine, token_ids: list[int]) -> list[np.ndarray]:
-    """Every layer's FFN input for every token: float32 [tokens, dim] per layer."""
+def collect_ffn_inputs(engine, token_ids: list[int], scratch: Path) -> list[Path]:
+    """Every layer's FFN input for every token, as float32 [tokens, dim] files in `scratch`
+    (one per layer, appended as the forward pass produces them). Returns their paths."""
     n_layers = engine.args.n_layers
-    inputs: list[list[np.ndarray]] = [[] for _ in range(n_layers)]
+    paths = [scratch / f"ffn_input_L{i}.f32" for i in range(n_layers)]
+    files = [open(p, "wb") for p in paths]
     model = engine.model
-    model.ffn_input_observer = lambda layer, x: inputs[layer].append(x.copy())
+    model.ffn_input_observer = lambda layer, x: files[layer].write(np.ascontiguousarray(x, np.float32).data)
     try:
         ctx = model.ctx
         for start in range(0, len(token_ids), ctx):
@@ -51,7 +64,14 @@ def collect_ffn_inputs(engine, token_ids: list[int]) -> list[np.ndarray]:
     finally:
         model.ffn_input_observer = None
         model.reset()
-    return [np.concatenate(chunks) for chunks in inputs]
+        for f in files:
+            f.close()
+    return paths
+
+
+def layer_rank(layer: int, n_layers: int, rank: int, last_rank: int | None, last_layers: int) -> int:
+    """The predictor rank of `layer`: `last_rank` for the last `last_layers` layers."""
+    return last_rank if last_rank is not None and layer >= n_layers - last_layers else rank
 
 
 def activation_rows(reader, layer: int, gated: bool) -> tuple[np.ndarray, np.ndarray | None]:
@@ -69,43 +89,77 @@ def activation_rows(reader, layer: int, gated: bool) -> tuple[np.ndarray, np.nda
 
 
 def calibrate_store(store: str | Path, text: str, *, max_tokens: int = 2048, rank: int = 128,
-                    target_recall: float = 0.99, progress=None) -> list[LayerReport]:
+                    last_rank: int | None = None, last_layers: int | None = None, target_recall: float = 0.99,
+                    progress=None) -> list[LayerReport]:
+    """Fit and save the store's predictors; `last_rank` defaults to 2 x `rank` for the last
+    `last_layers` (default an eighth of the layers, at least 1)."""
     from flashinfer.engine import Engine
     from predictors.lowrank import fit_lowrank_layer
-    from predictors.sparsity import LowRankPredictor, recall_report
+    from predictors.sparsity import LowRankPredictor, StaticPredictor, recall_report
 
     store = Path(store)
+    out_dir = store / PREDICTOR_DIR
     with Engine.open(store) as engine:
+        n_layers = engine.args.n_layers
         if engine.args.act != "relu":
             raise FlashinferError(
                 f"{store}: calibration fits predictors of exact zeros, which only ReLU-family FFNs have "
                 f"(this model uses {engine.args.act}); run it with --predictor dense"
             )
+        last_layers = max(1, n_layers // 8) if last_layers is None else last_layers
+        last_rank = 2 * rank if last_rank is None else last_rank
+        if not 0 <= last_layers <= n_layers:
+            raise FlashinferError(f"last_layers {last_layers}: this model has {n_layers} layers")
         token_ids = engine.tokenize(text)[:max_tokens]
         if len(token_ids) < 64:
             raise FlashinferError(f"calibration text gives {len(token_ids)} tokens; give at least 64 (ideally 1000+)")
-        inputs = collect_ffn_inputs(engine, token_ids)
-        split = int(len(token_ids) * (1 - HELD_OUT_SHARE))
-        fit_end = int(len(token_ids) * (1 - HELD_OUT_SHARE - THRESHOLD_SHARE))
-        layers, reports = [], []
-        for i, x in enumerate(inputs):
-            w_act, bias = activation_rows(engine.model.flash_ffn.reader, i, engine.args.gated_ffn)
-            z = x @ w_act.T + (0 if bias is None else bias)
-            layer = fit_lowrank_layer(w_act, bias, x[:fit_end], z[:fit_end] > 0, rank=rank, target_recall=target_recall,
-                                      threshold_data=(x[fit_end:split], z[fit_end:split] > 0))
-            layers.append(layer)
-            held_x, held_z = x[split:], z[split:]
-            predicted = LowRankPredictor([layer]).scores(0, held_x) > layer.threshold
-            r = recall_report(predicted, held_z > 0, np.maximum(held_z, 0))
-            reports.append(LayerReport(i, r["recall"], r["mass_recall"], r["fraction"], layer.nbytes))
-            if progress is not None:
-                progress(i + 1, len(inputs))
-    out_dir = store / PREDICTOR_DIR
-    out_dir.mkdir(exist_ok=True)
-    tmp = out_dir / f".{LOWRANK_FILE}.tmp-{os.getpid()}.npz"
-    LowRankPredictor(layers).save(tmp)
-    os.replace(tmp, out_dir / LOWRANK_FILE)
+        out_dir.mkdir(exist_ok=True)
+        scratch = out_dir / f".calibration-{os.getpid()}"
+        shutil.rmtree(scratch, ignore_errors=True)
+        scratch.mkdir()
+        try:
+            input_paths = collect_ffn_inputs(engine, token_ids, scratch)
+            split = int(len(token_ids) * (1 - HELD_OUT_SHARE))
+            fit_end = int(len(token_ids) * (1 - HELD_OUT_SHARE - THRESHOLD_SHARE))
+            layers, hot_sets, reports = [], [], []
+            for i, path in enumerate(input_paths):
+                x = np.fromfile(path, np.float32).reshape(len(token_ids), engine.args.dim)
+                w_act, bias = activation_rows(engine.model.flash_ffn.reader, i, engine.args.gated_ffn)
+                z = x @ w_act.T + (0 if bias is None else bias)
+                r_i = layer_rank(i, n_layers, rank, last_rank, last_layers)
+                layer = fit_lowrank_layer(w_act, bias, x[:fit_end], z[:fit_end] > 0, rank=r_i, target_recall=target_recall,
+                                          threshold_data=(x[fit_end:split], z[fit_end:split] > 0))
+                hot = StaticPredictor.fit([z[:split] > 0], STATIC_COVERAGE).hot_sets[0]
+                layers.append(layer)
+                hot_sets.append(hot)
+                held_x, held_z = x[split:], z[split:]
+                held_active, held_mass = held_z > 0, np.maximum(held_z, 0)
+                predicted = LowRankPredictor([layer]).scores(0, held_x) > layer.threshold
+                r = recall_report(predicted, held_active, held_mass)
+                static_mask = np.zeros(held_z.shape[1], bool)
+                static_mask[hot] = True
+                st = recall_report(np.broadcast_to(static_mask, held_z.shape), held_active, held_mass)
+                reports.append(LayerReport(i, r["recall"], r["mass_recall"], r["fraction"], layer.nbytes, r_i,
+                                           layer.origin, st["recall"], st["fraction"]))
+                path.unlink()  # done with this layer's inputs: free the disk as we go
+                if progress is not None:
+                    progress(i + 1, n_layers)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    _save_atomically(out_dir / LOWRANK_FILE, LowRankPredictor(layers).save)
+    _save_atomically(out_dir / STATIC_FILE, StaticPredictor(hot_sets).save)
     report = {"tokens": len(token_ids), "held_out_tokens": len(token_ids) - split, "rank": rank,
-              "target_recall": target_recall, "layers": [asdict(r) for r in reports]}
-    (out_dir / REPORT_FILE).write_text(json.dumps(report, indent=1))
+              "last_rank": last_rank, "last_layers": last_layers, "target_recall": target_recall,
+              "static_coverage": STATIC_COVERAGE, "layers": [asdict(r) for r in reports]}
+    _save_atomically(out_dir / REPORT_FILE, lambda p: Path(p).write_text(json.dumps(report, indent=1)))
     return reports
+
+
+def _save_atomically(path: Path, write) -> None:
+    """write(tmp) then rename over `path`: a crash leaves the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

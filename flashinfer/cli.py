@@ -17,11 +17,8 @@ SYNTH_PRESETS = ("tiny", "tiny-opt", "1b", "opt-6.7b", "llama-2-7b-relu", "mistr
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from flashinfer.engine import Engine
-
     t0 = time.perf_counter()
-    engine = Engine.open(args.model, ctx=args.ctx, flash_bw=args.flash_bw, flash_latency=args.flash_latency,
-                         predictor=args.predictor, window=args.window, dram=args.dram, prefetch=args.prefetch)
+    engine = _open_engine(args)
     if engine.memory_plan is not None and args.plan:
         print(engine.memory_plan.table(), file=sys.stderr)
     load_s = time.perf_counter() - t0
@@ -50,6 +47,86 @@ def _cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def _cmd_profile(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from flashinfer.errors import ConfigError
+    from flashinfer.profile_report import parse_sweep, summary_table, sweep_table
+
+    if (args.prompt is None) == (args.prompt_file is None):
+        raise ConfigError("give the prompt with exactly one of --prompt TEXT or --prompt-file FILE")
+    if args.prompt_file is not None:
+        try:
+            prompt = Path(args.prompt_file).read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{args.prompt_file}: cannot read the prompt ({e})") from None
+    else:
+        prompt = args.prompt
+    sweep = parse_sweep(args.sweep) if args.sweep else None
+    if sweep is not None and (args.trace or args.chrome_trace or args.plot):
+        raise ConfigError("--trace, --chrome-trace and --plot describe one run; drop them or --sweep")
+    if args.plot:
+        from flashinfer.profile_plot import _pyplot
+
+        _pyplot()  # fail before the run if matplotlib is missing
+    if sweep is None:
+        trace, text = _profile_once(args, prompt)
+        summary = trace.summary()
+        if args.trace:
+            trace.to_jsonl(args.trace)
+        if args.chrome_trace:
+            trace.to_chrome_trace(args.chrome_trace)
+        if args.plot:
+            from flashinfer.profile_plot import plot_trace
+
+            plot_trace(trace, args.plot)
+        if args.json:
+            print(json.dumps({"run": trace.run, "summary": summary, "text": text}, indent=1))
+            return 0
+        print(f"output: {text!r}")
+        if args.plan and trace.run.get("plan"):
+            print(trace.run["plan"])
+        print(summary_table(summary, trace.run))
+        for flag, path in (("trace (JSON lines)", args.trace), ("Chrome trace", args.chrome_trace),
+                           ("plot", args.plot)):
+            if path:
+                print(f"wrote {flag}: {path}")
+        return 0
+    rows = []
+    for value in sweep.values:
+        from flashinfer.memory import BudgetError
+
+        try:
+            trace, _ = _profile_once(args, prompt, **{sweep.knob: value})
+            rows.append({"value": value, "summary": trace.summary(), "run": trace.run})
+        except BudgetError as e:
+            rows.append({"value": value, "error": str(e).splitlines()[0]})
+    if args.json:
+        print(json.dumps({"sweep": sweep.key, "rows": rows}, indent=1))
+    else:
+        print(sweep_table(sweep, rows))
+        print("(peak RSS is per process and only grows: run settings separately to compare it)")
+    return 0
+
+
+def _profile_once(args: argparse.Namespace, prompt: str, **override):
+    """One traced generation; returns (Trace, generated text)."""
+    from flashinfer.progress import Progress
+
+    engine = _open_engine(args, **override)
+    progress = Progress(f"profiling {args.model}", total=args.max_tokens, unit="tokens")
+    with engine:
+        pieces, done = [], 0
+        for response in engine.stream(prompt, max_tokens=args.max_tokens, temperature=args.temperature,
+                                      top_k=args.top_k, top_p=args.top_p, seed=args.seed, trace=True):
+            pieces.append(response.text)
+            done += response.token_id is not None
+            progress(done)
+        progress.close()
+        return engine.last_trace, "".join(pieces)
 
 
 def _rss_note(engine) -> str:
@@ -95,16 +172,21 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         text = Path(args.text).read_text()
     except (OSError, UnicodeDecodeError) as e:
         raise FlashinferError(f"{args.text}: cannot read the calibration text ({e})") from None
-    progress = Progress("fitting predictors (layers)")
+    progress = Progress("calibrating: fitting predictors", unit="layers")
     try:
-        reports = calibrate_store(args.store, text, max_tokens=args.tokens, rank=args.rank,
-                                  target_recall=args.recall, progress=progress)
+        reports = calibrate_store(args.store, text, max_tokens=args.tokens, rank=args.rank, last_rank=args.last_rank,
+                                  last_layers=args.last_layers, target_recall=args.recall, progress=progress)
     finally:
         progress.close()
-    print(f"{'layer':>5} {'recall':>7} {'mass recall':>11} {'predicted':>9} {'size MB':>8}")
+    print(f"{'':>5} {'lowrank':-^50} {'static hot set':-^19}")
+    print(f"{'layer':>5} {'rank':>5} {'kept':>4} {'recall':>7} {'mass recall':>11} {'predicted':>9} {'size MB':>8} "
+          f"{'recall':>9} {'predicted':>9}")
     for r in reports:
-        print(f"{r.layer:>5} {r.recall:>7.3f} {r.mass_recall:>11.3f} {r.fraction:>9.3f} {r.predictor_bytes / 1e6:>8.2f}")
-    print(f"saved {args.store}/predictors/lowrank.npz (recall measured on the last 20% of the tokens, unseen by the fit)")
+        print(f"{r.layer:>5} {r.rank:>5} {r.origin:>4} {r.recall:>7.3f} {r.mass_recall:>11.3f} {r.fraction:>9.3f} "
+              f"{r.predictor_bytes / 1e6:>8.2f} {r.static_recall:>9.3f} {r.static_fraction:>9.3f}")
+    print(f"saved {args.store}/predictors/lowrank.npz and static.npz (recall measured on the last 20% of the "
+          "tokens, unseen by the fit; kept: the logistic fit or the plain truncated SVD, whichever needed fewer "
+          "neurons for the target recall on the 15% before them)")
     return 0
 
 
@@ -128,7 +210,8 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
     progress = Progress(f"synthesizing {args.preset}")
     try:
-        report = synthesize(args.preset, args.out, sparsity=args.sparsity, hot_skew=args.hot_skew, seed=args.seed,
+        report = synthesize(args.preset, args.out, sparsity=args.sparsity, hot_skew=args.hot_skew,
+                            spectrum_decay=args.spectrum_decay, seed=args.seed,
                             dtype=args.dtype, progress=progress, gguf_path=args.gguf, overwrite=args.overwrite)
     finally:
         progress.close()
@@ -153,6 +236,37 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    """The knobs Engine.open takes, shared by every command that runs a model."""
+    p.add_argument("--ctx", type=_positive_int, default=None, help="context length in tokens (default: model max, <= 4096)")
+    p.add_argument("--flash-bw", default=None, help="emulate flash of this bandwidth, e.g. 1GB/s (store only)")
+    p.add_argument("--flash-latency", default=None, help="extra latency per flash read, e.g. 50us (store only)")
+    p.add_argument("--predictor", default="dense", choices=("dense", "oracle", "lowrank", "static"),
+                   help="FFN neurons to load per token (store only): dense = all (default), "
+                        "lowrank = calibrated predictor, static = calibrated hot set, oracle = exact (small models)")
+    p.add_argument("--window", type=_positive_int, default=5, help="tokens a loaded neuron stays cached (default 5)")
+    p.add_argument("--prefetch", action="store_true",
+                   help="read the next layer's guessed neurons while this layer computes (sparse predictors)")
+    p.add_argument("--dram", default=None, help="cap for the whole process, e.g. 2GB (store only): sizes the caches")
+    p.add_argument("--plan", action="store_true", help="print the DRAM plan (with --dram)")
+
+
+def _open_engine(args: argparse.Namespace, **override):
+    """Engine.open with the command's knobs (`override` replaces some, for sweeps)."""
+    from flashinfer.engine import Engine
+
+    knobs = {"ctx": args.ctx, "flash_bw": args.flash_bw, "flash_latency": args.flash_latency,
+             "predictor": args.predictor, "window": args.window, "dram": args.dram, "prefetch": args.prefetch}
+    return Engine.open(args.model, **(knobs | override))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flashinfer",
@@ -165,24 +279,34 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("model", help="a flash store (flashinfer convert) or a Hugging Face model directory")
     run.add_argument("--prompt", required=True, help="the prompt text")
     run.add_argument("--max-tokens", type=_positive_int, default=128, help="tokens to generate at most (default 128)")
-    run.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    run.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
-    run.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
-    run.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    _add_sampling_args(run)
     run.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    run.add_argument("--ctx", type=_positive_int, default=None, help="context length in tokens (default: model max, <= 4096)")
     run.add_argument("--echo", action="store_true", help="print the prompt before the generated text")
-    run.add_argument("--flash-bw", default=None, help="emulate flash of this bandwidth, e.g. 1GB/s (store only)")
-    run.add_argument("--flash-latency", default=None, help="extra latency per flash read, e.g. 50us (store only)")
-    run.add_argument("--predictor", default="dense", choices=("dense", "oracle", "lowrank"),
-                     help="FFN neurons to load per token (store only): dense = all (default), "
-                          "lowrank = calibrated predictor, oracle = exact (small models)")
-    run.add_argument("--window", type=_positive_int, default=5, help="tokens a loaded neuron stays cached (default 5)")
-    run.add_argument("--prefetch", action="store_true",
-                     help="read the next layer's guessed neurons while this layer computes (sparse predictors)")
-    run.add_argument("--dram", default=None, help="cap for the whole process, e.g. 2GB (store only): sizes the caches")
-    run.add_argument("--plan", action="store_true", help="print the DRAM plan (with --dram)")
+    _add_engine_args(run)
     run.set_defaults(func=_cmd_run)
+
+    profile = sub.add_parser(
+        "profile", help="trace cache hit rates, I/O and compute per token and layer",
+        description="Generate from a prompt with tracing on and print, per layer, the neuron cache hit rate, "
+                    "bytes read, I/O and compute time per token, and the latency split of a decode token "
+                    "(I/O, memory management, compute). Optionally write the trace and a plot, or sweep a knob.")
+    profile.add_argument("model", help="a flash store (or a Hugging Face model directory: no I/O to trace)")
+    prompt_group = profile.add_mutually_exclusive_group()
+    prompt_group.add_argument("--prompt", default=None, help="the prompt text")
+    prompt_group.add_argument("--prompt-file", default=None, help="read the prompt from this file")
+    profile.add_argument("--max-tokens", type=_positive_int, default=64, help="tokens to generate (default 64)")
+    _add_sampling_args(profile)
+    _add_engine_args(profile)
+    profile.add_argument("--trace", default=None, metavar="OUT.jsonl", help="write every record, one JSON per line")
+    profile.add_argument("--chrome-trace", default=None, metavar="OUT.json",
+                         help="write a Chrome trace (open in Perfetto or chrome://tracing)")
+    profile.add_argument("--plot", default=None, metavar="OUT.png",
+                         help="hit-rate heatmap and per-token time split (needs flashinfer[plot])")
+    profile.add_argument("--json", action="store_true", help="print the summary as JSON (for scripts)")
+    profile.add_argument("--sweep", default=None, metavar="KEY=V1,V2",
+                         help="run once per value and print a row each: window=1,2,4,8 | dram=1GB,2GB | "
+                              "predictor=dense,lowrank | flash-bw=0.5GB/s,1GB/s")
+    profile.set_defaults(func=_cmd_profile)
 
     convert = sub.add_parser("convert", help="convert a Hugging Face checkpoint or a GGUF file into a flash store",
                              description="Quantize and bundle a checkpoint into a flash store (storage/format.py): "
@@ -210,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("out", help="HF model directory to create")
     synth.add_argument("--sparsity", type=float, default=0.9, help="target fraction of zero FFN activations (default 0.9)")
     synth.add_argument("--hot-skew", type=float, default=1.0, help="power-law exponent of neuron hotness (0 = uniform)")
+    synth.add_argument("--spectrum-decay", type=float, default=0.75,
+                       help="power-law decay of the gate/fc1 singular values, what a low-rank predictor needs "
+                            "(0 = white rows; default 0.75)")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--dtype", default="f16", choices=("f16", "bf16", "f32"))
     synth.add_argument("--gguf", default=None, help="also write the weights as a llama.cpp GGUF file (llama/mistral)")
@@ -222,6 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--text", required=True, help="a text file to run the model over")
     calibrate.add_argument("--tokens", type=_positive_int, default=2048, help="calibration tokens at most (default 2048)")
     calibrate.add_argument("--rank", type=_positive_int, default=128, help="predictor rank (default 128)")
+    calibrate.add_argument("--last-rank", type=_positive_int, default=None,
+                           help="rank of the last layers' predictors (default 2 x --rank)")
+    calibrate.add_argument("--last-layers", type=int, default=None,
+                           help="how many final layers get --last-rank (default an eighth of the layers)")
     calibrate.add_argument("--recall", type=float, default=0.99, help="target recall of active neurons (default 0.99)")
     calibrate.set_defaults(func=_cmd_calibrate)
 

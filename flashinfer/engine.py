@@ -83,6 +83,7 @@ class Engine:
         self._lock = threading.Lock()
         self.eos_ids = set(args.eos_token_ids) | ({tokenizer.eos_id} if tokenizer.eos_id is not None else set())
         self.memory_plan = None  # set by open() when a DRAM cap is given
+        self.last_trace = None  # the Trace of the last generate(..., trace=True)
         self.jit_seconds = self._warm_up()
 
     # ---- opening ------------------------------------------------------------------
@@ -98,8 +99,8 @@ class Engine:
         verify: check every checksum of a store before running.
         predictor: for a store, which FFN neurons to load per token: "dense" (all, read every
             token: the naive baseline) or "oracle" (exactly the active ones, through the
-            windowed neuron cache; small models only, see flashinfer/sparse_ffn.py) or "lowrank"
-            (fitted by `flashinfer calibrate`).
+            windowed neuron cache; small models only, see flashinfer/sparse_ffn.py), "lowrank"
+            (fitted by `flashinfer calibrate`) or "static" (the calibration's fixed hot set).
         window: tokens a loaded neuron stays cached after it was last predicted active.
         prefetch: read layer l+1's guessed neurons in the background while layer l computes
             (sparse predictors only; see flashinfer/sparse_ffn.py).
@@ -180,10 +181,11 @@ class Engine:
             predictor_obj = None
         elif predictor == "oracle":
             predictor_obj = oracle_from_store(reader, args)
-        elif predictor == "lowrank":
-            predictor_obj, sparse_share = _load_lowrank(reader)
+        elif predictor in ("lowrank", "static"):
+            predictor_obj, sparse_share = _load_calibrated(reader, predictor)
         else:
-            raise GenerationError(f"predictor {predictor!r} is not available (available: dense, oracle, lowrank)")
+            raise GenerationError(f"predictor {predictor!r} is not available "
+                                  "(available: dense, oracle, lowrank, static)")
         plan = None
         capacities = [spec.n_neurons for spec in layers]
         if dram is not None:
@@ -194,7 +196,7 @@ class Engine:
             capacities = plan.capacities or capacities
         if predictor_obj is None:
             if prefetch:
-                raise GenerationError("prefetch needs a sparse predictor (lowrank or oracle): the dense path "
+                raise GenerationError("prefetch needs a sparse predictor (lowrank, static or oracle): the dense path "
                                       "reads every neuron anyway")
             return FlashFFN(reader, args), plan
         return SparseFFN(reader, args, predictor_obj, capacities, window, prefetch=prefetch), plan
@@ -272,10 +274,13 @@ class Engine:
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
         stream: bool = False,
+        trace: bool = False,
     ) -> GenerationResult | Iterator[str]:
         """Generate a continuation. temperature 0 is greedy. With stream=True returns an
-        iterator of text pieces; otherwise a GenerationResult."""
-        responses = self.stream(prompt, max_tokens, temperature, top_k, top_p, seed, stop)
+        iterator of text pieces; otherwise a GenerationResult. With trace=True the run is
+        traced per token and layer (flashinfer/profile.py); when it ends, `engine.last_trace`
+        holds the Trace (`.summary()`, `.to_chrome_trace(path)`, `.to_jsonl(path)`)."""
+        responses = self.stream(prompt, max_tokens, temperature, top_k, top_p, seed, stop, trace)
         if stream:
             return (r.text for r in responses if r.text)
         pieces, last = [], None
@@ -292,6 +297,7 @@ class Engine:
         top_p: float = 1.0,
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
+        trace: bool = False,
     ) -> Iterator[Response]:
         """Like generate(stream=True) but yields Response records; the last one carries
         finish_reason, usage and timings. Arguments are checked before the first step."""
@@ -303,47 +309,93 @@ class Engine:
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         if any(not isinstance(s, str) or not s for s in stops):
             raise GenerationError(f"stop must be non-empty strings, got {stops!r}")
-        return self._stream(ids, max_tokens, params, seed, stops)
+        return self._stream(ids, max_tokens, params, seed, stops, self._new_tracer() if trace else None)
 
-    def _stream(self, ids, max_tokens, params, seed, stops) -> Iterator[Response]:
+    def _new_tracer(self):
+        from flashinfer.profile import Tracer
+
+        return Tracer(self.args.n_layers)
+
+    def _attach(self, tracer) -> None:
+        """Point the model's and the FFN source's hooks at `tracer` (None detaches)."""
+        self.model.tracer = tracer
+        if self.model.flash_ffn is not None:
+            self.model.flash_ffn.tracer = tracer
+
+    def _stream(self, ids, max_tokens, params, seed, stops, tracer=None) -> Iterator[Response]:
         with self._lock:
-            model = self.model
-            model.reset()
-            t0 = time.perf_counter()
-            logits = model.forward(ids)
-            t1 = time.perf_counter()
-            rng = np.random.default_rng(seed)
-            decoder = StreamDecoder(self.tokenizer)
-            held = ""  # text that may be the start of a stop string
-            generated: list[int] = []
-            finish = "length"
-            hit_stop_string = False
-            while True:
-                token = sample(logits, params, rng)
-                if token in self.eos_ids:
-                    finish = "stop"
-                    break
-                generated.append(token)
-                held += decoder.push(token)
-                emit, held, hit_stop_string = _split_at_stop(held, stops)
-                if hit_stop_string:
-                    finish = "stop"
-                    if emit:
-                        yield Response(emit, token)
-                    break
+            try:
+                self._attach(tracer)
+                yield from self._steps(ids, max_tokens, params, seed, stops, tracer)
+            finally:
+                self._attach(None)
+
+    def _steps(self, ids, max_tokens, params, seed, stops, tracer) -> Iterator[Response]:
+        model = self.model
+        model.reset()
+        t0 = time.perf_counter()
+        if tracer is not None:
+            tracer.begin_step("prefill", len(ids))
+        logits = model.forward(ids)
+        t1 = time.perf_counter()
+        rng = np.random.default_rng(seed)
+        decoder = StreamDecoder(self.tokenizer)
+        held = ""  # text that may be the start of a stop string
+        generated: list[int] = []
+        finish = "length"
+        hit_stop_string = False
+        while True:
+            ts = time.perf_counter()
+            token = sample(logits, params, rng)
+            if tracer is not None:
+                tracer.end_step(token, time.perf_counter() - ts)
+            if token in self.eos_ids:
+                finish = "stop"
+                break
+            generated.append(token)
+            held += decoder.push(token)
+            emit, held, hit_stop_string = _split_at_stop(held, stops)
+            if hit_stop_string:
+                finish = "stop"
                 if emit:
                     yield Response(emit, token)
-                if len(generated) >= max_tokens or model.n_past >= model.ctx:
-                    break
-                logits = model.forward(np.array([token], np.int64))
-            t2 = time.perf_counter()
-            tail = ""
-            if not hit_stop_string:  # what was held back, and any bytes of an unfinished character
-                tail, _, hit_stop_string = _split_at_stop(held + decoder.flush(), stops, final=True)
-                finish = "stop" if hit_stop_string else finish
-            usage = Usage(len(ids), len(generated))
-            timings = Timings(prompt_s=t1 - t0, decode_s=t2 - t1)
-            yield Response(tail, None, finish, usage, timings, tuple(generated))
+                break
+            if emit:
+                yield Response(emit, token)
+            if len(generated) >= max_tokens or model.n_past >= model.ctx:
+                break
+            if tracer is not None:
+                tracer.begin_step("decode", 1)
+            logits = model.forward(np.array([token], np.int64))
+        t2 = time.perf_counter()
+        tail = ""
+        if not hit_stop_string:  # what was held back, and any bytes of an unfinished character
+            tail, _, hit_stop_string = _split_at_stop(held + decoder.flush(), stops, final=True)
+            finish = "stop" if hit_stop_string else finish
+        usage = Usage(len(ids), len(generated))
+        timings = Timings(prompt_s=t1 - t0, decode_s=t2 - t1)
+        if tracer is not None:
+            self.last_trace = self._finish_trace(tracer, usage, timings)
+        yield Response(tail, None, finish, usage, timings, tuple(generated))
+
+    def _finish_trace(self, tracer, usage: Usage, timings: Timings):
+        from flashinfer.memory import peak_rss_bytes
+
+        trace = tracer.trace
+        ffn = self.model.flash_ffn
+        plan = self.memory_plan
+        trace.run.update({
+            "model": str(self.source), "n_layers": self.args.n_layers,
+            "predictor": getattr(getattr(ffn, "predictor", None), "name", "dense" if ffn is not None else "in-memory"),
+            "window": getattr(ffn.caches[0], "window", None) if hasattr(ffn, "caches") else None,
+            "prefetch": getattr(ffn, "prefetch", False),
+            "jit_s": self.jit_seconds, "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens, "prefill_s": timings.prompt_s,
+            "decode_tok_s": timings.rates(usage)[1], "peak_rss_bytes": peak_rss_bytes(),
+            "cap_bytes": None if plan is None else plan.cap_bytes,
+            "plan": None if plan is None else plan.table(),
+        })
+        return trace
 
     # ---- lifetime -----------------------------------------------------------------
     def close(self) -> None:
@@ -358,17 +410,22 @@ class Engine:
         self.close()
 
 
-def _load_lowrank(reader):
-    """The calibrated predictor of a store and the share of neurons it selects per token."""
+def _load_calibrated(reader, kind: str):
+    """The calibrated predictor `kind` ("lowrank" | "static") of a store, and the largest
+    share of a layer's neurons it selects per token (what the DRAM planner sizes for)."""
     import json
 
-    from flashinfer.calibrate import LOWRANK_FILE, PREDICTOR_DIR, REPORT_FILE
-    from predictors.sparsity import LowRankPredictor
+    from flashinfer.calibrate import LOWRANK_FILE, PREDICTOR_DIR, REPORT_FILE, STATIC_FILE
+    from predictors.sparsity import LowRankPredictor, StaticPredictor
 
-    path = reader.dir / PREDICTOR_DIR / LOWRANK_FILE
+    path = reader.dir / PREDICTOR_DIR / (LOWRANK_FILE if kind == "lowrank" else STATIC_FILE)
     if not path.is_file():
-        raise GenerationError(f"{reader.dir}: no calibrated predictor ({PREDICTOR_DIR}/{LOWRANK_FILE}); "
+        raise GenerationError(f"{reader.dir}: no calibrated {kind} predictor ({PREDICTOR_DIR}/{path.name}); "
                               f"run `flashinfer calibrate {reader.dir} --text FILE` first")
+    if kind == "static":
+        static = StaticPredictor.load(path)
+        neurons = [spec.n_neurons for spec in reader.manifest.ffn_layers]
+        return static, max(len(h) / n for h, n in zip(static.hot_sets, neurons))
     report_path = path.with_name(REPORT_FILE)
     share = None
     if report_path.is_file():

@@ -16,6 +16,7 @@ from flashinfer import kernels as K
 from flashinfer.config import ModelArgs
 from flashinfer.weights import EMPTY, NO_SCALES, Matrix
 from storage.format import BundleComponent, FFNLayer
+from storage.reader import ReadStats
 
 _DATA_DTYPE = {"f32": np.float32, "f16": np.uint16, "q8": np.int8, "q4": np.uint8, "q4a": np.uint8}
 
@@ -101,6 +102,7 @@ class FlashFFN:
         largest = max(layer.n_neurons * layer.bundle_bytes for layer in self.layers)
         self.buffer = np.empty(largest, np.uint8)  # one layer's bundles at a time, reused
         self.partial = PartialSums(args.dim)
+        self.tracer = None  # flashinfer.profile.Tracer while a traced generation runs
 
     @property
     def nbytes(self) -> int:
@@ -109,5 +111,17 @@ class FlashFFN:
     def forward(self, layer: int, x: np.ndarray, out: np.ndarray) -> None:
         spec = self.layers[layer]
         bundles = self.buffer[: spec.n_neurons * spec.bundle_bytes].reshape(spec.n_neurons, spec.bundle_bytes)
-        self.reader.read_bundles(layer, self.all_ids[layer], out=bundles)
+        tr = self.tracer
+        if tr is None:
+            self.reader.read_bundles(layer, self.all_ids[layer], out=bundles)
+            ffn_over_bundles(x, spec.n_neurons, bundle_views(bundles, spec), self.act, out, self.partial)
+            return
+        counter = ReadStats()
+        t0 = tr.now()
+        self.reader.read_bundles(layer, self.all_ids[layer], out=bundles, counter=counter)
+        t1 = tr.now()
         ffn_over_bundles(x, spec.n_neurons, bundle_views(bundles, spec), self.act, out, self.partial)
+        t2 = tr.now()
+        tr.ffn_part(layer, "read", t0, t1, neurons=spec.n_neurons, bytes=counter.bytes_read)
+        tr.ffn_part(layer, "ffn", t1, t2, rows=spec.n_neurons)
+        tr.neurons(layer, spec.n_neurons, spec.n_neurons, 0, 0, 0, counter.bytes_read)

@@ -74,6 +74,7 @@ class Model:
         self.n_past = 0  # positions filled in the KV cache
         self.flash_ffn = flash_ffn
         self.ffn_input_observer = None  # callback(layer, x) before each FFN: calibration collects inputs
+        self.tracer = None  # flashinfer.profile.Tracer while a traced generation runs
 
     def reset(self) -> None:
         """Start a new sequence: empty KV cache and, for the sparse path, cold neuron caches
@@ -130,7 +131,12 @@ class Model:
                 self._norm(x, layer.attn_norm_w, layer.attn_norm_b, xb)
             else:
                 xb[:] = x
-            self._attention(i, layer, xb, start, block_out)
+            if self.tracer is None:
+                self._attention(i, layer, xb, start, block_out)
+            else:
+                t0 = self.tracer.now()
+                self._attention(i, layer, xb, start, block_out)
+                self.tracer.attention(i, t0, self.tracer.now(), n)
             x += block_out
             if not a.norm_before:
                 self._norm(x, layer.attn_norm_w, layer.attn_norm_b, x)
@@ -180,6 +186,7 @@ class Model:
             if layer.b_down.size:
                 out += layer.b_down
             return
+        t0 = None if self.tracer is None else self.tracer.now()
         n = xb.shape[0]
         hidden = self.state.hidden[:n]
         if self.args.gated_ffn:
@@ -191,3 +198,5 @@ class Model:
             linear(xb, layer.w_up, layer.b_up, hidden)
             K.relu_(hidden)
         linear(hidden, layer.w_down, layer.b_down, out)
+        if t0 is not None:  # the FFN sources from flash trace their own parts
+            self.tracer.ffn_part(i, "ffn", t0, self.tracer.now())

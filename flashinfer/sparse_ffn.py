@@ -30,6 +30,7 @@ from flashinfer import kernels as K
 from flashinfer.cache import NeuronCache
 from flashinfer.config import ModelArgs
 from flashinfer.flash_ffn import PartialSums, bundle_views, ffn_over_bundles
+from storage.reader import ReadStats
 
 
 @dataclass
@@ -64,35 +65,57 @@ class SparseFFN:
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") if prefetch else None
         self._pending: dict[int, tuple[Future, np.ndarray]] = {}  # layer -> read-ahead in flight
         self._piece_out: np.ndarray | None = None  # partial FFN output when the predicted set exceeds the cache
+        self.tracer = None  # flashinfer.profile.Tracer while a traced generation runs
 
     @property
     def nbytes(self) -> int:
         return sum(c.nbytes for c in self.caches)
 
     def forward(self, layer: int, x: np.ndarray, out: np.ndarray) -> None:
-        cache, stats = self.caches[layer], self.stats
-        t0 = time.perf_counter()
+        cache, stats, tr = self.caches[layer], self.stats, self.tracer
+        clock = time.perf_counter
+        t0 = clock()
         prefetched = self._finish_prefetch(layer)
+        t1 = clock()
         ids = self.predictor.predict(layer, x)
+        t2 = clock()
         if ids.size > cache.capacity:
             self._forward_in_pieces(layer, x, ids, out)
-            stats.wait_seconds += time.perf_counter() - t0  # mostly reads; the pieces' compute is small
+            stats.wait_seconds += clock() - t2  # mostly reads; the pieces' compute is small
             return
-        to_load, _ = cache.step(ids)
+        to_load, evicted = cache.step(ids)
+        t3 = clock()
+        counter = None if tr is None else ReadStats()
         if to_load.size:  # read straight into the cache's free rows: no staging copy
-            self.reader.read_bundles(layer, to_load, out=cache.free_rows(to_load.size))
+            self.reader.read_bundles(layer, to_load, out=cache.free_rows(to_load.size), counter=counter)
             cache.commit(to_load)
-        stats.wait_seconds += time.perf_counter() - t0
+        t4 = clock()
+        stats.wait_seconds += (t1 - t0) + (t4 - t3)
         stats.loaded += int(to_load.size)
         stats.predicted += int(ids.size)
         if prefetched is not None:
             stats.prefetch_used += int(np.intersect1d(prefetched, ids, assume_unique=True).size)
         if self.prefetch and layer + 1 < len(self.caches):
             self._start_prefetch(layer + 1, x)
+        t5 = clock()
         ffn_over_bundles(x, cache.n, self.views[layer], self.act, out, self.partial)
+        if tr is not None:
+            t6 = clock()
+            if prefetched is not None:
+                tr.ffn_part(layer, "read", t0, t1, waited_for="read-ahead")
+            tr.ffn_part(layer, "predict", t1, t2, neurons=int(ids.size))
+            tr.ffn_part(layer, "mm", t2, t3, evicted=int(evicted.size))
+            tr.ffn_part(layer, "read", t3, t4, neurons=int(to_load.size), bytes=counter.bytes_read)
+            if t5 > t4:  # guessing the next layer's neurons and queueing the read-ahead
+                tr.ffn_part(layer, "predict", t4, t5, read_ahead_for=layer + 1)
+            tr.ffn_part(layer, "ffn", t5, t6, rows=cache.n)
+            tr.neurons(layer, int(ids.size), int(to_load.size), int(evicted.size), cache.n, cache.capacity,
+                       counter.bytes_read)
 
     def _forward_in_pieces(self, layer: int, x: np.ndarray, ids: np.ndarray, out: np.ndarray) -> None:
-        cache = self.caches[layer]
+        cache, tr = self.caches[layer], self.tracer
+        counter = None if tr is None else ReadStats()
+        t0 = time.perf_counter()
         if self._piece_out is None or self._piece_out.shape[0] < x.shape[0]:
             self._piece_out = np.empty((x.shape[0], out.shape[1]), np.float32)
         piece_out = self._piece_out[: x.shape[0]]
@@ -100,21 +123,37 @@ class SparseFFN:
         for start in range(0, ids.size, cache.capacity):
             piece = ids[start : start + cache.capacity]
             cache.clear()
-            self.reader.read_bundles(layer, piece, out=cache.free_rows(piece.size))
+            self.reader.read_bundles(layer, piece, out=cache.free_rows(piece.size), counter=counter)
             cache.commit(piece)
             ffn_over_bundles(x, cache.n, self.views[layer], self.act, piece_out, self.partial)
             out += piece_out
         cache.step(piece)  # the last piece stays resident, as recently used
         self.stats.loaded += int(ids.size)
         self.stats.predicted += int(ids.size)
+        if tr is not None:  # reads and kernels interleave: all of it counts as reading
+            tr.ffn_part(layer, "read", t0, time.perf_counter(), neurons=int(ids.size), pieces=True)
+            tr.neurons(layer, int(ids.size), int(ids.size), 0, cache.n, cache.capacity, counter.bytes_read)
 
     def _start_prefetch(self, layer: int, x: np.ndarray) -> None:
         cache = self.caches[layer]
         fetch = cache.make_room_for_prefetch(self.predictor.predict(layer, x))
         if fetch.size:
             rows = cache.free_rows(fetch.size)  # nothing else touches these rows until committed
-            self._pending[layer] = (self._io.submit(self.reader.read_bundles, layer, fetch, rows), fetch)
+            tracer = self.tracer  # this step's record is taken here, on the compute thread
+            traced = None if tracer is None else (tracer, tracer.layer(layer))
+            self._pending[layer] = (self._io.submit(self._read_ahead, layer, fetch, rows, traced), fetch)
             self.stats.prefetched += int(fetch.size)
+
+    def _read_ahead(self, layer: int, ids: np.ndarray, rows: np.ndarray, traced) -> None:
+        """Runs on the read-ahead thread; `traced` is (tracer, its record of `layer`) or None."""
+        if traced is None:
+            self.reader.read_bundles(layer, ids, rows)
+            return
+        tracer, record = traced
+        counter = ReadStats()
+        t0 = time.perf_counter()
+        self.reader.read_bundles(layer, ids, rows, counter=counter)
+        tracer.read_ahead(layer, record, int(ids.size), counter.bytes_read, t0, time.perf_counter())
 
     def _finish_prefetch(self, layer: int) -> np.ndarray | None:
         pending = self._pending.pop(layer, None)

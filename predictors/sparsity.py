@@ -77,6 +77,18 @@ class StaticPredictor:
     def predict(self, layer: int, x: np.ndarray) -> np.ndarray:
         return self.hot_sets[layer]
 
+    @property
+    def nbytes(self) -> int:
+        return sum(h.nbytes for h in self.hot_sets)
+
+    def save(self, path) -> None:
+        np.savez(path, n_layers=len(self.hot_sets), **{f"hot{i}": h for i, h in enumerate(self.hot_sets)})
+
+    @classmethod
+    def load(cls, path) -> "StaticPredictor":
+        with np.load(path) as z:
+            return cls([z[f"hot{i}"] for i in range(int(z["n_layers"]))])
+
 
 @dataclass
 class LowRankLayer:
@@ -84,6 +96,8 @@ class LowRankLayer:
     b: np.ndarray  # float32 [rank, n_neurons]
     c: np.ndarray  # float32 [n_neurons]
     threshold: float
+    fitted_fraction: float = float("nan")  # share of neurons predicted on the threshold tokens (fit time only)
+    origin: str = ""  # "fit" (the logistic fit won on the threshold tokens) | "svd" (it did not); fit time only
 
     @property
     def nbytes(self) -> int:

@@ -151,9 +151,12 @@ class StoreReader:
         return QuantizedTensor(t.scheme, t.group_size, (rows, k), data, scales, mins)
 
     # ---- FFN bundles --------------------------------------------------------------
-    def read_bundles(self, layer: int, neuron_ids, out: np.ndarray | None = None) -> np.ndarray:
+    def read_bundles(self, layer: int, neuron_ids, out: np.ndarray | None = None,
+                     counter: ReadStats | None = None) -> np.ndarray:
         """The bundles of `neuron_ids` (sorted, duplicates dropped) as uint8 [n, bundle_bytes],
-        read from disk. Row j of the result is the j-th smallest id."""
+        read from disk. Row j of the result is the j-th smallest id. `counter` also gets this
+        call's bytes and requests (a tracer attributes bytes to layers with it; `stats` is
+        shared by every thread, so differences of it would mix concurrent reads)."""
         spec = self.manifest.ffn_layers[layer]
         ids = np.unique(np.asarray(neuron_ids, dtype=np.int64))
         if ids.size and (ids[0] < 0 or ids[-1] >= spec.n_neurons):
@@ -166,12 +169,16 @@ class StoreReader:
             return out[:0]
         jobs = self._plan_reads(spec, ids)
         if len(jobs) == 1:  # no hand-off to the pool for a single read
-            self._read_job(layer, spec, ids, jobs[0], out)
+            nbytes = self._read_job(layer, spec, ids, jobs[0], out)
         else:
-            for f in [self._pool.submit(self._read_job, layer, spec, ids, job, out) for job in jobs]:
-                f.result()
+            nbytes = sum(f.result() for f in [self._pool.submit(self._read_job, layer, spec, ids, job, out)
+                                                for job in jobs])
         with self._stats_lock:
             self.stats.bytes_wanted += ids.size * spec.bundle_bytes
+        if counter is not None:
+            counter.bytes_read += nbytes
+            counter.bytes_wanted += ids.size * spec.bundle_bytes
+            counter.requests += len(jobs)
         return out[: ids.size]
 
     def _plan_reads(self, spec: fmt.FFNLayer, ids: np.ndarray) -> list[tuple[int, int]]:
@@ -203,7 +210,8 @@ class StoreReader:
             buf = self._buffers.buf = _aligned_buffer(max(nbytes, self.max_read_bytes))
         return buf
 
-    def _read_job(self, layer: int, spec: fmt.FFNLayer, ids: np.ndarray, job: tuple[int, int], out: np.ndarray) -> None:
+    def _read_job(self, layer: int, spec: fmt.FFNLayer, ids: np.ndarray, job: tuple[int, int], out: np.ndarray) -> int:
+        """Read one coalesced run of bundles into out[lo:hi]; returns the bytes read from disk."""
         lo, hi = job
         bb = spec.bundle_bytes
         first, last = int(ids[lo]), int(ids[hi - 1])
@@ -215,7 +223,7 @@ class StoreReader:
             base = index * spec.bundles_per_chunk
             rows = raw.reshape(-1, bb)
             np.take(rows, ids[lo:hi] - base, axis=0, out=out[lo:hi])
-            return
+            return data.size
         start = first * bb // fmt.PAGE * fmt.PAGE
         end = fmt.align_up((last + 1) * bb, fmt.PAGE)
         data = self._pread(layer, start, end - start)
@@ -225,6 +233,7 @@ class StoreReader:
             out[lo:hi] = rows
         else:
             np.take(rows, ids[lo:hi] - first, axis=0, out=out[lo:hi])
+        return end - start
 
     def _pread(self, layer: int, offset: int, length: int) -> np.ndarray:
         """Read [offset, offset + length) (page-aligned) into this thread's staging buffer."""

@@ -41,6 +41,18 @@ close to normal). Layer l is calibrated on the inputs produced by layers < l as 
   per-token scale cancels). Real LLMs grow such constant "massive activation" channels
   themselves (Sun et al. 2024); ReLU(gate)·up is zero exactly when the gate is.
 
+## Low-rank structure in the rows that decide activity
+
+Gate (fc1 for OPT) rows are not white noise: column j of the matrix is scaled by
+s_j ∝ rank_j^-spectrum_decay over a random ranking of the input coordinates (mean square 1),
+so the matrix's singular values fall off as a power law and its pre-activations are
+close to low-rank, as in trained LLMs (the premise of Deja Vu's and LLM in a flash's
+low-rank predictors). With white rows (decay 0) no rank-r predictor can find the firing
+neurons: on d=2048, f=5632, 10% active, the rank-128 truncated SVD needs 84% of the
+neurons for 0.99 recall; decay 0.5 needs 39%, 0.75 (the default) 16.5%, 1.0 11%
+(rank 512 at 0.75: 12.6%) — the default sits where published predictors are (a predicted
+set 1.5-2x the active set).
+
 Block outputs (o_proj, down_proj / fc2) are scaled on the calibration tokens so each block
 adds a fixed share of the embedding's variance to the residual stream; q/k are scaled so
 attention logits have a std of ATTN_LOGIT_STD (fairly sharp attention, so its output does
@@ -91,7 +103,7 @@ import numpy as np
 from storage.errors import ConfigValueError, StorageError
 from storage.gguf import FLASHINFER_ACT_KEY, gguf_name, gguf_permute_rows  # noqa: F401  (gguf_name: re-exported)
 
-SYNTH_VERSION = 1
+SYNTH_VERSION = 2  # 2: spectrum_decay on the activity-deciding rows
 MAX_SHARD_BYTES = 1_000_000_000  # HF's "1GB" (decimal), a shard never holds more unless one tensor does
 BLOCK_ELEMS = 1 << 22  # elements generated per block of rows (16 MB as float32)
 P_MIN, P_MAX = 1e-4, 0.9  # per-neuron firing probability bounds
@@ -146,6 +158,7 @@ class SynthReport:
     seed: int
     sparsity_target: float
     hot_skew: float
+    spectrum_decay: float
     n_params: int
     bytes_written: int  # weight bytes (safetensors data), excluding GGUF
     seconds: float
@@ -161,15 +174,15 @@ class SynthReport:
 
 # ---- public entry point ------------------------------------------------------------
 
-def synthesize(preset: str, out_dir: str | Path, *, sparsity: float = 0.9, hot_skew: float = 1.0, seed: int = 0,
-               dtype: str = "f16", progress: Progress | None = None, gguf_path: str | Path | None = None,
+def synthesize(preset: str, out_dir: str | Path, *, sparsity: float = 0.9, hot_skew: float = 1.0,
+               spectrum_decay: float = 0.75, seed: int = 0, dtype: str = "f16", progress: Progress | None = None, gguf_path: str | Path | None = None,
                overwrite: bool = False) -> SynthReport:
     """Write a random-weight HF checkpoint of `preset` whose ReLU FFNs are `sparsity` sparse.
 
     `progress(bytes_done, bytes_total)` is called after every block written. With
     `gguf_path` the same weights are also written as a llama.cpp GGUF (llama/mistral only).
     """
-    shape = _check_args(preset, sparsity, hot_skew, dtype)
+    shape = _check_args(preset, sparsity, hot_skew, spectrum_decay, dtype)
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise StorageError(f"{out_dir}: already exists; delete it, pick another path or pass overwrite=True")
@@ -191,7 +204,7 @@ def synthesize(preset: str, out_dir: str | Path, *, sparsity: float = 0.9, hot_s
         if gguf_tmp is not None:
             gguf = _GGUFStream(gguf_tmp, preset, shape, plan, dtype)
             writer.mirror = gguf.write
-        measured = _Generator(shape, plan, writer, sparsity, hot_skew, seed).run()
+        measured = _Generator(shape, plan, writer, sparsity, hot_skew, spectrum_decay, seed).run()
         writer.finish()
         if gguf is not None:
             gguf.finish()
@@ -203,7 +216,8 @@ def synthesize(preset: str, out_dir: str | Path, *, sparsity: float = 0.9, hot_s
         _write_json(tmp / "tokenizer_config.json", tokenizer_config)
         _write_json(tmp / "synth.json", {
             "synth_version": SYNTH_VERSION, "preset": preset, "shape": asdict(shape), "seed": seed, "dtype": dtype,
-            "sparsity_target": sparsity, "hot_skew": hot_skew, **measured,
+            "sparsity_target": sparsity, "hot_skew": hot_skew,
+            "spectrum_decay": spectrum_decay, **measured,
         })
         for path in tmp.iterdir():  # shards are synced as they close; this is the small files
             _fsync(path)
@@ -225,20 +239,22 @@ def synthesize(preset: str, out_dir: str | Path, *, sparsity: float = 0.9, hot_s
         raise
     return SynthReport(
         out_dir=out_dir, preset=preset, dtype=dtype, seed=seed, sparsity_target=sparsity, hot_skew=hot_skew,
-        n_params=sum(math.prod(s) for _, s in plan), bytes_written=weight_bytes, seconds=time.perf_counter() - t0,
+        spectrum_decay=spectrum_decay, n_params=sum(math.prod(s) for _, s in plan), bytes_written=weight_bytes, seconds=time.perf_counter() - t0,
         layer_sparsity=measured["measured"]["layer_sparsity"],
         layer_hot10_share=measured["measured"]["layer_hot10_share"],
         hot10_share_target=measured["hot10_share_target"], gguf_path=None if gguf_path is None else Path(gguf_path),
     )
 
 
-def _check_args(preset: str, sparsity: float, hot_skew: float, dtype: str) -> SynthShape:
+def _check_args(preset: str, sparsity: float, hot_skew: float, spectrum_decay: float, dtype: str) -> SynthShape:
     if preset not in PRESETS:
         raise ConfigValueError(f"unknown synthetic preset {preset!r} (presets: {', '.join(PRESETS)})")
     if not isinstance(sparsity, (int, float)) or not 0.0 < sparsity < 1.0:
         raise ConfigValueError(f"sparsity must be a fraction strictly between 0 and 1, got {sparsity!r}")
     if not isinstance(hot_skew, (int, float)) or not 0.0 <= hot_skew <= 4.0:
         raise ConfigValueError(f"hot_skew must be between 0 (uniform) and 4, got {hot_skew!r}")
+    if not isinstance(spectrum_decay, (int, float)) or not 0.0 <= spectrum_decay <= 2.0:
+        raise ConfigValueError(f"spectrum_decay must be between 0 (white rows) and 2, got {spectrum_decay!r}")
     if dtype not in DTYPES:
         raise ConfigValueError(f"unknown dtype {dtype!r} (supported: {', '.join(DTYPES)})")
     return PRESETS[preset]
@@ -498,8 +514,10 @@ class _Generator:
     """Generates every tensor in plan order, runs the calibration forward alongside, and
     sets the thresholds that plant the sparsity."""
 
-    def __init__(self, shape: SynthShape, plan, writer: _ShardedWriter, sparsity: float, hot_skew: float, seed: int):
+    def __init__(self, shape: SynthShape, plan, writer: _ShardedWriter, sparsity: float, hot_skew: float,
+                 spectrum_decay: float, seed: int):
         self.s, self.writer, self.sparsity, self.hot_skew, self.seed = shape, writer, sparsity, hot_skew, seed
+        self.spectrum_decay = spectrum_decay
         self.shapes = dict(plan)
         self.noise = _Noise(plan, seed)
         meta = np.random.default_rng([seed, 0x5EED])
@@ -675,10 +693,20 @@ class _Generator:
         cal = pre.astype(np.float64)
         return cal.mean(0) + cal.std(0) * _INV_CDF(1.0 - probs)
 
+    def _column_scale(self, i: int) -> np.ndarray:
+        """Layer i's per-input-column scale of the activity-deciding rows: a power law over a
+        random ranking of the columns, mean square 1 (so pre-activations keep their std)."""
+        d = self.s.hidden
+        rng = np.random.default_rng([self.seed, 0x5BEC, i])
+        scale = np.arange(1, d + 1, dtype=np.float64) ** -float(self.spectrum_decay)
+        scale /= math.sqrt(float((scale**2).mean()))
+        return scale[rng.permutation(d)].astype(np.float32)
+
     def _ffn_up(self, i: int, p: str, xb: np.ndarray) -> np.ndarray:
         """Write the up (and gate) projection with planted thresholds; return the FFN activation."""
         s = self.s
         probs = self.probs[i]
+        col_scale = self._column_scale(i)
         xb_eff = xb.copy()
         if s.family == "llama":
             xb_eff[:, self.bias_channel] = 0.0
@@ -687,6 +715,7 @@ class _Generator:
             bias = np.zeros(s.ffn, np.float32)
 
             def plant_bias(r0, block):
+                block *= col_scale
                 bias[r0 : r0 + len(block)] = -self._thresholds(xb[: self.n_cal] @ block.T, probs[r0 : r0 + len(block)])
 
             pre = self._matrix(p + "fc1.weight", w_std, xb, edit=plant_bias)
@@ -697,6 +726,7 @@ class _Generator:
         z = xb[: self.n_cal] / xb[: self.n_cal, c : c + 1]
 
         def plant_channel(r0, block):
+            block *= col_scale  # column c is overwritten just below
             block[:, c] = -self._thresholds(z @ block.T, probs[r0 : r0 + len(block)])
 
         gate = self._matrix(p + "mlp.gate_proj.weight", w_std, xb, edit=plant_channel, bias_col_zero=True)

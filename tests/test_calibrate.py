@@ -35,6 +35,11 @@ def test_reports_recall_on_held_out_tokens(calibrated):
     for r in reports:
         assert r.recall >= 0.95 and r.mass_recall >= r.recall
         assert r.fraction < 0.5  # 10% of neurons fire; the predictor must be far from "all"
+        # the hot set covers 90% of the fitted tokens' firings; unseen tokens land near that
+        assert 0.8 <= r.static_recall <= 0.97 and r.static_fraction < 0.8
+    assert [r.rank for r in reports] == [16, 32]  # the last layer (an eighth of 2, at least 1) gets 2x
+    store = calibrated[0]
+    assert {p.name for p in (store / "predictors").iterdir()} == {"lowrank.npz", "static.npz", "lowrank.json"}
 
 
 def _decode_logits(engine, ids) -> np.ndarray:
@@ -59,13 +64,36 @@ def test_lowrank_engine_close_to_dense(calibrated):
     assert loaded_share < 0.5  # reads a fraction of what the dense baseline reads every token
 
 
+def test_static_hot_set_in_the_engine(calibrated):
+    """The static predictor loads its fixed hot set once; later tokens read nothing."""
+    store, reports, text = calibrated
+    with Engine.open(store, predictor="static", window=3) as engine:
+        ids = engine.tokenize(text)[-32:]
+        _decode_logits(engine, ids[:1])
+        stats = engine.model.flash_ffn.stats
+        hot_total = sum(len(h) for h in engine.model.flash_ffn.predictor.hot_sets)
+        assert stats.loaded == hot_total  # the first token reads the hot sets
+        _decode_logits_continue(engine, ids[1:])
+        assert stats.loaded == hot_total and stats.predicted == 32 * hot_total  # and nothing after it
+    with pytest.raises(GenerationError, match="available: dense, oracle, lowrank, static"):
+        Engine.open(store, predictor="hot")
+
+
+def _decode_logits_continue(engine, ids) -> None:
+    for t in ids:
+        engine.model.forward(np.array([t]))
+
+
 def test_calibrate_cli_and_errors(calibrated, tmp_path, capsys):
     store, _, text = calibrated
     path = tmp_path / "text.txt"
     path.write_text(text)
-    assert main(["calibrate", str(store), "--text", str(path), "--rank", "8", "--tokens", "400"]) == 0
+    argv = ["calibrate", str(store), "--text", str(path), "--rank", "8", "--tokens", "400"]
+    assert main(argv + ["--last-rank", "12", "--last-layers", "2"]) == 0
     out = capsys.readouterr().out
-    assert "mass recall" in out and "saved" in out
+    assert "mass recall" in out and "static hot set" in out and "saved" in out
+    assert [line.split()[1] for line in out.splitlines()[2:4]] == ["12", "12"]
+    assert not list((store / "predictors").glob(".calibration-*"))  # the scratch inputs are gone
     path.write_text("too short")
     assert main(["calibrate", str(store), "--text", str(path)]) == 2
     assert "give at least 64" in capsys.readouterr().err
@@ -75,7 +103,7 @@ def test_silu_model_is_refused(tmp_path):
     store = convert_checkpoint(FIXTURES / "llama", tmp_path / "s", quant="q8", resident_quant="q8")
     with pytest.raises(FlashinferError, match="only ReLU-family FFNs have"):
         calibrate_store(store, "word " * 200)
-    with pytest.raises(GenerationError, match="no calibrated predictor .* run `flashinfer calibrate"):
+    with pytest.raises(GenerationError, match="no calibrated lowrank predictor .* run `flashinfer calibrate"):
         Engine.open(store, predictor="lowrank")
 
 

@@ -87,6 +87,32 @@ def test_hot_skew_zero_is_uniform_and_high_sparsity(tmp_path):
     assert all(h < 0.3 for h in hot), hot  # uniform firing: the top 10% carry little more than 10%
 
 
+def _top_energy(model_dir: Path, name: str, top: int, skip_column: int | None) -> float:
+    """Share of the squared singular values of tensor `name` in its `top` largest."""
+    w = Checkpoint.open(model_dir).as_float32(name).astype(np.float64)
+    if skip_column is not None:  # the bias channel holds thresholds, not weights
+        w = np.delete(w, skip_column, axis=1)
+    s2 = np.linalg.svd(w, compute_uv=False) ** 2
+    return float(s2[:top].sum() / s2.sum())
+
+
+def test_spectrum_decay_gives_the_gate_low_rank_structure(tmp_path, tiny_dir):
+    """What a low-rank predictor relies on: with the default decay the top 8 of 64 singular
+    values of every gate carry most of its energy; white rows (decay 0) spread it evenly."""
+    white = synth.synthesize("tiny", tmp_path / "white", spectrum_decay=0.0).out_dir
+    report = json.loads((tiny_dir / "synth.json").read_text())
+    assert report["spectrum_decay"] == 0.75 and report["synth_version"] == 2
+    channel = report["bias_channel"]
+    for layer in range(2):
+        name = f"model.layers.{layer}.mlp.gate_proj.weight"
+        decayed, flat = _top_energy(tiny_dir, name, 8, channel), _top_energy(white, name, 8, channel)
+        assert decayed > 0.6 and flat < 0.35, (layer, decayed, flat)
+        up = _top_energy(tiny_dir, f"model.layers.{layer}.mlp.up_proj.weight", 8, channel)
+        assert up < 0.35, up  # only the rows that decide activity are shaped
+    with pytest.raises(ConfigValueError, match="spectrum_decay"):
+        synth.synthesize("tiny", tmp_path / "bad", spectrum_decay=-1.0)
+
+
 def test_opt_path_bias_planted_sparsity(tmp_path):
     from flashinfer.config import ModelArgs
 
