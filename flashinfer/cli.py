@@ -16,7 +16,8 @@ SCHEMES = ("f32", "f16", "q8", "q4", "q4a")  # storage.quant.SCHEMES, listed her
 SYNTH_PRESETS = ("tiny", "tiny-opt", "1b", "opt-6.7b", "llama-2-7b-relu", "mistral-7b-relu")  # storage.synth.PRESETS
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
+def _open_engine(args: argparse.Namespace):
+    """The engine the knobs of _add_engine_args ask for, and the seconds it took to open."""
     from flashinfer.engine import Engine
 
     t0 = time.perf_counter()
@@ -24,7 +25,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
                          predictor=args.predictor, window=args.window, dram=args.dram, prefetch=args.prefetch)
     if engine.memory_plan is not None and args.plan:
         print(engine.memory_plan.table(), file=sys.stderr)
-    load_s = time.perf_counter() - t0
+    return engine, time.perf_counter() - t0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    engine, load_s = _open_engine(args)
     with engine:
         responses = engine.stream(
             args.prompt,
@@ -49,6 +54,31 @@ def _cmd_run(args: argparse.Namespace) -> int:
             f"finish: {last.finish_reason} | load {load_s:.2f} s incl. JIT {engine.jit_seconds:.2f} s{_rss_note(engine)}]",
             file=sys.stderr,
         )
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from flashinfer.errors import FlashinferError
+
+    try:
+        from flashinfer.server.serve import bind, serve
+    except ImportError as e:
+        raise FlashinferError(f"flashinfer serve needs the server extra ({e.name} is not installed): "
+                              "pip install 'flashinfer[server]'") from None
+    sock = bind(args.host, args.port)  # before loading the model: a busy port fails at once
+    try:
+        engine, load_s = _open_engine(args)
+        with engine:
+            name = args.model_name or Path(args.model).resolve().name
+            host = f"[{args.host}]" if ":" in args.host else args.host
+            print(f"serving {name} at http://{host}:{sock.getsockname()[1]}/v1 (context {engine.ctx} tokens, "
+                  f"1 request at a time and up to {args.max_queue} waiting; loaded in {load_s:.2f} s)",
+                  file=sys.stderr)
+            serve(engine, name, sock, args.max_queue)
+    finally:
+        sock.close()
     return 0
 
 
@@ -153,6 +183,35 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """The model and how to run it (Engine.open's knobs): shared by run and serve."""
+    parser.add_argument("model", help="a flash store (flashinfer convert) or a Hugging Face model directory")
+    parser.add_argument("--ctx", type=_positive_int, default=None,
+                        help="context length in tokens (default: model max, <= 4096)")
+    parser.add_argument("--flash-bw", default=None, help="emulate flash of this bandwidth, e.g. 1GB/s (store only)")
+    parser.add_argument("--flash-latency", default=None, help="extra latency per flash read, e.g. 50us (store only)")
+    parser.add_argument("--predictor", default="dense", choices=("dense", "oracle", "lowrank"),
+                        help="FFN neurons to load per token (store only): dense = all (default), "
+                             "lowrank = calibrated predictor, oracle = exact (small models)")
+    parser.add_argument("--window", type=_positive_int, default=5,
+                        help="tokens a loaded neuron stays cached (default 5)")
+    parser.add_argument("--prefetch", action="store_true",
+                        help="read the next layer's guessed neurons while this layer computes (sparse predictors)")
+    parser.add_argument("--dram", default=None,
+                        help="cap for the whole process, e.g. 2GB (store only): sizes the caches")
+    parser.add_argument("--plan", action="store_true", help="print the DRAM plan (with --dram)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flashinfer",
@@ -162,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="generate text from a prompt", description="Generate text, streamed as it is made.")
-    run.add_argument("model", help="a flash store (flashinfer convert) or a Hugging Face model directory")
+    _add_engine_args(run)
     run.add_argument("--prompt", required=True, help="the prompt text")
     run.add_argument("--max-tokens", type=_positive_int, default=128, help="tokens to generate at most (default 128)")
     run.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -170,19 +229,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
     run.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     run.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    run.add_argument("--ctx", type=_positive_int, default=None, help="context length in tokens (default: model max, <= 4096)")
     run.add_argument("--echo", action="store_true", help="print the prompt before the generated text")
-    run.add_argument("--flash-bw", default=None, help="emulate flash of this bandwidth, e.g. 1GB/s (store only)")
-    run.add_argument("--flash-latency", default=None, help="extra latency per flash read, e.g. 50us (store only)")
-    run.add_argument("--predictor", default="dense", choices=("dense", "oracle", "lowrank"),
-                     help="FFN neurons to load per token (store only): dense = all (default), "
-                          "lowrank = calibrated predictor, oracle = exact (small models)")
-    run.add_argument("--window", type=_positive_int, default=5, help="tokens a loaded neuron stays cached (default 5)")
-    run.add_argument("--prefetch", action="store_true",
-                     help="read the next layer's guessed neurons while this layer computes (sparse predictors)")
-    run.add_argument("--dram", default=None, help="cap for the whole process, e.g. 2GB (store only): sizes the caches")
-    run.add_argument("--plan", action="store_true", help="print the DRAM plan (with --dram)")
     run.set_defaults(func=_cmd_run)
+
+    serve = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
+                           description="Serve one model at /v1/completions, /v1/chat/completions (streamed with "
+                                       "server-sent events or not), /v1/models and /health. One request runs at "
+                                       "a time; up to --max-queue more wait, further ones get 503. "
+                                       "Needs the server extra: pip install 'flashinfer[server]'.")
+    _add_engine_args(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=_non_negative_int, default=8000, help="port (default 8000; 0 = any free port)")
+    serve.add_argument("--max-queue", type=_non_negative_int, default=8,
+                       help="requests that may wait while one runs; more get 503 (default 8)")
+    serve.add_argument("--model-name", default=None, help="the model's id in the API (default: the directory name)")
+    serve.set_defaults(func=_cmd_serve)
 
     convert = sub.add_parser("convert", help="convert a Hugging Face checkpoint or a GGUF file into a flash store",
                              description="Quantize and bundle a checkpoint into a flash store (storage/format.py): "

@@ -239,6 +239,11 @@ class Engine:
         self.model.reset()
         return time.perf_counter() - t0
 
+    @property
+    def ctx(self) -> int:
+        """Context length in tokens: prompt plus generated tokens fit in it."""
+        return self.model.ctx
+
     # ---- holding the engine --------------------------------------------------------
     @contextmanager
     def _hold(self) -> Iterator[None]:
