@@ -415,51 +415,47 @@ class Engine:
 
     def _stream(self, ids, max_tokens, params, seed, stops) -> Iterator[Response]:
         with self._hold():
-            steps = self._steps(ids, max_tokens, params, seed, stops)
-            try:
-                for response in steps:
-                    yield response
-                    # resumed, maybe by another thread than the one that started the stream
-                    self._owner = threading.get_ident()
-                    self._check_open()  # close() from this thread while the stream was paused
-            finally:
-                steps.close()
+            model = self.model
+            model.reset()
+            t0 = time.perf_counter()
+            logits = model.forward(ids)
+            t1 = time.perf_counter()
+            rng = np.random.default_rng(seed)
+            decoder = StreamDecoder(self.tokenizer)
+            held = ""  # text that may be the start of a stop string
+            generated: list[int] = []
+            finish = "length"
+            hit_stop_string = False
+            while True:
+                token = sample(logits, params, rng)
+                if token in self.eos_ids:
+                    finish = "stop"
+                    break
+                generated.append(token)
+                held += decoder.push(token)
+                emit, held, hit_stop_string = _split_at_stop(held, stops)
+                yield Response(emit, token)
+                self._resumed()
+                if hit_stop_string:
+                    finish = "stop"
+                    break
+                if len(generated) >= max_tokens or model.n_past >= model.ctx:
+                    break
+                logits = model.forward(np.array([token], np.int64))
+            t2 = time.perf_counter()
+            tail = ""
+            if not hit_stop_string:  # what was held back, and any bytes of an unfinished character
+                tail, _, hit_stop_string = _split_at_stop(held + decoder.flush(), stops, final=True)
+                finish = "stop" if hit_stop_string else finish
+            usage = Usage(len(ids), len(generated))
+            timings = Timings(prompt_s=t1 - t0, decode_s=t2 - t1)
+            yield Response(tail, None, finish, usage, timings, tuple(generated))
 
-    def _steps(self, ids, max_tokens, params, seed, stops) -> Iterator[Response]:
-        model = self.model
-        model.reset()
-        t0 = time.perf_counter()
-        logits = model.forward(ids)
-        t1 = time.perf_counter()
-        rng = np.random.default_rng(seed)
-        decoder = StreamDecoder(self.tokenizer)
-        held = ""  # text that may be the start of a stop string
-        generated: list[int] = []
-        finish = "length"
-        hit_stop_string = False
-        while True:
-            token = sample(logits, params, rng)
-            if token in self.eos_ids:
-                finish = "stop"
-                break
-            generated.append(token)
-            held += decoder.push(token)
-            emit, held, hit_stop_string = _split_at_stop(held, stops)
-            yield Response(emit, token)
-            if hit_stop_string:
-                finish = "stop"
-                break
-            if len(generated) >= max_tokens or model.n_past >= model.ctx:
-                break
-            logits = model.forward(np.array([token], np.int64))
-        t2 = time.perf_counter()
-        tail = ""
-        if not hit_stop_string:  # what was held back, and any bytes of an unfinished character
-            tail, _, hit_stop_string = _split_at_stop(held + decoder.flush(), stops, final=True)
-            finish = "stop" if hit_stop_string else finish
-        usage = Usage(len(ids), len(generated))
-        timings = Timings(prompt_s=t1 - t0, decode_s=t2 - t1)
-        yield Response(tail, None, finish, usage, timings, tuple(generated))
+    def _resumed(self) -> None:
+        """A paused stream goes on: maybe in another thread than the one that started it
+        (which now holds the engine), maybe after this thread closed the engine."""
+        self._owner = threading.get_ident()
+        self._check_open()
 
     # ---- lifetime -----------------------------------------------------------------
     def close(self) -> None:
