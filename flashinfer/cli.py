@@ -129,6 +129,35 @@ def _profile_once(args: argparse.Namespace, prompt: str, **override):
         return engine.last_trace, "".join(pieces)
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from flashinfer.errors import FlashinferError
+
+    try:
+        from flashinfer.server.serve import bind, serve
+    except ImportError as e:
+        raise FlashinferError(f"flashinfer serve needs the server extra ({e.name} is not installed): "
+                              "pip install 'flashinfer[server]'") from None
+    sock = bind(args.host, args.port)  # before loading the model: a busy port fails at once
+    try:
+        t0 = time.perf_counter()
+        engine = _open_engine(args)
+        if engine.memory_plan is not None and args.plan:
+            print(engine.memory_plan.table(), file=sys.stderr)
+        load_s = time.perf_counter() - t0
+        with engine:
+            name = args.model_name or Path(args.model).resolve().name
+            host = f"[{args.host}]" if ":" in args.host else args.host
+            print(f"serving {name} at http://{host}:{sock.getsockname()[1]}/v1 (context {engine.ctx} tokens, "
+                  f"1 request at a time and up to {args.max_queue} waiting; loaded in {load_s:.2f} s)",
+                  file=sys.stderr)
+            serve(engine, name, sock, args.max_queue)
+    finally:
+        sock.close()
+    return 0
+
+
 def _rss_note(engine) -> str:
     from flashinfer.memory import peak_rss_bytes
 
@@ -236,6 +265,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
@@ -284,6 +323,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--echo", action="store_true", help="print the prompt before the generated text")
     _add_engine_args(run)
     run.set_defaults(func=_cmd_run)
+
+    serve = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
+                           description="Serve one model at /v1/completions, /v1/chat/completions (streamed with "
+                                       "server-sent events or not), /v1/models and /health. One request runs at "
+                                       "a time; up to --max-queue more wait, further ones get 503. "
+                                       "Needs the server extra: pip install 'flashinfer[server]'.")
+    serve.add_argument("model", help="a flash store (flashinfer convert) or a Hugging Face model directory")
+    _add_engine_args(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=_non_negative_int, default=8000, help="port (default 8000; 0 = any free port)")
+    serve.add_argument("--max-queue", type=_non_negative_int, default=8,
+                       help="requests that may wait while one runs; more get 503 (default 8)")
+    serve.add_argument("--model-name", default=None, help="the model's id in the API (default: the directory name)")
+    serve.set_defaults(func=_cmd_serve)
 
     profile = sub.add_parser(
         "profile", help="trace cache hit rates, I/O and compute per token and layer",

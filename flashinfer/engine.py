@@ -5,9 +5,13 @@
         print(eng.generate("Once upon a time", max_tokens=16).text)
         for piece in eng.generate("Once upon a time", max_tokens=16, stream=True):
             print(piece, end="", flush=True)
+        print(eng.chat([{"role": "user", "content": "hi"}], max_tokens=16).text)
 
-One engine holds one model, one KV cache and one set of buffers; calls from several
-threads are serialised by a lock (a stream holds it until it is exhausted or closed).
+One engine holds one model, one KV cache and one set of buffers, so calls from several
+threads are serialised by a lock: each call holds it for the whole generation, and a stream
+holds it from its first step until it is exhausted or closed (abandon one with `.close()`,
+or `contextlib.closing`). A second engine on the same store would double the DRAM; the
+server puts a bounded queue in front of this lock instead (flashinfer/server/).
 """
 
 from __future__ import annotations
@@ -15,15 +19,18 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, overload
 
 import numpy as np
 
 from flashinfer.config import ModelArgs
-from flashinfer.errors import GenerationError, ModelPathError
+from flashinfer.chat import Message
+from flashinfer.errors import EngineBusyError, EngineClosedError, GenerationError, ModelPathError
 from flashinfer.model import Model, RunState
-from flashinfer.sampling import SamplingParams, sample
+from flashinfer.sampling import SamplingParams, check_seed, is_int, sample
 from flashinfer.tokenizer import StreamDecoder, Tokenizer
 
 DEFAULT_MAX_CTX = 4096  # KV cache positions unless the caller asks otherwise
@@ -54,7 +61,9 @@ class Timings:
 
 @dataclass(frozen=True)
 class Response:
-    """One streaming step: a text piece; the last one also carries why generation ended."""
+    """One streaming step: one generated token and the text it completes (often "" while a
+    multi-byte character or a possible stop string is held back). The last one has no
+    token; it carries the held-back rest and why generation ended."""
 
     text: str
     token_id: int | None
@@ -80,7 +89,9 @@ class Engine:
         self.model = model
         self.source = source
         self._resources = resources  # things with close(): checkpoint files, store reader, read-ahead thread
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # held for a whole generation (see the module docstring)
+        self._owner: int | None = None  # the thread holding _lock, to refuse a self-deadlock
+        self._closed = False
         self.eos_ids = set(args.eos_token_ids) | ({tokenizer.eos_id} if tokenizer.eos_id is not None else set())
         self.memory_plan = None  # set by open() when a DRAM cap is given
         self.last_trace = None  # the Trace of the last generate(..., trace=True)
@@ -230,21 +241,67 @@ class Engine:
         self.model.reset()
         return time.perf_counter() - t0
 
+    @property
+    def ctx(self) -> int:
+        """Context length in tokens: prompt plus generated tokens fit in it."""
+        return self.model.ctx
+
+    # ---- holding the engine --------------------------------------------------------
+    @contextmanager
+    def _hold(self) -> Iterator[None]:
+        """Hold the engine for one call or one stream. Other threads wait their turn; the
+        thread that already holds it (through a stream it has not finished) gets an error,
+        since waiting for itself would never end."""
+        if self._owner == threading.get_ident():
+            raise EngineBusyError("this thread is iterating an unfinished stream of this engine; exhaust it or "
+                                  "close() it before another call (calls from other threads wait their turn)")
+        with self._lock:
+            self._check_open()
+            self._owner = threading.get_ident()
+            try:
+                yield
+            finally:
+                self._owner = None
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EngineClosedError(f"the engine of {self.source} is closed; open a new one with Engine.open()")
+
     # ---- text ---------------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
+        """Token ids of `text`, with the BOS token the model expects."""
+        if not isinstance(text, str):
+            raise GenerationError(f"tokenize takes a string, got {type(text).__name__}")
         return self.tokenizer.encode(text)
 
     def detokenize(self, token_ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(token_ids))
+        """Text of `token_ids` (special tokens left out)."""
+        return self.tokenizer.decode(self._check_ids(token_ids))
+
+    def apply_chat_template(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+        """The prompt text chat() feeds the model: `messages` ([{"role": ..., "content": ...}])
+        rendered with the model's chat_template from tokenizer_config.json. A model without
+        one raises ChatTemplateError (flashinfer/chat.py says why there is no fallback)."""
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt)
+
+    def tokenize_chat(self, messages: Sequence[Message]) -> list[int]:
+        """Token ids chat() feeds the model (the template writes its own special tokens)."""
+        return self.tokenizer.encode(self.apply_chat_template(messages), add_special_tokens=False)
+
+    def _check_ids(self, token_ids: Sequence[int]) -> list[int]:
+        if isinstance(token_ids, (str, bytes)) or not isinstance(token_ids, Sequence | np.ndarray):
+            raise GenerationError(f"expected a string or a sequence of token ids, got {type(token_ids).__name__}")
+        ids = list(token_ids)
+        not_ints = [t for t in ids if not is_int(t)]
+        if not_ints:
+            raise GenerationError(f"token ids must be integers, got {not_ints[:5]!r}")
+        bad = [int(t) for t in ids if not 0 <= t < self.args.vocab_size]
+        if bad:
+            raise GenerationError(f"token id(s) {bad[:5]} outside the vocabulary [0, {self.args.vocab_size})")
+        return [int(t) for t in ids]
 
     def _prompt_ids(self, prompt: str | Sequence[int]) -> np.ndarray:
-        if isinstance(prompt, str):
-            ids = self.tokenize(prompt)
-        else:
-            ids = [int(t) for t in prompt]
-            bad = [t for t in ids if not 0 <= t < self.args.vocab_size]
-            if bad:
-                raise GenerationError(f"token id(s) {bad[:5]} outside the vocabulary [0, {self.args.vocab_size})")
+        ids = self.tokenize(prompt) if isinstance(prompt, str) else self._check_ids(prompt)
         if not ids:
             raise GenerationError("the prompt is empty (no tokens)")
         if len(ids) >= self.model.ctx:
@@ -258,12 +315,24 @@ class Engine:
         """Logits float32 [len(token_ids), vocab] of the whole sequence, from an empty cache."""
         ids = self._prompt_ids(token_ids)
         out = np.empty((len(ids), self.args.vocab_size), np.float32)
-        with self._lock:
+        with self._hold():
             self.model.reset()
             self.model.forward(ids, out)
         return out
 
     # ---- generation ---------------------------------------------------------------
+    @overload
+    def generate(self, prompt: str | Sequence[int], max_tokens: int = ..., temperature: float = ...,
+                 top_k: int = ..., top_p: float = ..., seed: int | None = ...,
+                 stop: str | Sequence[str] | None = ..., stream: Literal[False] = ...,
+                 trace: bool = ...) -> GenerationResult: ...
+
+    @overload
+    def generate(self, prompt: str | Sequence[int], max_tokens: int = ..., temperature: float = ...,
+                 top_k: int = ..., top_p: float = ..., seed: int | None = ...,
+                 stop: str | Sequence[str] | None = ..., *, stream: Literal[True],
+                 trace: bool = ...) -> Iterator[str]: ...
+
     def generate(
         self,
         prompt: str | Sequence[int],
@@ -276,17 +345,54 @@ class Engine:
         stream: bool = False,
         trace: bool = False,
     ) -> GenerationResult | Iterator[str]:
-        """Generate a continuation. temperature 0 is greedy. With stream=True returns an
-        iterator of text pieces; otherwise a GenerationResult. With trace=True the run is
-        traced per token and layer (flashinfer/profile.py); when it ends, `engine.last_trace`
-        holds the Trace (`.summary()`, `.to_chrome_trace(path)`, `.to_jsonl(path)`)."""
+        """Generate a continuation of `prompt` (text, or token ids).
+
+        max_tokens: tokens to generate at most; generation also ends at EOS, at a stop
+            string (not included in the text) or when the context is full.
+        temperature: 0 is greedy; top_k (0 = off) and top_p (1 = off) filter what is sampled.
+        seed: makes sampling reproducible (the same seed gives the same tokens).
+        stream: False returns a GenerationResult (text, token_ids, finish_reason, usage);
+            True returns an iterator of text pieces that holds the engine while it is
+            iterated (close it to stop early).
+        trace: trace the run per token and layer (flashinfer/profile.py); when it ends,
+            `engine.last_trace` holds the Trace (`.summary()`, `.to_chrome_trace(path)`,
+            `.to_jsonl(path)`).
+        Bad arguments raise GenerationError before anything runs.
+        """
         responses = self.stream(prompt, max_tokens, temperature, top_k, top_p, seed, stop, trace)
         if stream:
-            return (r.text for r in responses if r.text)
+            return _texts(responses)
         pieces, last = [], None
         for last in responses:
             pieces.append(last.text)
         return GenerationResult("".join(pieces), list(last.token_ids), last.finish_reason, last.usage, last.timings)
+
+    @overload
+    def chat(self, messages: Sequence[Message], max_tokens: int = ..., temperature: float = ...,
+             top_k: int = ..., top_p: float = ..., seed: int | None = ...,
+             stop: str | Sequence[str] | None = ..., stream: Literal[False] = ...) -> GenerationResult: ...
+
+    @overload
+    def chat(self, messages: Sequence[Message], max_tokens: int = ..., temperature: float = ...,
+             top_k: int = ..., top_p: float = ..., seed: int | None = ...,
+             stop: str | Sequence[str] | None = ..., *, stream: Literal[True]) -> Iterator[str]: ...
+
+    def chat(
+        self,
+        messages: Sequence[Message],
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        stream: bool = False,
+    ) -> GenerationResult | Iterator[str]:
+        """The assistant's reply to `messages` ([{"role": "user", "content": "hi"}, ...]),
+        prompted through the model's chat template (see apply_chat_template). Otherwise as
+        generate(); the reply ends at the model's end-of-turn token (its EOS)."""
+        return self.generate(self.tokenize_chat(messages), max_tokens, temperature, top_k, top_p, seed, stop,
+                             stream=stream)
 
     def stream(
         self,
@@ -299,17 +405,22 @@ class Engine:
         stop: str | Sequence[str] | None = None,
         trace: bool = False,
     ) -> Iterator[Response]:
-        """Like generate(stream=True) but yields Response records; the last one carries
-        finish_reason, usage and timings. Arguments are checked before the first step."""
+        """Like generate(stream=True) but yields one Response per generated token, and a last
+        one that carries finish_reason, usage and timings. Arguments are checked here, before
+        the first step; the engine is held from the first step until the end or close()."""
+        self._check_open()
         ids = self._prompt_ids(prompt)
-        params = SamplingParams(float(temperature), int(top_k), float(top_p))
-        params.validate()
-        if not isinstance(max_tokens, int) or max_tokens < 1:
+        params = SamplingParams.checked(temperature, top_k, top_p)
+        if not is_int(max_tokens) or max_tokens < 1:
             raise GenerationError(f"max_tokens must be a positive integer, got {max_tokens!r}")
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        seed = check_seed(seed)
+        stops = [stop] if isinstance(stop, str) else stop
+        if stops is not None and not isinstance(stops, Sequence):
+            raise GenerationError(f"stop must be a string or a list of strings, got {stop!r}")
+        stops = list(stops or [])
         if any(not isinstance(s, str) or not s for s in stops):
             raise GenerationError(f"stop must be non-empty strings, got {stops!r}")
-        return self._stream(ids, max_tokens, params, seed, stops, self._new_tracer() if trace else None)
+        return self._stream(ids, int(max_tokens), params, seed, stops, self._new_tracer() if trace else None)
 
     def _new_tracer(self):
         from flashinfer.profile import Tracer
@@ -323,7 +434,7 @@ class Engine:
             self.model.flash_ffn.tracer = tracer
 
     def _stream(self, ids, max_tokens, params, seed, stops, tracer=None) -> Iterator[Response]:
-        with self._lock:
+        with self._hold():
             try:
                 self._attach(tracer)
                 yield from self._steps(ids, max_tokens, params, seed, stops, tracer)
@@ -355,13 +466,11 @@ class Engine:
             generated.append(token)
             held += decoder.push(token)
             emit, held, hit_stop_string = _split_at_stop(held, stops)
+            yield Response(emit, token)
+            self._resumed()
             if hit_stop_string:
                 finish = "stop"
-                if emit:
-                    yield Response(emit, token)
                 break
-            if emit:
-                yield Response(emit, token)
             if len(generated) >= max_tokens or model.n_past >= model.ctx:
                 break
             if tracer is not None:
@@ -397,8 +506,24 @@ class Engine:
         })
         return trace
 
+    def _resumed(self) -> None:
+        """A paused stream goes on: maybe in another thread than the one that started it
+        (which now holds the engine), maybe after this thread closed the engine."""
+        self._owner = threading.get_ident()
+        self._check_open()
+
     # ---- lifetime -----------------------------------------------------------------
     def close(self) -> None:
+        """Release the model's files (and the read-ahead thread). Waits for a generation in
+        another thread to finish; a stream this thread left unfinished fails on its next step."""
+        if self._owner == threading.get_ident():  # our own paused stream: no step is running
+            self._release()
+            return
+        with self._lock:
+            self._release()
+
+    def _release(self) -> None:
+        self._closed = True
         for r in self._resources:
             r.close()
         self._resources = []
@@ -408,6 +533,16 @@ class Engine:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _texts(responses: Iterator[Response]) -> Iterator[str]:
+    """The non-empty text pieces of a stream; closing this closes the stream (frees the engine)."""
+    try:
+        for response in responses:
+            if response.text:
+                yield response.text
+    finally:
+        responses.close()
 
 
 def _load_calibrated(reader, kind: str):

@@ -37,3 +37,16 @@ class TokenizerError(FlashinferError):
 
 class GenerationError(FlashinferError):
     """Bad generation arguments (empty prompt, context overflow, bad sampling values)."""
+
+
+class ChatTemplateError(TokenizerError):
+    """The model has no chat template, or its template refuses the messages."""
+
+
+class EngineClosedError(FlashinferError):
+    """A call on an engine after close()."""
+
+
+class EngineBusyError(FlashinferError):
+    """A call from the thread that is itself iterating an unfinished stream of the engine
+    (it would wait for itself forever)."""

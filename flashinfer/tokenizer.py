@@ -21,6 +21,7 @@ class Tokenizer:
         except Exception as e:  # tokenizers raises plain Exception subclasses from Rust
             raise TokenizerError(f"{source}: cannot load tokenizer ({e})") from None
         self.config = config
+        self.source = source
         self.bos_id = self._special_id(config.get("bos_token"))
         self.eos_id = self._special_id(config.get("eos_token"))
         self.add_bos = bool(config.get("add_bos_token", False))
@@ -53,11 +54,30 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str) -> list[int]:
-        ids = self._tok.encode(text, add_special_tokens=True).ids
+    @property
+    def special_tokens(self) -> dict[str, str]:
+        """bos_token, eos_token, ... as strings: the variables chat templates refer to."""
+        names = ("bos_token", "eos_token", "unk_token", "pad_token")
+        tokens = {name: self.config.get(name) for name in names}
+        tokens = {name: t.get("content") if isinstance(t, dict) else t for name, t in tokens.items()}
+        return {name: t for name, t in tokens.items() if isinstance(t, str)}
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`. add_special_tokens=False encodes text that already holds its
+        special tokens (a rendered chat template writes its own BOS): none are added."""
+        ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        if not add_special_tokens:
+            return ids
         if self.add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
             ids = [self.bos_id] + ids
         return ids
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
+        """Render chat messages with the model's chat_template (flashinfer/chat.py)."""
+        from flashinfer.chat import check_messages, pick_template, render_chat
+
+        template = pick_template(self.chat_template, str(Path(self.source).parent))
+        return render_chat(template, check_messages(messages), self.special_tokens, add_generation_prompt)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)

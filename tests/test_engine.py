@@ -76,10 +76,17 @@ def test_stream_decoder_never_splits_utf8(engines):
 
 @pytest.mark.parametrize("kwargs,message", [
     (dict(max_tokens=0), "max_tokens must be a positive integer"),
+    (dict(max_tokens=True), "max_tokens must be a positive integer, got True"),
     (dict(temperature=-1.0), "temperature must be >= 0"),
+    (dict(temperature="hot"), "temperature must be a number >= 0 .*got 'hot'"),
     (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+    (dict(top_p=float("nan")), r"top_p must be in \(0, 1\]"),
     (dict(top_k=-2), "top_k must be >= 0"),
+    (dict(top_k=1.5), "top_k must be an integer"),
+    (dict(seed=-1), "seed must be a non-negative integer or None, got -1"),
+    (dict(seed="x"), "seed must be a non-negative integer"),
     (dict(stop=[""]), "stop must be non-empty strings"),
+    (dict(stop=5), "stop must be a string or a list of strings, got 5"),
 ])
 def test_bad_generation_arguments(engines, kwargs, message):
     with pytest.raises(GenerationError, match=message):
@@ -88,6 +95,11 @@ def test_bad_generation_arguments(engines, kwargs, message):
 
 def test_bad_prompts(engines):
     engine = engines("llama")
+    for prompt in (None, 5, b"hi"):
+        with pytest.raises(GenerationError, match="expected a string or a sequence of token ids"):
+            engine.generate(prompt)
+    with pytest.raises(GenerationError, match=r"token ids must be integers, got \[1.5\]"):
+        engine.generate([1, 1.5])
     with pytest.raises(GenerationError, match="the prompt is empty"):
         engine.generate([])
     with pytest.raises(GenerationError, match=r"token id\(s\) \[99999\] outside the vocabulary"):
@@ -111,3 +123,53 @@ def test_errors_are_one_hierarchy():
 
     assert issubclass(CheckpointError, StorageError) and issubclass(StorageError, FlashinferError)
     assert issubclass(ConfigError, FlashinferError) and issubclass(GenerationError, FlashinferError)
+
+
+def test_stream_yields_one_response_per_token(engines):
+    engine = engines("llama")
+    responses = list(engine.stream(PROMPT, max_tokens=9))
+    assert [r.token_id for r in responses[:-1]] == list(responses[-1].token_ids)
+    assert len(responses) == 10 and responses[-1].token_id is None
+
+
+def test_abandoned_stream_frees_the_engine(engines):
+    engine = engines("llama")
+    stream = engine.generate(PROMPT, max_tokens=50, stream=True)
+    next(stream)
+    stream.close()
+    assert engine.generate(PROMPT, max_tokens=3).usage.completion_tokens == 3
+
+
+def test_a_call_inside_ones_own_stream_is_refused_not_deadlocked(engines):
+    from flashinfer.errors import EngineBusyError
+
+    engine = engines("llama")
+    stream = engine.stream(PROMPT, max_tokens=50)
+    next(stream)
+    with pytest.raises(EngineBusyError, match="exhaust it or close\\(\\) it before another call"):
+        engine.generate(PROMPT, max_tokens=2)
+    stream.close()
+    engine.generate(PROMPT, max_tokens=2)
+
+
+def test_closed_engine_refuses_calls():
+    from flashinfer import Engine
+    from flashinfer.errors import EngineClosedError
+    from tests.conftest import FIXTURES
+
+    with Engine.open(FIXTURES / "llama") as engine:
+        paused = engine.generate(PROMPT, max_tokens=50, stream=True)
+        next(paused)
+    with pytest.raises(EngineClosedError, match="is closed; open a new one"):
+        next(paused)  # closed while this thread's stream was paused: fails on its next step
+    with pytest.raises(EngineClosedError):
+        engine.generate(PROMPT)
+    engine.close()  # twice is fine
+
+
+def test_package_exports():
+    import flashinfer
+    from flashinfer.engine import Engine, Usage
+
+    assert flashinfer.Engine is Engine and flashinfer.Usage is Usage
+    assert flashinfer.FlashinferError is FlashinferError
