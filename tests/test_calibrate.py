@@ -5,6 +5,7 @@ import random
 import numpy as np
 import pytest
 
+from bench.texts import WORDS
 from flashinfer import Engine
 from flashinfer.calibrate import calibrate_store
 from flashinfer.cli import main
@@ -12,10 +13,6 @@ from flashinfer.convert import convert_checkpoint
 from flashinfer.errors import FlashinferError, GenerationError
 from storage.synth import synthesize
 from tests.conftest import FIXTURES
-
-WORDS = ("the of and to in is that it was for on are as with his they at be this from have or by one had "
-         "not but what all were when we there can an your which their said if do will each about how up out "
-         "them then she many some so these would other into has more her two like him see time could no make").split()
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ import random
 
 import pytest
 
+from bench.texts import WORDS
 from flashinfer import Engine
 from flashinfer.calibrate import calibrate_store
 from flashinfer.cli import main
@@ -13,7 +14,6 @@ from flashinfer.errors import ConfigError
 from flashinfer.profile_report import parse_sweep
 from storage.synth import synthesize
 from tests.conftest import FIXTURES
-from tests.test_calibrate import WORDS
 
 
 @pytest.fixture(scope="module")
