@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 DEMO := out/demo
 DEMO_STORE := $(DEMO)/1b-relu-q8
 DEMO_PROMPT := "the time of day when we are"
-DEMO_KNOBS := --predictor lowrank --window 5 --dram 800MB --ctx 256
+DEMO_KNOBS := --predictor lowrank --window 5 --dram 900MB --ctx 256
 
 .PHONY: demo test test-all clean
 

@@ -30,9 +30,11 @@ from flashinfer import Engine, flash_ffn, kernels
 from flashinfer.memory import peak_rss_bytes
 cfg = json.loads(sys.argv[1])
 if cfg.get("parallel_ffn"):  # the default FFN over cached rows is serial (flashinfer/flash_ffn.py says why)
-    flash_ffn.FFN_PARALLEL_MIN_ELEMENTS = kernels.PARALLEL_MIN_ELEMENTS
-if cfg.get("serial_matmul"):  # the resident matmuls (attention, lm_head) too
-    kernels.PARALLEL_MIN_ELEMENTS = 2**62
+    flash_ffn.FFN_PARALLEL_MIN_ELEMENTS = 1 << 18
+if cfg.get("serial_matmul"):  # the lm_head and prefill matmuls too (decode's per-layer ones already are)
+    kernels.PARALLEL_MIN_WORK = 2**62
+if cfg.get("parallel_matmul"):  # every resident matmul on all cores (the default before 2026-11-25)
+    kernels.PARALLEL_MIN_WORK = 1 << 18
 with Engine.open(cfg["store"], ctx=256, predictor=cfg["predictor"], window=cfg["window"], dram=cfg["dram"],
                  prefetch=cfg["prefetch"], flash_bw=cfg["flash_bw"]) as engine:
     engine.generate(cfg["prompt"], max_tokens=4)  # warm: JIT, resident pages
@@ -90,7 +92,8 @@ def main() -> None:
     configs = [] if opts.no_dense else [("dense (naive baseline)", base | {"predictor": "dense", "dram": opts.dram,
                                                                             "prefetch": False})]
     configs += [(f"{opts.predictor}", sparse),
-                (f"{opts.predictor}, serial matmuls too", sparse | {"serial_matmul": True}),
+                (f"{opts.predictor}, all matmuls serial", sparse | {"serial_matmul": True}),
+                (f"{opts.predictor}, all matmuls parallel", sparse | {"parallel_matmul": True}),
                 (f"{opts.predictor}, parallel FFN", sparse | {"parallel_ffn": True}),
                 (f"{opts.predictor} + prefetch", sparse | {"prefetch": True}),
                 (f"{opts.predictor}, traced (profile)", sparse | {"trace": True})]

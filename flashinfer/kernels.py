@@ -186,7 +186,12 @@ def matmul_serial(x, w, scales, mins, group, bias, out):
         _matmul_row(x, w, scales, mins, group, bias, out, n)
 
 
-PARALLEL_MIN_ELEMENTS = 1 << 18  # rows * cols below which matmul_serial is used
+# x rows * weight elements below which matmul_serial is used. A parallel region pays a wake-up
+# and waits for its slowest thread: with the second core busy (a shared 2-core machine) the
+# ~80 small regions of a decode step made it 4x slower (bench/sparse.py, 1B: 1.1 vs 4.7 tok/s).
+# Decode matmuls of a layer (<= 16M elements) run serially; the lm_head and prefill chunks,
+# where the work per region is large, run on all cores.
+PARALLEL_MIN_WORK = 1 << 25
 
 
 @njit(cache=True, nogil=True, fastmath=FAST)

@@ -20,7 +20,7 @@ DEFAULT_CHUNK = 64  # prefill tokens per pass: big enough to reuse each weight r
 
 
 def linear(x: np.ndarray, m: Matrix, bias: np.ndarray, out: np.ndarray) -> None:
-    small = m.data.size < K.PARALLEL_MIN_ELEMENTS
+    small = x.shape[0] * m.data.size < K.PARALLEL_MIN_WORK
     (K.matmul_serial if small else K.matmul)(x, m.data, m.scales, m.mins, m.group, bias, out)
 
 

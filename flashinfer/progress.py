@@ -20,7 +20,7 @@ class Progress:
         self.stream = stream or sys.stderr
         self.enabled = self.stream.isatty()
         self.start = time.perf_counter()
-        self._last = 0.0
+        self._last: float | None = None  # None: nothing drawn yet (perf_counter's origin is arbitrary)
         self.min_interval_s = min_interval_s
         self.done = 0
 
@@ -30,7 +30,8 @@ class Progress:
             self.total = total
         now = time.perf_counter()
         final = self.total is not None and done >= self.total
-        if not self.enabled or (now - self._last < self.min_interval_s and not final):
+        throttled = self._last is not None and now - self._last < self.min_interval_s
+        if not self.enabled or (throttled and not final):
             return
         self._last = now
         self.stream.write(f"\r{self.line(now)}\033[K")

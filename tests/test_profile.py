@@ -120,9 +120,10 @@ def test_sweep_rows_in_order_and_refusals(store, capsys):
     assert main(argv + ["--sweep", "window=4,1,2"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:4]]
     assert [r[0] for r in rows] == ["4", "1", "2"]
-    assert main(argv + ["--sweep", "dram=100MB,400MB", "--json"]) == 0
+    # 8GB, not a tight cap: the plan counts this process's RSS, and in a full pytest run that is several hundred MB
+    assert main(argv + ["--sweep", "dram=100MB,8GB", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert [r["value"] for r in data["rows"]] == ["100MB", "400MB"]
+    assert [r["value"] for r in data["rows"]] == ["100MB", "8GB"]
     assert "cannot hold this model" in data["rows"][0]["error"] and "summary" in data["rows"][1]
 
 
