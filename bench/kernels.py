@@ -6,11 +6,22 @@
   90% of the rows inactive.
 
     python -m bench.kernels
+    python -m bench.kernels --against HEAD~1   # the same cases, this tree's kernels vs a git revision's
+
+`--against REV` loads flashinfer/kernels.py as it was at REV into the same process and times
+both on the same operands, alternating, so a change to a kernel is measured as a ratio on a
+noisy shared machine.
 """
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -33,6 +44,68 @@ def best_seconds(fn, *args) -> float:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--against", metavar="REV", help="compare with flashinfer/kernels.py at this git revision")
+    opts = parser.parse_args()
+    if opts.against:
+        compare_against(opts.against)
+    else:
+        serial_vs_parallel()
+
+
+def kernels_at(rev: str):
+    """flashinfer/kernels.py as of git revision `rev`, imported as a module of its own."""
+    root = Path(__file__).resolve().parent.parent
+    source = subprocess.run(["git", "-C", str(root), "show", f"{rev}:flashinfer/kernels.py"], capture_output=True,
+                            text=True, check=True).stdout
+    path = Path(tempfile.mkdtemp(prefix="kernels-")) / f"kernels_{rev.replace('~', '_').replace('^', '_')}.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def best_pair(old, new, old_args, new_args, repeats: int = 7) -> tuple[float, float]:
+    """Best-of times of two functions, alternating so both see the same machine load."""
+    old(*old_args), new(*new_args)
+    t_old, t_new = [], []
+    for _ in range(repeats):
+        for fn, args, times in ((old, old_args, t_old), (new, new_args, t_new)):
+            t0 = time.perf_counter()
+            fn(*args)
+            times.append(time.perf_counter() - t0)
+    return min(t_old), min(t_new)
+
+
+def compare_against(rev: str) -> None:
+    old_k = kernels_at(rev)
+    rng = np.random.default_rng(0)
+    print(f"command: python -m bench.kernels --against {rev}")
+    print("machine:", machine_line())
+    print(f"matmul [11008, 4096]: {rev} vs this tree")
+    print(f"{'weights':8} {'tokens':>6} {'kernel':>14} {rev + ' ms':>12} {'now ms':>9} {'speedup':>8} {'now GB/s':>9}")
+    for dtype in ("f32", "f16", "q8", "q4"):
+        qt = quant.quantize(rng.standard_normal((11008, 4096), dtype=np.float32), dtype, 32)
+        data = qt.data.view(np.uint16) if dtype == "f16" else qt.data
+        scales = qt.scales.view(np.uint16) if qt.scales is not None else NO_SCALES
+        nbytes = data.nbytes + scales.nbytes
+        for n_tokens in (1, 16):
+            x = rng.standard_normal((n_tokens, 4096)).astype(np.float32)
+            args = (x, data, scales, NO_SCALES, 32, np.zeros(0, np.float32), np.empty((n_tokens, 11008), np.float32))
+            for name in ("matmul_serial", "matmul"):
+                t_old, t_new = best_pair(getattr(old_k, name), getattr(K, name), args, args)
+                print(f"{dtype:8} {n_tokens:>6} {name:>14} {t_old * 1e3:>12.2f} {t_new * 1e3:>9.2f} "
+                      f"{t_old / t_new:>7.2f}x {nbytes / t_new / 1e9:>9.1f}")
+    print(f"\nsparse FFN over cached rows (ffn_rows, serial), gated, dim 4096, 30% of a layer, 90% inactive")
+    print(f"{'bundles':8} {'rows':>6} {rev + ' ms':>12} {'now ms':>9} {'speedup':>8}")
+    for scheme, operands, out, _ in ffn_cases(rng, shares=(0.3,)):
+        t_old, t_new = best_pair(old_k.ffn_rows, K.ffn_rows, (*operands, out), (*operands, out))
+        print(f"{scheme:8} {operands[1]:>6} {t_old * 1e3:>12.2f} {t_new * 1e3:>9.2f} {t_old / t_new:>7.2f}x")
+
+
+def serial_vs_parallel() -> None:
     serial = K.matmul_serial  # same source, prange as range
     rng = np.random.default_rng(0)
     print("command: python -m bench.kernels")
@@ -55,19 +128,15 @@ def main() -> None:
     sparse_ffn_rows(rng)
 
 
-def sparse_ffn_rows(rng) -> None:
+def ffn_cases(rng, shares=(0.1, 0.3)):
+    """(scheme, ffn_rows operands without `out`, out, bundle bytes) for Mistral-7B-shaped bundles."""
     from flashinfer import flash_ffn
     from storage import format as fmt
     from storage.writer import bundle_layout, pack_bundles
 
     dim, n_neurons = 4096, 14336
-    print(f"\nsparse FFN over cached rows (ffn_rows), gated, dim {dim}, 90% of rows inactive")
-    print(f"{'bundles':8} {'rows':>6} {'serial ms':>10} {'parallel ms':>12} {'speedup':>8} {'parallel GB/s':>14}")
-    import numba
-
-    slices = np.zeros((numba.get_num_threads(), 1, dim), np.float32)
     for scheme in ("f16", "q8", "q4"):
-        for share in (0.1, 0.3):
+        for share in shares:
             n_rows = int(n_neurons * share)
             weights = {name: rng.standard_normal((n_rows, dim), dtype=np.float32) for name in ("up", "gate", "down")}
             inactive = rng.random(n_rows) < 0.9
@@ -78,13 +147,23 @@ def sparse_ffn_rows(rng) -> None:
             layer = fmt.FFNLayer(file="", n_neurons=n_rows, bundle_bytes=bundle_bytes, components=tuple(components),
                                  bundles_per_chunk=1, compression="none", chunks=(), file_bytes=0)
             v = flash_ffn.bundle_views(bundles, layer)
-            out = np.empty((1, dim), np.float32)
             operands = (x, n_rows, v.up.data, v.up.scales, v.up.mins, v.gate.data, v.gate.scales, v.gate.mins,
                         v.down.data, v.down.scales, v.down.mins, v.up_bias, v.gate_bias, v.group, K.ACT_RELU)
-            t_serial = best_seconds(K.ffn_rows, *operands, out)
-            t_parallel = best_seconds(K.ffn_rows_parallel, *operands, slices, out)
-            print(f"{scheme:8} {n_rows:>6} {t_serial * 1e3:>10.2f} {t_parallel * 1e3:>12.2f} "
-                  f"{t_serial / t_parallel:>7.2f}x {bundles.nbytes / t_parallel / 1e9:>14.1f}")
+            yield scheme, operands, np.empty((1, dim), np.float32), bundles.nbytes
+
+
+def sparse_ffn_rows(rng) -> None:
+    import numba
+
+    dim = 4096
+    print(f"\nsparse FFN over cached rows (ffn_rows), gated, dim {dim}, 90% of rows inactive")
+    print(f"{'bundles':8} {'rows':>6} {'serial ms':>10} {'parallel ms':>12} {'speedup':>8} {'parallel GB/s':>14}")
+    slices = np.zeros((numba.get_num_threads(), 1, dim), np.float32)
+    for scheme, operands, out, nbytes in ffn_cases(rng):
+        t_serial = best_seconds(K.ffn_rows, *operands, out)
+        t_parallel = best_seconds(K.ffn_rows_parallel, *operands, slices, out)
+        print(f"{scheme:8} {operands[1]:>6} {t_serial * 1e3:>10.2f} {t_parallel * 1e3:>12.2f} "
+              f"{t_serial / t_parallel:>7.2f}x {nbytes / t_parallel / 1e9:>14.1f}")
 
 
 if __name__ == "__main__":

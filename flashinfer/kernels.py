@@ -48,11 +48,30 @@ def _is_float_weight(dtype) -> bool:
     return dtype == types.float32 or (isinstance(dtype, types.Integer) and dtype.bitwidth == 16 and not dtype.signed)
 
 
-def row_dot(w, scales, mins, group, r, x, t):
-    """sum_k value(w[r, k]) * x[t, k] for any store scheme (pure-Python form for NUMBA_DISABLE_JIT=1)."""
+def prepare_input(w, x, group):
+    """(x laid out as the row kernels of w's scheme read it, per-group sums of x [T, groups]).
+
+    For q4/q4a the kernels read x deinterleaved within each group (the group's even elements,
+    then its odd ones) so that a byte's low and high nibbles meet contiguous x and the nibble
+    loop vectorises; the group sums turn the nibble offset (q4) or the min (q4a) into one
+    multiply per group. Other schemes read x as it is. Pure-Python form: x as it is, and the
+    Python row_dot / row_values below read it so."""
+    return x, np.zeros((x.shape[0], 0), np.float32)
+
+
+def row_dot(w, scales, mins, group, r, x, xs, t):
+    """sum_k value(w[r, k]) * x[t, k] for any store scheme, x and xs from prepare_input
+    (pure-Python form for NUMBA_DISABLE_JIT=1)."""
     from storage import quant
 
     return np.float32(np.dot(_dequant_row(w, scales, mins, group, r, quant), x[t]))
+
+
+def row_values(w, scales, mins, group, r, out):
+    """out[:] = value(w[r, :]) as float32, in the element order prepare_input gives x (pure-Python form)."""
+    from storage import quant
+
+    out[:] = _dequant_row(w, scales, mins, group, r, quant)
 
 
 def row_axpy(w, scales, mins, group, r, coef, out, t):
@@ -72,11 +91,35 @@ def _dequant_row(w, scales, mins, group, r, quant):
     return quant.dequantize(qt)[0]
 
 
+@overload(prepare_input)
+def _prepare_input_jit(w, x, group):
+    if w.dtype == types.uint8:
+
+        def prepare_q4(w, x, group):
+            half = group // 2
+            n_groups = x.shape[1] // group
+            xp = np.empty_like(x)
+            xs = np.empty((x.shape[0], n_groups), np.float32)
+            for t in range(x.shape[0]):
+                for g in range(n_groups):
+                    base = g * group
+                    total = np.float32(0.0)
+                    for j in range(half):
+                        xp[t, base + j] = x[t, base + 2 * j]
+                        xp[t, base + half + j] = x[t, base + 2 * j + 1]
+                        total += x[t, base + 2 * j] + x[t, base + 2 * j + 1]
+                    xs[t, g] = total
+            return xp, xs
+
+        return prepare_q4
+    return lambda w, x, group: (x, np.zeros((x.shape[0], 0), np.float32))
+
+
 @overload(row_dot)
-def _row_dot_jit(w, scales, mins, group, r, x, t):
+def _row_dot_jit(w, scales, mins, group, r, x, xs, t):
     if _is_float_weight(w.dtype):
 
-        def dot_float(w, scales, mins, group, r, x, t):
+        def dot_float(w, scales, mins, group, r, x, xs, t):
             acc = np.float32(0.0)
             for k in range(x.shape[1]):
                 acc += widen(w[r, k]) * x[t, k]
@@ -85,7 +128,7 @@ def _row_dot_jit(w, scales, mins, group, r, x, t):
         return dot_float
     if w.dtype == types.int8:
 
-        def dot_q8(w, scales, mins, group, r, x, t):
+        def dot_q8(w, scales, mins, group, r, x, xs, t):
             acc = np.float32(0.0)
             for g in range(scales.shape[1]):
                 base = g * group
@@ -98,26 +141,70 @@ def _row_dot_jit(w, scales, mins, group, r, x, t):
         return dot_q8
     if w.dtype == types.uint8:
 
-        def dot_q4(w, scales, mins, group, r, x, t):
-            # value = q * scale + min (q4: min = -8 * scale), so per group
-            # sum value*x = scale * sum(q*x) + min * sum(x)
-            half = group // 2
+        def dot_q4(w, scales, mins, group, r, x, xs, t):
+            # value = nibble * scale + min (q4: min = -8 * scale), so per group
+            # sum value*x = scale * sum(nibble*x) + min * sum(x), sum(x) from prepare_input.
+            # x is deinterleaved: byte j's low nibble meets x[base + j], its high one x[base + half + j].
+            # The common group of 32 has a loop of its own with constant offsets: LLVM then turns
+            # each group into whole vectors (with the group size a variable it did not, 1.9x slower).
             acc = np.float32(0.0)
+            if group == 32:
+                for g in range(scales.shape[1]):
+                    qx = np.float32(0.0)
+                    for j in range(16):
+                        b = np.int32(w[r, g * 16 + j])
+                        qx += (np.float32(b & np.int32(15)) * x[t, g * 32 + j]
+                               + np.float32(b >> np.int32(4)) * x[t, g * 32 + 16 + j])
+                    s = widen(scales[r, g])
+                    m = widen(mins[r, g]) if mins.shape[1] else np.float32(-8.0) * s
+                    acc += s * qx + m * xs[t, g]
+                return acc
+            half = group // 2
             for g in range(scales.shape[1]):
                 qx = np.float32(0.0)
-                sx = np.float32(0.0)
                 for j in range(half):
-                    b = w[r, g * half + j]
-                    x0 = x[t, g * group + 2 * j]
-                    x1 = x[t, g * group + 2 * j + 1]
-                    qx += np.float32(b & np.uint8(15)) * x0 + np.float32(b >> np.uint8(4)) * x1
-                    sx += x0 + x1
+                    b = np.int32(w[r, g * half + j])
+                    qx += (np.float32(b & np.int32(15)) * x[t, g * group + j]
+                           + np.float32(b >> np.int32(4)) * x[t, g * group + half + j])
                 s = widen(scales[r, g])
                 m = widen(mins[r, g]) if mins.shape[1] else np.float32(-8.0) * s
-                acc += s * qx + m * sx
+                acc += s * qx + m * xs[t, g]
             return acc
 
         return dot_q4
+
+
+@overload(row_values)
+def _row_values_jit(w, scales, mins, group, r, out):
+    if _is_float_weight(w.dtype):
+
+        def values_float(w, scales, mins, group, r, out):
+            for k in range(out.shape[0]):
+                out[k] = widen(w[r, k])
+
+        return values_float
+    if w.dtype == types.int8:
+
+        def values_q8(w, scales, mins, group, r, out):
+            for g in range(scales.shape[1]):
+                s = widen(scales[r, g])
+                for j in range(g * group, (g + 1) * group):
+                    out[j] = s * np.float32(w[r, j])
+
+        return values_q8
+    if w.dtype == types.uint8:
+
+        def values_q4(w, scales, mins, group, r, out):
+            half = group // 2  # deinterleaved within each group, as prepare_input lays out x
+            for g in range(scales.shape[1]):
+                s = widen(scales[r, g])
+                m = widen(mins[r, g]) if mins.shape[1] else np.float32(-8.0) * s
+                for j in range(half):
+                    b = np.int32(w[r, g * half + j])
+                    out[g * group + j] = np.float32(b & np.int32(15)) * s + m
+                    out[g * group + half + j] = np.float32(b >> np.int32(4)) * s + m
+
+        return values_q4
 
 
 @overload(row_axpy)
@@ -156,11 +243,36 @@ def _row_axpy_jit(w, scales, mins, group, r, coef, out, t):
         return axpy_q4
 
 
+# From this many tokens on, a quantized row is unpacked once into float32 and then dotted
+# with every token: per-token unpacking made prefill 5-7x slower than f32 for q8/q4.
+ROW_REUSE_MIN_TOKENS = 4
+
+
 @njit(cache=True, nogil=True, fastmath=FAST)
-def _matmul_row(x, w, scales, mins, group, bias, out, n):
+def _matmul_row(x, xs, w, scales, mins, group, bias, out, n, row):
+    """out[:, n] for one weight row; `row` is float32 scratch [K] for unpacking it, or empty."""
     b = bias[n] if bias.shape[0] else np.float32(0.0)
-    for t in range(x.shape[0]):
-        out[t, n] = row_dot(w, scales, mins, group, n, x, t) + b
+    if row.shape[0]:
+        row_values(w, scales, mins, group, n, row)
+        for t in range(x.shape[0]):
+            acc = np.float32(0.0)
+            for k in range(row.shape[0]):
+                acc += row[k] * x[t, k]
+            out[t, n] = acc + b
+    else:
+        for t in range(x.shape[0]):
+            out[t, n] = row_dot(w, scales, mins, group, n, x, xs, t) + b
+
+
+def is_quantized(w):
+    """Whether w holds q8 or q4/q4a codes (pure-Python form)."""
+    return w.dtype == np.int8 or w.dtype == np.uint8
+
+
+@overload(is_quantized)
+def _is_quantized_jit(w):
+    quantized = w.dtype == types.int8 or w.dtype == types.uint8  # decided at compile time, per dtype
+    return lambda w: quantized
 
 
 # parallel over output rows: bench/kernels.py measured 1.5-2.0x on 2 cores (decode and prefill).
@@ -170,8 +282,14 @@ def matmul(x, w, scales, mins, group, bias, out):
 
     w: float32, f16 bits (uint16), q8 (int8) or q4/q4a (uint8 nibbles) [N, K or K/2];
     scales/mins: f16 bits [N, K/group] (empty [0, 0] when unused); bias may be empty."""
-    for n in prange(w.shape[0]):
-        _matmul_row(x, w, scales, mins, group, bias, out, n)
+    xp, xs = prepare_input(w, x, group)
+    row_len = xp.shape[1] if is_quantized(w) and x.shape[0] >= ROW_REUSE_MIN_TOKENS else 0
+    n_chunks = min(w.shape[0], 64)
+    step = (w.shape[0] + n_chunks - 1) // n_chunks
+    for c in prange(n_chunks):
+        row = np.empty(row_len, np.float32)  # one per chunk: per-thread scratch
+        for n in range(c * step, min(w.shape[0], (c + 1) * step)):
+            _matmul_row(xp, xs, w, scales, mins, group, bias, out, n, row)
 
 
 # The same without threads, for small matrices: a parallel region costs a few us when the
@@ -182,8 +300,10 @@ def matmul(x, w, scales, mins, group, bias, out):
 # (each process recompiled, and a cached variant could be loaded as the other).
 @njit(cache=True, nogil=True, fastmath=FAST)
 def matmul_serial(x, w, scales, mins, group, bias, out):
+    xp, xs = prepare_input(w, x, group)
+    row = np.empty(xp.shape[1] if is_quantized(w) and x.shape[0] >= ROW_REUSE_MIN_TOKENS else 0, np.float32)
     for n in range(w.shape[0]):
-        _matmul_row(x, w, scales, mins, group, bias, out, n)
+        _matmul_row(xp, xs, w, scales, mins, group, bias, out, n, row)
 
 
 # x rows * weight elements below which matmul_serial is used. A parallel region pays a wake-up
@@ -199,13 +319,15 @@ def _ffn_row_range(x, lo, hi, up, up_s, up_m, gate, gate_s, gate_m, down, down_s
                    group, act, out):
     """out[t] += sum over rows lo..hi-1 of h_i * down_i (see ffn_rows)."""
     gated = gate.shape[0] > 0
+    # up and gate share a scheme (the store quantizes a bundle as one), so one layout of x serves both
+    xp, xs = prepare_input(up, x, group)
     for r in range(lo, hi):
         for t in range(x.shape[0]):
-            u = row_dot(up, up_s, up_m, group, r, x, t)
+            u = row_dot(up, up_s, up_m, group, r, xp, xs, t)
             if up_b.shape[0]:
                 u += up_b[r]
             if gated:
-                g = row_dot(gate, gate_s, gate_m, group, r, x, t)
+                g = row_dot(gate, gate_s, gate_m, group, r, xp, xs, t)
                 if gate_b.shape[0]:
                     g += gate_b[r]
                 h = _activate(g, act) * u
