@@ -17,6 +17,13 @@ needs_cgroup = pytest.mark.skipif(VERSION is None, reason=f"no usable memory cgr
 MiB = 1 << 20
 
 
+def write_random(path, nbytes: int) -> None:
+    """In 8 MiB pieces: the test process's RSS is what later tests plan DRAM caps from."""
+    with open(path, "wb") as f:
+        for _ in range(nbytes // (8 * MiB)):
+            f.write(os.urandom(8 * MiB))
+
+
 def python(code: str) -> list[str]:
     return [sys.executable, "-c", code]
 
@@ -57,7 +64,7 @@ def test_a_child_under_the_limit_reports_a_plausible_peak():
 @needs_cgroup
 def test_page_cache_of_a_cold_read_is_charged_to_the_group(tmp_path):
     path = tmp_path / "blob"
-    path.write_bytes(os.urandom(96 * MiB))
+    write_random(path, 96 * MiB)
     cgroup.evict_from_page_cache(path)
     # reads the file 1 MiB at a time into one buffer: RSS stays small, the page cache grows
     code = ("import json, os, sys; from bench.cgroup import proc_read_bytes\n"
@@ -75,7 +82,7 @@ def test_page_cache_of_a_cold_read_is_charged_to_the_group(tmp_path):
 def test_the_cap_reclaims_page_cache_instead_of_killing(tmp_path):
     """Reading a file larger than the cap is legal: the kernel drops the group's old cache pages."""
     path = tmp_path / "blob"
-    path.write_bytes(os.urandom(128 * MiB))
+    write_random(path, 128 * MiB)
     cgroup.evict_from_page_cache(path)
     code = ("import os, sys\nfd = os.open(sys.argv[1], os.O_RDONLY); buf = bytearray(1 << 20)\n"
             "while os.readv(fd, [buf]): pass\nprint('done')")
@@ -134,7 +141,7 @@ def test_proc_read_bytes_is_a_count():
 @pytest.mark.skipif(os.geteuid() != 0, reason="drop_caches needs root")
 def test_drop_caches_makes_the_next_read_cold(tmp_path):
     path = tmp_path / "blob"
-    path.write_bytes(os.urandom(32 * MiB))
+    write_random(path, 32 * MiB)
     path.read_bytes()  # cached now
     cgroup.drop_caches()
     code = ("import sys; from bench.cgroup import proc_read_bytes\n"
