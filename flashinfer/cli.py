@@ -14,6 +14,7 @@ import time
 EXIT_USAGE = 2
 SCHEMES = ("f32", "f16", "q8", "q4", "q4a")  # storage.quant.SCHEMES, listed here to keep --help import-free
 SYNTH_PRESETS = ("tiny", "tiny-opt", "1b", "opt-6.7b", "llama-2-7b-relu", "mistral-7b-relu")  # storage.synth.PRESETS
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")  # storage.synth.GGUF_TYPES
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -241,13 +242,15 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     try:
         report = synthesize(args.preset, args.out, sparsity=args.sparsity, hot_skew=args.hot_skew,
                             spectrum_decay=args.spectrum_decay, seed=args.seed,
-                            dtype=args.dtype, progress=progress, gguf_path=args.gguf, overwrite=args.overwrite)
+                            dtype=args.dtype, progress=progress, gguf_path=args.gguf, gguf_type=args.gguf_type,
+                            gguf_resident_type=args.gguf_resident_type, overwrite=args.overwrite)
     finally:
         progress.close()
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"{report.out_dir}: synthetic {args.preset} (random weights, not a language model), "
           f"{report.n_params / 1e6:.1f} M params, {report.bytes_written / 1e9:.2f} GB in {report.seconds:.1f} s, "
-          f"peak RSS {rss_mb:.0f} MB" + (f", GGUF {report.gguf_path}" if report.gguf_path else ""))
+          f"peak RSS {rss_mb:.0f} MB" + (f", GGUF {report.gguf_path} (FFN {report.gguf_types[0]}, "
+                                         f"other matrices {report.gguf_types[1]})" if report.gguf_path else ""))
     print(f"FFN sparsity target {report.sparsity_target}, measured mean {report.mean_sparsity:.4f}; per layer: "
           + " ".join(f"{v:.3f}" for v in report.layer_sparsity))
     print(f"share of firings on the hottest 10% of neurons: target {report.hot10_share_target:.3f}; per layer: "
@@ -393,6 +396,12 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--dtype", default="f16", choices=("f16", "bf16", "f32"))
     synth.add_argument("--gguf", default=None, help="also write the weights as a llama.cpp GGUF file (llama/mistral)")
+    synth.add_argument("--gguf-type", default=None, choices=GGUF_TYPES,
+                       help="GGUF type of the FFN matrices (default: --dtype); q4_0/q8_0 are GGML's blocks of 32")
+    synth.add_argument("--gguf-resident-type", default=None, choices=GGUF_TYPES,
+                       help="GGUF type of attention, token_embd and output (default: --gguf-type); "
+                            "--gguf-type q4_0 --gguf-resident-type q8_0 mirrors convert's default --quant q4 "
+                            "--resident-quant q8")
     synth.add_argument("--overwrite", action="store_true")
     synth.add_argument("--quiet", action="store_true", help="(kept for scripts; progress shows only on a TTY)")
     synth.set_defaults(func=_cmd_synth)

@@ -101,7 +101,8 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, quant: str = DEF
     BF16, Q8_0 or another type in storage.gguf.SUPPORTED_TYPES) to `out_dir`.
 
     GGUF weights are dequantized to float32 a block at a time and re-quantized to `quant` /
-    `resident_quant`: from a Q8_0 file, a q8 store carries both roundings. The config comes
+    `resident_quant`: from a Q8_0 file a q8 store holds exactly the Q8_0 weights (the same
+    scale rule), from a Q4_0 file a q4 store rounds them a second time (storage/quant.py). The config comes
     from the llama.* metadata (FFN activation SiLU, as llama.cpp runs every llama model,
     unless the file says `flashinfer.hidden_act`); the tokenizer from `tokenizer_dir` if
     given, else rebuilt from tokenizer.ggml.* (storage.gguf.GGUFCheckpoint.tokenizer_files).

@@ -27,6 +27,13 @@ q4:  ``s16 = f16(max|w_g| / 7)``, ``q = clip(rint(w / s), -8, 7)`` (0 when s == 
      stored as the nibble ``q + 8`` (0..15 holds -8..7);  ``w' = (nibble - 8) * s``.
 q4a: ``m16 = f16(min w_g)``, ``m = f32(m16)``, ``s16 = f16(max(max w_g - m, 0) / 15)``,
      ``q = clip(rint((w - m) / s), 0, 15)`` (0 when s == 0);  ``w' = q * s + m``.
+Against GGML (llama.cpp): ``q8`` keeps Q8_0's scale rule (max|w| -> 127, f16 scale, 32 per
+group; Q8_0 divides by the unrounded scale and rounds half away from zero), so a Q8_0 GGUF
+converts to a q8 store exactly. ``q4`` is NOT Q4_0: Q4_0 aims the signed extreme at level -8
+(``d = w_max / -8``, all 16 levels, ``q = trunc(w/d + 8.5)``), q4 aims max|w| at +7; both
+dequantize as ``(nibble - 8) * scale`` but on different grids, so converting a Q4_0 GGUF
+re-rounds every group (at most half a q4 step per weight; tests/test_gguf.py measures it).
+Q4_0 also packs element j and j+16 of a block into byte j, not 2j and 2j+1.
 The scale is rounded to f16 BEFORE the division, so dequantization with the stored f16 scale
 reproduces exactly the values quantization aimed at. An all-zero group gets scale 0 and
 quantizes to zeros (no NaN). Non-finite weights, and weights whose scale or min would not fit

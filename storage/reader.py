@@ -44,9 +44,21 @@ class ReadStats:
     read_seconds: float = 0.0  # summed over reader threads
 
 
-def _aligned_buffer(nbytes: int) -> np.ndarray:
+def aligned_buffer(nbytes: int) -> np.ndarray:
     """A page-aligned uint8 buffer (anonymous mmap), as O_DIRECT requires."""
     return np.frombuffer(mmap.mmap(-1, fmt.align_up(max(nbytes, 1), fmt.PAGE)), dtype=np.uint8)
+
+
+def open_direct(path: str | os.PathLike) -> tuple[int, bool]:
+    """Open `path` read-only bypassing the page cache: (fd, True) with O_DIRECT; (fd, False)
+    where the file system has none (tmpfs), and the caller must drop what it read with
+    posix_fadvise(DONTNEED). O_DIRECT reads need page-aligned offsets, sizes and buffers."""
+    if hasattr(os, "O_DIRECT"):
+        try:
+            return os.open(path, os.O_RDONLY | os.O_DIRECT), True
+        except OSError:  # EINVAL: no O_DIRECT on this file system
+            pass
+    return os.open(path, os.O_RDONLY), False
 
 
 class StoreReader:
@@ -95,12 +107,10 @@ class StoreReader:
 
     def _open_layer(self, layer: fmt.FFNLayer) -> int:
         path = str(self.dir / layer.file)
-        if self.direct and hasattr(os, "O_DIRECT"):
-            try:
-                return os.open(path, os.O_RDONLY | os.O_DIRECT)
-            except OSError:  # EINVAL: the file system has no O_DIRECT (tmpfs); use fadvise instead
-                self.direct = False
-        return os.open(path, os.O_RDONLY)
+        if not self.direct:
+            return os.open(path, os.O_RDONLY)
+        fd, self.direct = open_direct(path)  # False on tmpfs: _pread drops pages with fadvise instead
+        return fd
 
     def verify(self) -> None:
         """Check every checksum; raise FormatError naming the first damaged tensor or chunk."""
@@ -207,7 +217,7 @@ class StoreReader:
     def _staging(self, nbytes: int) -> np.ndarray:
         buf = getattr(self._buffers, "buf", None)
         if buf is None or buf.size < nbytes:
-            buf = self._buffers.buf = _aligned_buffer(max(nbytes, self.max_read_bytes))
+            buf = self._buffers.buf = aligned_buffer(max(nbytes, self.max_read_bytes))
         return buf
 
     def _read_job(self, layer: int, spec: fmt.FFNLayer, ids: np.ndarray, job: tuple[int, int], out: np.ndarray) -> int:

@@ -111,6 +111,12 @@ ATTN_LOGIT_STD = 5.0
 CAL_SEQS, EVAL_SEQS, SEQ_LEN = 4, 2, 64  # random sequences for fitting / for measuring
 BOS_ID, EOS_ID, UNK_ID = 1, 2, 0
 DTYPES = {"f16": ("F16", 2, "float16"), "bf16": ("BF16", 2, "bfloat16"), "f32": ("F32", 4, "float32")}
+# GGUF matrix types (`--gguf-type`) and their bytes per 32 weights of a row: Q8_0 is one f16
+# scale + 32 int8, Q4_0 one f16 scale + 16 bytes of nibbles (ggml-common.h block_q8_0/q4_0)
+GGUF_TYPE_BYTES_PER_32 = {"f32": 128, "f16": 64, "bf16": 64, "q8_0": 34, "q4_0": 18}
+GGUF_TYPES = tuple(GGUF_TYPE_BYTES_PER_32)
+GGUF_BLOCK_TYPES = ("q8_0", "q4_0")  # quantized in blocks of 32 along a row
+FFN_MATRICES = ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
 Progress = Callable[[int, int], None]
 
 
@@ -166,6 +172,7 @@ class SynthReport:
     layer_hot10_share: list[float]  # measured share of firings on the top 10% neurons, per layer
     hot10_share_target: float
     gguf_path: Path | None = None
+    gguf_types: tuple[str, str] | None = None  # (FFN matrices, other matrices) of the GGUF
 
     @property
     def mean_sparsity(self) -> float:
@@ -176,11 +183,16 @@ class SynthReport:
 
 def synthesize(preset: str, out_dir: str | Path, *, sparsity: float = 0.9, hot_skew: float = 1.0,
                spectrum_decay: float = 0.75, seed: int = 0, dtype: str = "f16", progress: Progress | None = None, gguf_path: str | Path | None = None,
+               gguf_type: str | None = None, gguf_resident_type: str | None = None,
                overwrite: bool = False) -> SynthReport:
     """Write a random-weight HF checkpoint of `preset` whose ReLU FFNs are `sparsity` sparse.
 
     `progress(bytes_done, bytes_total)` is called after every block written. With
-    `gguf_path` the same weights are also written as a llama.cpp GGUF (llama/mistral only).
+    `gguf_path` the same weights are also written as a llama.cpp GGUF (llama/mistral only):
+    FFN matrices as `gguf_type`, attention, token_embd and output as `gguf_resident_type`
+    (GGUF_TYPES; default: the checkpoint's dtype, and the resident type defaults to the FFN
+    one). `gguf_type="q4_0", gguf_resident_type="q8_0"` mirrors the default flash store
+    (`flashinfer convert --quant q4 --resident-quant q8`).
     """
     shape = _check_args(preset, sparsity, hot_skew, spectrum_decay, dtype)
     out_dir = Path(out_dir)
@@ -188,10 +200,17 @@ def synthesize(preset: str, out_dir: str | Path, *, sparsity: float = 0.9, hot_s
         raise StorageError(f"{out_dir}: already exists; delete it, pick another path or pass overwrite=True")
     if gguf_path is not None and shape.family != "llama":
         raise ConfigValueError(f"GGUF output is not available for {preset}: llama.cpp has no OPT support")
+    gguf_type = gguf_type or dtype
+    gguf_resident_type = gguf_resident_type or gguf_type
     plan = _tensor_plan(shape)
+    if gguf_path is not None:
+        _check_gguf_types(plan, gguf_type, gguf_resident_type)
     itemsize = DTYPES[dtype][1]
     weight_bytes = sum(math.prod(s) * itemsize for _, s in plan)
-    _check_disk(out_dir, weight_bytes * (2 if gguf_path else 1) + (64 << 20))
+    gguf_bytes = 0 if gguf_path is None else sum(
+        gguf_tensor_bytes(s, gguf_type if name.endswith(FFN_MATRICES) else gguf_resident_type) if len(s) == 2
+        else math.prod(s) * 4 for name, s in plan)
+    _check_disk(out_dir, weight_bytes + gguf_bytes + (64 << 20))
 
     tmp = out_dir.parent / f".{out_dir.name}.synth-tmp-{os.getpid()}"
     gguf_tmp = None if gguf_path is None else Path(gguf_path).with_name(f".{Path(gguf_path).name}.tmp-{os.getpid()}")
@@ -202,7 +221,7 @@ def synthesize(preset: str, out_dir: str | Path, *, sparsity: float = 0.9, hot_s
         tmp.mkdir(parents=True)
         writer = _ShardedWriter(tmp, plan, dtype, progress)
         if gguf_tmp is not None:
-            gguf = _GGUFStream(gguf_tmp, preset, shape, plan, dtype)
+            gguf = _GGUFStream(gguf_tmp, preset, shape, plan, dtype, gguf_type, gguf_resident_type)
             writer.mirror = gguf.write
         measured = _Generator(shape, plan, writer, sparsity, hot_skew, spectrum_decay, seed).run()
         writer.finish()
@@ -243,6 +262,7 @@ def synthesize(preset: str, out_dir: str | Path, *, sparsity: float = 0.9, hot_s
         layer_sparsity=measured["measured"]["layer_sparsity"],
         layer_hot10_share=measured["measured"]["layer_hot10_share"],
         hot10_share_target=measured["hot10_share_target"], gguf_path=None if gguf_path is None else Path(gguf_path),
+        gguf_types=None if gguf_path is None else (gguf_type, gguf_resident_type),
     )
 
 
@@ -258,6 +278,21 @@ def _check_args(preset: str, sparsity: float, hot_skew: float, spectrum_decay: f
     if dtype not in DTYPES:
         raise ConfigValueError(f"unknown dtype {dtype!r} (supported: {', '.join(DTYPES)})")
     return PRESETS[preset]
+
+
+def gguf_tensor_bytes(shape: tuple[int, int], gguf_type: str) -> int:
+    """Bytes of a [rows, cols] matrix stored as `gguf_type` (cols a multiple of 32)."""
+    return shape[0] * shape[1] // 32 * GGUF_TYPE_BYTES_PER_32[gguf_type]
+
+
+def _check_gguf_types(plan, ffn_type: str, resident_type: str) -> None:
+    for option, kind in (("gguf_type", ffn_type), ("gguf_resident_type", resident_type)):
+        if kind not in GGUF_TYPES:
+            raise ConfigValueError(f"unknown {option} {kind!r} (supported: {', '.join(GGUF_TYPES)})")
+    for name, shape in plan:
+        if len(shape) == 2 and shape[1] % 32:  # every preset's rows are; a new one might not be
+            raise ConfigValueError(f"GGUF types work on rows of a multiple of 32 weights; "
+                                   f"{name} has rows of {shape[1]}")
 
 
 def _check_disk(out_dir: Path, needed: int) -> None:
@@ -863,23 +898,32 @@ class _GGUFStream:
 
     Header, metadata and tensor infos go through the `gguf` package's writer; tensor data is
     appended by hand, aligned as its write_tensor_data does, because that takes whole tensors.
-    Matrices keep the checkpoint's dtype (F16/BF16/F32), norms are F32 and attn_q/attn_k rows
-    are permuted, all as convert_hf_to_gguf.py writes them. llama.cpp's llama graph always
+    FFN matrices are written as `ffn_type`, the other matrices (attention, token_embd,
+    output) as `resident_type` (GGUF_TYPES; the checkpoint's own dtype is copied as is);
+    norms are F32 and attn_q/attn_k rows are permuted, all as convert_hf_to_gguf.py writes
+    them. Q8_0/Q4_0 blocks come from gguf-py's numpy quantizers (`gguf.quants.quantize`,
+    bit-exact with ggml's reference quantize_row_*_ref), applied to each block of rows as it
+    is generated: blocks run along a row and a block of rows holds whole rows, so nothing
+    larger than one block of rows is ever in memory. llama.cpp's llama graph always
     uses SiLU in the FFN: it runs these weights with SiLU instead of ReLU, so in llama.cpp the
     GGUF is for speed baselines (same shapes, same bytes), not for comparing outputs. The
     `flashinfer.hidden_act` key records "relu" for `flashinfer convert` (storage/gguf.py),
     which so makes the same store from the GGUF as from the HF directory; llama.cpp ignores
     the key. The tokenizer is GPT-2's byte-level BPE, tokenizer.ggml.pre "gpt-2"."""
 
-    def __init__(self, path: Path, preset: str, s: SynthShape, plan, dtype: str):
+    def __init__(self, path: Path, preset: str, s: SynthShape, plan, dtype: str, ffn_type: str, resident_type: str):
         try:
             import gguf
         except ImportError:
             raise ConfigValueError("GGUF output needs the `gguf` package: pip install gguf") from None
-        self.s = s
+        self.gguf = gguf
+        self.s, self.dtype = s, dtype
+        self.ffn_type, self.resident_type = ffn_type, resident_type
         self.w = w = gguf.GGUFWriter(path, "llama")
+        # general.file_type names the bulk of the bytes: the FFN matrices' type
         ftype = {"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
-                 "f32": gguf.LlamaFileType.ALL_F32}[dtype]
+                 "f32": gguf.LlamaFileType.ALL_F32, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+                 "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[ffn_type]
         w.add_name(f"flashinfer-synth-{preset}")
         w.add_context_length(s.max_positions)
         w.add_embedding_length(s.hidden)
@@ -905,13 +949,18 @@ class _GGUFStream:
         w.add_eos_token_id(EOS_ID)
         w.add_unk_token_id(UNK_ID)
         w.add_add_bos_token(True)
-        raw = {"f16": (np.float16, gguf.GGMLQuantizationType.F16), "bf16": (np.uint16, gguf.GGMLQuantizationType.BF16),
-               "f32": (np.float32, gguf.GGMLQuantizationType.F32)}[dtype]
         self.nbytes = {}
         for name, shape in plan:
             if len(shape) == 2:
-                nbytes = math.prod(shape) * DTYPES[dtype][1]
-                w.add_tensor_info(gguf_name(name), shape, np.dtype(raw[0]), nbytes, raw_dtype=raw[1])
+                kind = self.type_of(name)
+                nbytes = gguf_tensor_bytes(shape, kind)
+                qtype = gguf.GGMLQuantizationType[kind.upper()]
+                if kind in GGUF_BLOCK_TYPES:  # the writer takes a quantized shape in bytes per row
+                    byte_shape = (shape[0], nbytes // shape[0])
+                    w.add_tensor_info(gguf_name(name), byte_shape, np.dtype(np.uint8), nbytes, raw_dtype=qtype)
+                else:
+                    element = {"f32": np.float32, "f16": np.float16, "bf16": np.uint16}[kind]
+                    w.add_tensor_info(gguf_name(name), shape, np.dtype(element), nbytes, raw_dtype=qtype)
             else:
                 nbytes = math.prod(shape) * 4
                 w.add_tensor_info(gguf_name(name), shape, np.dtype(np.float32), nbytes)
@@ -922,16 +971,26 @@ class _GGUFStream:
         self.f = w.fout[0]
         self.current, self.written = None, 0
 
+    def type_of(self, name: str) -> str:
+        return self.ffn_type if name.endswith(FFN_MATRICES) else self.resident_type
+
     def write(self, name: str, stored: np.ndarray, widened: np.ndarray) -> None:
         if name != self.current:
             self.w.write_padding(self.f, self.f.tell())
             self.current, self.written = name, 0
         if stored.ndim == 1:
             data = widened.astype("<f4")
-        elif name.endswith(("q_proj.weight", "k_proj.weight")):
-            data = gguf_permute_rows(stored, self.s.head_dim)
         else:
-            data = stored
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                stored = gguf_permute_rows(stored, self.s.head_dim)
+                widened = gguf_permute_rows(widened, self.s.head_dim)
+            kind = self.type_of(name)
+            if kind == self.dtype:
+                data = stored
+            elif kind in GGUF_BLOCK_TYPES:  # from the stored values: the weights the checkpoint holds
+                data = self.gguf.quants.quantize(widened, self.gguf.GGMLQuantizationType[kind.upper()])
+            else:
+                data = _to_stored(widened, kind)[0]
         self.f.write(memoryview(np.ascontiguousarray(data)).cast("B"))
         self.written += data.nbytes
         if self.written == self.nbytes[name]:

@@ -115,6 +115,7 @@ def test_cli_choice_lists_match_the_library():
 
     assert cli.SCHEMES == quant.SCHEMES
     assert cli.SYNTH_PRESETS == tuple(synth.PRESETS)
+    assert cli.GGUF_TYPES == synth.GGUF_TYPES
 
 
 def test_synth_command(tmp_path, capsys):

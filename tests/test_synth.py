@@ -293,6 +293,49 @@ def test_gguf_holds_the_same_weights_as_llama_cpp_expects(tmp_path):
         assert tensors[synth.gguf_name(name)].tensor_type.name == ("F16" if want.ndim == 2 else "F32")
 
 
+def test_gguf_types_are_ggml_blocks_of_the_checkpoint_weights(tmp_path):
+    """--gguf-type q4_0 / --gguf-resident-type q8_0: FFN matrices are what ggml's reference
+    quantizer (gguf-py, bit-exact with quantize_row_q4_0_ref) makes of the checkpoint's f16
+    weights, the other matrices Q8_0, norms F32; the file is the size the disk check expects."""
+    gguf = pytest.importorskip("gguf")
+    report = synth.synthesize("tiny", tmp_path / "m", gguf_path=tmp_path / "m.gguf", gguf_type="q4_0",
+                              gguf_resident_type="q8_0")
+    assert report.gguf_types == ("q4_0", "q8_0")
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q4_0
+    tensors = {t.name: t for t in reader.tensors}
+    ckpt = Checkpoint.open(report.out_dir)
+    data_bytes = 0
+    for name in ckpt.tensors:
+        t = tensors[synth.gguf_name(name)]
+        want = ckpt.as_float32(name)
+        if want.ndim == 1:
+            assert t.tensor_type.name == "F32"
+            np.testing.assert_array_equal(np.asarray(t.data), want, err_msg=name)
+            continue
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            want = synth.gguf_permute_rows(want, 16)
+        qtype = gguf.GGMLQuantizationType.Q4_0 if name.endswith(synth.FFN_MATRICES) else gguf.GGMLQuantizationType.Q8_0
+        assert t.tensor_type == qtype, name
+        np.testing.assert_array_equal(np.asarray(t.data), gguf.quants.quantize(want, qtype), err_msg=name)
+        assert t.n_bytes == synth.gguf_tensor_bytes(want.shape, qtype.name.lower())
+        data_bytes += t.n_bytes
+    assert data_bytes == sum(synth.gguf_tensor_bytes(s, "q4_0" if n.endswith(synth.FFN_MATRICES) else "q8_0")
+                             for n, s in synth._tensor_plan(synth.PRESETS["tiny"]) if len(s) == 2)
+
+
+def test_gguf_type_defaults_to_the_checkpoint_dtype_and_refuses_unknown_types(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    report = synth.synthesize("tiny", tmp_path / "m", dtype="bf16", gguf_path=tmp_path / "m.gguf",
+                              gguf_resident_type="f16")
+    assert report.gguf_types == ("bf16", "f16")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+    assert types["blk.0.ffn_up.weight"] == "BF16" and types["blk.0.attn_q.weight"] == "F16"
+    assert types["output.weight"] == "F16" and types["blk.0.ffn_norm.weight"] == "F32"
+    with pytest.raises(ConfigValueError, match="unknown gguf_type 'q4_k'"):
+        synth.synthesize("tiny", tmp_path / "x", gguf_path=tmp_path / "x.gguf", gguf_type="q4_k")
+
+
 def test_gguf_permutation_turns_hf_rope_into_llama_cpp_rope():
     """HF rotates element i of a head with i + d/2; llama.cpp's LLAMA rope rotates 2i with
     2i+1. Permuted rows must give the same rotated vector, permuted the same way, so q·k holds."""
