@@ -70,9 +70,9 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     if sweep is not None and (args.trace or args.chrome_trace or args.plot):
         raise ConfigError("--trace, --chrome-trace and --plot describe one run; drop them or --sweep")
     if args.plot:
-        from flashinfer.profile_plot import _pyplot
+        from flashinfer.profile_plot import require_matplotlib
 
-        _pyplot()  # fail before the run if matplotlib is missing
+        require_matplotlib()  # fail before the run if it is missing, without importing it (~100 MB of RSS)
     if sweep is None:
         trace, text = _profile_once(args, prompt)
         summary = trace.summary()
@@ -96,21 +96,38 @@ def _cmd_profile(args: argparse.Namespace) -> int:
             if path:
                 print(f"wrote {flag}: {path}")
         return 0
-    rows = []
-    for value in sweep.values:
-        from flashinfer.memory import BudgetError
-
-        try:
-            trace, _ = _profile_once(args, prompt, **{sweep.knob: value})
-            rows.append({"value": value, "summary": trace.summary(), "run": trace.run})
-        except BudgetError as e:
-            rows.append({"value": value, "error": str(e).splitlines()[0]})
+    rows = [_profile_child(args, sweep.key, value) for value in sweep.values]
     if args.json:
         print(json.dumps({"sweep": sweep.key, "rows": rows}, indent=1))
     else:
         print(sweep_table(sweep, rows))
-        print("(peak RSS is per process and only grows: run settings separately to compare it)")
     return 0
+
+
+def _profile_child(args: argparse.Namespace, key: str, value) -> dict:
+    """One sweep setting in a fresh process, so that each one's DRAM plan counts the runtime
+    alone (not the previous settings' leftovers) and its peak RSS is its own."""
+    import json
+    import subprocess
+
+    argv = [sys.executable, "-m", "flashinfer.cli", "profile", *_sweep_child_args(args), f"--{key}", str(value), "--json"]
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines()
+        return {"value": value, "error": (lines[0] if lines and lines[0].startswith("error:") else
+                                          (lines[-1] if lines else f"exit code {proc.returncode}")).removeprefix("error: ")}
+    data = json.loads(proc.stdout)
+    return {"value": value, "summary": data["summary"], "run": data["run"]}
+
+
+def _sweep_child_args(args: argparse.Namespace) -> list[str]:
+    """The profile command's own arguments, minus --sweep/--json (the child gets one setting)."""
+    options = {"--max-tokens": args.max_tokens, "--temperature": args.temperature, "--top-k": args.top_k,
+               "--top-p": args.top_p, "--seed": args.seed, "--ctx": args.ctx, "--predictor": args.predictor,
+               "--window": args.window, "--dram": args.dram, "--flash-bw": args.flash_bw,
+               "--flash-latency": args.flash_latency, "--prompt": args.prompt, "--prompt-file": args.prompt_file}
+    out = [args.model] + [item for flag, value in options.items() if value is not None for item in (flag, str(value))]
+    return out + (["--prefetch"] if args.prefetch else [])
 
 
 def _profile_once(args: argparse.Namespace, prompt: str, **override):

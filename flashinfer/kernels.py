@@ -18,8 +18,7 @@ from numba.extending import overload
 FAST = {"nsz", "arcp", "contract", "afn", "reassoc"}
 ACT_SILU = 0
 ACT_RELU = 1
-# 2**112 moves a half's exponent (bias 15) into a single's (bias 127); exact for normals and subnormals.
-_F16_EXP_SHIFT = np.float32(2.0**112)
+_F16_MIN_NORMAL = np.float32(2.0**-14)  # a half's smallest normal
 
 
 def widen(v):
@@ -34,10 +33,26 @@ def _widen_jit(v):
     if isinstance(v, types.Integer) and v.bitwidth == 16 and not v.signed:
 
         def widen_f16_bits(v):
-            # sign to bit 31, exponent+mantissa to bits 13..27; the multiply rebiases the exponent
+            # Exact, by integer moves: normals get their exponent rebiased (15 -> 127) by an
+            # integer add; zero/subnormals are mantissa * 2**-24; inf/NaN keep an all-ones
+            # exponent. Not the shorter `bits * 2**112` multiply: under fastmath 'reassoc'
+            # LLVM folded that constant into neighbouring products (coef * -8 * 2**112 =
+            # coef * -4.2e34), which overflowed to inf once |coef| > 8e3: a ReLU FFN row with
+            # h = -14337 turned a whole q4 down-projection into inf (bench/kernels.py data).
+            # Giesen's branch-free half -> float: the exponent rebiased by an integer add,
+            # inf/NaN and zero/subnormals fixed up by selects (subnormals: renormalised by
+            # subtracting 2**-14, a small constant, harmless under reassociation), so loops
+            # over f16 weights still vectorise.
             h = np.uint32(v)
-            bits = ((h & np.uint32(0x8000)) << np.uint32(16)) | ((h & np.uint32(0x7FFF)) << np.uint32(13))
-            return np.uint32(bits).view(np.float32) * _F16_EXP_SHIFT
+            magnitude = np.uint32((h & np.uint32(0x7FFF)) << np.uint32(13))
+            exponent = np.uint32(magnitude & np.uint32(0x0F800000))
+            special = exponent == np.uint32(0x0F800000)  # inf / NaN: all-ones exponent
+            small = exponent == np.uint32(0)
+            rebias = np.uint32(224 << 23) if special else (np.uint32(113 << 23) if small else np.uint32(112 << 23))
+            unsigned_bits = np.uint32(magnitude + rebias)
+            normalised = unsigned_bits.view(np.float32)
+            value = np.float32(normalised - _F16_MIN_NORMAL) if small else normalised
+            return -value if h & np.uint32(0x8000) else value
 
         return widen_f16_bits
     return lambda v: np.float32(v)
@@ -243,8 +258,36 @@ def _row_axpy_jit(w, scales, mins, group, r, coef, out, t):
         return axpy_q4
 
 
-# From this many tokens on, a quantized row is unpacked once into float32 and then dotted
-# with every token: per-token unpacking made prefill 5-7x slower than f32 for q8/q4.
+def add_unprepared(w, acc, group, out):
+    """out += acc, where acc is in prepare_input's element order for w's scheme (pure-Python form: the same order)."""
+    out += acc
+
+
+@overload(add_unprepared)
+def _add_unprepared_jit(w, acc, group, out):
+    if w.dtype == types.uint8:
+
+        def add_q4(w, acc, group, out):
+            half = group // 2
+            for t in range(out.shape[0]):
+                for g in range(out.shape[1] // group):
+                    base = g * group
+                    for j in range(half):
+                        out[t, base + 2 * j] += acc[t, base + j]
+                        out[t, base + 2 * j + 1] += acc[t, base + half + j]
+
+        return add_q4
+
+    def add_same_order(w, acc, group, out):
+        for t in range(out.shape[0]):
+            for k in range(out.shape[1]):
+                out[t, k] += acc[t, k]
+
+    return add_same_order
+
+
+# From this many tokens on, a q8/q4/f16 row is unpacked once into float32 and then dotted
+# with every token: per-token unpacking made prefill 5-7x slower than f32 for q4.
 ROW_REUSE_MIN_TOKENS = 4
 
 
@@ -264,15 +307,16 @@ def _matmul_row(x, xs, w, scales, mins, group, bias, out, n, row):
             out[t, n] = row_dot(w, scales, mins, group, n, x, xs, t) + b
 
 
-def is_quantized(w):
-    """Whether w holds q8 or q4/q4a codes (pure-Python form)."""
-    return w.dtype == np.int8 or w.dtype == np.uint8
+def unpacks_rows(w):
+    """Whether a chunk of tokens unpacks each of w's rows once into float32 first: every
+    scheme but float32 (q8/q4 codes, f16 bits) (pure-Python form)."""
+    return w.dtype != np.float32
 
 
-@overload(is_quantized)
-def _is_quantized_jit(w):
-    quantized = w.dtype == types.int8 or w.dtype == types.uint8  # decided at compile time, per dtype
-    return lambda w: quantized
+@overload(unpacks_rows)
+def _unpacks_rows_jit(w):
+    unpacks = w.dtype != types.float32  # decided at compile time, per dtype
+    return lambda w: unpacks
 
 
 # parallel over output rows: bench/kernels.py measured 1.5-2.0x on 2 cores (decode and prefill).
@@ -283,7 +327,7 @@ def matmul(x, w, scales, mins, group, bias, out):
     w: float32, f16 bits (uint16), q8 (int8) or q4/q4a (uint8 nibbles) [N, K or K/2];
     scales/mins: f16 bits [N, K/group] (empty [0, 0] when unused); bias may be empty."""
     xp, xs = prepare_input(w, x, group)
-    row_len = xp.shape[1] if is_quantized(w) and x.shape[0] >= ROW_REUSE_MIN_TOKENS else 0
+    row_len = xp.shape[1] if unpacks_rows(w) and x.shape[0] >= ROW_REUSE_MIN_TOKENS else 0
     n_chunks = min(w.shape[0], 64)
     step = (w.shape[0] + n_chunks - 1) // n_chunks
     for c in prange(n_chunks):
@@ -301,7 +345,7 @@ def matmul(x, w, scales, mins, group, bias, out):
 @njit(cache=True, nogil=True, fastmath=FAST)
 def matmul_serial(x, w, scales, mins, group, bias, out):
     xp, xs = prepare_input(w, x, group)
-    row = np.empty(xp.shape[1] if is_quantized(w) and x.shape[0] >= ROW_REUSE_MIN_TOKENS else 0, np.float32)
+    row = np.empty(xp.shape[1] if unpacks_rows(w) and x.shape[0] >= ROW_REUSE_MIN_TOKENS else 0, np.float32)
     for n in range(w.shape[0]):
         _matmul_row(xp, xs, w, scales, mins, group, bias, out, n, row)
 
@@ -318,9 +362,13 @@ PARALLEL_MIN_WORK = 1 << 25
 def _ffn_row_range(x, lo, hi, up, up_s, up_m, gate, gate_s, gate_m, down, down_s, down_m, up_b, gate_b,
                    group, act, out):
     """out[t] += sum over rows lo..hi-1 of h_i * down_i (see ffn_rows)."""
-    gated = gate.shape[0] > 0
     # up and gate share a scheme (the store quantizes a bundle as one), so one layout of x serves both
     xp, xs = prepare_input(up, x, group)
+    if unpacks_rows(up) and x.shape[0] >= ROW_REUSE_MIN_TOKENS:
+        _ffn_rows_unpacked(xp, lo, hi, up, up_s, up_m, gate, gate_s, gate_m, down, down_s, down_m, up_b, gate_b,
+                           group, act, out)
+        return
+    gated = gate.shape[0] > 0
     for r in range(lo, hi):
         for t in range(x.shape[0]):
             u = row_dot(up, up_s, up_m, group, r, xp, xs, t)
@@ -335,6 +383,47 @@ def _ffn_row_range(x, lo, hi, up, up_s, up_m, gate, gate_s, gate_m, down, down_s
                 h = _activate(u, act)
             if h != 0.0:
                 row_axpy(down, down_s, down_m, group, r, h, out, t)
+
+
+@njit(cache=True, nogil=True, fastmath=FAST)
+def _ffn_rows_unpacked(xp, lo, hi, up, up_s, up_m, gate, gate_s, gate_m, down, down_s, down_m, up_b, gate_b,
+                       group, act, out):
+    """_ffn_row_range for a chunk of tokens: each row's up/gate/down unpacked once into float32
+    and used for every token (a prefill chunk or calibration pass; per-token unpacking of q4
+    made these 5x slower). Works in prepare_input's element order, converted back at the end."""
+    dim = xp.shape[1]
+    gated = gate.shape[0] > 0
+    up_v = np.empty(dim, np.float32)
+    gate_v = np.empty(dim if gated else 0, np.float32)
+    down_v = np.empty(dim, np.float32)
+    acc = np.zeros((xp.shape[0], dim), np.float32)  # in prepare_input's order
+    for r in range(lo, hi):
+        row_values(up, up_s, up_m, group, r, up_v)
+        if gated:
+            row_values(gate, gate_s, gate_m, group, r, gate_v)
+        down_ready = False
+        for t in range(xp.shape[0]):
+            u = np.float32(0.0)
+            for k in range(dim):
+                u += up_v[k] * xp[t, k]
+            if up_b.shape[0]:
+                u += up_b[r]
+            if gated:
+                g = np.float32(0.0)
+                for k in range(dim):
+                    g += gate_v[k] * xp[t, k]
+                if gate_b.shape[0]:
+                    g += gate_b[r]
+                h = _activate(g, act) * u
+            else:
+                h = _activate(u, act)
+            if h != 0.0:
+                if not down_ready:  # inactive rows (most, with ReLU) never unpack their down column
+                    row_values(down, down_s, down_m, group, r, down_v)
+                    down_ready = True
+                for k in range(dim):
+                    acc[t, k] += h * down_v[k]
+    add_unprepared(up, acc, group, out)
 
 
 @njit(cache=True, nogil=True, fastmath=FAST)

@@ -10,6 +10,14 @@ import numpy as np
 from flashinfer.errors import ConfigError
 
 
+def require_matplotlib() -> None:
+    """ConfigError now if matplotlib is missing, without importing it."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ConfigError("--plot needs matplotlib: pip install 'flashinfer[plot]' (or pip install matplotlib)")
+
+
 def _pyplot():
     try:
         import matplotlib

@@ -97,9 +97,14 @@ def parse_sweep(text: str) -> Sweep:
     return Sweep(key, parsed)
 
 
+def _mib(n):
+    return None if n is None else n / 2**20
+
+
 def sweep_table(sweep: Sweep, rows: list[dict]) -> str:
     """rows: {"value", "summary"} or {"value", "error"}; one line each, in sweep order."""
-    lines = [f"{sweep.key:>10} {'hit rate':>8} {'MB read/tok':>11} {'ms I/O/tok':>10} {'ms/tok':>8} {'tok/s':>7}"]
+    lines = [f"{sweep.key:>10} {'hit rate':>8} {'MB read/tok':>11} {'ms I/O/tok':>10} {'ms/tok':>8} {'tok/s':>7} "
+             f"{'peak RSS MiB':>12}"]
     for row in rows:
         if "error" in row:
             lines.append(f"{row['value']!s:>10} refused: {row['error']}")
@@ -107,5 +112,5 @@ def sweep_table(sweep: Sweep, rows: list[dict]) -> str:
         s = row["summary"]
         lines.append(f"{row['value']!s:>10} {_fmt(s['hit_rate'], '.3f'):>8} {s['bytes_read_per_token'] / 1e6:>11.3f} "
                      f"{s['ms_per_token']['io']:>10.2f} {s['ms_per_token']['total']:>8.2f} "
-                     f"{_fmt(s['decode_tok_s'], '.2f'):>7}")
+                     f"{_fmt(s['decode_tok_s'], '.2f'):>7} {_fmt(_mib(row.get('run', {}).get('peak_rss_bytes')), '.0f'):>12}")
     return "\n".join(lines)

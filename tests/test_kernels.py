@@ -79,8 +79,9 @@ def test_widen_f16_bits_exact_over_all_finite_halves():
 @pytest.mark.parametrize("slices", [0, 1, 2, 5])  # 0: the serial kernel; else ffn_rows_parallel
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("gated,act,biases", [(True, K.ACT_SILU, False), (True, K.ACT_RELU, False), (False, K.ACT_RELU, True)])
-def test_ffn_rows(scheme, gated, act, biases, slices):
-    dim, n_neurons, n_rows, n_tokens = 64, 24, 17, 3
+@pytest.mark.parametrize("n_tokens", [3, 6])  # 6 >= ROW_REUSE_MIN_TOKENS: quantized rows unpacked once per chunk
+def test_ffn_rows(scheme, gated, act, biases, slices, n_tokens):
+    dim, n_neurons, n_rows = 64, 24, 17
     x = randn(n_tokens, dim)
     w_up, w_gate, w_down_t = randn(n_neurons, dim), randn(n_neurons, dim), randn(n_neurons, dim)
     b_up, b_gate = (randn(n_neurons), randn(n_neurons)) if biases else (np.zeros(0, np.float32),) * 2
@@ -147,3 +148,37 @@ def test_relu():
     out = h.copy()
     K.relu_(out)
     np.testing.assert_array_equal(out, np.maximum(h, 0))
+
+
+def test_widen_is_exact_for_every_half():
+    from numba import njit
+
+    @njit
+    def widen_all(bits, out):
+        for i in range(bits.shape[0]):
+            out[i] = K.widen(bits[i])
+
+    bits = np.arange(2**16, dtype=np.uint32).astype(np.uint16)
+    out = np.empty(2**16, np.float32)
+    widen_all(bits, out)
+    np.testing.assert_array_equal(out.view(np.uint32), bits.view(np.float16).astype(np.float32).view(np.uint32))
+
+
+@pytest.mark.parametrize("scheme", ["f16", "q8", "q4", "q4a"])
+def test_large_coefficients_do_not_overflow(scheme):
+    # A ReLU FFN row can carry h ~ -1.4e4 (two dots of a wide layer multiplied). With the
+    # old widen (bits * 2**112) fastmath folded the constant into h * -8 * 2**112 = inf.
+    w = randn(3, 64)
+    m = kernel_matrix(w, scheme)
+    out = np.zeros((1, 64), np.float32)
+    ffn_down_like = np.array([1], np.int64)
+    K.add_rows(out, m.data, m.scales, m.mins, m.group, ffn_down_like)  # coefficient 1
+    big = np.zeros((1, 64), np.float32)
+    from numba import njit
+
+    @njit(fastmath=K.FAST)
+    def axpy(w, s, mins, group, coef, out):
+        K.row_axpy(w, s, mins, group, 1, coef, out, 0)
+
+    axpy(m.data, m.scales, m.mins, m.group, np.float32(-14336.99), big)
+    np.testing.assert_allclose(big, out * np.float32(-14336.99), rtol=1e-5, atol=1e-2)

@@ -122,7 +122,9 @@ def test_json_summary_for_scripts(store, capsys):
 def test_sweep_rows_in_order_and_refusals(store, capsys):
     argv = ["profile", str(store), "--prompt", PROMPT, "--max-tokens", "6", "--predictor", "lowrank"]
     assert main(argv + ["--sweep", "window=4,1,2"]) == 0
-    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:4]]
+    lines = capsys.readouterr().out.splitlines()
+    assert "peak RSS MiB" in lines[0]  # each setting runs in a process of its own
+    rows = [line.split() for line in lines[1:4]]
     assert [r[0] for r in rows] == ["4", "1", "2"]
     # 8GB, not a tight cap: the plan counts this process's RSS, and in a full pytest run that is several hundred MB
     assert main(argv + ["--sweep", "dram=100MB,8GB", "--json"]) == 0
