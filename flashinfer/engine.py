@@ -566,7 +566,7 @@ def _load_calibrated(reader, kind: str):
     if report_path.is_file():
         layers = json.loads(report_path.read_text())["layers"]
         share = max(layer["fraction"] for layer in layers)
-    return LowRankPredictor.load(path), share
+    return LowRankPredictor.load(path, quant="q8"), share  # B in q8: predictors/sparsity.py says why
 
 
 def _split_at_stop(text: str, stops: list[str], final: bool = False) -> tuple[str, str, bool]:

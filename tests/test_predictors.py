@@ -48,6 +48,25 @@ def test_lowrank_reaches_target_recall_on_held_out_tokens(tmp_path):
     np.testing.assert_array_equal(again.predict(0, x[1005]), predictor.predict(0, x[1005]))
 
 
+@pytest.mark.parametrize("rank", [32, 20])  # 20: not a multiple of the q8 group, that layer stays float32
+def test_lowrank_q8_keeps_the_prediction(tmp_path, rank):
+    rng = np.random.default_rng(1)
+    w, bias, x, z = planted_layer(rng)
+    layer = fit_lowrank_layer(w, bias, x[:1000], z[:1000] > 0, rank=rank, target_recall=0.95)
+    exact = LowRankPredictor([layer])
+    exact.save(tmp_path / "p.npz")
+    q8 = LowRankPredictor.load(tmp_path / "p.npz", quant="q8")
+    test = x[1000:]
+    a, b = exact.scores(0, test) > layer.threshold, q8.scores(0, test) > layer.threshold
+    assert (a != b).mean() < 0.002  # only neurons at the threshold flip
+    truth = z[1000:] > 0
+    assert abs(recall_report(b, truth, np.maximum(z[1000:], 0))["recall"]
+               - recall_report(a, truth, np.maximum(z[1000:], 0))["recall"]) < 0.005
+    assert q8.nbytes < (0.5 if rank == 32 else 1.01) * exact.nbytes
+    with pytest.raises(ValueError, match="no float32 B"):
+        q8.save(tmp_path / "again.npz")
+
+
 def test_randomized_svd_matches_exact():
     rng = np.random.default_rng(2)
     low = rng.standard_normal((300, 20)) @ rng.standard_normal((20, 200))
