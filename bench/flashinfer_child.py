@@ -1,0 +1,116 @@
+"""One flashinfer measurement, run as a child process (by bench/run.py, inside a memory cgroup).
+
+    python -m bench.flashinfer_child '{"store": "out/bench/mistral-7b-relu-q4", "dram": "2GB",
+                                        "predictor": "lowrank", "prompt_ids": [...], "tokens": 128}'
+
+Prints one JSON line: decode tokens/s, the latency split per token from the tracer (I/O,
+memory management, predictor, attention, FFN compute, other), hit rate, bytes read per token
+both as the engine counted them and as the kernel counted them for this process
+(/proc/self/io read_bytes: the meter every runtime in bench/run.py is read with), peak RSS,
+the generated token ids, and, given `reference_ids` (the dense run's tokens), the greedy
+agreement with them, teacher-forced token by token as in decoding.
+
+Optional keys: window (5), flash_bw, ctx (256), prefetch (false), warm_tokens (2: compiles or
+loads the kernels and touches the resident weights before the measured run).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def proc_read_bytes() -> int:
+    """Bytes this process caused to be fetched from storage (page-cache hits do not count)."""
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("read_bytes:"))
+
+
+def teacher_forced_agreement(engine, prompt_ids: list[int], reference_ids: list[int]) -> float:
+    """Share of positions where this engine's greedy token equals the reference's, feeding the
+    reference's tokens one at a time (the decode path, not a prefill chunk)."""
+    engine.model.reset()
+    context = list(prompt_ids)
+    for t in context[:-1]:
+        engine.model.forward(np.array([t]))
+    same = 0
+    last = context[-1]
+    for ref in reference_ids:
+        logits = engine.model.forward(np.array([last]))
+        same += int(int(np.argmax(logits)) == ref)
+        last = ref
+    return same / max(len(reference_ids), 1)
+
+
+def dram_bytes_touched(store: str, summary: dict, predictor_bytes: int = 0) -> float:
+    """Bytes a decode step reads from DRAM: every resident matrix but the embedding table (one
+    row of it; all of it when it is also the lm_head), the FFN bundles of the neurons
+    computed, and the predictor. The roofline's memory term (bench/roofline.py)."""
+    manifest = json.loads((Path(store) / "manifest.json").read_text())
+    tied = "output.weight" not in manifest["resident"] and "lm_head.weight" not in manifest["resident"]
+    resident = sum(t["nbytes"] for name, t in manifest["resident"].items()
+                   if tied or "embed" not in name)
+    bundles = sum(row["predicted_per_token"] * layer["bundle_bytes"]
+                  for row, layer in zip(summary["layers"], manifest["ffn_layers"]))
+    return resident + bundles + predictor_bytes
+
+
+def measure(cfg: dict) -> dict:
+    from flashinfer import Engine
+    from flashinfer.memory import peak_rss_bytes
+
+    t_open = time.perf_counter()
+    engine = Engine.open(cfg["store"], ctx=cfg.get("ctx", 256), predictor=cfg["predictor"],
+                         window=cfg.get("window", 5), dram=cfg.get("dram"), prefetch=cfg.get("prefetch", False),
+                         flash_bw=cfg.get("flash_bw"))
+    with engine:
+        open_s = time.perf_counter() - t_open
+        prompt = [int(t) for t in cfg["prompt_ids"]]
+        engine.eos_ids = set()  # a benchmark decodes exactly `tokens` tokens, as llama.cpp's side does
+        engine.generate(prompt, max_tokens=cfg.get("warm_tokens", 2), temperature=0.0)
+        read_start = proc_read_bytes()
+        read_prefilled = None
+        last = None
+        for last in engine.stream(prompt, max_tokens=cfg["tokens"], temperature=0.0, trace=True):
+            if read_prefilled is None:  # the first token comes out of the prompt's pass
+                read_prefilled = proc_read_bytes()
+        read_end = proc_read_bytes()
+        summary = engine.last_trace.summary()
+        steps = max(last.usage.completion_tokens - 1, 1)
+        out = {
+            "runtime": "flashinfer",
+            "predictor": cfg["predictor"],
+            "open_s": open_s,
+            "jit_s": summary["jit_s"],
+            "prompt_tokens": last.usage.prompt_tokens,
+            "decode_steps": steps,
+            "prefill_s": last.timings.prompt_s,
+            "decode_tok_s": last.timings.rates(last.usage)[1],
+            "ms_per_token": summary["ms_per_token"],
+            "hit_rate": summary["hit_rate"],
+            "engine_bytes_per_token": summary["bytes_read_per_token"],
+            "read_bytes_prefill": read_prefilled - read_start,
+            "read_bytes_per_token": (read_end - read_prefilled) / steps,  # decode only, as bench/llamacpp.py
+            "bytes_touched_per_token": dram_bytes_touched(
+                cfg["store"], summary, engine.memory_plan.predictor_bytes if engine.memory_plan else 0),
+            "peak_rss_bytes": peak_rss_bytes(),
+            "cap_bytes": engine.memory_plan.cap_bytes if engine.memory_plan else None,
+            "predictor_bytes": engine.memory_plan.predictor_bytes if engine.memory_plan else None,
+            "plan": engine.memory_plan.table() if engine.memory_plan else None,
+            "generated_ids": [int(t) for t in last.token_ids],
+        }
+        if cfg.get("reference_ids"):
+            out["agreement"] = teacher_forced_agreement(engine, prompt, [int(t) for t in cfg["reference_ids"]])
+    return out
+
+
+def main() -> None:
+    print(json.dumps(measure(json.loads(sys.argv[1]))))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""The end-to-end benchmark: 7B-class models under a DRAM cap, flashinfer side by side with
+the naive baseline and llama.cpp, every runtime in the same memory cgroup, cold.
+
+    python -m bench.run                 # mistral-7b-relu q4 under 2GB (builds the store once: ~1 h)
+    python -m bench.run --quick         # the 1b preset under 700MB, < 5 minutes once built
+    python -m bench.run --models mistral-7b-relu,opt-6.7b --cap 2GB --tokens 128
+
+Per model it builds, or reuses from --work: `flashinfer synth` (with a Q4_0 GGUF of the same
+weights for llama.cpp), `flashinfer convert --quant q4 --resident-quant q4`, and
+`flashinfer calibrate`. Then, each in a fresh memory cgroup of --cap (bench/cgroup.py: the
+cap covers the page cache; caches are dropped before each run, so every run reads its
+weights from disk):
+  - naive: flashinfer, `dense` predictor: every FFN neuron read from flash every token;
+  - flashinfer: `lowrank` predictor, windowed neuron cache, at the device's speed;
+  - flashinfer at 1GB/s: the same with the flash throttled to 1 GB/s;
+  - llama.cpp: llama-cpp-python on the Q4_0 GGUF, default mmap, --threads threads;
+  - llama.cpp without a cap, for reference (no cgroup; caches dropped first).
+Each decodes --tokens tokens after a --prompt-tokens prompt (token ids, the same for all).
+
+Reported per row: decode tokens/s, ms/token split (flashinfer's tracer: I/O, memory
+management, compute), bytes read from disk per decode token (/proc/<pid>/io read_bytes:
+the same meter for every runtime), the cgroup's peak memory and whether it OOM-killed,
+greedy agreement with the naive (dense) run, teacher-forced over its tokens. The roofline
+row bounds flashinfer's sparse run from below: bytes read / disk bandwidth + bytes touched
+in DRAM / memory bandwidth, both bandwidths measured in this run (bench/roofline.py).
+
+llama.cpp runs SiLU where our synthetic models have ReLU (bench/llamacpp.py says why), so
+its row is a speed comparison on the same shapes and bytes, without an agreement figure.
+Its Q4_0 weights are not bit-identical to the store's q4 (storage/quant.py: same size and
+decode cost, rounded on a different grid).
+
+Results: a markdown table appended to bench/RESULTS.md (date, machine, disk, command) and
+the full records in bench/results/<date>-<models>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from bench import cgroup, roofline
+from bench.llamacpp import llamacpp_argv
+from bench.machine import machine_line
+from bench.texts import word_salad
+from storage.units import parse_size
+
+ROOT = Path(__file__).resolve().parent.parent
+FI = [sys.executable, "-m", "flashinfer.cli"]
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    gguf: bool  # llama.cpp can run it (llama/mistral arch; OPT is not in llama.cpp)
+
+
+PRESETS = {p.name: p for p in (Preset("mistral-7b-relu", True), Preset("llama-2-7b-relu", True),
+                               Preset("opt-6.7b", False), Preset("1b", True))}
+
+
+def log(msg: str) -> None:
+    print(f"[{datetime.datetime.now():%H:%M:%S}] {msg}", file=sys.stderr, flush=True)
+
+
+def sh(argv: list[str]) -> None:
+    log(" ".join(map(str, argv)))
+    subprocess.run([str(a) for a in argv], check=True, cwd=ROOT)
+
+
+def build(preset: Preset, work: Path, calibration_tokens: int) -> tuple[Path, Path | None]:
+    """(store, gguf or None), built once into `work` and reused while their files exist."""
+    store = work / f"{preset.name}-q4"
+    gguf = work / f"{preset.name}-q4_0.gguf" if preset.gguf else None
+    calibrated = store / "predictors" / "lowrank.npz"
+    if calibrated.exists() and (gguf is None or gguf.exists()):
+        log(f"reusing {store}" + (f" and {gguf}" if gguf else ""))
+        return store, gguf
+    work.mkdir(parents=True, exist_ok=True)
+    hf = work / f"{preset.name}-hf"
+    if not (store / "manifest.json").exists() or (gguf is not None and not gguf.exists()):
+        synth = [*FI, "synth", preset.name, hf, "--overwrite"]
+        if gguf is not None:  # 4-bit everywhere, as the store below
+            synth += ["--gguf", gguf, "--gguf-type", "q4_0", "--gguf-resident-type", "q4_0"]
+        sh(synth)
+        # 4-bit resident weights too: a 7B's attention alone is 1.4 GB at q8, too much for 2 GB
+        sh([*FI, "convert", hf, store, "--quant", "q4", "--resident-quant", "q4", "--overwrite"])
+        shutil.rmtree(hf)
+    if not calibrated.exists():
+        text = work / f"{preset.name}-calibration.txt"
+        text.write_text(word_salad(calibration_tokens * 2, seed=1))
+        sh([*FI, "calibrate", store, "--text", text, "--tokens", str(calibration_tokens)])
+    return store, gguf
+
+
+def prompt_ids(store: Path, n: int) -> list[int]:
+    """n token ids of held-out word salad (seed 2: not the calibration text)."""
+    from flashinfer.tokenizer import Tokenizer
+
+    ids = Tokenizer.from_dir(store).encode(word_salad(4 * n, seed=2))
+    if len(ids) < n:
+        raise SystemExit(f"error: {store}: the prompt text gave {len(ids)} tokens, fewer than {n}")
+    return ids[:n]
+
+
+def run_flashinfer(cfg: dict, cap: int | None) -> dict:
+    argv = [sys.executable, "-m", "bench.flashinfer_child", json.dumps(cfg)]
+    return _run_child(argv, cap)
+
+
+def _run_child(argv: list[str], cap: int | None) -> dict:
+    if cap is None:
+        cgroup.drop_caches()
+        proc = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT)
+        code, out, err, peak, oom = proc.returncode, proc.stdout, proc.stderr, None, False
+    else:
+        r = cgroup.run_limited(argv, cap, drop_caches=True, cwd=ROOT)
+        code, out, err, peak, oom = r.returncode, r.stdout, r.stderr, r.peak_bytes, r.oom_killed
+    record = {"cgroup_peak_bytes": peak, "oom_killed": oom, "returncode": code}
+    if code != 0:
+        lines = err.strip().splitlines()
+        return record | {"error": "OOM-killed by the cgroup" if oom else (lines[-1] if lines else f"exit {code}")}
+    return record | json.loads(out.strip().splitlines()[-1])
+
+
+def measure_model(preset: Preset, opts, bandwidths) -> list[dict]:
+    store, gguf = build(preset, Path(opts.work), opts.calibration_tokens)
+    cap = parse_size(opts.cap)
+    prompt = prompt_ids(store, opts.prompt_tokens)
+    base = {"store": str(store), "prompt_ids": prompt, "tokens": opts.tokens, "ctx": opts.prompt_tokens + opts.tokens + 8,
+            "dram": opts.cap, "window": opts.window}
+    rows = []
+    log(f"{preset.name}: naive baseline (dense predictor)")
+    naive = run_flashinfer(base | {"predictor": "dense"}, cap)
+    rows.append(naive | {"model": preset.name, "config": "naive (dense from flash)"})
+    reference = naive.get("generated_ids")
+    sparse = base | {"predictor": "lowrank", "reference_ids": reference}
+    for name, cfg in (("flashinfer (lowrank, window %d)" % opts.window, sparse),
+                      ("flashinfer, flash at 1GB/s", sparse | {"flash_bw": "1GB/s"})):
+        log(f"{preset.name}: {name}")
+        rows.append(run_flashinfer(cfg, cap) | {"model": preset.name, "config": name})
+    if gguf is not None and not opts.no_llamacpp:
+        for name, limit in ((f"llama.cpp, {opts.cap} cgroup", cap), ("llama.cpp, no cap (reference)", None)):
+            log(f"{preset.name}: {name}")
+            argv = llamacpp_argv(gguf, prompt, opts.tokens, threads=opts.threads)
+            rows.append(_run_child(argv, limit) | {"model": preset.name, "config": name})
+    for row in rows:  # the roofline of the sparse runs, from this run's bandwidths
+        if row.get("bytes_touched_per_token") and row.get("predictor") == "lowrank" and row.get("decode_tok_s"):
+            bound = roofline.roofline_ms(row["read_bytes_per_token"], row["bytes_touched_per_token"],
+                                         bandwidths.best_disk_bytes_per_s, bandwidths.best_mem_bytes_per_s,
+                                         overlap=False)
+            row["roofline_ms"] = bound
+            row["roofline_ratio"] = (1e3 / row["decode_tok_s"]) / bound
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    naive = {r["model"]: r for r in rows if r["config"].startswith("naive") and "decode_tok_s" in r}
+    head = ("| model | configuration | tok/s | vs naive | ms/token (I/O / mem. mgmt / compute) | MB read/token "
+            "| peak cgroup MiB | OOM | agreement | roofline ms (achieved/bound) |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['config']} | error: {r['error']} | | | | "
+                         f"{_mib(r.get('cgroup_peak_bytes'))} | {'yes' if r.get('oom_killed') else 'no'} | | |")
+            continue
+        ms = r.get("ms_per_token")
+        if isinstance(ms, dict):
+            compute = ms["predictor"] + ms["attention"] + ms["ffn_compute"] + ms["other"]
+            split = f"{ms['total']:.0f} ({ms['io']:.0f} / {ms['memory_management']:.0f} / {compute:.0f})"
+        else:
+            split = f"{ms:.0f}" if ms else "-"
+        base = naive.get(r["model"])
+        ratio = f"{r['decode_tok_s'] / base['decode_tok_s']:.2f}x" if base and r.get("decode_tok_s") else "-"
+        agree = f"{r['agreement']:.3f}" if "agreement" in r else ("1 (reference)" if r["config"].startswith("naive")
+                                                                  else "n/a (SiLU)" if r.get("runtime") == "llama.cpp"
+                                                                  else "-")
+        roof = f"{r['roofline_ms']:.0f} ({r['roofline_ratio']:.1f}x)" if "roofline_ms" in r else "-"
+        lines.append(f"| {r['model']} | {r['config']} | {r['decode_tok_s']:.2f} | {ratio} | {split} | "
+                     f"{(r.get('read_bytes_per_token') or 0) / 1e6:.1f} | {_mib(r.get('cgroup_peak_bytes'))} | "
+                     f"{'yes' if r.get('oom_killed') else 'no'} | {agree} | {roof} |")
+    return "\n".join(lines)
+
+
+def _mib(n) -> str:
+    return "-" if n is None else f"{n / 2**20:.0f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="the 1b preset under 700MB, 32 tokens (< 5 min once built)")
+    parser.add_argument("--models", default=None, help="comma-separated presets (default mistral-7b-relu)")
+    parser.add_argument("--cap", default=None, help="DRAM cap for every runtime (default 2GB; --quick 700MB)")
+    parser.add_argument("--tokens", type=int, default=None, help="decode tokens (default 128; --quick 32)")
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--window", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads (default 2, the machine's cores)")
+    parser.add_argument("--calibration-tokens", type=int, default=None, help="default 1024 (--quick 512)")
+    parser.add_argument("--work", default=str(ROOT / "out" / "bench"), help="where models are built and kept")
+    parser.add_argument("--no-llamacpp", action="store_true")
+    parser.add_argument("--build-only", action="store_true", help="build (or check) the models, measure nothing")
+    parser.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
+    opts = parser.parse_args()
+    opts.models = opts.models or ("1b" if opts.quick else "mistral-7b-relu")
+    opts.cap = opts.cap or ("700MB" if opts.quick else "2GB")
+    opts.tokens = opts.tokens or (32 if opts.quick else 128)
+    opts.calibration_tokens = opts.calibration_tokens or (512 if opts.quick else 1024)
+    unknown = [m for m in opts.models.split(",") if m not in PRESETS]
+    if unknown:
+        parser.error(f"unknown model preset {unknown[0]!r}; one of {', '.join(PRESETS)}")
+    if opts.build_only:
+        for name in opts.models.split(","):
+            build(PRESETS[name], Path(opts.work), opts.calibration_tokens)
+        return
+    version, why = cgroup.cgroup_support()
+    if version is None:
+        parser.error(f"no memory cgroup to cap the runs with: {why}")
+    command = "python -m bench.run " + " ".join(sys.argv[1:])
+    log("measuring disk and DRAM bandwidth (bench/roofline.py)")
+    bandwidths = roofline.measure(scratch_dir=opts.work if Path(opts.work).exists() else ".")
+    rows = []
+    for name in opts.models.split(","):
+        rows += measure_model(PRESETS[name], opts, bandwidths)
+    date = datetime.date.today().isoformat()
+    header = (f"## {date} — end to end under a {opts.cap} cgroup (`bench/run.py`)\n\n"
+              f"Machine: {machine_line()}. Disk (O_DIRECT, this run): "
+              f"{bandwidths.best_disk_bytes_per_s / 1e9:.2f} GB/s best sequential; DRAM streaming "
+              f"{bandwidths.best_mem_bytes_per_s / 1e9:.1f} GB/s. cgroup v{version}, caches dropped before each run.\n"
+              f"Command: `{command}` ({opts.tokens} decode tokens after a {opts.prompt_tokens}-token prompt; "
+              f"llama.cpp {opts.threads} threads).\n")
+    text = header + "\n" + table(rows) + "\n"
+    print(text)
+    results = ROOT / "bench" / "results"
+    results.mkdir(exist_ok=True)
+    out = results / f"{date}-{opts.models.replace(',', '+')}{'-quick' if opts.quick else ''}.json"
+    out.write_text(json.dumps({"command": command, "machine": machine_line(), "bandwidths": asdict(bandwidths),
+                               "rows": [{k: v for k, v in r.items() if k != "plan"} for r in rows]}, indent=1))
+    log(f"wrote {out}")
+    if not opts.no_record:
+        with open(ROOT / "bench" / "RESULTS.md", "a") as f:
+            f.write("\n" + text)
+        log("appended the table to bench/RESULTS.md")
+
+
+if __name__ == "__main__":
+    main()
