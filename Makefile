@@ -14,7 +14,7 @@ DEMO_STORE := $(DEMO)/1b-relu-q8
 DEMO_PROMPT := "the time of day when we are"
 DEMO_KNOBS := --predictor lowrank --window 5 --dram 1GB --ctx 256
 
-.PHONY: demo test test-all clean
+.PHONY: demo test test-all bench bench-quick clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -43,6 +43,19 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m "slow or not slow"
+
+# The end-to-end benchmark (bench/run.py): llama-cpp-python compiles llama.cpp on first
+# install (~12 min on 2 cores). `bench` builds the 7B store once (~30 min) and measures (~30 min);
+# `bench-quick` does the same on the 1b preset in minutes.
+$(VENV)/.bench-installed: $(STAMP)
+	CMAKE_BUILD_PARALLEL_LEVEL=2 $(PY) -m pip install -q -e '.[bench]'
+	touch $@
+
+bench: $(VENV)/.bench-installed
+	$(PY) -m bench.run
+
+bench-quick: $(VENV)/.bench-installed
+	$(PY) -m bench.run --quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info
