@@ -64,6 +64,23 @@ def kv_cache_bytes(args: ModelArgs, ctx: int) -> int:
     return 2 * args.n_layers * ctx * args.kv_dim * 4  # float32 keys and values
 
 
+def resident_in_dram_bytes(manifest, ctx: int) -> int:
+    """Resident weights a run of `ctx` tokens brings into DRAM: every tensor in full except the
+    lookup tables (embeddings, learned positions; storage.format.lookup_tables), mapped with
+    no read-around, of which each distinct token touches a page of its row's data and one of
+    its scales (q8/q4 store them apart)."""
+    from storage.format import PAGE, lookup_tables
+
+    total = manifest.resident_bytes
+    resident = getattr(manifest, "resident", {})
+    for name in lookup_tables(resident):
+        t = resident[name]
+        rows = t.shape[0]
+        per_row = PAGE * (2 + (t.nbytes // rows) // PAGE)  # pages one row can straddle, data and scales
+        total -= t.nbytes - min(t.nbytes, min(ctx, rows) * per_row)
+    return total
+
+
 def plan_memory(cap_bytes: int, args: ModelArgs, manifest, ctx: int, *, sparse: bool, predictor_bytes: int,
                 io_buffer_bytes: int, scratch_bytes: int, sparse_share: float | None = None,
                 runtime_bytes: int | None = None) -> MemoryPlan:
@@ -75,7 +92,7 @@ def plan_memory(cap_bytes: int, args: ModelArgs, manifest, ctx: int, *, sparse: 
     # the dense path streams each layer through one layer-sized buffer; the sparse path reads
     # straight into the neuron caches' free rows (NeuronCache.free_rows), so it needs none
     layer_buffer = 0 if sparse else max(spec.n_neurons * spec.bundle_bytes for spec in layers)
-    plan = MemoryPlan(cap_bytes=cap_bytes, runtime_bytes=runtime, resident_bytes=manifest.resident_bytes,
+    plan = MemoryPlan(cap_bytes=cap_bytes, runtime_bytes=runtime, resident_bytes=resident_in_dram_bytes(manifest, ctx),
                       kv_bytes=kv_cache_bytes(args, ctx), scratch_bytes=scratch_bytes,
                       io_bytes=io_buffer_bytes + layer_buffer, predictor_bytes=predictor_bytes)
     left = cap_bytes - plan.total_bytes

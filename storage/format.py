@@ -66,6 +66,14 @@ def ffn_file(layer: int) -> str:
     return f"ffn/L{layer}.bin"
 
 
+def lookup_tables(resident: dict) -> list[str]:
+    """Resident tensors read a row per token (embedding and learned-position tables), not in
+    full each token. Not the token table of a tied model: it is also the lm_head."""
+    tied = "lm_head.weight" not in resident
+    return [name for name in resident if name.endswith("embeddings.weight")
+            and not (tied and name == "tok_embeddings.weight")]
+
+
 def align_up(n: int, to: int) -> int:
     return -(-n // to) * to
 

@@ -74,6 +74,7 @@ class StoreReader:
         self._check_sizes()
         self._resident = (np.memmap(self.dir / fmt.RESIDENT_FILE, dtype=np.uint8, mode="r")
                           if self.manifest.resident_bytes else np.zeros(0, np.uint8))
+        self._advise_lookup_tables()
         if verify:
             self.verify()
         self.throttle = throttle
@@ -86,6 +87,21 @@ class StoreReader:
         self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="flash-read")
         self._buffers = threading.local()  # one staging buffer per reader thread, made once
         self.io_buffer_bytes = (io_threads + 1) * (self.max_read_bytes + 2 * fmt.PAGE)  # pool + calling thread
+
+    def _advise_lookup_tables(self) -> None:
+        """No read-around for tables read a row per token (fmt.lookup_tables): a fault on an
+        embedding row would otherwise pull ~128 KiB of neighbouring rows into the page cache,
+        which a memory cgroup charges to us. The DRAM planner counts them per token (memory.py)."""
+        mapping = getattr(self._resident, "_mmap", None)
+        if mapping is None or not hasattr(mmap, "MADV_RANDOM"):
+            return
+        for name in fmt.lookup_tables(self.manifest.resident):
+            t = self.manifest.resident[name]
+            start = t.offset - t.offset % mmap.PAGESIZE
+            try:
+                mapping.madvise(mmap.MADV_RANDOM, start, t.offset + t.nbytes - start)
+            except (OSError, ValueError):  # advice only: a kernel that refuses it costs memory, not results
+                pass
 
     # ---- opening and checking -----------------------------------------------------
     def _check_sizes(self) -> None:

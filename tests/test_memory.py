@@ -48,6 +48,24 @@ def test_7b_with_long_context_is_refused_with_what_would_fit():
     assert "Would fit: --ctx " in message and "--dram " in message
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_lookup_tables_count_only_the_rows_a_context_touches(tied):
+    from flashinfer.memory import resident_in_dram_bytes
+    from storage.format import lookup_tables
+
+    table = SimpleNamespace(shape=(32000, 4096), nbytes=32000 * 2304)  # q4: 2048 data + 256 scale bytes a row
+    resident = {"tok_embeddings.weight": table, "layers.0.attn.wq.weight": SimpleNamespace(shape=(4096, 4096))}
+    if not tied:
+        resident["lm_head.weight"] = table
+    manifest = SimpleNamespace(resident_bytes=300_000_000, resident=resident)
+    touched = resident_in_dram_bytes(manifest, ctx=256)
+    if tied:  # the table is the lm_head too: read in full every token
+        assert lookup_tables(resident) == [] and touched == 300_000_000
+    else:  # 256 tokens touch at most a data page and a scales page each
+        assert lookup_tables(resident) == ["tok_embeddings.weight"]
+        assert touched == 300_000_000 - table.nbytes + 256 * 2 * 4096
+
+
 def test_dense_path_needs_room_for_one_layer():
     with pytest.raises(BudgetError, match="with the dense path"):
         plan(600_000_000, ctx=512, sparse=False)
