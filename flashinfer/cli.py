@@ -22,6 +22,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     engine = _open_engine(args)
     if engine.memory_plan is not None and args.plan:
         print(engine.memory_plan.table(), file=sys.stderr)
+    elif engine.memory_plan is not None and engine.memory_plan.warning:
+        print(f"warning: {engine.memory_plan.warning}", file=sys.stderr)
     load_s = time.perf_counter() - t0
     with engine:
         responses = engine.stream(

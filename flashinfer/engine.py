@@ -188,6 +188,9 @@ class Engine:
             raise GenerationError(f"window must be a positive number of tokens, got {window!r}")
         layers = reader.manifest.ffn_layers
         sparse_share = None
+        import psutil
+
+        runtime_bytes = psutil.Process().memory_info().rss  # before the predictor, which the plan counts itself
         if predictor == "dense":
             predictor_obj = None
         elif predictor == "oracle":
@@ -203,7 +206,7 @@ class Engine:
             plan = plan_memory(parse_size(dram), args, reader.manifest, ctx, sparse=predictor_obj is not None,
                                predictor_bytes=getattr(predictor_obj, "nbytes", 0),
                                io_buffer_bytes=reader.io_buffer_bytes, scratch_bytes=RunState.scratch_bytes(args, ctx),
-                               sparse_share=sparse_share)
+                               sparse_share=sparse_share, runtime_bytes=runtime_bytes)
             capacities = plan.capacities or capacities
         if predictor_obj is None:
             if prefetch:

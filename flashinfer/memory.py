@@ -24,7 +24,12 @@ from flashinfer.errors import FlashinferError
 
 RUNTIME_HEADROOM = 64 * 2**20  # allocator slack, numba's per-call temporaries, Python objects made while running
 MIN_CACHE_SHARE = 0.15  # a sparse cache smaller than this share of a layer thrashes; refuse below it
-PREDICTED_MARGIN = 1.5  # cache rows per predicted-active neuron (mean share): tokens vary, and the window keeps more
+# Cache rows per predicted-active neuron (the calibration's largest per-layer share per token).
+# Below REQUIRED_MARGIN a token's own selection (which varies) may not fit: refused. Between it
+# and ADVISED_MARGIN the run goes ahead with a warning: the window keeps little of earlier
+# tokens, so the hit rate drops and more is read per token.
+REQUIRED_MARGIN = 1.1
+ADVISED_MARGIN = 1.5
 
 
 class BudgetError(FlashinferError):
@@ -42,6 +47,7 @@ class MemoryPlan:
     predictor_bytes: int
     cache_bytes: int = 0
     capacities: list[int] = field(default_factory=list)  # neuron-cache rows per layer
+    warning: str | None = None  # a plan that runs but below the advised cache size says so
 
     @property
     def total_bytes(self) -> int:
@@ -57,6 +63,8 @@ class MemoryPlan:
         lines.append(f"  {'total':36} {self.total_bytes / 2**20:9.1f} MiB of {self.cap_bytes / 2**20:.1f} MiB cap")
         if self.capacities:
             lines.append(f"  cache rows per layer: {min(self.capacities)}..{max(self.capacities)}")
+        if self.warning:
+            lines.append(f"  warning: {self.warning}")
         return "DRAM plan:\n" + "\n".join(lines)
 
 
@@ -105,10 +113,16 @@ def plan_memory(cap_bytes: int, args: ModelArgs, manifest, ctx: int, *, sparse: 
     all_rows_bytes = sum(spec.n_neurons * r for spec, r in zip(layers, per_row))
     budget = left - fixed_maps
     share = budget / all_rows_bytes
-    needed = min(1.0, max(MIN_CACHE_SHARE, PREDICTED_MARGIN * (sparse_share or 0.0)))
+    needed = min(1.0, max(MIN_CACHE_SHARE, REQUIRED_MARGIN * (sparse_share or 0.0)))
     if share < needed:
         short = int(needed * all_rows_bytes) - budget
         raise BudgetError(_refusal(plan, args, ctx, short, cache_share=needed))
+    advised = min(1.0, ADVISED_MARGIN * (sparse_share or 0.0))
+    if share < advised:
+        more = int(advised * all_rows_bytes) - budget
+        plan.warning = (f"neuron caches of {share:.0%} of each layer hold {share / sparse_share:.1f}x a token's "
+                        f"selection ({sparse_share:.0%}); the window keeps little, expect a low hit rate "
+                        f"(--dram {(cap_bytes + more) / 1e9 + 0.05:.2f}GB would give the advised {advised:.0%})")
     plan.capacities = [min(spec.n_neurons, int(spec.n_neurons * share)) for spec in layers]
     plan.cache_bytes = sum(c * r for c, r in zip(plan.capacities, per_row)) + fixed_maps
     return plan
