@@ -372,15 +372,8 @@ def _ffn_row_range(x, lo, hi, up, up_s, up_m, gate, gate_s, gate_m, down, down_s
     for r in range(lo, hi):
         for t in range(x.shape[0]):
             u = row_dot(up, up_s, up_m, group, r, xp, xs, t)
-            if up_b.shape[0]:
-                u += up_b[r]
-            if gated:
-                g = row_dot(gate, gate_s, gate_m, group, r, xp, xs, t)
-                if gate_b.shape[0]:
-                    g += gate_b[r]
-                h = _activate(g, act) * u
-            else:
-                h = _activate(u, act)
+            g = row_dot(gate, gate_s, gate_m, group, r, xp, xs, t) if gated else np.float32(0.0)
+            h = _neuron_output(u, g, r, up_b, gate_b, gated, act)
             if h != 0.0:
                 row_axpy(down, down_s, down_m, group, r, h, out, t)
 
@@ -404,19 +397,12 @@ def _ffn_rows_unpacked(xp, lo, hi, up, up_s, up_m, gate, gate_s, gate_m, down, d
         down_ready = False
         for t in range(xp.shape[0]):
             u = np.float32(0.0)
+            g = np.float32(0.0)
             for k in range(dim):
                 u += up_v[k] * xp[t, k]
-            if up_b.shape[0]:
-                u += up_b[r]
-            if gated:
-                g = np.float32(0.0)
-                for k in range(dim):
-                    g += gate_v[k] * xp[t, k]
-                if gate_b.shape[0]:
-                    g += gate_b[r]
-                h = _activate(g, act) * u
-            else:
-                h = _activate(u, act)
+            for k in range(gate_v.shape[0]):  # empty when not gated
+                g += gate_v[k] * xp[t, k]
+            h = _neuron_output(u, g, r, up_b, gate_b, gated, act)
             if h != 0.0:
                 if not down_ready:  # inactive rows (most, with ReLU) never unpack their down column
                     row_values(down, down_s, down_m, group, r, down_v)
@@ -458,6 +444,19 @@ def ffn_rows_parallel(x, n_rows, up, up_s, up_m, gate, gate_s, gate_m, down, dow
             for c in range(n_slices):
                 acc += partial[c, t, k]
             out[t, k] = acc
+
+
+@njit(fastmath=FAST)
+def _neuron_output(u, g, r, up_b, gate_b, gated, act):
+    """h of neuron r from its up and gate dot products: act(g + gate bias) * (u + up bias) for
+    gated FFNs, act(u + up bias) otherwise (biases may be empty)."""
+    if up_b.shape[0]:
+        u += up_b[r]
+    if not gated:
+        return _activate(u, act)
+    if gate_b.shape[0]:
+        g += gate_b[r]
+    return _activate(g, act) * u
 
 
 @njit(fastmath=FAST)
