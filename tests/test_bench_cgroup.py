@@ -61,16 +61,25 @@ def test_a_child_under_the_limit_reports_a_plausible_peak():
     assert our_groups() == []
 
 
+# A child that reads the file argv[1] 1 MiB at a time into one buffer: its RSS stays small while
+# the page cache (charged to its group) grows by the file.
+READ_ALL = ("import os, sys\nfd = os.open(sys.argv[1], os.O_RDONLY); buf = bytearray(1 << 20)\n"
+            "while os.readv(fd, [buf]): pass\n")
+
+
+def cold_file(tmp_path, nbytes: int):
+    """A file of random bytes, none of it in the page cache."""
+    path = tmp_path / "blob"
+    write_random(path, nbytes)
+    cgroup.evict_from_page_cache(path)
+    return path
+
+
 @needs_cgroup
 def test_page_cache_of_a_cold_read_is_charged_to_the_group(tmp_path):
-    path = tmp_path / "blob"
-    write_random(path, 96 * MiB)
-    cgroup.evict_from_page_cache(path)
-    # reads the file 1 MiB at a time into one buffer: RSS stays small, the page cache grows
-    code = ("import json, os, sys; from bench.cgroup import proc_read_bytes\n"
-            "fd = os.open(sys.argv[1], os.O_RDONLY); buf = bytearray(1 << 20)\n"
-            "while os.readv(fd, [buf]): pass\n"
-            "print(json.dumps({'read_bytes': proc_read_bytes()}))")
+    path = cold_file(tmp_path, 96 * MiB)
+    code = ("import json; from bench.cgroup import proc_read_bytes\n" + READ_ALL
+            + "print(json.dumps({'read_bytes': proc_read_bytes()}))")
     run = cgroup.run_limited([sys.executable, "-c", code, str(path)], 1024 * MiB, drop_caches=False, timeout=30)
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout)["read_bytes"] >= 96 * MiB  # it really came from disk
@@ -81,12 +90,9 @@ def test_page_cache_of_a_cold_read_is_charged_to_the_group(tmp_path):
 @needs_cgroup
 def test_the_cap_reclaims_page_cache_instead_of_killing(tmp_path):
     """Reading a file larger than the cap is legal: the kernel drops the group's old cache pages."""
-    path = tmp_path / "blob"
-    write_random(path, 128 * MiB)
-    cgroup.evict_from_page_cache(path)
-    code = ("import os, sys\nfd = os.open(sys.argv[1], os.O_RDONLY); buf = bytearray(1 << 20)\n"
-            "while os.readv(fd, [buf]): pass\nprint('done')")
-    run = cgroup.run_limited([sys.executable, "-c", code, str(path)], 64 * MiB, drop_caches=False, timeout=30)
+    path = cold_file(tmp_path, 128 * MiB)
+    run = cgroup.run_limited([sys.executable, "-c", READ_ALL + "print('done')", str(path)], 64 * MiB,
+                             drop_caches=False, timeout=30)
     assert run.returncode == 0 and run.stdout.strip() == "done", run.stderr
     assert not run.oom_killed
     assert run.peak_bytes <= 64 * MiB
