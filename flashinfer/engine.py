@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Literal, overload
 
 import numpy as np
+import psutil
 
 from flashinfer.config import ModelArgs
 from flashinfer.chat import Message
@@ -188,8 +189,6 @@ class Engine:
             raise GenerationError(f"window must be a positive number of tokens, got {window!r}")
         layers = reader.manifest.ffn_layers
         sparse_share = None
-        import psutil
-
         runtime_bytes = psutil.Process().memory_info().rss  # before the predictor, which the plan counts itself
         if predictor == "dense":
             predictor_obj = None

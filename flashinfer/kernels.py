@@ -33,16 +33,13 @@ def _widen_jit(v):
     if isinstance(v, types.Integer) and v.bitwidth == 16 and not v.signed:
 
         def widen_f16_bits(v):
-            # Exact, by integer moves: normals get their exponent rebiased (15 -> 127) by an
-            # integer add; zero/subnormals are mantissa * 2**-24; inf/NaN keep an all-ones
-            # exponent. Not the shorter `bits * 2**112` multiply: under fastmath 'reassoc'
-            # LLVM folded that constant into neighbouring products (coef * -8 * 2**112 =
-            # coef * -4.2e34), which overflowed to inf once |coef| > 8e3: a ReLU FFN row with
-            # h = -14337 turned a whole q4 down-projection into inf (bench/kernels.py data).
-            # Giesen's branch-free half -> float: the exponent rebiased by an integer add,
-            # inf/NaN and zero/subnormals fixed up by selects (subnormals: renormalised by
-            # subtracting 2**-14, a small constant, harmless under reassociation), so loops
-            # over f16 weights still vectorise.
+            # Exact, by Giesen's branch-free method: the exponent rebiased (15 -> 127) by an
+            # integer add; inf/NaN and zero/subnormals fixed up by selects (subnormals are
+            # renormalised by subtracting 2**-14, a small constant, harmless under reassociation),
+            # so loops over f16 weights still vectorise. Not the shorter `bits * 2**112` multiply:
+            # under fastmath 'reassoc' LLVM folded that constant into neighbouring products
+            # (coef * -8 * 2**112 = coef * -4.2e34), which overflowed to inf once |coef| > 8e3: a
+            # ReLU FFN row with h = -14337 turned a whole q4 down-projection into inf.
             h = np.uint32(v)
             magnitude = np.uint32((h & np.uint32(0x7FFF)) << np.uint32(13))
             exponent = np.uint32(magnitude & np.uint32(0x0F800000))
@@ -298,25 +295,31 @@ def _matmul_row(x, xs, w, scales, mins, group, bias, out, n, row):
     if row.shape[0]:
         row_values(w, scales, mins, group, n, row)
         for t in range(x.shape[0]):
-            acc = np.float32(0.0)
-            for k in range(row.shape[0]):
-                acc += row[k] * x[t, k]
-            out[t, n] = acc + b
+            out[t, n] = _dot(row, x, t) + b
     else:
         for t in range(x.shape[0]):
             out[t, n] = row_dot(w, scales, mins, group, n, x, xs, t) + b
 
 
-def unpacks_rows(w):
-    """Whether a chunk of tokens unpacks each of w's rows once into float32 first: every
-    scheme but float32 (q8/q4 codes, f16 bits) (pure-Python form)."""
-    return w.dtype != np.float32
+def unpacks_rows(w, n_tokens):
+    """Whether a chunk of n_tokens unpacks each of w's rows once into float32 first: every
+    scheme but float32 (q8/q4 codes, f16 bits), from ROW_REUSE_MIN_TOKENS tokens on (pure-Python form)."""
+    return w.dtype != np.float32 and n_tokens >= ROW_REUSE_MIN_TOKENS
 
 
 @overload(unpacks_rows)
-def _unpacks_rows_jit(w):
+def _unpacks_rows_jit(w, n_tokens):
     unpacks = w.dtype != types.float32  # decided at compile time, per dtype
-    return lambda w: unpacks
+    return lambda w, n_tokens: unpacks and n_tokens >= ROW_REUSE_MIN_TOKENS
+
+
+@njit(fastmath=FAST)
+def _dot(v, x, t):
+    """sum_k v[k] * x[t, k]: an unpacked float32 row against one token."""
+    acc = np.float32(0.0)
+    for k in range(v.shape[0]):
+        acc += v[k] * x[t, k]
+    return acc
 
 
 # parallel over output rows: bench/kernels.py measured 1.5-2.0x on 2 cores (decode and prefill).
@@ -327,7 +330,7 @@ def matmul(x, w, scales, mins, group, bias, out):
     w: float32, f16 bits (uint16), q8 (int8) or q4/q4a (uint8 nibbles) [N, K or K/2];
     scales/mins: f16 bits [N, K/group] (empty [0, 0] when unused); bias may be empty."""
     xp, xs = prepare_input(w, x, group)
-    row_len = xp.shape[1] if unpacks_rows(w) and x.shape[0] >= ROW_REUSE_MIN_TOKENS else 0
+    row_len = xp.shape[1] if unpacks_rows(w, x.shape[0]) else 0
     n_chunks = min(w.shape[0], 64)
     step = (w.shape[0] + n_chunks - 1) // n_chunks
     for c in prange(n_chunks):
@@ -345,7 +348,7 @@ def matmul(x, w, scales, mins, group, bias, out):
 @njit(cache=True, nogil=True, fastmath=FAST)
 def matmul_serial(x, w, scales, mins, group, bias, out):
     xp, xs = prepare_input(w, x, group)
-    row = np.empty(xp.shape[1] if unpacks_rows(w) and x.shape[0] >= ROW_REUSE_MIN_TOKENS else 0, np.float32)
+    row = np.empty(xp.shape[1] if unpacks_rows(w, x.shape[0]) else 0, np.float32)
     for n in range(w.shape[0]):
         _matmul_row(xp, xs, w, scales, mins, group, bias, out, n, row)
 
@@ -364,7 +367,7 @@ def _ffn_row_range(x, lo, hi, up, up_s, up_m, gate, gate_s, gate_m, down, down_s
     """out[t] += sum over rows lo..hi-1 of h_i * down_i (see ffn_rows)."""
     # up and gate share a scheme (the store quantizes a bundle as one), so one layout of x serves both
     xp, xs = prepare_input(up, x, group)
-    if unpacks_rows(up) and x.shape[0] >= ROW_REUSE_MIN_TOKENS:
+    if unpacks_rows(up, x.shape[0]):
         _ffn_rows_unpacked(xp, lo, hi, up, up_s, up_m, gate, gate_s, gate_m, down, down_s, down_m, up_b, gate_b,
                            group, act, out)
         return
@@ -396,12 +399,8 @@ def _ffn_rows_unpacked(xp, lo, hi, up, up_s, up_m, gate, gate_s, gate_m, down, d
             row_values(gate, gate_s, gate_m, group, r, gate_v)
         down_ready = False
         for t in range(xp.shape[0]):
-            u = np.float32(0.0)
-            g = np.float32(0.0)
-            for k in range(dim):
-                u += up_v[k] * xp[t, k]
-            for k in range(gate_v.shape[0]):  # empty when not gated
-                g += gate_v[k] * xp[t, k]
+            u = _dot(up_v, xp, t)
+            g = _dot(gate_v, xp, t)  # gate_v is empty (g = 0) when not gated
             h = _neuron_output(u, g, r, up_b, gate_b, gated, act)
             if h != 0.0:
                 if not down_ready:  # inactive rows (most, with ReLU) never unpack their down column
