@@ -23,11 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-def proc_read_bytes() -> int:
-    """Bytes this process caused to be fetched from storage (page-cache hits do not count)."""
-    with open("/proc/self/io") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("read_bytes:"))
+from bench.cgroup import proc_read_bytes  # the meter every runtime's child reports
 
 
 def teacher_forced_agreement(engine, prompt_ids: list[int], reference_ids: list[int]) -> float:

@@ -98,7 +98,7 @@ def parse_sweep(text: str) -> Sweep:
 
 
 def _mib(n):
-    return None if n is None else n / 2**20
+    return None if n is None else n / MiB
 
 
 def sweep_table(sweep: Sweep, rows: list[dict]) -> str:
