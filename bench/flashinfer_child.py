@@ -10,7 +10,7 @@ both as the engine counted them and as the kernel counted them for this process
 the generated token ids, and, given `reference_ids` (the dense run's tokens), the greedy
 agreement with them, teacher-forced token by token as in decoding.
 
-Optional keys: window (5), flash_bw, ctx (256), prefetch (false), warm_tokens (2: compiles or
+Optional keys: window (5), flash_bw, ctx (256), prefetch (false), stream_ffn (false), warm_tokens (2: compiles or
 loads the kernels and touches the resident weights before the measured run).
 """
 
@@ -62,7 +62,7 @@ def measure(cfg: dict) -> dict:
     t_open = time.perf_counter()
     engine = Engine.open(cfg["store"], ctx=cfg.get("ctx", 256), predictor=cfg["predictor"],
                          window=cfg.get("window", 5), dram=cfg.get("dram"), prefetch=cfg.get("prefetch", False),
-                         flash_bw=cfg.get("flash_bw"))
+                         flash_bw=cfg.get("flash_bw"), stream_ffn=cfg.get("stream_ffn", False))
     with engine:
         open_s = time.perf_counter() - t_open
         prompt = [int(t) for t in cfg["prompt_ids"]]

@@ -8,9 +8,10 @@
     python -m bench.kernels
     python -m bench.kernels --against HEAD~1   # the same cases, this tree's kernels vs a git revision's
 
-`--against REV` loads flashinfer/kernels.py as it was at REV into the same process and times
-both on the same operands, alternating, so a change to a kernel is measured as a ratio on a
-noisy shared machine.
+`--against REV` loads the kernels as they were at REV (flashinfer/kernels.py, or the
+flashinfer/kernels/ package from its split on) into the same process and times both on the
+same operands, alternating, so a change to a kernel is measured as a ratio on a noisy shared
+machine.
 """
 
 from __future__ import annotations
@@ -54,17 +55,36 @@ def main() -> None:
 
 
 def kernels_at(rev: str):
-    """flashinfer/kernels.py as of git revision `rev`, imported as a module of its own."""
+    """The kernels as of git revision `rev`, imported as a module (or package) of its own name.
+    The package's modules import each other relatively, so its copy is self-contained."""
     root = Path(__file__).resolve().parent.parent
-    source = subprocess.run(["git", "-C", str(root), "show", f"{rev}:flashinfer/kernels.py"], capture_output=True,
-                            text=True, check=True).stdout
-    path = Path(tempfile.mkdtemp(prefix="kernels-")) / f"kernels_{rev.replace('~', '_').replace('^', '_')}.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location(path.stem, path)
+    name = "kernels_" + "".join(c if c.isalnum() else "_" for c in rev)
+    tmp = Path(tempfile.mkdtemp(prefix="kernels-"))
+    tree = subprocess.run(["git", "-C", str(root), "ls-tree", "--name-only", rev, "flashinfer/"], capture_output=True,
+                          text=True, check=True).stdout.split()
+    if "flashinfer/kernels.py" in tree:
+        path = tmp / f"{name}.py"
+        path.write_text(_git_show(root, rev, "flashinfer/kernels.py"))
+        spec = importlib.util.spec_from_file_location(name, path)
+    else:
+        package = tmp / name
+        package.mkdir()
+        files = subprocess.run(["git", "-C", str(root), "ls-tree", "--name-only", rev, "flashinfer/kernels/"],
+                               capture_output=True, text=True, check=True).stdout.split()
+        for file in files:
+            if file.endswith(".py"):
+                (package / Path(file).name).write_text(_git_show(root, rev, file))
+        spec = importlib.util.spec_from_file_location(name, package / "__init__.py",
+                                                      submodule_search_locations=[str(package)])
     module = importlib.util.module_from_spec(spec)
-    sys.modules[path.stem] = module
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def _git_show(root: Path, rev: str, path: str) -> str:
+    return subprocess.run(["git", "-C", str(root), "show", f"{rev}:{path}"], capture_output=True, text=True,
+                          check=True).stdout
 
 
 def best_pair(old, new, old_args, new_args, repeats: int = 7) -> tuple[float, float]:

@@ -136,7 +136,7 @@ def measure_model(preset: Preset, opts, bandwidths) -> list[dict]:
             "dram": opts.cap, "window": opts.window}
     rows = []
     log(f"{preset.name}: naive baseline (dense predictor)")
-    naive = run_flashinfer(base | {"predictor": "dense"}, cap)
+    naive = run_flashinfer(base | {"predictor": "dense", "stream_ffn": True}, cap)
     rows.append(naive | {"model": preset.name, "config": "naive (dense from flash)"})
     reference = naive.get("generated_ids")
     sparse = base | {"predictor": "lowrank", "reference_ids": reference}

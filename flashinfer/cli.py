@@ -129,7 +129,7 @@ def _sweep_child_args(args: argparse.Namespace) -> list[str]:
                "--window": args.window, "--dram": args.dram, "--flash-bw": args.flash_bw,
                "--flash-latency": args.flash_latency, "--prompt": args.prompt, "--prompt-file": args.prompt_file}
     out = [args.model] + [item for flag, value in options.items() if value is not None for item in (flag, str(value))]
-    return out + (["--prefetch"] if args.prefetch else [])
+    return out + (["--prefetch"] if args.prefetch else []) + (["--stream-ffn"] if args.stream_ffn else [])
 
 
 def _profile_once(args: argparse.Namespace, prompt: str, **override):
@@ -315,6 +315,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=_positive_int, default=5, help="tokens a loaded neuron stays cached (default 5)")
     p.add_argument("--prefetch", action="store_true",
                    help="read the next layer's guessed neurons while this layer computes (sparse predictors)")
+    p.add_argument("--stream-ffn", action="store_true",
+                   help="dense predictor: read every FFN layer from flash every token, even when it would fit in DRAM "
+                        "(the naive baseline; by default what fits stays resident after its first read)")
     p.add_argument("--dram", default=None, help="cap for the whole process, e.g. 2GB (store only): sizes the caches")
     p.add_argument("--plan", action="store_true", help="print the DRAM plan (with --dram)")
 
@@ -324,7 +327,8 @@ def _open_engine(args: argparse.Namespace, **override):
     from flashinfer.engine import Engine
 
     knobs = {"ctx": args.ctx, "flash_bw": args.flash_bw, "flash_latency": args.flash_latency,
-             "predictor": args.predictor, "window": args.window, "dram": args.dram, "prefetch": args.prefetch}
+             "predictor": args.predictor, "window": args.window, "dram": args.dram, "prefetch": args.prefetch,
+             "stream_ffn": args.stream_ffn}
     return Engine.open(args.model, **(knobs | override))
 
 

@@ -102,7 +102,8 @@ class Engine:
     @classmethod
     def open(cls, path: str | Path, ctx: int | None = None, flash_bw: str | float | None = None,
              flash_latency: str | float | None = None, verify: bool = False, predictor: str = "dense",
-             window: int = 5, dram: str | int | None = None, prefetch: bool = False) -> "Engine":
+             window: int = 5, dram: str | int | None = None, prefetch: bool = False,
+             stream_ffn: bool = False) -> "Engine":
         """Open a flash store (made by `flashinfer convert`) or a Hugging Face model directory
         (config.json, *.safetensors, tokenizer.json).
 
@@ -118,6 +119,9 @@ class Engine:
             (sparse predictors only; see flashinfer/sparse_ffn.py).
         dram: a cap for the whole process ("2GB"); the planner sizes the neuron caches under
             it or refuses with what would fit (flashinfer/memory.py). The plan is `engine.memory_plan`.
+        stream_ffn: with the dense predictor, read every FFN layer from flash every token (the
+            paper's naive baseline). By default a dense run keeps as many FFN layers resident
+            after their first read as the cap (or, with no cap, the machine's free memory) holds.
         """
         from storage.format import MANIFEST
 
@@ -127,9 +131,12 @@ class Engine:
         if not path.is_dir():
             raise ModelPathError(f"{path}: not a directory; expected a flash store or a Hugging Face model directory")
         if (path / MANIFEST).is_file() or ".partial-" in path.name:
-            return cls._open_store(path, ctx, flash_bw, flash_latency, verify, predictor, window, dram, prefetch)
-        if flash_bw is not None or flash_latency is not None or predictor != "dense" or dram is not None or prefetch:
-            raise ModelPathError(f"{path}: flash_bw, flash_latency, predictor, dram and prefetch apply to a flash store; "
+            return cls._open_store(path, ctx, flash_bw, flash_latency, verify, predictor, window, dram, prefetch,
+                                   stream_ffn)
+        if (flash_bw is not None or flash_latency is not None or predictor != "dense" or dram is not None or prefetch
+                or stream_ffn):
+            raise ModelPathError(f"{path}: flash_bw, flash_latency, predictor, dram, prefetch and stream_ffn apply to "
+                                 "a flash store; "
                                  "convert the model first (flashinfer convert)")
         return cls._open_hf(path, ctx)
 
@@ -151,7 +158,7 @@ class Engine:
 
     @classmethod
     def _open_store(cls, path: Path, ctx, flash_bw, flash_latency, verify: bool, predictor: str,
-                    window: int, dram, prefetch: bool) -> "Engine":
+                    window: int, dram, prefetch: bool, stream_ffn: bool = False) -> "Engine":
         from flashinfer.errors import ConfigError
         from flashinfer.weights import load_store_weights
         from storage.reader import StoreReader
@@ -167,7 +174,7 @@ class Engine:
                 raise ConfigError(f"{path / 'manifest.json'}: model_config does not describe a model ({e})") from None
             tokenizer = cls._tokenizer_for(path, args)
             ctx = cls._check_ctx(args, ctx)
-            flash_ffn, plan = cls._flash_ffn(reader, args, predictor, window, dram, ctx, prefetch)
+            flash_ffn, plan = cls._flash_ffn(reader, args, predictor, window, dram, ctx, prefetch, stream_ffn)
             model = Model(args, load_store_weights(args, reader), ctx, flash_ffn=flash_ffn)
         except BaseException:
             reader.close()
@@ -178,10 +185,11 @@ class Engine:
         return engine
 
     @staticmethod
-    def _flash_ffn(reader, args: ModelArgs, predictor: str, window: int, dram, ctx: int, prefetch: bool = False):
+    def _flash_ffn(reader, args: ModelArgs, predictor: str, window: int, dram, ctx: int, prefetch: bool = False,
+                   stream_ffn: bool = False):
         """The FFN source for a store, and the memory plan when a DRAM cap is given."""
         from flashinfer.flash_ffn import FlashFFN
-        from flashinfer.memory import plan_memory
+        from flashinfer.memory import free_memory_budget, plan_memory, resident_layers_within
         from flashinfer.sparse_ffn import SparseFFN, oracle_from_store
         from storage.units import parse_size
 
@@ -205,13 +213,21 @@ class Engine:
             plan = plan_memory(parse_size(dram), args, reader.manifest, ctx, sparse=predictor_obj is not None,
                                predictor_bytes=getattr(predictor_obj, "nbytes", 0),
                                io_buffer_bytes=reader.io_buffer_bytes, scratch_bytes=RunState.scratch_bytes(args, ctx),
-                               sparse_share=sparse_share, runtime_bytes=runtime_bytes)
+                               sparse_share=sparse_share, runtime_bytes=runtime_bytes, stream_ffn=stream_ffn)
             capacities = plan.capacities or capacities
+        if stream_ffn and predictor_obj is not None:
+            raise GenerationError("stream_ffn applies to the dense predictor: a sparse one reads through its neuron cache")
         if predictor_obj is None:
             if prefetch:
                 raise GenerationError("prefetch needs a sparse predictor (lowrank, static or oracle): the dense path "
                                       "reads every neuron anyway")
-            return FlashFFN(reader, args), plan
+            if stream_ffn:
+                resident = []
+            elif plan is not None:
+                resident = plan.resident_layers
+            else:  # no cap: keep what the machine has room for (flashinfer/memory.py)
+                resident = resident_layers_within([FlashFFN.layer_bytes(spec) for spec in layers], free_memory_budget())
+            return FlashFFN(reader, args, frozenset(resident)), plan
         return SparseFFN(reader, args, predictor_obj, capacities, window, prefetch=prefetch), plan
 
     @staticmethod
@@ -505,6 +521,7 @@ class Engine:
             "decode_tok_s": timings.rates(usage)[1], "peak_rss_bytes": peak_rss_bytes(),
             "cap_bytes": None if plan is None else plan.cap_bytes,
             "plan": None if plan is None else plan.table(),
+            "resident_ffn_layers": sorted(getattr(ffn, "resident", ())) if ffn is not None else None,
         })
         return trace
 
@@ -568,7 +585,10 @@ def _load_calibrated(reader, kind: str):
     if report_path.is_file():
         layers = json.loads(report_path.read_text())["layers"]
         share = max(layer["fraction"] for layer in layers)
-    return LowRankPredictor.load(path, quant="q8"), share  # B in q8: predictors/sparsity.py says why
+    from flashinfer.weights import kernel_product, q8_matrix
+
+    # B in q8 (predictors/sparsity.py says why), multiplied by the engine's own kernels
+    return LowRankPredictor.load(path, quantize=q8_matrix, product=kernel_product), share
 
 
 def _split_at_stop(text: str, stops: list[str], final: bool = False) -> tuple[str, str, bool]:

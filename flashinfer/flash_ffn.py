@@ -2,8 +2,10 @@
 
 `bundle_views` turns a uint8 [n, bundle_bytes] block of bundles, straight from the reader
 or from the neuron cache, into the component arrays the `ffn_rows` kernel takes: no copy,
-just strided views. `FlashFFN` is the naive flash baseline of the paper: every neuron of a
-layer read from flash for every token, no cache, no predictor.
+just strided views. `FlashFFN` is the dense FFN from a store: a layer it keeps resident is
+read from flash once (the first token) and stays in DRAM; any other layer is streamed, every
+neuron read from flash for every token (the paper's naive baseline). Which layers stay is
+the caller's budget decision (flashinfer/memory.py, `resident_layers`).
 """
 
 from __future__ import annotations
@@ -92,36 +94,61 @@ def ffn_over_bundles(x: np.ndarray, n_rows: int, views: BundleViews, act: int, o
 
 
 class FlashFFN:
-    """Every FFN neuron streamed from flash, every token (the paper's naive baseline)."""
+    """The dense FFN from a store: layers in `resident` read once and kept in DRAM, the others
+    streamed from flash every token (the paper's naive baseline when none is resident)."""
 
-    def __init__(self, reader, args: ModelArgs):
+    def __init__(self, reader, args: ModelArgs, resident: frozenset[int] = frozenset()):
         self.reader = reader
         self.layers = reader.manifest.ffn_layers
         self.act = K.ACT_SILU if args.act == "silu" else K.ACT_RELU
         self.all_ids = [np.arange(layer.n_neurons, dtype=np.int64) for layer in self.layers]
-        largest = max(layer.n_neurons * layer.bundle_bytes for layer in self.layers)
-        self.buffer = np.empty(largest, np.uint8)  # one layer's bundles at a time, reused
+        self.resident = frozenset(resident)
+        # layer -> its bundles once read (resident layers only); filled by the first forward
+        self.resident_bundles: dict[int, np.ndarray] = {}
+        streamed = [layer.n_neurons * layer.bundle_bytes for i, layer in enumerate(self.layers) if i not in self.resident]
+        self.buffer = np.empty(max(streamed, default=0), np.uint8)  # one streamed layer's bundles at a time
         self.partial = PartialSums(args.dim)
         self.tracer = None  # flashinfer.profile.Tracer while a traced generation runs
 
     @property
     def nbytes(self) -> int:
-        return self.buffer.nbytes
+        return self.buffer.nbytes + sum(b.nbytes for b in self.resident_bundles.values())
+
+    @staticmethod
+    def layer_bytes(spec) -> int:
+        return spec.n_neurons * spec.bundle_bytes
+
+    def _bundles(self, layer: int, counter) -> tuple[np.ndarray, bool]:
+        """(the layer's bundles, whether they were read from flash now)."""
+        spec = self.layers[layer]
+        kept = self.resident_bundles.get(layer)
+        if kept is not None:
+            return kept, False
+        if layer in self.resident:
+            bundles = np.empty((spec.n_neurons, spec.bundle_bytes), np.uint8)
+        else:
+            bundles = self.buffer[: spec.n_neurons * spec.bundle_bytes].reshape(spec.n_neurons, spec.bundle_bytes)
+        self.reader.read_bundles(layer, self.all_ids[layer], out=bundles, counter=counter)
+        if layer in self.resident:
+            self.resident_bundles[layer] = bundles
+        return bundles, True
 
     def forward(self, layer: int, x: np.ndarray, out: np.ndarray) -> None:
         spec = self.layers[layer]
-        bundles = self.buffer[: spec.n_neurons * spec.bundle_bytes].reshape(spec.n_neurons, spec.bundle_bytes)
         tr = self.tracer
         if tr is None:
-            self.reader.read_bundles(layer, self.all_ids[layer], out=bundles)
+            bundles, _ = self._bundles(layer, None)
             ffn_over_bundles(x, spec.n_neurons, bundle_views(bundles, spec), self.act, out, self.partial)
             return
         counter = ReadStats()
         t0 = tr.now()
-        self.reader.read_bundles(layer, self.all_ids[layer], out=bundles, counter=counter)
+        bundles, was_read = self._bundles(layer, counter)
         t1 = tr.now()
         ffn_over_bundles(x, spec.n_neurons, bundle_views(bundles, spec), self.act, out, self.partial)
         t2 = tr.now()
-        tr.ffn_part(layer, "read", t0, t1, neurons=spec.n_neurons, bytes=counter.bytes_read)
+        loaded = spec.n_neurons if was_read else 0
+        if was_read:
+            tr.ffn_part(layer, "read", t0, t1, neurons=spec.n_neurons, bytes=counter.bytes_read)
         tr.ffn_part(layer, "ffn", t1, t2, rows=spec.n_neurons)
-        tr.neurons(layer, spec.n_neurons, spec.n_neurons, 0, 0, 0, counter.bytes_read)
+        resident_rows = spec.n_neurons if layer in self.resident else 0
+        tr.neurons(layer, spec.n_neurons, loaded, 0, resident_rows, resident_rows, counter.bytes_read)

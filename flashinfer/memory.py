@@ -4,7 +4,9 @@ Before the first token the planner sizes every part from the store and the setti
 the Python + numba runtime (measured: the process's RSS when planning starts), resident
 weights (memory-mapped, they count once touched), the KV cache (from ctx), scratch
 activations, the reader's staging buffers, the predictor, and, with what is left, the
-neuron caches (an equal share of rows per layer, capped at the layer's size). It refuses
+neuron caches (an equal share of rows per layer, capped at the layer's size); on the dense
+path, as many whole FFN layers as fit stay resident after their first read (the rest stream
+from flash every token). It refuses
 a configuration that cannot fit and says what would (a shorter context, a lower-bit
 store, a larger cap). After generation, the process's peak RSS is compared with the cap.
 
@@ -48,17 +50,23 @@ class MemoryPlan:
     cache_bytes: int = 0
     capacities: list[int] = field(default_factory=list)  # neuron-cache rows per layer
     warning: str | None = None  # a plan that runs but below the advised cache size says so
+    # dense path: the FFN layers kept in DRAM after their first read, and their bytes
+    resident_layers: list[int] = field(default_factory=list)
+    ffn_resident_bytes: int = 0
+    n_layers: int = 0
 
     @property
     def total_bytes(self) -> int:
         return (self.runtime_bytes + self.resident_bytes + self.kv_bytes + self.scratch_bytes + self.io_bytes
-                + self.predictor_bytes + self.cache_bytes + RUNTIME_HEADROOM)
+                + self.predictor_bytes + self.cache_bytes + self.ffn_resident_bytes + RUNTIME_HEADROOM)
 
     def table(self) -> str:
         rows = [("python + numba runtime (measured)", self.runtime_bytes), ("resident weights", self.resident_bytes),
                 ("KV cache", self.kv_bytes), ("activations scratch", self.scratch_bytes),
                 ("flash read buffers", self.io_bytes), ("predictor", self.predictor_bytes),
-                ("neuron caches", self.cache_bytes), ("headroom", RUNTIME_HEADROOM)]
+                ("neuron caches", self.cache_bytes),
+                (f"FFN resident ({len(self.resident_layers)} of {self.n_layers} layers)", self.ffn_resident_bytes),
+                ("headroom", RUNTIME_HEADROOM)]
         lines = [f"  {name:36} {b / 2**20:9.1f} MiB" for name, b in rows]
         lines.append(f"  {'total':36} {self.total_bytes / 2**20:9.1f} MiB of {self.cap_bytes / 2**20:.1f} MiB cap")
         if self.capacities:
@@ -91,10 +99,11 @@ def resident_in_dram_bytes(manifest, ctx: int) -> int:
 
 def plan_memory(cap_bytes: int, args: ModelArgs, manifest, ctx: int, *, sparse: bool, predictor_bytes: int,
                 io_buffer_bytes: int, scratch_bytes: int, sparse_share: float | None = None,
-                runtime_bytes: int | None = None) -> MemoryPlan:
+                runtime_bytes: int | None = None, stream_ffn: bool = False) -> MemoryPlan:
     """Size everything under `cap_bytes`. `sparse_share`: the mean share of a layer's neurons
     the predictor selects per token (from calibration) — the cache must hold well over that.
-    `runtime_bytes`: what the process holds before the model (default: its RSS now)."""
+    `runtime_bytes`: what the process holds before the model (default: its RSS now).
+    `stream_ffn`: the dense path keeps no FFN layer resident (the naive baseline)."""
     runtime = psutil.Process().memory_info().rss if runtime_bytes is None else runtime_bytes
     layers = manifest.ffn_layers
     # the dense path streams each layer through one layer-sized buffer; the sparse path reads
@@ -103,10 +112,20 @@ def plan_memory(cap_bytes: int, args: ModelArgs, manifest, ctx: int, *, sparse: 
     plan = MemoryPlan(cap_bytes=cap_bytes, runtime_bytes=runtime, resident_bytes=resident_in_dram_bytes(manifest, ctx),
                       kv_bytes=kv_cache_bytes(args, ctx), scratch_bytes=scratch_bytes,
                       io_bytes=io_buffer_bytes + layer_buffer, predictor_bytes=predictor_bytes)
+    plan.n_layers = len(layers)
     left = cap_bytes - plan.total_bytes
     if not sparse:
         if left < 0:
             raise BudgetError(_refusal(plan, args, ctx, -left))
+        ffn_bytes = [spec.n_neurons * spec.bundle_bytes for spec in layers]
+        if stream_ffn:
+            return plan
+        if sum(ffn_bytes) <= left + layer_buffer:  # everything resident: no streaming buffer at all
+            plan.io_bytes -= layer_buffer
+            plan.resident_layers = list(range(len(layers)))
+        else:
+            plan.resident_layers = resident_layers_within(ffn_bytes, left)
+        plan.ffn_resident_bytes = sum(ffn_bytes[i] for i in plan.resident_layers)
         return plan
     per_row = [spec.bundle_bytes + 4 for spec in layers]  # + row_to_id
     fixed_maps = sum(spec.n_neurons * 12 for spec in layers)  # id_to_row int32 + last_active int64
@@ -126,6 +145,27 @@ def plan_memory(cap_bytes: int, args: ModelArgs, manifest, ctx: int, *, sparse: 
     plan.capacities = [min(spec.n_neurons, int(spec.n_neurons * share)) for spec in layers]
     plan.cache_bytes = sum(c * r for c, r in zip(plan.capacities, per_row)) + fixed_maps
     return plan
+
+
+def resident_layers_within(layer_bytes: list[int], budget_bytes: int) -> list[int]:
+    """The FFN layers (from the first) whose bundles fit together in budget_bytes."""
+    chosen, used = [], 0
+    for i, n in enumerate(layer_bytes):
+        if used + n > budget_bytes:
+            break
+        chosen.append(i)
+        used += n
+    return chosen
+
+
+# With no --dram, a dense run keeps FFN layers resident in what the machine has free, less
+# this much for everything else on it (and the page cache the store's reads go through).
+FREE_MEMORY_RESERVE = 1 << 30
+
+
+def free_memory_budget() -> int:
+    """Bytes a run with no cap may keep resident: available memory less FREE_MEMORY_RESERVE."""
+    return max(0, psutil.virtual_memory().available - FREE_MEMORY_RESERVE)
 
 
 def _refusal(plan: MemoryPlan, args: ModelArgs, ctx: int, short_bytes: int, cache_share: float | None = None) -> str:

@@ -32,6 +32,12 @@ def summary_table(summary: dict, run: dict) -> str:
         f"JIT/compile (first call) {run.get('jit_s', 0):.2f} s | prefill {summary['prefill_tokens']} tokens "
         f"{summary['prefill_s']:.2f} s | decode {summary['decode_tokens']} tokens, "
         f"{_fmt(summary['decode_tok_s'], '.2f')} tok/s | {rss}")
+    resident = run.get("resident_ffn_layers")
+    if resident is not None:
+        n_layers = run.get("n_layers") or len(summary["layers"])
+        lines.append(f"dense FFN: {len(resident)} of {n_layers} layers resident in DRAM after their first read"
+                     + (f" ({_ranges(resident)}); the others stream from flash every token" if 0 < len(resident) < n_layers
+                        else "; nothing is read from flash per token" if resident else "; every layer streams from flash"))
     lines.append("")
     head = (f"{'layer':>5} {'hit rate':>8} {'neurons/tok':>11} {'MB read/tok':>11} {'ms I/O/tok':>10} "
             f"{'ms compute/tok':>14} {'evicted/tok':>11} {'cache rows':>13}")
@@ -55,6 +61,18 @@ def summary_table(summary: dict, run: dict) -> str:
     lines.append("(hit rate: predicted neurons already resident; I/O: waiting for flash; memory mgmt: "
                  "neuron cache bookkeeping; compute columns: attention + predictor + FFN kernel)")
     return "\n".join(lines)
+
+
+def _ranges(ids: list[int]) -> str:
+    """[0, 1, 2, 5] -> "layers 0-2, 5"."""
+    parts, start = [], None
+    for i, v in enumerate(ids):
+        if start is None:
+            start = v
+        if i + 1 == len(ids) or ids[i + 1] != v + 1:
+            parts.append(f"{start}" if start == v else f"{start}-{v}")
+            start = None
+    return "layers " + ", ".join(parts)
 
 
 @dataclass(frozen=True)

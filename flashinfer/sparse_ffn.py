@@ -33,6 +33,9 @@ from flashinfer.flash_ffn import PartialSums, bundle_views, ffn_over_bundles
 from storage.reader import ReadStats
 
 
+KEEP = 1 << 40  # a window no token count reaches
+
+
 @dataclass
 class SparseStats:
     """Counts since the last reset, summed over layers and tokens."""
@@ -56,7 +59,9 @@ class SparseFFN:
         self.predictor = predictor
         self.layers = reader.manifest.ffn_layers
         self.act = K.ACT_SILU if args.act == "silu" else K.ACT_RELU
-        self.caches = [NeuronCache(spec.n_neurons, spec.bundle_bytes, cap, window)
+        # a cache that can hold its whole layer never drops a neuron: once read, it stays (the
+        # window only saves DRAM, which such a layer does not need)
+        self.caches = [NeuronCache(spec.n_neurons, spec.bundle_bytes, cap, window if cap < spec.n_neurons else KEEP)
                        for spec, cap in zip(self.layers, capacities)]
         self.views = [bundle_views(cache.rows, spec) for cache, spec in zip(self.caches, self.layers)]
         self.partial = PartialSums(args.dim)
@@ -179,18 +184,16 @@ class SparseFFN:
 
 def oracle_from_store(reader, args: ModelArgs):
     """The exact predictor: every layer's activation-deciding rows (gate for gated FFNs, up
-    otherwise) dequantized to float32. Costs n_layers * n_neurons * dim * 4 bytes of RAM, so
-    it is a quality ceiling and a test tool for small models, not a way to save I/O."""
+    otherwise) kept as the store holds them and multiplied by the same kernels as the FFN, so
+    it selects exactly the neurons the FFN kernel finds active. Holds every layer's bundles
+    (the whole FFN) in RAM, so it is a quality ceiling and a test tool for small models, not a
+    way to save I/O."""
+    from flashinfer.weights import kernel_product
     from predictors.sparsity import OraclePredictor
-    from storage import quant
 
     weights, biases = [], []
     for layer, spec in enumerate(reader.manifest.ffn_layers):
-        bundles = reader.read_bundles(layer, np.arange(spec.n_neurons))
-        c = spec.component("gate" if args.gated_ffn else "up")
-        rows = quant.rows_from_records(np.ascontiguousarray(bundles[:, c.offset : c.offset + c.nbytes]),
-                                       c.scheme, c.length, c.group_size or 32)
-        weights.append(quant.dequantize(rows))
-        b = spec.component("gate_bias" if args.gated_ffn else "up_bias")
-        biases.append(None if b is None else np.ascontiguousarray(bundles[:, b.offset : b.offset + 4]).view(np.float32)[:, 0])
-    return OraclePredictor(weights, biases)
+        views = bundle_views(reader.read_bundles(layer, np.arange(spec.n_neurons)), spec)
+        weights.append(views.gate if args.gated_ffn else views.up)
+        biases.append(views.gate_bias if args.gated_ffn else views.up_bias)
+    return OraclePredictor(weights, biases, product=kernel_product)

@@ -42,6 +42,31 @@ class Matrix(NamedTuple):
     def rows(self) -> int:
         return self.data.shape[0]
 
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes + self.scales.nbytes + self.mins.nbytes
+
+
+def kernel_product(x: np.ndarray, m: Matrix, bias: np.ndarray) -> np.ndarray:
+    """x @ value(m).T + bias through the matmul kernels (predictors.sparsity.Product): a
+    predictor's scores computed as the FFN kernels compute the pre-activations."""
+    from flashinfer import kernels as K
+
+    out = np.empty((x.shape[0], m.rows), np.float32)
+    K.matmul_for(x.shape[0], m.rows, x.shape[1])(x, m.data, m.scales, m.mins, m.group, bias, out)
+    return out
+
+
+def q8_matrix(w: np.ndarray) -> Matrix | None:
+    """A float32 [rows, K] matrix as q8 codes in the kernels' form, or None when K is not a
+    multiple of the q8 group."""
+    from storage import quant
+
+    if w.shape[1] % quant.DEFAULT_GROUP_SIZE:
+        return None
+    qt = quant.quantize(w, "q8", quant.DEFAULT_GROUP_SIZE)
+    return Matrix(qt.data, qt.scales.view(np.uint16), NO_SCALES, quant.DEFAULT_GROUP_SIZE)
+
 
 def weight_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     """Every canonical tensor the model needs, with its shape."""

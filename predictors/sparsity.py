@@ -12,14 +12,27 @@ otherwise, plus bias) is > 0.
 - LowRankPredictor: score = (x A) B + c with rank r (LLM in a flash, section 3.1; Deja Vu),
   active when score > threshold; fitted in predictors/lowrank.py.
 
-Knows nothing of the cache or the engine: everything here is built from arrays.
+Knows nothing of the cache or the engine: everything here is built from arrays. Products
+with weight matrices go through a `Product` the caller passes (the engine passes its
+kernels', flashinfer/weights.py `kernel_product`, so a predictor's scores are computed exactly
+as the FFN kernels compute the pre-activations it predicts); by default, numpy's float32.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+
+# (x float32 [T, K], weights, bias float32 [N] or empty) -> float32 [T, N] = x @ weights.T + bias
+Product = Callable[[np.ndarray, object, np.ndarray], np.ndarray]
+NO_BIAS = np.zeros(0, np.float32)
+
+
+def float_product(x: np.ndarray, w: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    z = x @ w.T
+    return z + bias if bias.size else z
 
 
 def _rows(x: np.ndarray) -> np.ndarray:
@@ -39,17 +52,17 @@ class DensePredictor:
 class OraclePredictor:
     name = "oracle"
 
-    def __init__(self, act_weights: list[np.ndarray], act_biases: list[np.ndarray | None], threshold: float = 0.0):
-        """act_weights[l]: float32 [n_neurons, dim] rows whose dot with x decides activity."""
+    def __init__(self, act_weights: list, act_biases: list[np.ndarray | None], threshold: float = 0.0,
+                 product: Product = float_product):
+        """act_weights[l]: the [n_neurons, dim] rows whose dot with x decides activity, as
+        `product` takes them (float32 arrays for the default)."""
         self.weights = act_weights
-        self.biases = act_biases
+        self.biases = [NO_BIAS if b is None else b for b in act_biases]
         self.threshold = threshold
+        self.product = product
 
     def pre_activations(self, layer: int, x: np.ndarray) -> np.ndarray:
-        z = _rows(x) @ self.weights[layer].T
-        if self.biases[layer] is not None:
-            z += self.biases[layer]
-        return z
+        return self.product(np.ascontiguousarray(_rows(x), np.float32), self.weights[layer], self.biases[layer])
 
     def predict(self, layer: int, x: np.ndarray) -> np.ndarray:
         active = (self.pre_activations(layer, x) > self.threshold).any(axis=0)
@@ -105,28 +118,26 @@ class LowRankLayer:
 
 
 class LowRankPredictor:
-    """score = (x A) B + c per layer. `load(..., quant="q8")` keeps B (the big factor:
-    rank x n_neurons, 9 MB per Mistral-7B layer in f32) as q8 codes in the kernels' form,
-    3.8x smaller: a Mistral-7B's predictors take 141 MiB of a 2 GB cap instead of 340 MB (A, the
+    """score = (x A) B + c per layer. `load(..., quantize=, product=)` keeps B (the big factor:
+    rank x n_neurons, 9 MB per Mistral-7B layer in f32) transposed in whatever form `quantize`
+    makes (the engine: q8 codes in its kernels' form, 3.8x smaller: a Mistral-7B's predictors
+    take 141 MiB of a 2 GB cap instead of 340 MB) and multiplies it with `product` (A, the
     dim x rank factor, stays float32)."""
 
     name = "lowrank"
 
-    def __init__(self, layers: list[LowRankLayer], b_q8: list | None = None):
+    def __init__(self, layers: list[LowRankLayer], b_quantized: list | None = None, product: Product = float_product):
         self.layers = layers
-        self.b_q8 = b_q8  # per layer a flashinfer.weights.Matrix of B transposed [n_neurons, rank], or None
+        self.b_quantized = b_quantized  # per layer B transposed [n_neurons, rank] as `product` takes it, or None
+        self.product = product
 
     def scores(self, layer: int, x: np.ndarray) -> np.ndarray:
         p = self.layers[layer]
         h = _rows(x) @ p.a
-        m = self.b_q8[layer] if self.b_q8 is not None else None
+        m = self.b_quantized[layer] if self.b_quantized is not None else None
         if m is None:
             return h @ p.b + p.c
-        from flashinfer import kernels as K
-
-        out = np.empty((h.shape[0], m.data.shape[0]), np.float32)
-        K.matmul_serial(np.ascontiguousarray(h, dtype=np.float32), m.data, m.scales, m.mins, m.group, p.c, out)
-        return out
+        return self.product(np.ascontiguousarray(h, dtype=np.float32), m, p.c)
 
     def predict(self, layer: int, x: np.ndarray) -> np.ndarray:
         active = (self.scores(layer, x) > self.layers[layer].threshold).any(axis=0)
@@ -134,41 +145,37 @@ class LowRankPredictor:
 
     @property
     def nbytes(self) -> int:
-        if self.b_q8 is None:
+        if self.b_quantized is None:
             return sum(p.nbytes for p in self.layers)
-        return sum(p.nbytes if m is None else p.a.nbytes + p.c.nbytes + m.data.nbytes + m.scales.nbytes
-                   for p, m in zip(self.layers, self.b_q8))
+        return sum(p.nbytes if m is None else p.a.nbytes + p.c.nbytes + m.nbytes
+                   for p, m in zip(self.layers, self.b_quantized))
 
     def save(self, path) -> None:
-        if self.b_q8 is not None:
-            raise ValueError("a predictor loaded with quant='q8' has no float32 B to save; save the fitted one")
+        if self.b_quantized is not None:
+            raise ValueError("a predictor loaded with a quantized B has no float32 B to save; save the fitted one")
         arrays = {}
         for i, p in enumerate(self.layers):
             arrays |= {f"a{i}": p.a, f"b{i}": p.b, f"c{i}": p.c, f"t{i}": np.float32(p.threshold)}
         np.savez(path, n_layers=len(self.layers), **arrays)
 
     @classmethod
-    def load(cls, path, quant: str | None = None) -> "LowRankPredictor":
-        """quant None: float32 as fitted; "q8": B quantized layer by layer as it is read (the
-        float32 copy of one layer at a time, never all of them)."""
-        if quant not in (None, "q8"):
-            raise ValueError(f"predictor quant must be None or 'q8', got {quant!r}")
-        from storage import quant as Q
-
-        layers, b_q8 = [], [] if quant else None
+    def load(cls, path, quantize: Callable[[np.ndarray], object] | None = None,
+             product: Product = float_product) -> "LowRankPredictor":
+        """quantize None: float32 as fitted; else B transposed ([n_neurons, rank] float32) is
+        passed to `quantize` layer by layer as it is read (one layer's float32 copy at a time,
+        never all of them), which returns what `product` multiplies, or None to keep that
+        layer float32 (e.g. a rank its scheme's groups do not divide)."""
+        layers, b_quantized = [], [] if quantize else None
         with np.load(path) as z:
             for i in range(int(z["n_layers"])):
                 b = z[f"b{i}"]
-                if quant and b.shape[0] % Q.DEFAULT_GROUP_SIZE == 0:
-                    from flashinfer.weights import NO_SCALES, Matrix
-
-                    qt = Q.quantize(np.ascontiguousarray(b.T), "q8", Q.DEFAULT_GROUP_SIZE)
-                    b_q8.append(Matrix(qt.data, qt.scales.view(np.uint16), NO_SCALES, Q.DEFAULT_GROUP_SIZE))
+                m = quantize(np.ascontiguousarray(b.T)) if quantize else None
+                if quantize:
+                    b_quantized.append(m)
+                if m is not None:
                     b = np.zeros((0, b.shape[1]), np.float32)
-                elif quant:  # a rank that is not a multiple of the q8 group: this layer stays float32
-                    b_q8.append(None)
                 layers.append(LowRankLayer(z[f"a{i}"], b, z[f"c{i}"], float(z[f"t{i}"])))
-        return cls(layers, b_q8)
+        return cls(layers, b_quantized, product)
 
 
 def recall_report(predicted: np.ndarray, mask: np.ndarray, magnitude: np.ndarray) -> dict:

@@ -51,10 +51,14 @@ SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
 SUPPORTED_TOKENIZERS = ("gpt2", "llama")
 # tokenizer.ggml.pre values whose pre-tokenizer we can write as tokenizer.json; the regexes
 # are llama.cpp's (llama-vocab.cpp), which are those of the HF tokenizers they came from
+# (applied in turn, each piece split further by the next: llama.cpp's regex_exprs list)
+GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
 BPE_PRE_TOKENIZERS = {
     "gpt-2": None,  # GPT-2's own regex: what tokenizers' ByteLevel(use_regex=True) applies
     "llama-bpe": (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),  # Llama 3
+                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",),  # Llama 3
+    # SmolLM / SmolLM2: every digit a piece of its own, then GPT-2's regex (HF: Digits + ByteLevel)
+    "smollm": (r"\p{N}", GPT2_REGEX),
 }
 # gguf TokenType values
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
@@ -432,13 +436,13 @@ class GGUFCheckpoint:
         # and so does llama.cpp for its pre-tokenizer
         model = models.BPE(vocab=_vocab(tokens), merges=merges, ignore_merges=pre == "llama-bpe")
         tok = Tokenizer(model)
-        regex = BPE_PRE_TOKENIZERS[pre]
-        if regex is None:
+        regexes = BPE_PRE_TOKENIZERS[pre]
+        if regexes is None:
             tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         else:
-            tok.pre_tokenizer = pre_tokenizers.Sequence([
-                pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+            tok.pre_tokenizer = pre_tokenizers.Sequence(
+                [pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False) for regex in regexes]
+                + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
         tok.decoder = decoders.ByteLevel()
         _add_special(tok, tokens, types)
         return tok.to_str(pretty=True)

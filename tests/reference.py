@@ -15,6 +15,19 @@ def matmul(x, w, bias):
     return (y + bias if bias.size else y).astype(np.float32)
 
 
+def quantized_activations(x):
+    """x as the integer dots see it: int8 codes per block of 32, d = max|x| / 127, q = rint(x * 127 / max|x|),
+    returned dequantized (q * d) in float64."""
+    x = np.asarray(x, np.float32)
+    blocks = x.reshape(x.shape[0], -1, 32)
+    top = np.abs(blocks).max(axis=2, keepdims=True)
+    d = top / np.float32(127.0)
+    inv = np.divide(np.float32(127.0), top, out=np.zeros_like(top), where=top > 0)
+    q = np.rint(blocks * inv)
+    assert np.abs(q).max() <= 127
+    return (q.astype(np.float64) * d.astype(np.float64)).reshape(x.shape)
+
+
 def rmsnorm(x, weight, eps):
     x64 = x.astype(np.float64)
     return (weight * x64 / np.sqrt((x64**2).mean(-1, keepdims=True) + eps)).astype(np.float32)

@@ -28,7 +28,7 @@ def child(cfg: dict) -> dict:
 
 def test_child_reports_what_the_table_needs_and_oracle_agrees_with_dense(store):
     base = {"store": str(store), "prompt_ids": [1, 5, 9, 13, 17], "tokens": 6, "ctx": 32, "dram": "2GB"}
-    dense = child(base | {"predictor": "dense"})
+    dense = child(base | {"predictor": "dense", "stream_ffn": True})
     assert len(dense["generated_ids"]) == 6  # exactly `tokens`, EOS or not
     assert dense["decode_steps"] == 5 and dense["decode_tok_s"] > 0
     assert dense["engine_bytes_per_token"] > 0 and dense["bytes_touched_per_token"] > 0

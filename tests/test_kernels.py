@@ -29,6 +29,12 @@ def kernel_matrix(w: np.ndarray, scheme: str, group: int = 32) -> Matrix:
     return Matrix(qt.data, qt.scales.view(np.uint16), mins, group)
 
 
+def seen_input(x: np.ndarray, scheme: str, group: int = 32) -> np.ndarray:
+    """x as the kernels multiply it: quantized into int8 blocks for the integer dots (q8/q4/q4a
+    in groups of 32), as it is for float dots."""
+    return ref.quantized_activations(x) if scheme in ("q8", "q4", "q4a") and group == 32 else x
+
+
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("n_tokens", [1, 5])
@@ -38,8 +44,41 @@ def test_matmul_every_scheme(scheme, with_bias, n_tokens):
     bias = randn(40) if with_bias else np.zeros(0, np.float32)
     out = np.empty((n_tokens, 40), np.float32)
     K.matmul(x, m.data, m.scales, m.mins, m.group, bias, out)
-    expected = ref.matmul(x, quant.dequantize(quant.quantize(w, scheme, 32)), bias)
+    expected = ref.matmul(seen_input(x, scheme), quant.dequantize(quant.quantize(w, scheme, 32)), bias)
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("scheme", ["q8", "q4", "q4a"])
+@pytest.mark.parametrize("kernel", ["matmul", "matmul_serial"])
+@pytest.mark.parametrize("n_tokens", [1, 3, 9])
+def test_integer_dots_on_a_realistic_width(scheme, kernel, n_tokens):
+    # many blocks per row (the vector loop's steady state), rows that start at an odd
+    # address (a strided view, as the neuron cache's bundles are), and values whose block
+    # maxima differ by orders of magnitude (each block its own scale)
+    x = randn(n_tokens, 1024) * np.repeat(np.logspace(-3, 2, 32, dtype=np.float32), 32)
+    w = randn(33, 1024)
+    m = kernel_matrix(w, scheme)
+    padded = np.zeros((33, m.data.shape[1] + 3), m.data.dtype)
+    padded[:, 3:] = m.data
+    out = np.empty((n_tokens, 33), np.float32)
+    getattr(K, kernel)(x, padded[:, 3:], m.scales, m.mins, 32, np.zeros(0, np.float32), out)
+    deq = quant.dequantize(quant.quantize(w, scheme, 32))
+    np.testing.assert_allclose(out, ref.matmul(seen_input(x, scheme), deq, np.zeros(0, np.float32)),
+                               rtol=1e-4, atol=1e-4 * np.abs(out).max())
+    # and the activation rounding costs what int8 blocks cost: well under 1% of the output's scale
+    exact = ref.matmul(x, deq, np.zeros(0, np.float32))
+    assert np.abs(out - exact).max() < 0.01 * np.abs(exact).max()
+
+
+def test_quantize_blocks_is_the_reference_rounding():
+    x = randn(3, 96) * 5
+    x[1, :32] = 0.0  # an all-zero block: scale 0, codes 0
+    xq, xd, xqs = np.empty((3, 96), np.int8), np.empty((3, 3), np.float32), np.empty((3, 3), np.int32)
+    K.quantize_blocks(x, xq, xd, xqs)
+    np.testing.assert_allclose((xq.reshape(3, 3, 32) * xd[..., None]).reshape(3, 96), ref.quantized_activations(x),
+                               rtol=1e-6, atol=0)
+    np.testing.assert_array_equal(xqs, xq.reshape(3, 3, 32).astype(np.int32).sum(axis=2))
+    assert np.abs(xq).max() == 127 and xd[1, 0] == 0
 
 
 @pytest.mark.parametrize("scheme", ["q8", "q4", "q4a"])
@@ -95,9 +134,10 @@ def test_ffn_rows(scheme, gated, act, biases, slices, n_tokens):
     else:
         K.ffn_rows(*operands, out)
     deq = lambda w: quant.dequantize(quant.quantize(w, scheme, 32))[:n_rows]  # noqa: E731
-    u = ref.matmul(x, deq(w_up), b_up[:n_rows] if biases else np.zeros(0, np.float32))
+    xs = seen_input(x, scheme)
+    u = ref.matmul(xs, deq(w_up), b_up[:n_rows] if biases else np.zeros(0, np.float32))
     if gated:
-        h = ref.gated_act(ref.matmul(x, deq(w_gate), np.zeros(0, np.float32)), u, act)
+        h = ref.gated_act(ref.matmul(xs, deq(w_gate), np.zeros(0, np.float32)), u, act)
     else:
         h = np.maximum(u, 0)
     expected = h @ deq(w_down_t)

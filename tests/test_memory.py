@@ -20,10 +20,11 @@ MANIFEST_7B = SimpleNamespace(resident_bytes=850_000_000,
                               ffn_layers=[SimpleNamespace(n_neurons=14336, bundle_bytes=6912)] * 32)
 
 
-def plan(cap, ctx, share=0.1, sparse=True):
+def plan(cap, ctx, share=0.1, sparse=True, stream_ffn=False):
     return plan_memory(cap, MISTRAL_7B, MANIFEST_7B, ctx, sparse=sparse, predictor_bytes=40_000_000,
                        io_buffer_bytes=5 * 2**20, scratch_bytes=RunState.scratch_bytes(MISTRAL_7B, ctx),
-                       sparse_share=share, runtime_bytes=150 * 2**20)  # a flashinfer process measures ~150 MB
+                       sparse_share=share, runtime_bytes=150 * 2**20,  # a flashinfer process measures ~150 MB
+                       stream_ffn=stream_ffn)
 
 
 def test_scratch_estimate_equals_what_runstate_allocates():
@@ -79,6 +80,18 @@ def test_between_required_and_advised_margin_runs_with_a_warning():
 def test_dense_path_needs_room_for_one_layer():
     with pytest.raises(BudgetError, match="with the dense path"):
         plan(600_000_000, ctx=512, sparse=False)
+
+
+def test_dense_path_keeps_the_ffn_layers_that_fit_resident():
+    layer = 14336 * 6912  # 99 MB
+    some = plan(2_000_000_000, ctx=512, sparse=False)
+    assert 0 < len(some.resident_layers) < 32 and some.resident_layers == list(range(len(some.resident_layers)))
+    assert some.ffn_resident_bytes == len(some.resident_layers) * layer and some.total_bytes <= some.cap_bytes
+    assert some.cap_bytes - some.total_bytes < layer  # one more layer would not have fit
+    assert f"FFN resident ({len(some.resident_layers)} of 32 layers)" in some.table()
+    whole = plan(6_000_000_000, ctx=512, sparse=False)  # 3.2 GB of FFN fits: no streaming buffer either
+    assert whole.resident_layers == list(range(32)) and whole.io_bytes == 5 * 2**20
+    assert plan(6_000_000_000, ctx=512, sparse=False, stream_ffn=True).resident_layers == []
 
 
 def test_generation_in_a_child_process_stays_under_the_cap(tmp_path):

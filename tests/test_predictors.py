@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from flashinfer.weights import kernel_product, q8_matrix
 from predictors.lowrank import fit_lowrank_layer, truncated_svd
 from predictors.sparsity import (DensePredictor, LowRankPredictor, OraclePredictor, StaticPredictor,
                                  recall_report)
@@ -55,7 +56,7 @@ def test_lowrank_q8_keeps_the_prediction(tmp_path, rank):
     layer = fit_lowrank_layer(w, bias, x[:1000], z[:1000] > 0, rank=rank, target_recall=0.95)
     exact = LowRankPredictor([layer])
     exact.save(tmp_path / "p.npz")
-    q8 = LowRankPredictor.load(tmp_path / "p.npz", quant="q8")
+    q8 = LowRankPredictor.load(tmp_path / "p.npz", quantize=q8_matrix, product=kernel_product)
     test = x[1000:]
     a, b = exact.scores(0, test) > layer.threshold, q8.scores(0, test) > layer.threshold
     assert (a != b).mean() < 0.002  # only neurons at the threshold flip

@@ -31,7 +31,8 @@ PROMPT = "the time of day is one that"
 
 @pytest.mark.parametrize("knobs", [{"predictor": "lowrank", "window": 2},
                                    {"predictor": "lowrank", "window": 3, "prefetch": True},
-                                   {"predictor": "dense"}], ids=["lowrank", "lowrank+prefetch", "dense"])
+                                   {"predictor": "dense", "stream_ffn": True}],
+                         ids=["lowrank", "lowrank+prefetch", "dense streamed"])
 def test_trace_totals_add_up(store, knobs):
     with Engine.open(store, **knobs) as engine:
         reader = engine.model.flash_ffn.reader
@@ -56,6 +57,23 @@ def test_trace_totals_add_up(store, knobs):
         assert summary["hit_rate"] == 0.0  # the naive baseline reads every neuron every token
     if knobs.get("prefetch"):
         assert sum(r.prefetched for r in trace.layers) > 0
+
+
+def test_dense_run_that_fits_reads_nothing_per_token(store, capsys):
+    # no cap and a model the machine holds: every FFN layer stays resident after the warm-up read
+    with Engine.open(store) as engine, Engine.open(store, stream_ffn=True) as streamed:
+        ffn = engine.model.flash_ffn
+        assert ffn.resident == set(range(engine.args.n_layers)) and len(ffn.resident_bundles) == engine.args.n_layers
+        before = ffn.reader.stats.bytes_read
+        result = engine.generate(PROMPT, max_tokens=8, trace=True)
+        assert ffn.reader.stats.bytes_read == before  # not a byte from flash after opening
+        assert result.token_ids == streamed.generate(PROMPT, max_tokens=8).token_ids  # the same computation
+        summary = engine.last_trace.summary()
+        assert summary["bytes_read_total"] == 0 and summary["hit_rate"] == 1.0
+    assert main(["profile", str(store), "--prompt", PROMPT, "--max-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert f"dense FFN: {engine.args.n_layers} of {engine.args.n_layers} layers resident" in out
+    assert "nothing is read from flash per token" in out
 
 
 def test_untraced_runs_leave_no_trace_and_same_tokens(store):

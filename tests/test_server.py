@@ -68,7 +68,7 @@ def slow_engine(tmp_path_factory):
     from flashinfer.convert import convert_checkpoint
 
     store = convert_checkpoint(FIXTURES / "llama", tmp_path_factory.mktemp("slow") / "store")
-    with Engine.open(store, flash_latency="20ms") as engine:
+    with Engine.open(store, flash_latency="20ms", stream_ffn=True) as engine:
         yield engine
 
 

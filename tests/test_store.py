@@ -57,7 +57,9 @@ def test_f16_store_equals_f16_checkpoint(stores, engines):
 # Error each scheme adds on the fixtures (logits of the 46-token prompt vs f32 transformers).
 # Measured on 2026-11-25: q8 max 0.105 mean 0.015; q4 max 0.88 mean 0.16; q4a max 0.70 mean 0.13.
 # Logits of these random models have a std of about 1, so q4 is a real but bounded loss.
-QUANT_BOUNDS = {("f16", "f16"): (0.01, 0.001), ("q8", "q8"): (0.15, 0.02), ("q4", "q8"): (1.2, 0.2),
+# q8/q4/q4a include the int8 activation blocks of the integer dots (flashinfer/kernels/blocks.py):
+# q8's worst logit moved 0.150 -> 0.154 with them on the mistral fixture
+QUANT_BOUNDS = {("f16", "f16"): (0.01, 0.001), ("q8", "q8"): (0.2, 0.02), ("q4", "q8"): (1.2, 0.2),
                 ("q4a", "q8"): (1.0, 0.16)}
 
 

@@ -1,0 +1,442 @@
+"""Weight rows in every store scheme, and activations quantized into int8 blocks.
+
+Weights: float32, float16 carried as raw uint16 bits (numba has no float16 on the CPU;
+`widen` makes float32 in registers), q8 (int8 codes), q4/q4a (uint8 nibble pairs), with f16
+scales/mins per group (storage/quant.py is the spec). Activations for q8/q4/q4a weights with
+groups of 32 are quantized once per matmul into int8 blocks of 32 with a float32 scale each
+(ggml's Q8_0 rule: d = max|x| / 127, q = rint(x / d)), so the row products run in integer
+arithmetic (flashinfer/kernels/simd.py); the per-block code sums turn q4's offset of -8 and
+q4a's mins into one multiply per block. Other group sizes and float weights keep float dots.
+
+Each function here has a pure-Python form (used with NUMBA_DISABLE_JIT=1) and an @overload
+chosen per dtype at compile time.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, types
+from numba.extending import overload
+
+from .simd import BLOCK, axpy_i8_blocks, axpy_u4_blocks, dot_i8_blocks, dot_u4_blocks
+
+# fastmath without 'nnan'/'ninf': reassociation lets LLVM vectorise the reductions, and
+# no kernel relies on IEEE specials (attention never builds -inf masks).
+FAST = {"nsz", "arcp", "contract", "afn", "reassoc"}
+_F16_MIN_NORMAL = np.float32(2.0**-14)  # a half's smallest normal
+Q8_ACT_MAX = np.float32(127.0)
+
+
+def widen(v):
+    """A weight element as float32 (pure-Python form, used when NUMBA_DISABLE_JIT=1)."""
+    if isinstance(v, np.uint16):
+        return np.float32(v.view(np.float16))
+    return np.float32(v)
+
+
+@overload(widen)
+def _widen_jit(v):
+    if isinstance(v, types.Integer) and v.bitwidth == 16 and not v.signed:
+
+        def widen_f16_bits(v):
+            # Exact, by Giesen's branch-free method: the exponent rebiased (15 -> 127) by an
+            # integer add; inf/NaN and zero/subnormals fixed up by selects (subnormals are
+            # renormalised by subtracting 2**-14, a small constant, harmless under reassociation),
+            # so loops over f16 weights still vectorise. Not the shorter `bits * 2**112` multiply:
+            # under fastmath 'reassoc' LLVM folded that constant into neighbouring products
+            # (coef * -8 * 2**112 = coef * -4.2e34), which overflowed to inf once |coef| > 8e3: a
+            # ReLU FFN row with h = -14337 turned a whole q4 down-projection into inf.
+            h = np.uint32(v)
+            magnitude = np.uint32((h & np.uint32(0x7FFF)) << np.uint32(13))
+            exponent = np.uint32(magnitude & np.uint32(0x0F800000))
+            special = exponent == np.uint32(0x0F800000)  # inf / NaN: all-ones exponent
+            small = exponent == np.uint32(0)
+            rebias = np.uint32(224 << 23) if special else (np.uint32(113 << 23) if small else np.uint32(112 << 23))
+            unsigned_bits = np.uint32(magnitude + rebias)
+            normalised = unsigned_bits.view(np.float32)
+            value = np.float32(normalised - _F16_MIN_NORMAL) if small else normalised
+            return -value if h & np.uint32(0x8000) else value
+
+        return widen_f16_bits
+    return lambda v: np.float32(v)
+
+
+def _is_float_weight(dtype) -> bool:
+    """float32 values, or float16 carried as uint16 bits."""
+    return dtype == types.float32 or (isinstance(dtype, types.Integer) and dtype.bitwidth == 16 and not dtype.signed)
+
+
+# ---- activations -------------------------------------------------------------------
+
+def uses_int_dots(w, group):
+    """Whether rows of w are dotted in integer arithmetic against int8 activation blocks:
+    q8/q4/q4a codes in groups of 32 (pure-Python form)."""
+    return (w.dtype == np.int8 or w.dtype == np.uint8) and group == BLOCK
+
+
+@overload(uses_int_dots)
+def _uses_int_dots_jit(w, group):
+    quantized = w.dtype in (types.int8, types.uint8)  # decided at compile time, per dtype
+    return lambda w, group: quantized and group == BLOCK
+
+
+@njit(fastmath=FAST)
+def quantize_blocks(x, xq, xd, xqs):
+    """xq[t] = rint(x[t] / d) per block of 32 with d = max|x| / 127 (xd[t, b] = d; 0 for an
+    all-zero block), xqs[t, b] = the block's code sum. Codes lie in -127..127."""
+    for t in range(x.shape[0]):
+        for b in range(xd.shape[1]):
+            top = np.float32(0.0)
+            for j in range(b * BLOCK, (b + 1) * BLOCK):
+                top = max(top, abs(x[t, j]))
+            d = top / Q8_ACT_MAX
+            inv = Q8_ACT_MAX / top if top > 0 else np.float32(0.0)
+            total = 0
+            for j in range(b * BLOCK, (b + 1) * BLOCK):
+                q = np.int8(np.rint(x[t, j] * inv))
+                xq[t, j] = q
+                total += q
+            xd[t, b] = d
+            xqs[t, b] = total
+
+
+@njit(fastmath=FAST)
+def _quantized_activations(x, quantize: bool):
+    """(codes int8 [T, K], block scales float32 [T, K/32], code sums int32 [T, K/32]), or empty arrays."""
+    if not quantize:
+        return np.zeros((0, 0), np.int8), np.zeros((0, 0), np.float32), np.zeros((0, 0), np.int32)
+    n_blocks = x.shape[1] // BLOCK
+    xq = np.empty(x.shape, np.int8)
+    xd = np.empty((x.shape[0], n_blocks), np.float32)
+    xqs = np.empty((x.shape[0], n_blocks), np.int32)
+    quantize_blocks(x, xq, xd, xqs)
+    return xq, xd, xqs
+
+
+def prepare_input(w, x, group):
+    """x as the row kernels of w's scheme read it: a tuple (xp, xs, xq, xd, xqs).
+
+    xp: x in the element order of w's rows: for q4/q4a deinterleaved within each group (its
+    even elements, then its odd ones), so a byte's low and high nibbles meet contiguous x;
+    x itself for other schemes. xs [T, groups]: per-group sums of xp (q4/q4a float dots).
+    xq/xd/xqs: xp quantized into int8 blocks when uses_int_dots(w, group), else empty.
+    Pure-Python form: x as it is (the Python row functions below read it so)."""
+    empty = np.zeros((x.shape[0], 0), np.float32)
+    return (x, empty) + _quantized_activations(x, uses_int_dots(w, group))
+
+
+@overload(prepare_input)
+def _prepare_input_jit(w, x, group):
+    if w.dtype == types.uint8:
+
+        def prepare_q4(w, x, group):
+            half = group // 2
+            n_groups = x.shape[1] // group
+            xp = np.empty_like(x)
+            xs = np.empty((x.shape[0], n_groups), np.float32)
+            for t in range(x.shape[0]):
+                for g in range(n_groups):
+                    base = g * group
+                    total = np.float32(0.0)
+                    for j in range(half):
+                        xp[t, base + j] = x[t, base + 2 * j]
+                        xp[t, base + half + j] = x[t, base + 2 * j + 1]
+                        total += x[t, base + 2 * j] + x[t, base + 2 * j + 1]
+                    xs[t, g] = total
+            xq, xd, xqs = _quantized_activations(xp, group == BLOCK)
+            return xp, xs, xq, xd, xqs
+
+        return prepare_q4
+    if w.dtype == types.int8:
+
+        def prepare_q8(w, x, group):
+            xq, xd, xqs = _quantized_activations(x, group == BLOCK)
+            return x, np.zeros((x.shape[0], 0), np.float32), xq, xd, xqs
+
+        return prepare_q8
+
+    def prepare_float(w, x, group):
+        xq, xd, xqs = _quantized_activations(x, False)
+        return x, np.zeros((x.shape[0], 0), np.float32), xq, xd, xqs
+
+    return prepare_float
+
+
+# ---- integer row dots (q8/q4/q4a, groups of 32) -------------------------------------
+
+@njit(fastmath=FAST)
+def row_scales(scales, mins, r, ws, wm):
+    """ws[b] = row r's scale of block b as float32 (and wm[b] its min, for q4a)."""
+    for b in range(ws.shape[0]):
+        ws[b] = widen(scales[r, b])
+    for b in range(wm.shape[0]):
+        wm[b] = widen(mins[r, b])
+
+
+def int_row_dot(w, r, ws, wm, prep, t, comb):
+    """sum_k value(w[r, k]) * x[t, k] with x as quantized by prepare_input, ws/wm from
+    row_scales (wm empty unless q4a), comb float32 scratch [K/32] (pure-Python form)."""
+    xq, xd, xqs = prep[2], prep[3], prep[4]
+    x_values = (xq[t].astype(np.float32).reshape(-1, BLOCK) * xd[t][:, None]).reshape(-1)
+    values = (_row_codes(w, r, wm).reshape(-1, BLOCK) * ws[:, None] + (wm[:, None] if wm.shape[0] else 0)).reshape(-1)
+    return np.float32(np.dot(values, x_values))
+
+
+@overload(int_row_dot)
+def _int_row_dot_jit(w, r, ws, wm, prep, t, comb):
+    if w.dtype == types.int8:
+
+        def dot_q8(w, r, ws, wm, prep, t, comb):
+            xq, xd = prep[2], prep[3]
+            for b in range(comb.shape[0]):
+                comb[b] = ws[b] * xd[t, b]
+            return dot_i8_blocks(w.ctypes.data + r * w.strides[0], xq.ctypes.data + t * xq.strides[0],
+                                 comb.ctypes.data, comb.shape[0])
+
+        return dot_q8
+
+    def dot_q4(w, r, ws, wm, prep, t, comb):
+        # value = nibble * s + m (q4: m = -8 s), so per block sum value*x = s d sum(nibble*q) + m d sum(q)
+        xq, xd, xqs = prep[2], prep[3], prep[4]
+        offset = np.float32(0.0)
+        if wm.shape[0]:
+            for b in range(comb.shape[0]):
+                comb[b] = ws[b] * xd[t, b]
+                offset += wm[b] * xd[t, b] * np.float32(xqs[t, b])
+        else:
+            for b in range(comb.shape[0]):
+                c = ws[b] * xd[t, b]
+                comb[b] = c
+                offset -= np.float32(8.0) * c * np.float32(xqs[t, b])
+        return dot_u4_blocks(w.ctypes.data + r * w.strides[0], xq.ctypes.data + t * xq.strides[0],
+                             comb.ctypes.data, comb.shape[0]) + offset
+
+    return dot_q4
+
+
+def _row_codes(w, r, wm):
+    """Row r's values as codes * scale + min are laid out in the store (pure-Python forms):
+    (codes float32 [K], True for q4's offset of -8)."""
+    if w.dtype == np.int8:
+        return w[r].astype(np.float32)
+    codes = np.stack([w[r] & 15, w[r] >> 4], axis=1).astype(np.float32).reshape(-1)  # 2j low nibble, 2j+1 high
+    return codes if wm.shape[0] else codes - 8
+
+
+def int_row_axpy(w, r, ws, wm, h, acc, t, coef, offset):
+    """acc[t] += h * value(w[r]) in prepare_input's element order, ws/wm from row_scales,
+    coef/offset float32 scratch [K/32] (pure-Python form: the store's order, as prepare_input's)."""
+    values = _row_codes(w, r, wm).reshape(-1, BLOCK) * ws[:, None] + (wm[:, None] if wm.shape[0] else 0)
+    acc[t] += np.float32(h) * values.reshape(-1)
+
+
+@overload(int_row_axpy)
+def _int_row_axpy_jit(w, r, ws, wm, h, acc, t, coef, offset):
+    if w.dtype == types.int8:
+
+        def axpy_q8(w, r, ws, wm, h, acc, t, coef, offset):
+            for b in range(coef.shape[0]):
+                coef[b] = h * ws[b]
+            axpy_i8_blocks(w.ctypes.data + r * w.strides[0], coef.ctypes.data, acc.ctypes.data + t * acc.strides[0],
+                           coef.shape[0])
+
+        return axpy_q8
+
+    def axpy_q4(w, r, ws, wm, h, acc, t, coef, offset):
+        if wm.shape[0]:
+            for b in range(coef.shape[0]):
+                coef[b] = h * ws[b]
+                offset[b] = h * wm[b]
+        else:
+            for b in range(coef.shape[0]):
+                c = h * ws[b]
+                coef[b] = c
+                offset[b] = np.float32(-8.0) * c
+        axpy_u4_blocks(w.ctypes.data + r * w.strides[0], coef.ctypes.data, offset.ctypes.data,
+                       acc.ctypes.data + t * acc.strides[0], coef.shape[0])
+
+    return axpy_q4
+
+
+@njit(fastmath=FAST)
+def row_scratch(w, mins, group, n_features):
+    """(ws, wm, comb) float32 scratch for int_row_dot, sized for w's rows (empty when unused)."""
+    n = n_features // BLOCK if uses_int_dots(w, group) else 0
+    return np.empty(n, np.float32), np.empty(n if mins.shape[1] else 0, np.float32), np.empty(n, np.float32)
+
+
+# ---- float row functions (f32 / f16, and q8/q4/q4a in groups other than 32) ----------
+
+def row_dot(w, scales, mins, group, r, x, xs, t):
+    """sum_k value(w[r, k]) * x[t, k] for any store scheme, x and xs from prepare_input
+    (pure-Python form for NUMBA_DISABLE_JIT=1)."""
+    from storage import quant
+
+    return np.float32(np.dot(_dequant_row(w, scales, mins, group, r, quant), x[t]))
+
+
+def row_values(w, scales, mins, group, r, out):
+    """out[:] = value(w[r, :]) as float32, in the element order prepare_input gives x (pure-Python form)."""
+    from storage import quant
+
+    out[:] = _dequant_row(w, scales, mins, group, r, quant)
+
+
+def row_axpy(w, scales, mins, group, r, coef, out, t):
+    """out[t, k] += coef * value(w[r, k]) (pure-Python form)."""
+    from storage import quant
+
+    out[t] += coef * _dequant_row(w, scales, mins, group, r, quant)
+
+
+def _dequant_row(w, scales, mins, group, r, quant):
+    if w.dtype == np.float32 or w.dtype == np.uint16:
+        return w[r].view(np.float16).astype(np.float32) if w.dtype == np.uint16 else w[r]
+    scheme = "q8" if w.dtype == np.int8 else ("q4a" if mins.shape[1] else "q4")
+    k = w.shape[1] * (1 if scheme == "q8" else 2)
+    qt = quant.QuantizedTensor(scheme, group, (1, k), w[r : r + 1], scales[r : r + 1].view(np.float16),
+                               mins[r : r + 1].view(np.float16) if scheme == "q4a" else None)
+    return quant.dequantize(qt)[0]
+
+
+@overload(row_dot)
+def _row_dot_jit(w, scales, mins, group, r, x, xs, t):
+    if _is_float_weight(w.dtype):
+
+        def dot_float(w, scales, mins, group, r, x, xs, t):
+            acc = np.float32(0.0)
+            for k in range(x.shape[1]):
+                acc += widen(w[r, k]) * x[t, k]
+            return acc
+
+        return dot_float
+    if w.dtype == types.int8:
+
+        def dot_q8(w, scales, mins, group, r, x, xs, t):
+            acc = np.float32(0.0)
+            for g in range(scales.shape[1]):
+                base = g * group
+                part = np.float32(0.0)
+                for j in range(group):
+                    part += np.float32(w[r, base + j]) * x[t, base + j]
+                acc += part * widen(scales[r, g])
+            return acc
+
+        return dot_q8
+    if w.dtype == types.uint8:
+
+        def dot_q4(w, scales, mins, group, r, x, xs, t):
+            # value = nibble * scale + min (q4: min = -8 * scale), so per group
+            # sum value*x = scale * sum(nibble*x) + min * sum(x), sum(x) from prepare_input.
+            # x is deinterleaved: byte j's low nibble meets x[base + j], its high one x[base + half + j].
+            acc = np.float32(0.0)
+            half = group // 2
+            for g in range(scales.shape[1]):
+                qx = np.float32(0.0)
+                for j in range(half):
+                    b = np.int32(w[r, g * half + j])
+                    qx += (np.float32(b & np.int32(15)) * x[t, g * group + j]
+                           + np.float32(b >> np.int32(4)) * x[t, g * group + half + j])
+                s = widen(scales[r, g])
+                m = widen(mins[r, g]) if mins.shape[1] else np.float32(-8.0) * s
+                acc += s * qx + m * xs[t, g]
+            return acc
+
+        return dot_q4
+
+
+@overload(row_values)
+def _row_values_jit(w, scales, mins, group, r, out):
+    if _is_float_weight(w.dtype):
+
+        def values_float(w, scales, mins, group, r, out):
+            for k in range(out.shape[0]):
+                out[k] = widen(w[r, k])
+
+        return values_float
+    if w.dtype == types.int8:
+
+        def values_q8(w, scales, mins, group, r, out):
+            for g in range(scales.shape[1]):
+                s = widen(scales[r, g])
+                for j in range(g * group, (g + 1) * group):
+                    out[j] = s * np.float32(w[r, j])
+
+        return values_q8
+    if w.dtype == types.uint8:
+
+        def values_q4(w, scales, mins, group, r, out):
+            half = group // 2  # deinterleaved within each group, as prepare_input lays out x
+            for g in range(scales.shape[1]):
+                s = widen(scales[r, g])
+                m = widen(mins[r, g]) if mins.shape[1] else np.float32(-8.0) * s
+                for j in range(half):
+                    b = np.int32(w[r, g * half + j])
+                    out[g * group + j] = np.float32(b & np.int32(15)) * s + m
+                    out[g * group + half + j] = np.float32(b >> np.int32(4)) * s + m
+
+        return values_q4
+
+
+@overload(row_axpy)
+def _row_axpy_jit(w, scales, mins, group, r, coef, out, t):
+    if _is_float_weight(w.dtype):
+
+        def axpy_float(w, scales, mins, group, r, coef, out, t):
+            for k in range(out.shape[1]):
+                out[t, k] += coef * widen(w[r, k])
+
+        return axpy_float
+    if w.dtype == types.int8:
+
+        def axpy_q8(w, scales, mins, group, r, coef, out, t):
+            for g in range(scales.shape[1]):
+                s = coef * widen(scales[r, g])
+                for j in range(g * group, (g + 1) * group):
+                    out[t, j] += s * np.float32(w[r, j])
+
+        return axpy_q8
+    if w.dtype == types.uint8:
+
+        def axpy_q4(w, scales, mins, group, r, coef, out, t):
+            half = group // 2
+            for g in range(scales.shape[1]):
+                s = widen(scales[r, g])
+                m = widen(mins[r, g]) if mins.shape[1] else np.float32(-8.0) * s
+                cs = coef * s
+                cm = coef * m
+                for j in range(half):
+                    b = w[r, g * half + j]
+                    k = g * group + 2 * j
+                    out[t, k] += cs * np.float32(b & np.uint8(15)) + cm
+                    out[t, k + 1] += cs * np.float32(b >> np.uint8(4)) + cm
+
+        return axpy_q4
+
+
+def add_unprepared(w, acc, group, out):
+    """out += acc, where acc is in prepare_input's element order for w's scheme (pure-Python form: the same order)."""
+    out += acc
+
+
+@overload(add_unprepared)
+def _add_unprepared_jit(w, acc, group, out):
+    if w.dtype == types.uint8:
+
+        def add_q4(w, acc, group, out):
+            half = group // 2
+            for t in range(out.shape[0]):
+                for g in range(out.shape[1] // group):
+                    base = g * group
+                    for j in range(half):
+                        out[t, base + 2 * j] += acc[t, base + j]
+                        out[t, base + 2 * j + 1] += acc[t, base + half + j]
+
+        return add_q4
+
+    def add_same_order(w, acc, group, out):
+        for t in range(out.shape[0]):
+            for k in range(out.shape[1]):
+                out[t, k] += acc[t, k]
+
+    return add_same_order

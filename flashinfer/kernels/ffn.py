@@ -1,0 +1,192 @@
+"""The FFN over neuron rows of the store's bundles, and the dense FFN's activations.
+
+A bundle row i holds neuron i's up row, gate row (gated FFNs) and down column, each a row of
+`dim` weights in the bundle's scheme (storage/format.py); flashinfer/flash_ffn.py makes the
+component views. Per neuron: h = act(gate.x) * (up.x) (or act(up.x)), then out += h * down.
+With ReLU the gate decides first: an inactive neuron (most of them, in a ReLU model) costs
+one dot, not two, and no down-projection work.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from .blocks import (FAST, add_unprepared, int_row_axpy, int_row_dot, prepare_input, row_axpy, row_dot, row_scales,
+                     row_scratch, row_values, uses_int_dots)
+from .matmul import _dot, unpacks_rows
+
+ACT_SILU = 0
+ACT_RELU = 1
+EMPTY_BIAS = np.zeros(0, np.float32)  # the gate bias, once added by the caller
+
+
+@njit(fastmath=FAST)
+def _activate(v, act):
+    if act == ACT_SILU:
+        return v / (np.float32(1.0) + np.exp(-v))
+    return max(v, np.float32(0.0))
+
+
+@njit(cache=True, nogil=True, fastmath=FAST)
+def _ffn_row_range(x, lo, hi, up, up_s, up_m, gate, gate_s, gate_m, down, down_s, down_m, up_b, gate_b,
+                   group, act, out):
+    """out[t] += sum over rows lo..hi-1 of h_i * down_i (see ffn_rows)."""
+    # up and gate share a scheme (the store quantizes a bundle as one), so one layout of x serves both
+    prep = prepare_input(up, x, group)
+    n_tokens = x.shape[0]
+    if unpacks_rows(up, n_tokens, group):
+        _ffn_rows_unpacked(prep[0], lo, hi, up, up_s, up_m, gate, gate_s, gate_m, down, down_s, down_m, up_b,
+                           gate_b, group, act, out)
+        return
+    if uses_int_dots(up, group):
+        _ffn_rows_int(prep, lo, hi, up, up_s, up_m, gate, gate_s, gate_m, down, down_s, down_m, up_b, gate_b, group,
+                      act, out)
+        return
+    gated = gate.shape[0] > 0
+    for r in range(lo, hi):
+        for t in range(n_tokens):
+            g = np.float32(0.0)
+            if gated:
+                g = row_dot(gate, gate_s, gate_m, group, r, prep[0], prep[1], t)
+                if gate_b.shape[0]:
+                    g += gate_b[r]
+                if act == ACT_RELU and g <= 0.0:
+                    continue  # inactive: the up product is never needed
+            u = row_dot(up, up_s, up_m, group, r, prep[0], prep[1], t)
+            h = _neuron_output(u, g, r, up_b, EMPTY_BIAS, gated, act)
+            if h != 0.0:
+                row_axpy(down, down_s, down_m, group, r, h, out, t)
+
+
+@njit(cache=True, nogil=True, fastmath=FAST)
+def _ffn_rows_int(prep, lo, hi, up, up_s, up_m, gate, gate_s, gate_m, down, down_s, down_m, up_b, gate_b, group, act,
+                  out):
+    """_ffn_row_range for q8/q4/q4a bundles in groups of 32: integer dots for up and gate,
+    the down column added in vector blocks into float32 scratch in prepare_input's order."""
+    n_tokens, dim = prep[0].shape[0], prep[0].shape[1]
+    gated = gate.shape[0] > 0
+    up_ws, up_wm, comb = row_scratch(up, up_m, group, dim)
+    gate_ws, gate_wm, _ = row_scratch(gate, gate_m, group, dim if gated else 0)
+    down_ws, down_wm, offset = row_scratch(down, down_m, group, dim)
+    acc = np.zeros((n_tokens, dim), np.float32)
+    for r in range(lo, hi):
+        if gated:
+            row_scales(gate_s, gate_m, r, gate_ws, gate_wm)
+        row_scales(up_s, up_m, r, up_ws, up_wm)
+        down_ready = False
+        for t in range(n_tokens):
+            g = np.float32(0.0)
+            if gated:
+                g = int_row_dot(gate, r, gate_ws, gate_wm, prep, t, comb)
+                if gate_b.shape[0]:
+                    g += gate_b[r]
+                if act == ACT_RELU and g <= 0.0:
+                    continue  # inactive: the up product is never needed
+            u = int_row_dot(up, r, up_ws, up_wm, prep, t, comb)
+            h = _neuron_output(u, g, r, up_b, EMPTY_BIAS, gated, act)
+            if h == 0.0:
+                continue
+            if not down_ready:  # inactive rows (most, with ReLU) never touch their down column
+                row_scales(down_s, down_m, r, down_ws, down_wm)
+                down_ready = True
+            int_row_axpy(down, r, down_ws, down_wm, h, acc, t, comb, offset)
+    add_unprepared(down, acc, group, out)
+
+
+@njit(cache=True, nogil=True, fastmath=FAST)
+def _ffn_rows_unpacked(xp, lo, hi, up, up_s, up_m, gate, gate_s, gate_m, down, down_s, down_m, up_b, gate_b,
+                       group, act, out):
+    """_ffn_row_range for a chunk of tokens with float dots (f16, groups of 64): each row's
+    up/gate/down unpacked once into float32 and used for every token (per-token unpacking of
+    q4 made these 5x slower). Works in prepare_input's element order, converted back at the end."""
+    dim = xp.shape[1]
+    gated = gate.shape[0] > 0
+    up_v = np.empty(dim, np.float32)
+    gate_v = np.empty(dim if gated else 0, np.float32)
+    down_v = np.empty(dim, np.float32)
+    acc = np.zeros((xp.shape[0], dim), np.float32)  # in prepare_input's order
+    for r in range(lo, hi):
+        row_values(up, up_s, up_m, group, r, up_v)
+        if gated:
+            row_values(gate, gate_s, gate_m, group, r, gate_v)
+        down_ready = False
+        for t in range(xp.shape[0]):
+            u = _dot(up_v, xp, t)
+            g = _dot(gate_v, xp, t)  # gate_v is empty (g = 0) when not gated
+            h = _neuron_output(u, g, r, up_b, gate_b, gated, act)
+            if h != 0.0:
+                if not down_ready:  # inactive rows (most, with ReLU) never unpack their down column
+                    row_values(down, down_s, down_m, group, r, down_v)
+                    down_ready = True
+                for k in range(dim):
+                    acc[t, k] += h * down_v[k]
+    add_unprepared(up, acc, group, out)
+
+
+@njit(fastmath=FAST)
+def _neuron_output(u, g, r, up_b, gate_b, gated, act):
+    """h of neuron r from its up and gate dot products: act(g + gate bias) * (u + up bias) for
+    gated FFNs, act(u + up bias) otherwise (biases may be empty)."""
+    if up_b.shape[0]:
+        u += up_b[r]
+    if not gated:
+        return _activate(u, act)
+    if gate_b.shape[0]:
+        g += gate_b[r]
+    return _activate(g, act) * u
+
+
+@njit(cache=True, nogil=True, fastmath=FAST)
+def ffn_rows(x, n_rows, up, up_s, up_m, gate, gate_s, gate_m, down, down_s, down_m, up_b, gate_b,
+             group, act, out):
+    """FFN over neuron rows 0..n_rows-1 of a bundle matrix (the store's row-column bundles,
+    as component views): out[t] = sum_i h_i * down_i with h_i = act(gate_i.x) * (up_i.x)
+    for gated FFNs (gate has rows) or act(up_i.x) otherwise. Rows with h_i == 0 (ReLU)
+    cost no down-projection work. `out` is overwritten."""
+    out[:, :] = 0.0
+    _ffn_row_range(x, 0, n_rows, up, up_s, up_m, gate, gate_s, gate_m, down, down_s, down_m, up_b, gate_b,
+                   group, act, out)
+
+
+# Rows split into partial.shape[0] slices, one per thread, each summed into its own slice of
+# `partial` [n_slices, T, dim] (caller-owned scratch), then reduced: the down-projection is
+# a scatter into all of out, so threads cannot share it. bench/kernels.py measures the gain.
+@njit(cache=True, nogil=True, fastmath=FAST, parallel=True)
+def ffn_rows_parallel(x, n_rows, up, up_s, up_m, gate, gate_s, gate_m, down, down_s, down_m, up_b, gate_b,
+                      group, act, partial, out):
+    """ffn_rows with the rows split over threads; same result up to summation order."""
+    n_slices = partial.shape[0]
+    step = (n_rows + n_slices - 1) // n_slices
+    for c in prange(n_slices):
+        part = partial[c, : x.shape[0]]
+        part[:, :] = 0.0
+        _ffn_row_range(x, c * step, min(n_rows, (c + 1) * step), up, up_s, up_m, gate, gate_s, gate_m,
+                       down, down_s, down_m, up_b, gate_b, group, act, part)
+    for t in range(out.shape[0]):
+        for k in range(out.shape[1]):
+            acc = np.float32(0.0)
+            for c in range(n_slices):
+                acc += partial[c, t, k]
+            out[t, k] = acc
+
+
+@njit(cache=True, nogil=True, fastmath=FAST)
+def gated_act(gate, up, act):
+    """gate <- act(gate) * up (SwiGLU-style FFN), act ACT_SILU or ACT_RELU."""
+    for t in range(gate.shape[0]):
+        for i in range(gate.shape[1]):
+            g = gate[t, i]
+            if act == ACT_SILU:
+                g = g / (np.float32(1.0) + np.exp(-g))
+            else:
+                g = max(g, np.float32(0.0))
+            gate[t, i] = g * up[t, i]
+
+
+@njit(cache=True, nogil=True, fastmath=FAST)
+def relu_(h):
+    """h <- max(h, 0) in place."""
+    for t in range(h.shape[0]):
+        for i in range(h.shape[1]):
+            h[t, i] = max(h[t, i], np.float32(0.0))

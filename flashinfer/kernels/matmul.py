@@ -1,0 +1,115 @@
+"""Dense matmuls over weight rows of any store scheme, and row lookups (embeddings).
+
+out[t, n] = sum_k x[t, k] * value(w[n, k]) (+ bias[n]) with w row-major [out, in] as HF
+stores it. A chunk of tokens is a rows x tokens tile: each weight row is read from DRAM once
+and dotted with every token of the chunk while it sits in L1 (prefill), so the weights stream
+once per chunk. q8/q4/q4a rows in groups of 32 take the integer dots of blocks.py against the
+activations quantized once per call; f16 (and groups of 64) rows are widened once per row
+into float32 scratch when a chunk has ROW_REUSE_MIN_TOKENS tokens, else dotted in place.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange, types
+from numba.extending import overload
+
+from .blocks import (FAST, int_row_dot, prepare_input, row_axpy, row_dot, row_scales, row_scratch, row_values,
+                     uses_int_dots)
+
+# From this many tokens on, an f16 row (or a q8/q4 row in groups of 64) is unpacked once into
+# float32 and then dotted with every token: per-token unpacking made prefill 5-7x slower than f32.
+ROW_REUSE_MIN_TOKENS = 4
+
+
+def unpacks_rows(w, n_tokens, group):
+    """Whether a chunk of n_tokens unpacks each of w's rows once into float32 first: float
+    dots of f16 bits or quantized codes (not f32, not the integer dots), from
+    ROW_REUSE_MIN_TOKENS tokens on (pure-Python form)."""
+    return w.dtype != np.float32 and not uses_int_dots(w, group) and n_tokens >= ROW_REUSE_MIN_TOKENS
+
+
+@overload(unpacks_rows)
+def _unpacks_rows_jit(w, n_tokens, group):
+    not_f32 = w.dtype != types.float32  # decided at compile time, per dtype
+    return lambda w, n_tokens, group: not_f32 and not uses_int_dots(w, group) and n_tokens >= ROW_REUSE_MIN_TOKENS
+
+
+@njit(fastmath=FAST)
+def _dot(v, x, t):
+    """sum_k v[k] * x[t, k]: an unpacked float32 row against one token."""
+    acc = np.float32(0.0)
+    for k in range(v.shape[0]):
+        acc += v[k] * x[t, k]
+    return acc
+
+
+@njit(cache=True, nogil=True, fastmath=FAST)
+def _matmul_rows(prep, w, scales, mins, group, bias, out, lo, hi):
+    """out[:, n] for weight rows lo..hi-1, x already laid out by prepare_input (`prep`)."""
+    xp, xs = prep[0], prep[1]
+    n_tokens = xp.shape[0]
+    if uses_int_dots(w, group):
+        ws, wm, comb = row_scratch(w, mins, group, xp.shape[1])
+        for n in range(lo, hi):
+            row_scales(scales, mins, n, ws, wm)
+            b = bias[n] if bias.shape[0] else np.float32(0.0)
+            for t in range(n_tokens):
+                out[t, n] = int_row_dot(w, n, ws, wm, prep, t, comb) + b
+        return
+    row = np.empty(xp.shape[1] if unpacks_rows(w, n_tokens, group) else 0, np.float32)
+    for n in range(lo, hi):
+        b = bias[n] if bias.shape[0] else np.float32(0.0)
+        if row.shape[0]:
+            row_values(w, scales, mins, group, n, row)
+            for t in range(n_tokens):
+                out[t, n] = _dot(row, xp, t) + b
+        else:
+            for t in range(n_tokens):
+                out[t, n] = row_dot(w, scales, mins, group, n, xp, xs, t) + b
+
+
+# parallel over output rows: bench/kernels.py measured 1.5-2.0x on 2 cores (decode and prefill).
+@njit(cache=True, nogil=True, fastmath=FAST, parallel=True)
+def matmul(x, w, scales, mins, group, bias, out):
+    """out[t, n] = sum_k x[t, k] * value(w[n, k]) (+ bias[n]).
+
+    w: float32, f16 bits (uint16), q8 (int8) or q4/q4a (uint8 nibbles) [N, K or K/2], each
+    row contiguous; scales/mins: f16 bits [N, K/group] (empty [0, 0] when unused); bias may be empty."""
+    prep = prepare_input(w, x, group)
+    n_chunks = min(w.shape[0], 64)
+    step = (w.shape[0] + n_chunks - 1) // n_chunks
+    for c in prange(n_chunks):
+        _matmul_rows(prep, w, scales, mins, group, bias, out, c * step, min(w.shape[0], (c + 1) * step))
+
+
+# The same without threads, for small matrices: a parallel region costs a few us when the
+# cores are idle and whole scheduler time slices when another process holds a core (a
+# 2-layer fixture decoded at 8 tok/s instead of 2000 beside a busy process). A function of
+# its own, not njit(matmul.py_func): numba's on-disk cache keys entries by source name, line
+# and signature, not by `parallel`, so the two variants overwrote each other's cache entries
+# (each process recompiled, and a cached variant could be loaded as the other).
+@njit(cache=True, nogil=True, fastmath=FAST)
+def matmul_serial(x, w, scales, mins, group, bias, out):
+    _matmul_rows(prepare_input(w, x, group), w, scales, mins, group, bias, out, 0, w.shape[0])
+
+
+# Token rows x weights (multiply-adds) below which matmul_serial is used. A parallel region
+# pays a wake-up and waits for its slowest thread: with the second core busy (a shared 2-core
+# machine) the ~80 small regions of a decode step made it 4x slower (bench/sparse.py, 1B: 1.1
+# vs 4.7 tok/s). Decode matmuls of a layer run serially below this; the lm_head and prefill
+# chunks, where the work per region is large, run on all cores.
+PARALLEL_MIN_WORK = 1 << 25
+
+
+def matmul_for(n_tokens: int, n_rows: int, n_features: int):
+    """matmul (all cores) or matmul_serial, by the multiply-adds of the product."""
+    return matmul if n_tokens * n_rows * n_features >= PARALLEL_MIN_WORK else matmul_serial
+
+
+@njit(cache=True, nogil=True, fastmath=FAST)
+def add_rows(out, w, scales, mins, group, rows):
+    """out[t] += value(w[rows[t]]) for any store scheme: embedding lookup (into zeros) and
+    OPT's learned positions."""
+    for t in range(rows.shape[0]):
+        row_axpy(w, scales, mins, group, rows[t], np.float32(1.0), out, t)
