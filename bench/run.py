@@ -73,17 +73,19 @@ def sh(argv: list[str]) -> None:
     subprocess.run([str(a) for a in argv], check=True, cwd=ROOT)
 
 
-def build(preset: Preset, work: Path, calibration_tokens: int) -> tuple[Path, Path | None]:
-    """(store, gguf or None), built once into `work` and reused while their files exist."""
+def build(preset: Preset, work: Path, calibration_tokens: int | None) -> tuple[Path, Path | None]:
+    """(store, gguf or None), built once into `work` and reused while their files exist.
+    calibration_tokens None: no `flashinfer calibrate` (dense runs need no predictor)."""
     store = work / f"{preset.name}-q4"
     gguf = work / f"{preset.name}-q4_0.gguf" if preset.gguf else None
     calibrated = store / "predictors" / "lowrank.npz"
-    if calibrated.exists() and (gguf is None or gguf.exists()):
+    converted = (store / "manifest.json").exists() and (gguf is None or gguf.exists())
+    if converted and (calibration_tokens is None or calibrated.exists()):
         log(f"reusing {store}" + (f" and {gguf}" if gguf else ""))
         return store, gguf
     work.mkdir(parents=True, exist_ok=True)
     hf = work / f"{preset.name}-hf"
-    if not (store / "manifest.json").exists() or (gguf is not None and not gguf.exists()):
+    if not converted:
         synth = [*FI, "synth", preset.name, hf, "--overwrite"]
         if gguf is not None:  # 4-bit everywhere, as the store below
             synth += ["--gguf", gguf, "--gguf-type", "q4_0", "--gguf-resident-type", "q4_0"]
@@ -91,18 +93,19 @@ def build(preset: Preset, work: Path, calibration_tokens: int) -> tuple[Path, Pa
         # 4-bit resident weights too: a 7B's attention alone is 1.4 GB at q8, too much for 2 GB
         sh([*FI, "convert", hf, store, "--quant", "q4", "--resident-quant", "q4", "--overwrite"])
         shutil.rmtree(hf)
-    if not calibrated.exists():
+    if calibration_tokens is not None and not calibrated.exists():
         text = work / f"{preset.name}-calibration.txt"
         text.write_text(word_salad(calibration_tokens * 2, seed=1))
         sh([*FI, "calibrate", store, "--text", text, "--tokens", str(calibration_tokens)])
     return store, gguf
 
 
-def prompt_ids(store: Path, n: int) -> list[int]:
-    """n token ids of held-out word salad (seed 2: not the calibration text)."""
+def prompt_ids(store: Path, n: int, text: str | None = None) -> list[int]:
+    """The first n token ids of `text`, by the store's tokenizer (default: held-out word
+    salad, seed 2: not the calibration text)."""
     from flashinfer.tokenizer import Tokenizer
 
-    ids = Tokenizer.from_dir(store).encode(word_salad(4 * n, seed=2))
+    ids = Tokenizer.from_dir(store).encode(word_salad(4 * n, seed=2) if text is None else text)
     if len(ids) < n:
         raise SystemExit(f"error: {store}: the prompt text gave {len(ids)} tokens, fewer than {n}")
     return ids[:n]
@@ -110,16 +113,19 @@ def prompt_ids(store: Path, n: int) -> list[int]:
 
 def run_flashinfer(cfg: dict, cap: int | None) -> dict:
     argv = [sys.executable, "-m", "bench.flashinfer_child", json.dumps(cfg)]
-    return _run_child(argv, cap)
+    return run_child(argv, cap)
 
 
-def _run_child(argv: list[str], cap: int | None) -> dict:
+def run_child(argv: list[str], cap: int | None, drop_caches: bool = True) -> dict:
+    """Run a bench child (cold: the page cache dropped first, unless drop_caches=False), in a
+    cgroup of `cap` bytes or none; its last stdout line (JSON), or an `error` of its last stderr line."""
     if cap is None:
-        cgroup.drop_caches()
+        if drop_caches:
+            cgroup.drop_caches()
         proc = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT)
         code, out, err, peak, oom = proc.returncode, proc.stdout, proc.stderr, None, False
     else:
-        r = cgroup.run_limited(argv, cap, drop_caches=True, cwd=ROOT)
+        r = cgroup.run_limited(argv, cap, drop_caches=drop_caches, cwd=ROOT)
         code, out, err, peak, oom = r.returncode, r.stdout, r.stderr, r.peak_bytes, r.oom_killed
     record = {"cgroup_peak_bytes": peak, "oom_killed": oom, "returncode": code}
     if code != 0:
@@ -148,7 +154,7 @@ def measure_model(preset: Preset, opts, bandwidths) -> list[dict]:
         for name, limit in ((f"llama.cpp, {opts.cap} cgroup", cap), ("llama.cpp, no cap (reference)", None)):
             log(f"{preset.name}: {name}")
             argv = llamacpp_argv(gguf, prompt, opts.tokens, threads=opts.threads)
-            rows.append(_run_child(argv, limit) | {"model": preset.name, "config": name})
+            rows.append(run_child(argv, limit) | {"model": preset.name, "config": name})
     for row in rows:  # the roofline of the sparse runs, from this run's bandwidths
         if row.get("bytes_touched_per_token") and row.get("predictor") == "lowrank" and row.get("decode_tok_s"):
             bound = roofline.roofline_ms(row["read_bytes_per_token"], row["bytes_touched_per_token"],

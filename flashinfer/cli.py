@@ -391,12 +391,16 @@ def build_parser() -> argparse.ArgumentParser:
                              description="Quantize and bundle a checkpoint into a flash store (storage/format.py): "
                                          "a Hugging Face model directory (safetensors) or a llama.cpp GGUF file "
                                          "(architecture llama; F32, F16, BF16, Q8_0, Q4_0/1, Q5_0/1 and "
-                                         "Q2_K-Q6_K tensors, dequantized and re-quantized).")
+                                         "Q2_K-Q6_K tensors; Q8_0, Q4_0, Q4_1, F16 and F32 blocks are kept "
+                                         "exactly, the others dequantized and re-quantized).")
     convert.add_argument("model", help="Hugging Face model directory, or a .gguf file")
     convert.add_argument("out", help="store directory to create")
-    convert.add_argument("--quant", default="q4", choices=SCHEMES, help="FFN bundles (default q4)")
-    convert.add_argument("--resident-quant", default="q8", choices=SCHEMES,
-                         help="embeddings, attention, lm_head (default q8); norms and biases stay f32")
+    convert.add_argument("--quant", default="auto", choices=("auto", *SCHEMES),
+                         help="FFN bundles (default auto: a GGUF's Q8_0/Q4_0/Q4_1 blocks kept as they are, "
+                              "with a q8 down column; otherwise q4)")
+    convert.add_argument("--resident-quant", default="auto", choices=("auto", *SCHEMES),
+                         help="embeddings, attention, lm_head (default auto: a GGUF's exact blocks kept, otherwise "
+                              "q8); norms and biases stay f32")
     convert.add_argument("--group-size", type=int, default=32, choices=(32, 64), help="quantization group (default 32)")
     convert.add_argument("--compress", default="none", choices=("none", "zstd"), help="zstd per FFN chunk (default none)")
     convert.add_argument("--verify", action="store_true", help="read the store back and check every checksum")

@@ -29,6 +29,14 @@ from storage.writer import StoreWriter
 DEFAULT_FFN_QUANT = "q4"
 DEFAULT_RESIDENT_QUANT = "q8"
 DEFAULT_GROUP_SIZE = 32
+# --quant / --resident-quant auto (the default): a GGUF tensor whose blocks a store scheme holds
+# exactly (storage.gguf.KEPT_SCHEMES: Q8_0, Q4_0, Q4_1, F16, F32) keeps them, bit for bit, so
+# flashinfer and llama.cpp compute with the same weights; every other tensor gets the default
+# scheme above. One exception: a bundle's down column runs across the file's blocks (they
+# follow W_down's rows), so kept 4-bit up/gate rows come with a q8 down column — 8 bits on top
+# of 4-bit values rounds far less than a second 4-bit rounding would.
+AUTO = "auto"
+DOWN_FOR_KEPT_4BIT = "q8"
 
 
 class _Safetensors:
@@ -55,33 +63,71 @@ class _Safetensors:
 
 class _LazyRows:
     """A checkpoint tensor that yields float32 rows on slicing: StoreWriter.add_resident
-    quantizes a block of rows at a time, so a 500 MB embedding is never copied whole."""
+    quantizes a block of rows at a time, so a 500 MB embedding is never copied whole.
+    `kept_scheme` / `quantized(rows)`: the source's own blocks, when it has exact ones."""
 
     def __init__(self, src, name: str):
         self.src, self.name = src, name
         self.shape = src.tensors[name].shape
+        self.kept_scheme = _kept_scheme(src, name)
 
     def __getitem__(self, rows: slice) -> np.ndarray:
         return self.src.rows_f32(self.name, rows=rows)
 
+    def quantized(self, rows: slice):
+        return self.src.rows_quantized(self.name, rows)
 
-def convert_checkpoint(model_path: str | Path, out_dir: str | Path, *, quant: str = DEFAULT_FFN_QUANT,
-                       resident_quant: str = DEFAULT_RESIDENT_QUANT, group_size: int = DEFAULT_GROUP_SIZE,
+
+def _kept_scheme(src, name: str) -> str | None:
+    """The store scheme holding tensor `name` of `src` exactly (GGUF blocks), or None."""
+    kept = getattr(src, "kept_scheme", None)
+    return kept(name) if kept is not None and len(src.tensors[name].shape) == 2 else None
+
+
+def _check_schemes(*schemes: str) -> None:
+    for scheme in schemes:
+        if scheme != AUTO:
+            check_scheme(scheme)
+
+
+def resident_scheme(src, name: str, requested: str) -> str:
+    """The scheme resident tensor `name` is stored in (see AUTO)."""
+    if requested != AUTO:
+        return requested
+    return _kept_scheme(src, name) or DEFAULT_RESIDENT_QUANT
+
+
+def ffn_schemes(src, stored: dict[str, str], args: ModelArgs, layer: int, requested: str) -> dict[str, str]:
+    """The scheme of each bundle component of `layer` (see AUTO). up and gate always share one:
+    the FFN kernel lays out its input once for both."""
+    if requested != AUTO:
+        return {"up": requested, "gate": requested, "down": requested}
+    p = f"layers.{layer}.ffn."
+    kept = {_kept_scheme(src, stored[p + f"w_{c}.weight"]) for c in (("up", "gate") if args.gated_ffn else ("up",))}
+    scheme = kept.pop() if len(kept) == 1 else None
+    if scheme not in ("q8", "q4", "q4a"):
+        return {"up": DEFAULT_FFN_QUANT, "gate": DEFAULT_FFN_QUANT, "down": DEFAULT_FFN_QUANT}
+    return {"up": scheme, "gate": scheme, "down": "q8" if scheme == "q8" else DOWN_FOR_KEPT_4BIT}
+
+
+def convert_checkpoint(model_path: str | Path, out_dir: str | Path, *, quant: str = AUTO,
+                       resident_quant: str = AUTO, group_size: int = DEFAULT_GROUP_SIZE,
                        compression: str = "none", overwrite: bool = False, progress=None,
                        tokenizer_dir: str | Path | None = None) -> Path:
     """Write the store for the model at `model_path` to `out_dir`; returns out_dir.
 
     `model_path` is a Hugging Face model directory or a llama.cpp GGUF file (architecture
-    "llama"; see convert_gguf). `tokenizer_dir`, if given, holds the tokenizer.json (and
-    optionally tokenizer_config.json) to store instead of the model's own."""
+    "llama"; see convert_gguf). `quant` / `resident_quant`: a scheme of storage/quant.py, or
+    "auto" (see AUTO: a GGUF's exact blocks kept, else q4 FFN / q8 resident). `tokenizer_dir`,
+    if given, holds the tokenizer.json (and optionally tokenizer_config.json) to store instead
+    of the model's own."""
     model_path = Path(model_path)
     if model_path.is_file():
         return convert_gguf(model_path, out_dir, quant=quant, resident_quant=resident_quant, group_size=group_size,
                             compression=compression, overwrite=overwrite, progress=progress,
                             tokenizer_dir=tokenizer_dir)
     args = ModelArgs.from_model_dir(model_path)
-    for scheme in (quant, resident_quant):
-        check_scheme(scheme)
+    _check_schemes(quant, resident_quant)
     tokenizer_files = _tokenizer_dir_files(tokenizer_dir or model_path, args)
     ckpt = Checkpoint.open(model_path)
     try:
@@ -93,24 +139,24 @@ def convert_checkpoint(model_path: str | Path, out_dir: str | Path, *, quant: st
         ckpt.close()
 
 
-def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, quant: str = DEFAULT_FFN_QUANT,
-                 resident_quant: str = DEFAULT_RESIDENT_QUANT, group_size: int = DEFAULT_GROUP_SIZE,
+def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, quant: str = AUTO,
+                 resident_quant: str = AUTO, group_size: int = DEFAULT_GROUP_SIZE,
                  compression: str = "none", overwrite: bool = False, progress=None,
                  tokenizer_dir: str | Path | None = None) -> Path:
     """Write the store for a llama.cpp GGUF file (architecture "llama", tensors F32, F16,
     BF16, Q8_0 or another type in storage.gguf.SUPPORTED_TYPES) to `out_dir`.
 
-    GGUF weights are dequantized to float32 a block at a time and re-quantized to `quant` /
-    `resident_quant`: from a Q8_0 file a q8 store holds exactly the Q8_0 weights (the same
-    scale rule), from a Q4_0 file a q4 store rounds them a second time (storage/quant.py). The config comes
+    Q8_0, Q4_0, Q4_1, F16 and F32 tensors keep their exact blocks when their store scheme is
+    the one asked for ("auto", the default, asks for it; see AUTO); other tensors are
+    dequantized to float32 a block at a time and quantized to `quant` / `resident_quant`
+    (for "auto": q4 FFN, q8 resident). The config comes
     from the llama.* metadata (FFN activation SiLU, as llama.cpp runs every llama model,
     unless the file says `flashinfer.hidden_act`); the tokenizer from `tokenizer_dir` if
     given, else rebuilt from tokenizer.ggml.* (storage.gguf.GGUFCheckpoint.tokenizer_files).
     """
     from storage.gguf import GGUFCheckpoint
 
-    for scheme in (quant, resident_quant):
-        check_scheme(scheme)
+    _check_schemes(quant, resident_quant)
     gguf_path = Path(gguf_path)
     if not gguf_path.exists():
         raise ModelPathError(f"{gguf_path}: no such file or directory")
@@ -145,10 +191,13 @@ def _write_store(src, args: ModelArgs, hf_config: dict, out_dir: str | Path, tok
                      progress=progress) as writer:
         for canonical, name in stored.items():
             if not _in_bundles(canonical):
-                writer.add_resident(canonical, _LazyRows(src, name), resident_quant, group_size)
+                scheme = resident_scheme(src, name, resident_quant)
+                writer.add_resident(canonical, _LazyRows(src, name), scheme, group_size if scheme != "f32" else 0)
                 src.release(name)  # keeps peak RSS at one tensor, not the whole checkpoint
         for i in range(args.n_layers):
-            writer.add_ffn_layer(i, args.ffn_dim, args.dim, quant, group_size, _neuron_blocks(src, stored, args, i))
+            schemes = ffn_schemes(src, stored, args, i, quant)
+            writer.add_ffn_layer(i, args.ffn_dim, args.dim, schemes, group_size,
+                                 _neuron_blocks(src, stored, args, i, schemes))
             for canonical, name in stored.items():
                 if canonical.startswith(f"layers.{i}.ffn."):
                     src.release(name)
@@ -196,16 +245,23 @@ def _in_bundles(canonical: str) -> bool:
     return ".ffn." in canonical and not canonical.endswith("w_down.bias")
 
 
-def _neuron_blocks(src, stored: dict[str, str], args: ModelArgs, layer: int):
-    """neuron_block(start, stop) for StoreWriter.add_ffn_layer: rows of up/gate, columns of down."""
+def _neuron_blocks(src, stored: dict[str, str], args: ModelArgs, layer: int, schemes: dict[str, str]):
+    """neuron_block(start, stop) for StoreWriter.add_ffn_layer: rows of up/gate (the source's
+    own blocks where they are kept), columns of down."""
     p = f"layers.{layer}.ffn."
 
-    def block(start: int, stop: int) -> dict[str, np.ndarray | None]:
+    def rows_of(component: str, rows: slice):
+        name = stored[p + f"w_{component}.weight"]
+        if _kept_scheme(src, name) == schemes[component]:
+            return src.rows_quantized(name, rows)
+        return src.rows_f32(name, rows=rows)
+
+    def block(start: int, stop: int) -> dict:
         rows = slice(start, stop)
         arrays = {
-            "up": src.rows_f32(stored[p + "w_up.weight"], rows=rows),
+            "up": rows_of("up", rows),
             "down": src.rows_f32(stored[p + "w_down.weight"], cols=rows).T,
-            "gate": src.rows_f32(stored[p + "w_gate.weight"], rows=rows) if args.gated_ffn else None,
+            "gate": rows_of("gate", rows) if args.gated_ffn else None,
         }
         if args.ffn_bias:
             arrays["up_bias"] = src.rows_f32(stored[p + "w_up.bias"], rows=rows)

@@ -7,6 +7,10 @@
             print(piece, end="", flush=True)
         print(eng.chat([{"role": "user", "content": "hi"}], max_tokens=16).text)
 
+The engine runs its parallel kernels on numba's threads and sets numpy's BLAS to one thread
+for the whole process (flashinfer/kernels/__init__.py, one_blas_thread: two thread pools
+on two cores slowed both down).
+
 One engine holds one model, one KV cache and one set of buffers, so calls from several
 threads are serialised by a lock: each call holds it for the whole generation, and a stream
 holds it from its first step until it is exhausted or closed (abandon one with `.close()`,

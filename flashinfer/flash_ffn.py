@@ -58,12 +58,13 @@ def bundle_views(bundles: np.ndarray, layer: FFNLayer) -> BundleViews:
                        bias("gate_bias"), up.group)
 
 
-# rows * dim from which the FFN over bundles runs on all cores: never, by default. Alone,
-# ffn_rows_parallel is 2x ffn_rows on 2 cores (bench/kernels.py); inside a real decode, where
-# each layer's parallel region follows Python work (predictor, cache bookkeeping, reads),
-# it halved tokens/s (bench/sparse.py: 4.2 vs 8.3 tok/s, 1B store) — the idle worker thread
-# sleeps between regions and waking it costs more than the ~1 ms kernel saves.
-FFN_PARALLEL_MIN_ELEMENTS = 2**62
+# rows * dim from which the FFN over bundles runs on all cores. Measured in a real decode
+# (SmolLM2-135M, q4 bundles of 1536 x 576 per layer, all resident, 2 cores, alternating in one
+# process): serial 35 tok/s, FFN parallel 50; the lm_head on both cores too (kernels.matmul's
+# PARALLEL_MIN_WORK) 52; every matmul of a layer as well 45. An older measurement (the
+# workqueue layer, a busy second core) halved tokens/s with a parallel FFN: numba now runs
+# on OpenMP, whose threads spin between regions instead of sleeping.
+FFN_PARALLEL_MIN_ELEMENTS = 1 << 19
 
 
 class PartialSums:
@@ -82,8 +83,8 @@ class PartialSums:
 
 def ffn_over_bundles(x: np.ndarray, n_rows: int, views: BundleViews, act: int, out: np.ndarray,
                      partial: PartialSums | None = None) -> None:
-    """The FFN over bundle rows 0..n_rows-1; split over threads (`partial` given) only from
-    FFN_PARALLEL_MIN_ELEMENTS, which is never by default (see there)."""
+    """The FFN over bundle rows 0..n_rows-1; split over threads (`partial` given) from
+    FFN_PARALLEL_MIN_ELEMENTS rows x dim on (see there)."""
     v = views
     operands = (x, n_rows, v.up.data, v.up.scales, v.up.mins, v.gate.data, v.gate.scales, v.gate.mins,
                 v.down.data, v.down.scales, v.down.mins, v.up_bias, v.gate_bias, v.group, act)

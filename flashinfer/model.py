@@ -42,13 +42,17 @@ class RunState:
         self.xb = np.zeros((chunk, args.dim), f32)  # normed input of a block
         self.block_out = np.zeros((chunk, args.dim), f32)  # attention / FFN output
         self.q = np.zeros((chunk, args.q_dim), f32)
+        self.k = np.zeros((chunk, args.kv_dim), f32)  # new keys, stored transposed into k_cache_t
         self.attn = np.zeros((chunk, args.q_dim), f32)
         self.hidden = np.zeros((chunk, args.ffn_dim), f32)  # act(gate) * up, or act(up)
         self.up = np.zeros((chunk, args.ffn_dim) if args.gated_ffn else (0, 0), f32)
-        self.scores = np.zeros(ctx, f32)
+        # attention scores: a row per head (heads run in parallel), or per (head, token) of a
+        # chunk for the BLAS path (kernels/attention.py)
+        self.scores = np.zeros((max(args.n_heads, args.n_heads // args.n_kv_heads * chunk), ctx), f32)
         self.positions = np.arange(ctx, dtype=np.int64)
         self.logits = np.zeros((1, args.vocab_size), f32)
-        self.k_cache = np.zeros((args.n_layers, ctx, args.kv_dim), f32)
+        # keys transposed ([kv_dim, ctx] per layer), so attention's scores run along positions
+        self.k_cache_t = np.zeros((args.n_layers, args.kv_dim, ctx), f32)
         self.v_cache = np.zeros((args.n_layers, ctx, args.kv_dim), f32)
 
     @property
@@ -58,8 +62,9 @@ class RunState:
     @staticmethod
     def scratch_bytes(args: ModelArgs, ctx: int, chunk: int = DEFAULT_CHUNK) -> int:
         """What __init__ allocates besides the KV cache, for the DRAM planner (tested equal)."""
-        per_token = 3 * args.dim + 2 * args.q_dim + args.ffn_dim * (2 if args.gated_ffn else 1)
-        return 4 * (chunk * per_token + args.vocab_size) + ctx * (4 + 8)
+        per_token = 3 * args.dim + 2 * args.q_dim + args.kv_dim + args.ffn_dim * (2 if args.gated_ffn else 1)
+        score_rows = max(args.n_heads, args.n_heads // args.n_kv_heads * chunk)
+        return 4 * (chunk * per_token + args.vocab_size) + ctx * (4 * score_rows + 8)
 
 
 class Model:
@@ -68,6 +73,7 @@ class Model:
         (flashinfer/flash_ffn.py); None computes it from the dense matrices in `weights`."""
         if ctx > args.max_seq_len and args.positional == "learned":
             raise GenerationError(f"ctx {ctx} exceeds this model's {args.max_seq_len} learned positions")
+        K.one_blas_thread()  # numba's threads do the parallel work (kernels/__init__.py says why)
         self.args = args
         self.weights = weights
         self.ctx = ctx
@@ -168,8 +174,8 @@ class Model:
         a, s = self.args, self.state
         n = xb.shape[0]
         q = s.q[:n]
-        k = s.k_cache[i, start : start + n]  # new keys and values go straight into the cache
-        v = s.v_cache[i, start : start + n]
+        k = s.k[:n]
+        v = s.v_cache[i, start : start + n]  # new values go straight into the cache
         linear(xb, layer.wq, layer.bq, q)
         linear(xb, layer.wk, layer.bk, k)
         linear(xb, layer.wv, layer.bv, v)
@@ -177,8 +183,10 @@ class Model:
             positions = s.positions[start : start + n]
             K.rope(q, positions, self.inv_freq, a.head_dim)
             K.rope(k, positions, self.inv_freq, a.head_dim)
+        K.store_keys(k, s.k_cache_t[i], start)
         attn = s.attn[:n]
-        K.attention(q, s.k_cache[i], s.v_cache[i], start, a.n_kv_heads, a.head_dim, self.window, s.scores, attn)
+        K.attention_for(n, start + n, a.q_dim)(q, s.k_cache_t[i], s.v_cache[i], start, a.n_kv_heads, a.head_dim,
+                                               self.window, s.scores, attn)
         linear(attn, layer.wo, layer.bo, out)
 
     def _ffn(self, i: int, layer: LayerWeights, xb: np.ndarray, out: np.ndarray) -> None:

@@ -49,6 +49,10 @@ FLASHINFER_ACT_KEY = "flashinfer.hidden_act"  # our own key: the FFN activation 
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
                    "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 SUPPORTED_TOKENIZERS = ("gpt2", "llama")
+# GGUF tensor types whose values a store scheme holds exactly (storage/quant.py: the same
+# dequantization formula on the same codes and f16 scales, only the nibble order differs):
+# converting keeps their codes instead of rounding the dequantized weights a second time
+KEPT_SCHEMES = {"F32": "f32", "F16": "f16", "Q8_0": "q8", "Q4_0": "q4", "Q4_1": "q4a"}
 # tokenizer.ggml.pre values whose pre-tokenizer we can write as tokenizer.json; the regexes
 # are llama.cpp's (llama-vocab.cpp), which are those of the HF tokenizers they came from
 # (applied in turn, each piece split further by the next: llama.cpp's regex_exprs list)
@@ -349,6 +353,41 @@ class GGUFCheckpoint:
             values = values.copy()
         values = values[:, c0 - b0 * t.block_size : c1 - b0 * t.block_size]
         return values.reshape(-1) if len(t.shape) == 1 else values
+
+    def kept_scheme(self, name: str) -> str | None:
+        """The store scheme that holds tensor `name` exactly as the file does, or None."""
+        return KEPT_SCHEMES.get(self.tensors[name].type_name)
+
+    def rows_quantized(self, name: str, rows: slice | None = None):
+        """Rows of 2-D tensor `name` (HF orientation, q/k un-permuted) as a storage.quant
+        QuantizedTensor in kept_scheme(name), bit for bit the file's values: Q8_0 blocks are q8
+        (the same int8 codes and f16 scale), Q4_0 blocks q4 and Q4_1 blocks q4a (the same nibbles,
+        scales and mins; ggml puts element j and j+16 in byte j, the store 2j and 2j+1)."""
+        from storage import quant
+
+        t = self.tensors[name]
+        scheme = self.kept_scheme(name)
+        if scheme is None or len(t.shape) != 2:
+            raise CheckpointError(f"{self.path}: tensor {t.name!r} ({t.type_name}) has no exact store scheme")
+        n_rows, n_cols = t.shape
+        row_bytes = n_cols // t.block_size * t.block_bytes
+        data = np.frombuffer(self._mmap, np.uint8, n_rows * row_bytes, t.offset).reshape(n_rows, row_bytes)
+        r0, r1, _ = (rows or slice(None)).indices(n_rows)
+        picked = data[gguf_row_of_hf_row(np.arange(r0, r1), self.head_dim)] if t.name.endswith(PERMUTED) else data[r0:r1]
+        n = max(r1 - r0, 0)
+        if scheme in ("f32", "f16"):
+            values = np.ascontiguousarray(picked).view("<f4" if scheme == "f32" else "<f2").reshape(n, n_cols)
+            return quant.QuantizedTensor(scheme, 0, (n, n_cols), values.copy(), None, None)
+        blocks = np.ascontiguousarray(picked).reshape(n, n_cols // 32, t.block_bytes)
+        scales = blocks[:, :, 0:2].copy().view("<f2")[:, :, 0]
+        if scheme == "q8":
+            codes = blocks[:, :, 2:].copy().view(np.int8).reshape(n, n_cols)
+            return quant.QuantizedTensor("q8", 32, (n, n_cols), codes, scales, None)
+        mins = blocks[:, :, 2:4].copy().view("<f2")[:, :, 0] if scheme == "q4a" else None
+        packed = blocks[:, :, 4 if scheme == "q4a" else 2:]  # [n, groups, 16]
+        values = np.concatenate([packed & 0x0F, packed >> 4], axis=2)  # elements 0..15, then 16..31
+        values = values.reshape(n, n_cols)
+        return quant.QuantizedTensor(scheme, 32, (n, n_cols), values[:, 0::2] | (values[:, 1::2] << 4), scales, mins)
 
     def release(self, name: str) -> None:
         """Drop a tensor's pages from RSS and the page cache (see storage/safetensors.py)."""

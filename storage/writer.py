@@ -28,33 +28,44 @@ NEURON_BLOCK = 1024  # neurons quantized at a time: bounds peak RSS while conver
 RESIDENT_BLOCK_BYTES = 32 << 20  # float32 rows of a resident matrix quantized at a time (same reason)
 
 
-def bundle_layout(names, dim: int, scheme: str, group_size: int) -> tuple[list[fmt.BundleComponent], int]:
+def bundle_layout(names, dim: int, scheme: str | dict, group_size: int) -> tuple[list[fmt.BundleComponent], int]:
     """The components of a row-column bundle (in the format's fixed order, each aligned)
-    for the FFN arrays `names` ("up", "gate", "down", "up_bias", "gate_bias"), and its size."""
-    if scheme in ("f32", "f16"):
-        group_size = 0
+    for the FFN arrays `names` ("up", "gate", "down", "up_bias", "gate_bias"), and its size.
+    `scheme`: one for every weight component, or a dict by component name (a GGUF's kept
+    blocks: up/gate as the file has them, down re-quantized)."""
+    schemes = scheme if isinstance(scheme, dict) else {name: scheme for name in ("up", "gate", "down")}
     components, offset = [], 0
     for name in ("up", "gate", "down", "up_bias", "gate_bias"):
         if name not in names:
             continue
         is_bias = name.endswith("bias")
-        c_scheme, c_group, length = ("f32", 0, 1) if is_bias else (scheme, group_size, dim)
-        nbytes = 4 if is_bias else quant.scheme_bytes_per_row(scheme, dim, group_size or 32)
+        c_scheme = "f32" if is_bias else schemes[name]
+        c_group = 0 if c_scheme in ("f32", "f16") else group_size
+        length = 1 if is_bias else dim
+        nbytes = 4 if is_bias else quant.scheme_bytes_per_row(c_scheme, dim, c_group or 32)
         components.append(fmt.BundleComponent(name, c_scheme, c_group, length, offset, nbytes))
         offset = fmt.align_up(offset + nbytes, fmt.COMPONENT_ALIGN)
     return components, offset
 
 
 def pack_bundles(arrays: dict, components: list[fmt.BundleComponent], bundle_bytes: int) -> np.ndarray:
-    """uint8 [n, bundle_bytes]: neuron i's quantized up/gate rows, down column and biases."""
-    n = len(arrays["up"])
+    """uint8 [n, bundle_bytes]: neuron i's quantized up/gate rows, down column and biases.
+    A weight array is float32 (quantized here) or a QuantizedTensor already in its component's
+    scheme (kept from the source, written as it is)."""
+    up = arrays["up"]
+    n = up.shape[0]
     bundles = np.zeros((n, bundle_bytes), np.uint8)
     for c in components:
-        values = np.asarray(arrays[c.name], dtype=np.float32)
+        values = arrays[c.name]
         if c.name.endswith("bias"):
-            bundles[:, c.offset : c.offset + 4] = values.reshape(-1, 1).view(np.uint8)
-        else:
-            bundles[:, c.offset : c.offset + c.nbytes] = quant.row_records(quant.quantize(values, c.scheme, c.group_size or 32))
+            bundles[:, c.offset : c.offset + 4] = np.asarray(values, dtype=np.float32).reshape(-1, 1).view(np.uint8)
+            continue
+        if not isinstance(values, quant.QuantizedTensor):
+            values = quant.quantize(np.asarray(values, dtype=np.float32), c.scheme, c.group_size or 32)
+        elif values.scheme != c.scheme or values.group_size != c.group_size:
+            raise StorageError(f"bundle component {c.name!r} is {c.scheme} (group {c.group_size}); got rows in "
+                               f"{values.scheme} (group {values.group_size})")
+        bundles[:, c.offset : c.offset + c.nbytes] = quant.row_records(values)
     return bundles
 
 
@@ -135,6 +146,7 @@ class StoreWriter:
             digest.update(part)
             self._write(f, part, name)
 
+        as_is = getattr(tensor, "kept_scheme", None) == scheme  # the source's own blocks, not re-rounded
         if len(shape) == 1:
             emit(np.asarray(tensor[0 : shape[0]], dtype=np.float32))
         else:
@@ -143,7 +155,10 @@ class StoreWriter:
             tails: list[list[np.ndarray]] = [[], []]
             step = max(1, RESIDENT_BLOCK_BYTES // (4 * max(1, shape[1])))
             for start in range(0, shape[0], step):
-                qt = quant.quantize(np.asarray(tensor[start : start + step], dtype=np.float32), scheme, group_size)
+                if as_is:
+                    qt = tensor.quantized(slice(start, start + step))
+                else:
+                    qt = quant.quantize(np.asarray(tensor[start : start + step], dtype=np.float32), scheme, group_size)
                 emit(qt.data)
                 for kept, part in zip(tails, (qt.scales, qt.mins)):
                     if part is not None:
@@ -155,11 +170,12 @@ class StoreWriter:
             scheme=scheme, group_size=group_size if scheme not in ("f32", "f16") else 0,
             shape=shape, offset=offset, nbytes=f.tell() - offset, checksum=digest.hexdigest())
 
-    def add_ffn_layer(self, layer: int, n_neurons: int, dim: int, scheme: str, group_size: int,
+    def add_ffn_layer(self, layer: int, n_neurons: int, dim: int, scheme: str | dict, group_size: int,
                       neuron_block) -> None:
-        """Write layer `layer`'s bundles. `neuron_block(start, stop)` returns a dict of float32
-        arrays for neurons start..stop-1: "up" [n, dim], optional "gate" [n, dim], "down"
-        [n, dim] (columns of W_down), optional "up_bias"/"gate_bias" [n]."""
+        """Write layer `layer`'s bundles. `neuron_block(start, stop)` returns a dict of arrays
+        for neurons start..stop-1: "up" [n, dim], optional "gate" [n, dim], "down" [n, dim]
+        (columns of W_down), float32 or QuantizedTensor in the component's scheme; optional
+        "up_bias"/"gate_bias" [n]. `scheme`: one, or one per weight component (bundle_layout)."""
         assert self.state == "open" and layer == len(self._ffn_layers), (self.state, layer)
         first = neuron_block(0, min(1, n_neurons))
         components, bundle_bytes = bundle_layout([k for k, v in first.items() if v is not None], dim, scheme, group_size)

@@ -164,15 +164,34 @@ def test_rope():
     np.testing.assert_allclose(out, ref.rope(x, positions, inv_freq, head_dim), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kernel", ["attention", "attention_serial", "attention_blas"])
 @pytest.mark.parametrize("n_kv_heads,window", [(4, 0), (2, 0), (1, 3)])
-def test_attention_gqa_and_window(n_kv_heads, window):
+def test_attention_gqa_and_window(n_kv_heads, window, kernel):
     head_dim, n_heads, ctx, start, n_tokens = 8, 4, 16, 5, 4
-    q = randn(n_tokens, n_heads * head_dim)
+    q = randn(n_tokens, n_heads * head_dim) * 3  # scores spread over several units: a real softmax
     k_cache, v_cache = randn(ctx, n_kv_heads * head_dim), randn(ctx, n_kv_heads * head_dim)
-    out, scores = np.empty_like(q), np.empty(ctx, np.float32)
-    K.attention(q, k_cache, v_cache, start, n_kv_heads, head_dim, window, scores, out)
+    k_cache_t = np.zeros((n_kv_heads * head_dim, ctx), np.float32)
+    K.store_keys(k_cache, k_cache_t, 0)
+    np.testing.assert_array_equal(k_cache_t, k_cache.T)
+    out, scores = np.empty_like(q), np.empty((n_heads * n_tokens, ctx), np.float32)
+    getattr(K, kernel)(q, k_cache_t, v_cache, start, n_kv_heads, head_dim, window, scores, out)
     expected = ref.attention(q, k_cache, v_cache, start, n_kv_heads, head_dim, window)
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_exp_nonpositive_is_exp_to_float_precision():
+    from numba import njit
+
+    @njit
+    def apply(x, out):
+        for i in range(x.shape[0]):
+            out[i] = K.exp_nonpositive(x[i])
+
+    x = -np.concatenate([np.linspace(0, 90, 200001), [0.0, 1e-30, 87.5, 1e4]]).astype(np.float32)
+    out = np.empty_like(x)
+    apply(x, out)
+    expected = np.exp(x.astype(np.float64))
+    np.testing.assert_allclose(out, expected, rtol=3e-7, atol=1e-37)
 
 
 @pytest.mark.parametrize("act", [K.ACT_SILU, K.ACT_RELU])

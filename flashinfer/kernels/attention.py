@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from .blocks import FAST
 
@@ -27,37 +27,142 @@ def rope(x, positions, inv_freq, head_dim):
                 x[t, base + i + half] = b * c + a * s
 
 
+_LOG2E = np.float32(1.4426950408889634)
+_LN2_HI = np.float32(0.693359375)  # ln 2 split in two (Cody-Waite): n * hi is exact
+_LN2_LO = np.float32(-2.12194440e-4)
+
+
+@njit(fastmath=FAST)
+def exp_nonpositive(x):
+    """exp(x) for x <= 0 (a softmax's scores minus their max), 2 ulp, in plain arithmetic so a
+    loop over scores vectorises: np.exp stays a scalar call per score (no vector math library
+    in numba here), which was a third of prefill attention. 2**n is built in the exponent bits;
+    below -87 (exp underflows float32) it is 0."""
+    x = max(x, np.float32(-87.0))
+    n = np.floor(x * _LOG2E + np.float32(0.5))
+    r = (x - n * _LN2_HI) - n * _LN2_LO  # |r| <= ln2 / 2
+    p = np.float32(1.0 / 5040.0)
+    p = p * r + np.float32(1.0 / 720.0)
+    p = p * r + np.float32(1.0 / 120.0)
+    p = p * r + np.float32(1.0 / 24.0)
+    p = p * r + np.float32(1.0 / 6.0)
+    p = p * r + np.float32(0.5)
+    p = p * r + np.float32(1.0)
+    p = p * r + np.float32(1.0)
+    scale = (np.int32(n) + np.int32(127)) << np.int32(23)
+    return p * np.int32(scale).view(np.float32)
+
+
+@njit(cache=True, nogil=True)
+def store_keys(k, k_cache_t, start):
+    """k_cache_t[:, start + t] = k[t]: the keys of new tokens into the transposed cache."""
+    for t in range(k.shape[0]):
+        for c in range(k.shape[1]):
+            k_cache_t[c, start + t] = k[t, c]
+
+
+@njit(fastmath=FAST)
+def _attend(q, k_cache_t, v_cache, t, h, start, n_rep, head_dim, window, scale, scores, out):
+    """out[t, head h] for query t at position start + t; scores: float32 scratch >= ctx."""
+    pos = start + t
+    lo = max(0, pos - window + 1) if window > 0 else 0
+    qo = h * head_dim
+    ko = (h // n_rep) * head_dim
+    # the keys are stored transposed ([kv_dim, ctx]): each step adds one query element times a
+    # row of positions, so the loop runs along positions in vectors with no reduction per score
+    for j in range(lo, pos + 1):
+        scores[j] = 0.0
+    for d in range(head_dim):
+        qd = q[t, qo + d] * scale
+        for j in range(lo, pos + 1):
+            scores[j] += qd * k_cache_t[ko + d, j]
+    top = np.float32(-3.0e38)
+    for j in range(lo, pos + 1):
+        top = max(top, scores[j])
+    total = np.float32(0.0)
+    for j in range(lo, pos + 1):
+        e = exp_nonpositive(scores[j] - top)
+        scores[j] = e
+        total += e
+    inv = np.float32(1.0) / total
+    for d in range(head_dim):
+        out[t, qo + d] = 0.0
+    for j in range(lo, pos + 1):
+        p = scores[j] * inv
+        for d in range(head_dim):
+            out[t, qo + d] += p * v_cache[j, ko + d]
+
+
 @njit(cache=True, nogil=True, fastmath=FAST)
-def attention(q, k_cache, v_cache, start, n_kv_heads, head_dim, window, scores, out):
+def attention_serial(q, k_cache_t, v_cache, start, n_kv_heads, head_dim, window, scores, out):
     """Causal (optionally sliding-window) attention of T queries at positions start..start+T-1
-    over the cache rows 0..start+T-1. q/out [T, n_heads*head_dim]; caches [ctx, n_kv*head_dim];
-    `scores` is scratch of length >= ctx. window 0 means none; else query p sees p-window+1..p.
-    Query head h reads KV head h // (n_heads / n_kv_heads) (GQA)."""
+    over cache positions 0..start+T-1. q/out [T, n_heads*head_dim]; k_cache_t [n_kv*head_dim,
+    ctx] (keys transposed, store_keys writes them); v_cache [ctx, n_kv*head_dim]; `scores`
+    scratch [n_heads, >= ctx]. window 0 means none; else query p sees p-window+1..p. Query head
+    h reads KV head h // (n_heads / n_kv_heads) (GQA)."""
     n_heads = q.shape[1] // head_dim
-    n_rep = n_heads // n_kv_heads
     scale = np.float32(1.0 / np.sqrt(head_dim))
     for t in range(q.shape[0]):
-        pos = start + t
-        lo = max(0, pos - window + 1) if window > 0 else 0
         for h in range(n_heads):
-            qo = h * head_dim
-            ko = (h // n_rep) * head_dim
-            top = np.float32(-3.0e38)
-            for j in range(lo, pos + 1):
-                acc = np.float32(0.0)
-                for d in range(head_dim):
-                    acc += q[t, qo + d] * k_cache[j, ko + d]
-                acc *= scale
-                scores[j] = acc
-                top = max(top, acc)
-            total = np.float32(0.0)
-            for j in range(lo, pos + 1):
-                e = np.exp(scores[j] - top)
-                scores[j] = e
-                total += e
-            for d in range(head_dim):
-                out[t, qo + d] = 0.0
-            for j in range(lo, pos + 1):
-                p = scores[j] / total
-                for d in range(head_dim):
-                    out[t, qo + d] += p * v_cache[j, ko + d]
+            _attend(q, k_cache_t, v_cache, t, h, start, n_heads // n_kv_heads, head_dim, window, scale, scores[h], out)
+
+
+# parallel over heads: a prefill chunk's attention (64 tokens over a growing context) or a long
+# context's decode step; short decode steps run attention_serial (attention_for)
+@njit(cache=True, nogil=True, fastmath=FAST, parallel=True)
+def attention(q, k_cache_t, v_cache, start, n_kv_heads, head_dim, window, scores, out):
+    """attention_serial on all cores (the same arguments; one scores row per head)."""
+    n_heads = q.shape[1] // head_dim
+    scale = np.float32(1.0 / np.sqrt(head_dim))
+    for h in prange(n_heads):
+        for t in range(q.shape[0]):
+            _attend(q, k_cache_t, v_cache, t, h, start, n_heads // n_kv_heads, head_dim, window, scale, scores[h], out)
+
+
+# query tokens x positions x head_dim from which attention runs on all cores (a region's
+# wake-up costs about what 2**20 multiply-adds do)
+ATTENTION_PARALLEL_MIN_WORK = 1 << 20
+
+
+def attention_for(n_tokens: int, n_positions: int, q_dim: int):
+    """attention_blas for a prefill chunk, else attention (all cores) or attention_serial by
+    the multiply-adds of the step."""
+    if n_tokens >= ATTENTION_BLAS_MIN_TOKENS:
+        return attention_blas
+    return attention if n_tokens * n_positions * q_dim >= ATTENTION_PARALLEL_MIN_WORK else attention_serial
+
+
+def attention_blas(q, k_cache_t, v_cache, start, n_kv_heads, head_dim, window, scores, out):
+    """The same attention through BLAS, for a prefill chunk: per KV head, the scores of all
+    its query heads' tokens are one matrix product with the transposed keys, the output one
+    with the values (numpy's sgemm; the numba loop ran prefill attention at ~2 GMAC/s on 2
+    cores). `scores`: float32 scratch [n_rep * T, >= start + T]. Masked scores are set to
+    -1e30 (finite: exp gives 0 without IEEE specials)."""
+    n_tokens = q.shape[0]
+    n_positions = start + n_tokens
+    n_heads = q.shape[1] // head_dim
+    n_rep = n_heads // n_kv_heads
+    positions = np.arange(start, n_positions)
+    keys = np.arange(n_positions)
+    hidden = keys[None, :] > positions[:, None]
+    if window > 0:
+        hidden |= keys[None, :] <= positions[:, None] - window
+    hidden = np.broadcast_to(hidden, (n_rep, n_tokens, n_positions)).reshape(n_rep * n_tokens, n_positions)
+    scale = np.float32(1.0 / np.sqrt(head_dim))
+    for g in range(n_kv_heads):
+        cols = slice(g * n_rep * head_dim, (g + 1) * n_rep * head_dim)
+        # rows: query head-major (head 0's tokens, then head 1's ...), as the group's scores
+        q_group = q[:, cols].reshape(n_tokens, n_rep, head_dim).transpose(1, 0, 2).reshape(n_rep * n_tokens, head_dim)
+        s = scores[: n_rep * n_tokens, :n_positions]
+        np.matmul(q_group, k_cache_t[g * head_dim : (g + 1) * head_dim, :n_positions], out=s)
+        s *= scale
+        np.putmask(s, hidden, np.float32(-1e30))
+        s -= s.max(axis=1, keepdims=True)
+        np.exp(s, out=s)
+        s /= s.sum(axis=1, keepdims=True)
+        o = s @ v_cache[:n_positions, g * head_dim : (g + 1) * head_dim]
+        out[:, cols] = o.reshape(n_rep, n_tokens, head_dim).transpose(1, 0, 2).reshape(n_tokens, n_rep * head_dim)
+
+
+# query tokens from which attention goes through BLAS (a prefill chunk); below, the numba kernels
+ATTENTION_BLAS_MIN_TOKENS = 8

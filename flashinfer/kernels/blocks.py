@@ -18,7 +18,7 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
-from .simd import BLOCK, axpy_i8_blocks, axpy_u4_blocks, dot_i8_blocks, dot_u4_blocks
+from .simd import BLOCK, axpy4_i8_blocks, axpy4_u4_blocks, axpy_i8_blocks, axpy_u4_blocks, dot_i8_blocks, dot_u4_blocks
 
 # fastmath without 'nnan'/'ninf': reassociation lets LLVM vectorise the reductions, and
 # no kernel relies on IEEE specials (attention never builds -inf masks).
@@ -256,6 +256,69 @@ def _int_row_axpy_jit(w, r, ws, wm, h, acc, t, coef, offset):
                        acc.ctypes.data + t * acc.strides[0], coef.shape[0])
 
     return axpy_q4
+
+
+def queue_axpy(w, ws, wm, h, slot, coef4, offset):
+    """Queue h * value(row) for flush_axpy4: coef4[slot] = h * the row's block scales (ws/wm
+    from row_scales), and the row's h * min (q4: -8 h scale) added to offset (nibble rows)."""
+    for b in range(ws.shape[0]):
+        coef4[slot, b] = h * ws[b]
+    if w.dtype == np.uint8:
+        if wm.shape[0]:
+            for b in range(ws.shape[0]):
+                offset[b] += h * wm[b]
+        else:
+            for b in range(ws.shape[0]):
+                offset[b] -= np.float32(8.0) * h * ws[b]
+
+
+def flush_axpy4(w, rows, n_queued, coef4, offset, acc, t):
+    """acc[t] += the queued rows (rows[:n_queued] of w, at most 4), then empties the queue
+    (offset zeroed); acc in prepare_input's order (pure-Python form: the store's)."""
+    for i in range(n_queued):
+        values = _row_codes(w, rows[i], np.zeros(0, np.float32)).reshape(-1, BLOCK) * coef4[i][:, None]
+        if w.dtype == np.uint8:  # _row_codes took 8 off (q4's offset): offset carries it instead
+            values += 8 * coef4[i][:, None]
+        acc[t] += values.reshape(-1)
+    if w.dtype == np.uint8:
+        acc[t] += np.repeat(offset, BLOCK)
+    offset[:] = 0.0
+
+
+@overload(queue_axpy)
+def _queue_axpy_jit(w, ws, wm, h, slot, coef4, offset):
+    nibbles = w.dtype == types.uint8
+
+    def queue(w, ws, wm, h, slot, coef4, offset):
+        for b in range(ws.shape[0]):
+            coef4[slot, b] = h * ws[b]
+        if nibbles:
+            if wm.shape[0]:
+                for b in range(ws.shape[0]):
+                    offset[b] += h * wm[b]
+            else:
+                for b in range(ws.shape[0]):
+                    offset[b] -= np.float32(8.0) * h * ws[b]
+
+    return queue
+
+
+@overload(flush_axpy4)
+def _flush_axpy4_jit(w, rows, n_queued, coef4, offset, acc, t):
+    axpy4 = axpy4_u4_blocks if w.dtype == types.uint8 else axpy4_i8_blocks
+
+    def flush(w, rows, n_queued, coef4, offset, acc, t):
+        if n_queued == 0:
+            return
+        base, stride = w.ctypes.data, w.strides[0]
+        for i in range(n_queued, 4):  # unused slots: the first row again, with coefficients 0
+            rows[i] = rows[0]
+            coef4[i, :] = 0.0
+        axpy4(base + rows[0] * stride, base + rows[1] * stride, base + rows[2] * stride, base + rows[3] * stride,
+              coef4.ctypes.data, offset.ctypes.data, acc.ctypes.data + t * acc.strides[0], coef4.shape[1])
+        offset[:] = 0.0
+
+    return flush
 
 
 @njit(fastmath=FAST)

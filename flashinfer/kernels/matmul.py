@@ -16,6 +16,9 @@ from numba.extending import overload
 
 from .blocks import (FAST, int_row_dot, prepare_input, row_axpy, row_dot, row_scales, row_scratch, row_values,
                      uses_int_dots)
+from .simd import prefetch_lines
+
+PREFETCH_AHEAD = 4  # rows ahead whose lines are prefetched (simd.prefetch_lines)
 
 # From this many tokens on, an f16 row (or a q8/q4 row in groups of 64) is unpacked once into
 # float32 and then dotted with every token: per-token unpacking made prefill 5-7x slower than f32.
@@ -52,6 +55,8 @@ def _matmul_rows(prep, w, scales, mins, group, bias, out, lo, hi):
     if uses_int_dots(w, group):
         ws, wm, comb = row_scratch(w, mins, group, xp.shape[1])
         for n in range(lo, hi):
+            if n + PREFETCH_AHEAD < hi:  # strided rows (neuron-cache views) are not prefetched by the hardware
+                prefetch_lines(w.ctypes.data + (n + PREFETCH_AHEAD) * w.strides[0], w.shape[1])
             row_scales(scales, mins, n, ws, wm)
             b = bias[n] if bias.shape[0] else np.float32(0.0)
             for t in range(n_tokens):
@@ -95,11 +100,11 @@ def matmul_serial(x, w, scales, mins, group, bias, out):
 
 
 # Token rows x weights (multiply-adds) below which matmul_serial is used. A parallel region
-# pays a wake-up and waits for its slowest thread: with the second core busy (a shared 2-core
-# machine) the ~80 small regions of a decode step made it 4x slower (bench/sparse.py, 1B: 1.1
-# vs 4.7 tok/s). Decode matmuls of a layer run serially below this; the lm_head and prefill
-# chunks, where the work per region is large, run on all cores.
-PARALLEL_MIN_WORK = 1 << 25
+# pays a wake-up and waits for its slowest thread: the small matmuls of a layer (SmolLM2's
+# 576 x 576) are faster serial (a decode with every matmul parallel: 45 tok/s, these serial:
+# 52; flashinfer/flash_ffn.py has the measurement); the lm_head (49152 x 576), a 7B's
+# attention matrices and prefill chunks run on all cores.
+PARALLEL_MIN_WORK = 1 << 23
 
 
 def matmul_for(n_tokens: int, n_rows: int, n_features: int):
