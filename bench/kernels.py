@@ -118,6 +118,18 @@ def compare_against(rev: str) -> None:
                 t_old, t_new = best_pair(getattr(old_k, name), getattr(K, name), args, args)
                 print(f"{dtype:8} {n_tokens:>6} {name:>14} {t_old * 1e3:>12.2f} {t_new * 1e3:>9.2f} "
                       f"{t_old / t_new:>7.2f}x {nbytes / t_new / 1e9:>9.1f}")
+    print(f"\nsmall matmuls (SmolLM2-135M's: dim 576), one token, serial: {rev} vs this tree")
+    for scheme in ("q8", "q4", "q4a"):
+        for n_rows in (576, 1536):
+            qt = quant.quantize(rng.standard_normal((n_rows, 576), dtype=np.float32), scheme, 32)
+            mins = qt.mins.view(np.uint16) if qt.mins is not None else NO_SCALES
+            x = rng.standard_normal((1, 576)).astype(np.float32)
+            args = (x, qt.data, qt.scales.view(np.uint16), mins, 32, np.zeros(0, np.float32),
+                    np.empty((1, n_rows), np.float32))
+            t_old, t_new = best_pair(old_k.matmul_serial, K.matmul_serial, args, args, repeats=41)
+            nbytes = qt.data.nbytes + qt.scales.nbytes + (qt.mins.nbytes if qt.mins is not None else 0)
+            print(f"{scheme + ' [' + str(n_rows) + ', 576]':34} {1:>6} {t_old * 1e3:>12.3f} {t_new * 1e3:>9.3f} "
+                  f"{t_old / t_new:>7.2f}x {nbytes / t_new / 1e9:>9.1f}")
     print(f"\nFFN over bundle rows (ffn_rows, serial): {rev} vs this tree")
     print(f"{'case':34} {'tokens':>6} {rev + ' ms':>12} {'now ms':>9} {'speedup':>8} {'now GB/s':>9}")
     for label, operands, n_bytes in ffn_shapes(rng):

@@ -90,8 +90,12 @@ def build(preset: Preset, work: Path, calibration_tokens: int | None) -> tuple[P
         if gguf is not None:  # 4-bit everywhere, as the store below
             synth += ["--gguf", gguf, "--gguf-type", "q4_0", "--gguf-resident-type", "q4_0"]
         sh(synth)
-        # 4-bit resident weights too: a 7B's attention alone is 1.4 GB at q8, too much for 2 GB
-        sh([*FI, "convert", hf, store, "--quant", "q4", "--resident-quant", "q4", "--overwrite"])
+        # 4-bit resident weights too: a 7B's attention alone is 1.4 GB at q8, too much for 2 GB.
+        # From the GGUF when there is one: the store keeps its Q4_0 blocks bit for bit (up, gate,
+        # resident), so both runtimes compute with the same weights; the down columns, which run
+        # across the file's blocks, are re-quantized to q4 (as many bytes as llama.cpp reads)
+        source = [gguf, "--tokenizer", hf] if gguf is not None else [hf]
+        sh([*FI, "convert", *source, store, "--quant", "q4", "--resident-quant", "q4", "--overwrite"])
         shutil.rmtree(hf)
     if calibration_tokens is not None and not calibrated.exists():
         text = work / f"{preset.name}-calibration.txt"

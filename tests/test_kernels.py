@@ -241,3 +241,30 @@ def test_large_coefficients_do_not_overflow(scheme):
 
     axpy(m.data, m.scales, m.mins, m.group, np.float32(-14336.99), big)
     np.testing.assert_allclose(big, out * np.float32(-14336.99), rtol=1e-5, atol=1e-2)
+
+
+@pytest.mark.parametrize("vnni", [False, True])
+def test_integer_dot_intrinsics_portable_and_vnni_agree(monkeypatch, vnni):
+    # the generic IR (int16 products: any CPU) and AVX512-VNNI's vpdpbusd give the same sums
+    from numba import njit
+
+    from flashinfer.kernels import simd
+
+    if vnni and not simd.HAS_VNNI:
+        pytest.skip("this CPU has no AVX512-VNNI")
+    monkeypatch.setattr(simd, "HAS_VNNI", vnni)  # read when the intrinsics generate code
+
+    @njit  # not cached: compiled here, under the patched flag
+    def dots(w8, w4, x, ws, xd):
+        return (simd.dot_i8_blocks(w8.ctypes.data, x.ctypes.data, ws.ctypes.data, xd.ctypes.data, ws.shape[0]),
+                simd.dot_u4_blocks(w4.ctypes.data, x.ctypes.data, ws.ctypes.data, xd.ctypes.data, ws.shape[0]))
+
+    w8 = rng.integers(-128, 128, 256).astype(np.int8)  # -128 too: a GGUF's Q8_0 may hold it
+    w4 = rng.integers(0, 256, 128).astype(np.uint8)
+    x = rng.integers(-127, 128, 256).astype(np.int8)
+    ws, xd = rng.random(8).astype(np.float32), rng.random(8).astype(np.float32)
+    q8, q4 = dots(w8, w4, x, ws, xd)
+    nibbles = np.concatenate([w4.reshape(8, 16) & 15, w4.reshape(8, 16) >> 4], axis=1).reshape(-1)
+    expect8 = (w8.astype(np.int64).reshape(8, 32) * x.reshape(8, 32)).sum(1) @ (ws * xd).astype(np.float64)
+    expect4 = (nibbles.astype(np.int64).reshape(8, 32) * x.reshape(8, 32)).sum(1) @ (ws * xd).astype(np.float64)
+    assert q8 == pytest.approx(expect8, rel=1e-5) and q4 == pytest.approx(expect4, rel=1e-5)

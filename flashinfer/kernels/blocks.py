@@ -18,7 +18,7 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
-from .simd import BLOCK, axpy4_i8_blocks, axpy4_u4_blocks, axpy_i8_blocks, axpy_u4_blocks, dot_i8_blocks, dot_u4_blocks
+from .simd import BLOCK, NATIVE_F16, axpy4_i8_blocks, axpy4_u4_blocks, axpy_i8_blocks, axpy_u4_blocks, dot_i8_blocks, dot_u4_blocks, widen_f16
 
 # fastmath without 'nnan'/'ninf': reassociation lets LLVM vectorise the reductions, and
 # no kernel relies on IEEE specials (attention never builds -inf masks).
@@ -102,24 +102,31 @@ def quantize_blocks(x, xq, xd, xqs):
 
 @njit(fastmath=FAST)
 def _quantized_activations(x, quantize: bool):
-    """(codes int8 [T, K], block scales float32 [T, K/32], code sums int32 [T, K/32]), or empty arrays."""
+    """(codes int8 [T, K], block scales float32 [T, K/32], code sums int32 [T, K/32], dequantized
+    block sums float32 [T, K/32] (scale * code sum)), or empty arrays."""
     if not quantize:
-        return np.zeros((0, 0), np.int8), np.zeros((0, 0), np.float32), np.zeros((0, 0), np.int32)
+        return (np.zeros((0, 0), np.int8), np.zeros((0, 0), np.float32), np.zeros((0, 0), np.int32),
+                np.zeros((0, 0), np.float32))
     n_blocks = x.shape[1] // BLOCK
     xq = np.empty(x.shape, np.int8)
     xd = np.empty((x.shape[0], n_blocks), np.float32)
     xqs = np.empty((x.shape[0], n_blocks), np.int32)
     quantize_blocks(x, xq, xd, xqs)
-    return xq, xd, xqs
+    xsum = np.empty((x.shape[0], n_blocks), np.float32)
+    for t in range(x.shape[0]):
+        for b in range(n_blocks):
+            xsum[t, b] = xd[t, b] * np.float32(xqs[t, b])
+    return xq, xd, xqs, xsum
 
 
 def prepare_input(w, x, group):
-    """x as the row kernels of w's scheme read it: a tuple (xp, xs, xq, xd, xqs).
+    """x as the row kernels of w's scheme read it: a tuple (xp, xs, xq, xd, xqs, xsum).
 
     xp: x in the element order of w's rows: for q4/q4a deinterleaved within each group (its
     even elements, then its odd ones), so a byte's low and high nibbles meet contiguous x;
     x itself for other schemes. xs [T, groups]: per-group sums of xp (q4/q4a float dots).
-    xq/xd/xqs: xp quantized into int8 blocks when uses_int_dots(w, group), else empty.
+    xq/xd/xqs/xsum: xp quantized into int8 blocks when uses_int_dots(w, group), else empty
+    (codes, block scales, code sums, dequantized block sums).
     Pure-Python form: x as it is (the Python row functions below read it so)."""
     empty = np.zeros((x.shape[0], 0), np.float32)
     return (x, empty) + _quantized_activations(x, uses_int_dots(w, group))
@@ -143,34 +150,53 @@ def _prepare_input_jit(w, x, group):
                         xp[t, base + half + j] = x[t, base + 2 * j + 1]
                         total += x[t, base + 2 * j] + x[t, base + 2 * j + 1]
                     xs[t, g] = total
-            xq, xd, xqs = _quantized_activations(xp, group == BLOCK)
-            return xp, xs, xq, xd, xqs
+            xq, xd, xqs, xsum = _quantized_activations(xp, group == BLOCK)
+            return xp, xs, xq, xd, xqs, xsum
 
         return prepare_q4
     if w.dtype == types.int8:
 
         def prepare_q8(w, x, group):
-            xq, xd, xqs = _quantized_activations(x, group == BLOCK)
-            return x, np.zeros((x.shape[0], 0), np.float32), xq, xd, xqs
+            xq, xd, xqs, xsum = _quantized_activations(x, group == BLOCK)
+            return x, np.zeros((x.shape[0], 0), np.float32), xq, xd, xqs, xsum
 
         return prepare_q8
 
     def prepare_float(w, x, group):
-        xq, xd, xqs = _quantized_activations(x, False)
-        return x, np.zeros((x.shape[0], 0), np.float32), xq, xd, xqs
+        xq, xd, xqs, xsum = _quantized_activations(x, False)
+        return x, np.zeros((x.shape[0], 0), np.float32), xq, xd, xqs, xsum
 
     return prepare_float
 
 
 # ---- integer row dots (q8/q4/q4a, groups of 32) -------------------------------------
 
-@njit(fastmath=FAST)
 def row_scales(scales, mins, r, ws, wm):
-    """ws[b] = row r's scale of block b as float32 (and wm[b] its min, for q4a)."""
+    """ws[b] = row r's scale of block b as float32 (and wm[b] its min, for q4a) (pure-Python form)."""
     for b in range(ws.shape[0]):
         ws[b] = widen(scales[r, b])
     for b in range(wm.shape[0]):
         wm[b] = widen(mins[r, b])
+
+
+@overload(row_scales)
+def _row_scales_jit(scales, mins, r, ws, wm):
+    if NATIVE_F16:  # decided when this module is imported: the host's instruction set
+
+        def scales_by_fpext(scales, mins, r, ws, wm):
+            widen_f16(scales.ctypes.data + r * scales.strides[0], ws.ctypes.data, ws.shape[0])
+            if wm.shape[0]:
+                widen_f16(mins.ctypes.data + r * mins.strides[0], wm.ctypes.data, wm.shape[0])
+
+        return scales_by_fpext
+
+    def scales_by_integer_ops(scales, mins, r, ws, wm):
+        for b in range(ws.shape[0]):
+            ws[b] = widen(scales[r, b])
+        for b in range(wm.shape[0]):
+            wm[b] = widen(mins[r, b])
+
+    return scales_by_integer_ops
 
 
 def int_row_dot(w, r, ws, wm, prep, t, comb):
@@ -188,28 +214,24 @@ def _int_row_dot_jit(w, r, ws, wm, prep, t, comb):
 
         def dot_q8(w, r, ws, wm, prep, t, comb):
             xq, xd = prep[2], prep[3]
-            for b in range(comb.shape[0]):
-                comb[b] = ws[b] * xd[t, b]
             return dot_i8_blocks(w.ctypes.data + r * w.strides[0], xq.ctypes.data + t * xq.strides[0],
-                                 comb.ctypes.data, comb.shape[0])
+                                 ws.ctypes.data, xd.ctypes.data + t * xd.strides[0], ws.shape[0])
 
         return dot_q8
 
     def dot_q4(w, r, ws, wm, prep, t, comb):
         # value = nibble * s + m (q4: m = -8 s), so per block sum value*x = s d sum(nibble*q) + m d sum(q)
-        xq, xd, xqs = prep[2], prep[3], prep[4]
+        xq, xd, xsum = prep[2], prep[3], prep[5]
         offset = np.float32(0.0)
         if wm.shape[0]:
-            for b in range(comb.shape[0]):
-                comb[b] = ws[b] * xd[t, b]
-                offset += wm[b] * xd[t, b] * np.float32(xqs[t, b])
+            for b in range(wm.shape[0]):
+                offset += wm[b] * xsum[t, b]
         else:
-            for b in range(comb.shape[0]):
-                c = ws[b] * xd[t, b]
-                comb[b] = c
-                offset -= np.float32(8.0) * c * np.float32(xqs[t, b])
-        return dot_u4_blocks(w.ctypes.data + r * w.strides[0], xq.ctypes.data + t * xq.strides[0],
-                             comb.ctypes.data, comb.shape[0]) + offset
+            for b in range(ws.shape[0]):
+                offset += ws[b] * xsum[t, b]
+            offset *= np.float32(-8.0)
+        return dot_u4_blocks(w.ctypes.data + r * w.strides[0], xq.ctypes.data + t * xq.strides[0], ws.ctypes.data,
+                             xd.ctypes.data + t * xd.strides[0], ws.shape[0]) + offset
 
     return dot_q4
 

@@ -28,6 +28,30 @@ BLOCK = 32  # activation block: 32 int8 codes share one float32 scale (ggml's Q8
 _I8, _I16, _I32, _I64, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
 
 
+def _host_features() -> dict:
+    import llvmlite.binding as llvm
+
+    try:
+        return dict(llvm.get_host_cpu_features())
+    except RuntimeError:  # no feature list for this host
+        return {}
+
+
+# AVX512-VNNI's vpdpbusd: 32 unsigned x signed byte products summed into 8 int32 lanes in one
+# instruction (Zen 4, Ice Lake and later). Numba compiles for the host CPU, so the choice is
+# made once, here; elsewhere the generic IR below (int16 products) is the portable fallback.
+_FEATURES = _host_features()
+HAS_VNNI = bool(_FEATURES.get("avx512vnni") and _FEATURES.get("avx512vl"))
+
+
+def _vpdpbusd(builder, u8x32, s8x32):
+    """<8 x i32> sums of four u8 x s8 products each (llvm.x86.avx512.vpdpbusd.256, zero start)."""
+    v8 = _vec(_I32, 8)
+    fn = builder.module.declare_intrinsic("llvm.x86.avx512.vpdpbusd.256", (), ir.FunctionType(v8, [v8, v8, v8]))
+    zero = ir.Constant(v8, [ir.Constant(_I32, 0)] * 8)
+    return builder.call(fn, [zero, builder.bitcast(u8x32, v8), builder.bitcast(s8x32, v8)])
+
+
 def _vec(t, n: int) -> ir.VectorType:
     return ir.VectorType(t, n)
 
@@ -62,10 +86,15 @@ def _sum_to_i32x8(builder, p16):
     return builder.add(lo, hi)
 
 
-def _scaled(builder, isum, scale_addr, b):
-    """float(isum) * scale[b], scale a float32 array at scale_addr."""
-    ptr = builder.inttoptr(builder.add(scale_addr, builder.mul(b, ir.Constant(_I64, 4))), _F32.as_pointer())
-    s = builder.load(ptr, align=4)
+def _f32_at(builder, addr, b):
+    """The float32 at addr + 4b."""
+    ptr = builder.inttoptr(builder.add(addr, builder.mul(b, ir.Constant(_I64, 4))), _F32.as_pointer())
+    return builder.load(ptr, align=4)
+
+
+def _scaled(builder, isum, w_scale_addr, x_scale_addr, b):
+    """float(isum) * w_scale[b] * x_scale[b] (float32 arrays at the two addresses)."""
+    s = builder.fmul(_f32_at(builder, w_scale_addr, b), _f32_at(builder, x_scale_addr, b))
     splat = builder.insert_element(ir.Constant(_vec(_F32, 8), None), s, ir.Constant(_I32, 0))
     splat = _shuffle(builder, splat, ir.Constant(_vec(_F32, 8), None), [0] * 8)
     return builder.fmul(builder.sitofp(isum, _vec(_F32, 8)), splat)
@@ -103,22 +132,30 @@ def _block_loop(builder, n_blocks, body):
 
 
 @intrinsic
-def dot_i8_blocks(typingctx, w_addr, x_addr, scale_addr, n_blocks):
-    """sum_b scale[b] * sum_{j<32} w[32b+j] * x[32b+j]: w and x int8 codes at byte addresses,
-    scale float32[n_blocks] (the weight's block scale times the activation's).
+def dot_i8_blocks(typingctx, w_addr, x_addr, w_scale_addr, x_scale_addr, n_blocks):
+    """sum_b w_scale[b] * x_scale[b] * sum_{j<32} w[32b+j] * x[32b+j]: w and x int8 codes at
+    byte addresses, the scales float32[n_blocks] (the weight row's, the activation's).
 
     Two products sum in int16: |w * x| <= 128 * 127 since activations are never -128."""
-    sig = types.float32(types.intp, types.intp, types.intp, types.intp)
+    sig = types.float32(types.intp, types.intp, types.intp, types.intp, types.intp)
 
     def codegen(context, builder, signature, args):
-        w, x, scales, n = args
+        w, x, w_scales, x_scales, n = args
 
         def body(builder, b):
             off = builder.mul(b, ir.Constant(_I64, BLOCK))
+            if HAS_VNNI:  # w * x = |w| * (x with w's sign), as unsigned x signed bytes
+                wv = _load(builder, w, off, _vec(_I8, 32))
+                xv = _load(builder, x, off, _vec(_I8, 32))
+                zero = ir.Constant(_vec(_I8, 32), [ir.Constant(_I8, 0)] * 32)
+                negative = builder.icmp_signed("<", wv, zero)
+                magnitude = builder.select(negative, builder.sub(zero, wv), wv)
+                signed_x = builder.select(negative, builder.sub(zero, xv), xv)
+                return _scaled(builder, _vpdpbusd(builder, magnitude, signed_x), w_scales, x_scales, b)
             off16 = builder.add(off, ir.Constant(_I64, 16))
             p16 = builder.add(builder.mul(_i16x16(builder, w, off), _i16x16(builder, x, off)),
                               builder.mul(_i16x16(builder, w, off16), _i16x16(builder, x, off16)))
-            return _scaled(builder, _sum_to_i32x8(builder, p16), scales, b)
+            return _scaled(builder, _sum_to_i32x8(builder, p16), w_scales, x_scales, b)
 
         return _block_loop(builder, n, body)
 
@@ -126,24 +163,31 @@ def dot_i8_blocks(typingctx, w_addr, x_addr, scale_addr, n_blocks):
 
 
 @intrinsic
-def dot_u4_blocks(typingctx, w_addr, x_addr, scale_addr, n_blocks):
-    """sum_b scale[b] * sum_{j<16} (lo(w[16b+j]) * x[32b+j] + hi(w[16b+j]) * x[32b+16+j]):
+def dot_u4_blocks(typingctx, w_addr, x_addr, w_scale_addr, x_scale_addr, n_blocks):
+    """sum_b w_scale[b] x_scale[b] sum_{j<16} (lo(w[16b+j]) x[32b+j] + hi(w[16b+j]) x[32b+16+j]):
     16 bytes of nibbles (0..15) per block, the low nibble meeting the block's first 16
     activations and the high nibble its last 16 (ggml's Q4_0/Q4_1 order; flashinfer's q4/q4a
-    meet it with x deinterleaved by prepare_input). 15 * 127 * 2 fits int16."""
-    sig = types.float32(types.intp, types.intp, types.intp, types.intp)
+    meet it with x deinterleaved by prepare_input). The caller adds the mins' (or q4's -8)
+    share, a dot over blocks (blocks.int_row_dot): accumulated here, in a second chain, it made
+    the loop 1.25x slower. 15 * 127 * 2 fits int16."""
+    sig = types.float32(types.intp, types.intp, types.intp, types.intp, types.intp)
 
     def codegen(context, builder, signature, args):
-        w, x, scales, n = args
+        w, x, w_scales, x_scales, n = args
 
         def body(builder, b):
             packed = _load(builder, w, builder.mul(b, ir.Constant(_I64, BLOCK // 2)), _vec(_I8, 16))
+            off = builder.mul(b, ir.Constant(_I64, BLOCK))
+            if HAS_VNNI:  # nibbles are unsigned bytes already
+                codes = _shuffle(builder, builder.and_(packed, _const_vec(_I8, [15] * 16)),
+                                 builder.lshr(packed, _const_vec(_I8, [4] * 16)), range(32))
+                isum = _vpdpbusd(builder, codes, _load(builder, x, off, _vec(_I8, 32)))
+                return _scaled(builder, isum, w_scales, x_scales, b)
             lo = builder.zext(builder.and_(packed, _const_vec(_I8, [15] * 16)), _vec(_I16, 16))
             hi = builder.zext(builder.lshr(packed, _const_vec(_I8, [4] * 16)), _vec(_I16, 16))
-            off = builder.mul(b, ir.Constant(_I64, BLOCK))
             p16 = builder.add(builder.mul(lo, _i16x16(builder, x, off)),
                               builder.mul(hi, _i16x16(builder, x, builder.add(off, ir.Constant(_I64, 16)))))
-            return _scaled(builder, _sum_to_i32x8(builder, p16), scales, b)
+            return _scaled(builder, _sum_to_i32x8(builder, p16), w_scales, x_scales, b)
 
         return _block_loop(builder, n, body)
 
@@ -301,3 +345,51 @@ def _axpy4_intrinsic(nibbles: bool):
 # [4, n_blocks] contiguous; offset float32 [n_blocks] (unused for int8 rows).
 axpy4_i8_blocks = intrinsic(_axpy4_intrinsic(False))
 axpy4_u4_blocks = intrinsic(_axpy4_intrinsic(True))
+
+
+def _has_native_f16() -> bool:
+    """Whether LLVM converts half to float in an instruction here (x86 F16C, any AArch64)
+    rather than a compiler-rt call numba's JIT may not link."""
+    import llvmlite.binding as llvm
+
+    triple = llvm.get_process_triple()
+    if triple.startswith(("aarch64", "arm64")):
+        return True
+    try:
+        return bool(llvm.get_host_cpu_features().get("f16c"))
+    except RuntimeError:  # no feature list for this host
+        return False
+
+
+NATIVE_F16 = _has_native_f16()
+
+
+@intrinsic
+def widen_f16(typingctx, src_addr, dst_addr, n):
+    """dst[i] = float32(src[i]) for i < n: IEEE halves (raw uint16) widened by LLVM's fpext,
+    one vcvtph2ps per 8 on F16C (the integer method of blocks.widen costs ~15 operations an
+    element; a q4a row of 576 weights widens 36 of them per dot). Only where NATIVE_F16."""
+    sig = types.void(types.intp, types.intp, types.intp)
+
+    def codegen(context, builder, signature, args):
+        src, dst, size = args
+        # pointers from one base and a GEP per element: LLVM's loop vectorizer sees consecutive
+        # accesses (with inttoptr per address it left one vcvtph2ps per element)
+        src_ptr = builder.inttoptr(src, ir.HalfType().as_pointer())
+        dst_ptr = builder.inttoptr(dst, _F32.as_pointer())
+        entry = builder.block
+        loop = builder.append_basic_block("widen")
+        done = builder.append_basic_block("widen.done")
+        builder.cbranch(builder.icmp_signed(">", size, ir.Constant(_I64, 0)), loop, done)
+        builder.position_at_end(loop)
+        i = builder.phi(_I64)
+        i.add_incoming(ir.Constant(_I64, 0), entry)
+        value = builder.fpext(builder.load(builder.gep(src_ptr, [i], inbounds=True), align=2), _F32)
+        builder.store(value, builder.gep(dst_ptr, [i], inbounds=True), align=4)
+        nxt = builder.add(i, ir.Constant(_I64, 1), flags=["nuw", "nsw"])
+        i.add_incoming(nxt, builder.block)
+        builder.cbranch(builder.icmp_signed("<", nxt, size), loop, done)
+        builder.position_at_end(done)
+        return context.get_dummy_value()
+
+    return sig, codegen
