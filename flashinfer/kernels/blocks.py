@@ -199,9 +199,9 @@ def _row_scales_jit(scales, mins, r, ws, wm):
     return scales_by_integer_ops
 
 
-def int_row_dot(w, r, ws, wm, prep, t, comb):
+def int_row_dot(w, r, ws, wm, prep, t):
     """sum_k value(w[r, k]) * x[t, k] with x as quantized by prepare_input, ws/wm from
-    row_scales (wm empty unless q4a), comb float32 scratch [K/32] (pure-Python form)."""
+    row_scales (wm empty unless q4a) (pure-Python form)."""
     xq, xd, xqs = prep[2], prep[3], prep[4]
     x_values = (xq[t].astype(np.float32).reshape(-1, BLOCK) * xd[t][:, None]).reshape(-1)
     values = (_row_codes(w, r, wm).reshape(-1, BLOCK) * ws[:, None] + (wm[:, None] if wm.shape[0] else 0)).reshape(-1)
@@ -209,17 +209,17 @@ def int_row_dot(w, r, ws, wm, prep, t, comb):
 
 
 @overload(int_row_dot)
-def _int_row_dot_jit(w, r, ws, wm, prep, t, comb):
+def _int_row_dot_jit(w, r, ws, wm, prep, t):
     if w.dtype == types.int8:
 
-        def dot_q8(w, r, ws, wm, prep, t, comb):
+        def dot_q8(w, r, ws, wm, prep, t):
             xq, xd = prep[2], prep[3]
             return dot_i8_blocks(w.ctypes.data + r * w.strides[0], xq.ctypes.data + t * xq.strides[0],
                                  ws.ctypes.data, xd.ctypes.data + t * xd.strides[0], ws.shape[0])
 
         return dot_q8
 
-    def dot_q4(w, r, ws, wm, prep, t, comb):
+    def dot_q4(w, r, ws, wm, prep, t):
         # value = nibble * s + m (q4: m = -8 s), so per block sum value*x = s d sum(nibble*q) + m d sum(q)
         xq, xd, xsum = prep[2], prep[3], prep[5]
         offset = np.float32(0.0)
@@ -345,7 +345,8 @@ def _flush_axpy4_jit(w, rows, n_queued, coef4, offset, acc, t):
 
 @njit(fastmath=FAST)
 def row_scratch(w, mins, group, n_features):
-    """(ws, wm, comb) float32 scratch for int_row_dot, sized for w's rows (empty when unused)."""
+    """(ws, wm, coef) float32 scratch [K/32]: a row's scales and mins (row_scales, int_row_dot)
+    and its axpy coefficients (int_row_axpy), sized for w's rows (empty when unused)."""
     n = n_features // BLOCK if uses_int_dots(w, group) else 0
     return np.empty(n, np.float32), np.empty(n if mins.shape[1] else 0, np.float32), np.empty(n, np.float32)
 

@@ -70,7 +70,7 @@ def _ffn_rows_int(prep, lo, hi, up, up_s, up_m, gate, gate_s, gate_m, down, down
     the down column added in vector blocks into float32 scratch in prepare_input's order."""
     n_tokens, dim = prep[0].shape[0], prep[0].shape[1]
     gated = gate.shape[0] > 0
-    up_ws, up_wm, comb = row_scratch(up, up_m, group, dim)
+    up_ws, up_wm, coef = row_scratch(up, up_m, group, dim)
     gate_ws, gate_wm, _ = row_scratch(gate, gate_m, group, dim if gated else 0)
     down_ws, down_wm, offset = row_scratch(down, down_m, group, dim)
     offset[:] = 0.0  # queue_axpy sums into it
@@ -94,7 +94,7 @@ def _ffn_rows_int(prep, lo, hi, up, up_s, up_m, gate, gate_s, gate_m, down, down
         for t in range(n_tokens):
             g = np.float32(0.0)
             if gated:
-                g = int_row_dot(gate, r, gate_ws, gate_wm, prep, t, comb)
+                g = int_row_dot(gate, r, gate_ws, gate_wm, prep, t)
                 if gate_b.shape[0]:
                     g += gate_b[r]
                 if act == ACT_RELU and g <= 0.0:
@@ -104,7 +104,7 @@ def _ffn_rows_int(prep, lo, hi, up, up_s, up_m, gate, gate_s, gate_m, down, down
                     prefetch_lines(down.ctypes.data + r * down.strides[0], down.shape[1])
                 row_scales(up_s, up_m, r, up_ws, up_wm)
                 up_ready = True
-            u = int_row_dot(up, r, up_ws, up_wm, prep, t, comb)
+            u = int_row_dot(up, r, up_ws, up_wm, prep, t)
             h = _neuron_output(u, g, r, up_b, EMPTY_BIAS, gated, act)
             if h == 0.0:
                 continue
@@ -112,7 +112,7 @@ def _ffn_rows_int(prep, lo, hi, up, up_s, up_m, gate, gate_s, gate_m, down, down
                 row_scales(down_s, down_m, r, down_ws, down_wm)
                 down_ready = True
             if n_tokens > 1:
-                int_row_axpy(down, r, down_ws, down_wm, h, acc, t, comb, offset)
+                int_row_axpy(down, r, down_ws, down_wm, h, acc, t, coef, offset)
                 continue
             queue_axpy(down, down_ws, down_wm, h, n_queued, coef4, offset)
             queued_rows[n_queued] = r

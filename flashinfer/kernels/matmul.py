@@ -53,14 +53,14 @@ def _matmul_rows(prep, w, scales, mins, group, bias, out, lo, hi):
     xp, xs = prep[0], prep[1]
     n_tokens = xp.shape[0]
     if uses_int_dots(w, group):
-        ws, wm, comb = row_scratch(w, mins, group, xp.shape[1])
+        ws, wm, _ = row_scratch(w, mins, group, xp.shape[1])
         for n in range(lo, hi):
             if n + PREFETCH_AHEAD < hi:  # strided rows (neuron-cache views) are not prefetched by the hardware
                 prefetch_lines(w.ctypes.data + (n + PREFETCH_AHEAD) * w.strides[0], w.shape[1])
             row_scales(scales, mins, n, ws, wm)
             b = bias[n] if bias.shape[0] else np.float32(0.0)
             for t in range(n_tokens):
-                out[t, n] = int_row_dot(w, n, ws, wm, prep, t, comb) + b
+                out[t, n] = int_row_dot(w, n, ws, wm, prep, t) + b
         return
     row = np.empty(xp.shape[1] if unpacks_rows(w, n_tokens, group) else 0, np.float32)
     for n in range(lo, hi):
