@@ -171,12 +171,17 @@ def _prepare_input_jit(w, x, group):
 
 # ---- integer row dots (q8/q4/q4a, groups of 32) -------------------------------------
 
-def row_scales(scales, mins, r, ws, wm):
-    """ws[b] = row r's scale of block b as float32 (and wm[b] its min, for q4a) (pure-Python form)."""
+@njit(fastmath=FAST)
+def _scales_by_integer_ops(scales, mins, r, ws, wm):
     for b in range(ws.shape[0]):
         ws[b] = widen(scales[r, b])
     for b in range(wm.shape[0]):
         wm[b] = widen(mins[r, b])
+
+
+def row_scales(scales, mins, r, ws, wm):
+    """ws[b] = row r's scale of block b as float32 (and wm[b] its min, for q4a) (pure-Python form)."""
+    _scales_by_integer_ops(scales, mins, r, ws, wm)
 
 
 @overload(row_scales)
@@ -189,14 +194,8 @@ def _row_scales_jit(scales, mins, r, ws, wm):
                 widen_f16(mins.ctypes.data + r * mins.strides[0], wm.ctypes.data, wm.shape[0])
 
         return scales_by_fpext
-
-    def scales_by_integer_ops(scales, mins, r, ws, wm):
-        for b in range(ws.shape[0]):
-            ws[b] = widen(scales[r, b])
-        for b in range(wm.shape[0]):
-            wm[b] = widen(mins[r, b])
-
-    return scales_by_integer_ops
+    # blocks.widen's integer method
+    return lambda scales, mins, r, ws, wm: _scales_by_integer_ops(scales, mins, r, ws, wm)
 
 
 def int_row_dot(w, r, ws, wm, prep, t):
@@ -280,18 +279,23 @@ def _int_row_axpy_jit(w, r, ws, wm, h, acc, t, coef, offset):
     return axpy_q4
 
 
-def queue_axpy(w, ws, wm, h, slot, coef4, offset):
-    """Queue h * value(row) for flush_axpy4: coef4[slot] = h * the row's block scales (ws/wm
-    from row_scales), and the row's h * min (q4: -8 h scale) added to offset (nibble rows)."""
+@njit(fastmath=FAST)
+def _queue(ws, wm, h, slot, coef4, offset, nibbles):
     for b in range(ws.shape[0]):
         coef4[slot, b] = h * ws[b]
-    if w.dtype == np.uint8:
+    if nibbles:
         if wm.shape[0]:
             for b in range(ws.shape[0]):
                 offset[b] += h * wm[b]
         else:
             for b in range(ws.shape[0]):
                 offset[b] -= np.float32(8.0) * h * ws[b]
+
+
+def queue_axpy(w, ws, wm, h, slot, coef4, offset):
+    """Queue h * value(row) for flush_axpy4: coef4[slot] = h * the row's block scales (ws/wm
+    from row_scales), and the row's h * min (q4: -8 h scale) added to offset (nibble rows)."""
+    _queue(ws, wm, h, slot, coef4, offset, w.dtype == np.uint8)
 
 
 def flush_axpy4(w, rows, n_queued, coef4, offset, acc, t):
@@ -309,20 +313,8 @@ def flush_axpy4(w, rows, n_queued, coef4, offset, acc, t):
 
 @overload(queue_axpy)
 def _queue_axpy_jit(w, ws, wm, h, slot, coef4, offset):
-    nibbles = w.dtype == types.uint8
-
-    def queue(w, ws, wm, h, slot, coef4, offset):
-        for b in range(ws.shape[0]):
-            coef4[slot, b] = h * ws[b]
-        if nibbles:
-            if wm.shape[0]:
-                for b in range(ws.shape[0]):
-                    offset[b] += h * wm[b]
-            else:
-                for b in range(ws.shape[0]):
-                    offset[b] -= np.float32(8.0) * h * ws[b]
-
-    return queue
+    nibbles = w.dtype == types.uint8  # decided at compile time, per dtype
+    return lambda w, ws, wm, h, slot, coef4, offset: _queue(ws, wm, h, slot, coef4, offset, nibbles)
 
 
 @overload(flush_axpy4)

@@ -201,19 +201,19 @@ def _splat(builder, addr, b):
     return _shuffle(builder, one, ir.Constant(_vec(_F32, 32), None), [0] * 32)
 
 
-def _axpy_loop(builder, n_blocks, body):
-    """for b < n_blocks: body(builder, b), a loop with no result."""
+def _counted_loop(builder, limit, body, step: int = 1, name: str = "loop"):
+    """for i in range(0, limit, step): body(builder, i) — an IR loop with no result."""
     entry = builder.block
-    loop = builder.append_basic_block("axpy")
-    done = builder.append_basic_block("axpy.done")
-    builder.cbranch(builder.icmp_signed(">", n_blocks, ir.Constant(_I64, 0)), loop, done)
+    loop = builder.append_basic_block(name)
+    done = builder.append_basic_block(name + ".done")
+    builder.cbranch(builder.icmp_signed(">", limit, ir.Constant(_I64, 0)), loop, done)
     builder.position_at_end(loop)
-    b = builder.phi(_I64)
-    b.add_incoming(ir.Constant(_I64, 0), entry)
-    body(builder, b)
-    b_next = builder.add(b, ir.Constant(_I64, 1))
-    b.add_incoming(b_next, builder.block)
-    builder.cbranch(builder.icmp_signed("<", b_next, n_blocks), loop, done)
+    i = builder.phi(_I64)
+    i.add_incoming(ir.Constant(_I64, 0), entry)
+    body(builder, i)
+    nxt = builder.add(i, ir.Constant(_I64, step), flags=["nuw", "nsw"])
+    i.add_incoming(nxt, builder.block)
+    builder.cbranch(builder.icmp_signed("<", nxt, limit), loop, done)
     builder.position_at_end(done)
 
 
@@ -239,7 +239,7 @@ def axpy_i8_blocks(typingctx, w_addr, coef_addr, acc_addr, n_blocks):
             values = builder.fmul(builder.sitofp(codes, _vec(_F32, 32)), _splat(builder, coef, b))
             _acc_update(builder, acc, b, values)
 
-        _axpy_loop(builder, n, body)
+        _counted_loop(builder, n, body, name="axpy")
         return context.get_dummy_value()
 
     return sig, codegen
@@ -263,7 +263,7 @@ def axpy_u4_blocks(typingctx, w_addr, coef_addr, offset_addr, acc_addr, n_blocks
             values = builder.fadd(builder.fmul(codes, _splat(builder, coef, b)), _splat(builder, offset, b))
             _acc_update(builder, acc, b, values)
 
-        _axpy_loop(builder, n, body)
+        _counted_loop(builder, n, body, name="axpy")
         return context.get_dummy_value()
 
     return sig, codegen
@@ -281,19 +281,11 @@ def prefetch_lines(typingctx, addr, n_bytes):
         start, size = args
         fn = builder.module.declare_intrinsic("llvm.prefetch", (), ir.FunctionType(
             ir.VoidType(), [ir.PointerType(_I8), _I32, _I32, _I32]))
-        entry = builder.block
-        loop = builder.append_basic_block("prefetch")
-        done = builder.append_basic_block("prefetch.done")
-        builder.cbranch(builder.icmp_signed(">", size, ir.Constant(_I64, 0)), loop, done)
-        builder.position_at_end(loop)
-        off = builder.phi(_I64)
-        off.add_incoming(ir.Constant(_I64, 0), entry)
-        ptr = builder.inttoptr(builder.add(start, off), ir.PointerType(_I8))
-        builder.call(fn, [ptr, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
-        nxt = builder.add(off, ir.Constant(_I64, 64))
-        off.add_incoming(nxt, builder.block)
-        builder.cbranch(builder.icmp_signed("<", nxt, size), loop, done)
-        builder.position_at_end(done)
+        def body(builder, off):
+            ptr = builder.inttoptr(builder.add(start, off), ir.PointerType(_I8))
+            builder.call(fn, [ptr, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+
+        _counted_loop(builder, size, body, step=64, name="prefetch")
         return context.get_dummy_value()
 
     return sig, codegen
@@ -325,7 +317,7 @@ def _axpy4(nibbles: bool):
                 total = builder.fadd(total, _splat(builder, offset, b))
             builder.store(total, ptr, align=4)
 
-        _axpy_loop(builder, n, body)
+        _counted_loop(builder, n, body, name="axpy")
         return context.get_dummy_value()
 
     return codegen
@@ -377,19 +369,11 @@ def widen_f16(typingctx, src_addr, dst_addr, n):
         # accesses (with inttoptr per address it left one vcvtph2ps per element)
         src_ptr = builder.inttoptr(src, ir.HalfType().as_pointer())
         dst_ptr = builder.inttoptr(dst, _F32.as_pointer())
-        entry = builder.block
-        loop = builder.append_basic_block("widen")
-        done = builder.append_basic_block("widen.done")
-        builder.cbranch(builder.icmp_signed(">", size, ir.Constant(_I64, 0)), loop, done)
-        builder.position_at_end(loop)
-        i = builder.phi(_I64)
-        i.add_incoming(ir.Constant(_I64, 0), entry)
-        value = builder.fpext(builder.load(builder.gep(src_ptr, [i], inbounds=True), align=2), _F32)
-        builder.store(value, builder.gep(dst_ptr, [i], inbounds=True), align=4)
-        nxt = builder.add(i, ir.Constant(_I64, 1), flags=["nuw", "nsw"])
-        i.add_incoming(nxt, builder.block)
-        builder.cbranch(builder.icmp_signed("<", nxt, size), loop, done)
-        builder.position_at_end(done)
+        def body(builder, i):
+            value = builder.fpext(builder.load(builder.gep(src_ptr, [i], inbounds=True), align=2), _F32)
+            builder.store(value, builder.gep(dst_ptr, [i], inbounds=True), align=4)
+
+        _counted_loop(builder, size, body, name="widen")
         return context.get_dummy_value()
 
     return sig, codegen
