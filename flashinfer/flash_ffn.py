@@ -108,6 +108,9 @@ class FlashFFN:
         self.resident_bundles: dict[int, np.ndarray] = {}
         streamed = [layer.n_neurons * layer.bundle_bytes for i, layer in enumerate(self.layers) if i not in self.resident]
         self.buffer = np.empty(max(streamed, default=0), np.uint8)  # one streamed layer's bundles at a time
+        # layer -> the component views of its bundles (resident: its own array; streamed: the
+        # buffer), made once: building them per token cost 1.3 ms of a 22 ms SmolLM2 token
+        self._views: dict[int, BundleViews] = {}
         self.partial = PartialSums(args.dim)
         self.tracer = None  # flashinfer.profile.Tracer while a traced generation runs
 
@@ -119,33 +122,35 @@ class FlashFFN:
     def layer_bytes(spec) -> int:
         return spec.n_neurons * spec.bundle_bytes
 
-    def _bundles(self, layer: int, counter) -> tuple[np.ndarray, bool]:
-        """(the layer's bundles, whether they were read from flash now)."""
+    def _bundles(self, layer: int, counter) -> tuple[BundleViews, bool]:
+        """(the views of the layer's bundles, whether they were read from flash now)."""
         spec = self.layers[layer]
-        kept = self.resident_bundles.get(layer)
-        if kept is not None:
-            return kept, False
+        if layer in self.resident_bundles:
+            return self._views[layer], False
         if layer in self.resident:
             bundles = np.empty((spec.n_neurons, spec.bundle_bytes), np.uint8)
+            self._views[layer] = bundle_views(bundles, spec)
         else:
             bundles = self.buffer[: spec.n_neurons * spec.bundle_bytes].reshape(spec.n_neurons, spec.bundle_bytes)
+            if layer not in self._views:
+                self._views[layer] = bundle_views(bundles, spec)
         self.reader.read_bundles(layer, self.all_ids[layer], out=bundles, counter=counter)
         if layer in self.resident:
             self.resident_bundles[layer] = bundles
-        return bundles, True
+        return self._views[layer], True
 
     def forward(self, layer: int, x: np.ndarray, out: np.ndarray) -> None:
         spec = self.layers[layer]
         tr = self.tracer
         if tr is None:
-            bundles, _ = self._bundles(layer, None)
-            ffn_over_bundles(x, spec.n_neurons, bundle_views(bundles, spec), self.act, out, self.partial)
+            views, _ = self._bundles(layer, None)
+            ffn_over_bundles(x, spec.n_neurons, views, self.act, out, self.partial)
             return
         counter = ReadStats()
         t0 = tr.now()
-        bundles, was_read = self._bundles(layer, counter)
+        views, was_read = self._bundles(layer, counter)
         t1 = tr.now()
-        ffn_over_bundles(x, spec.n_neurons, bundle_views(bundles, spec), self.act, out, self.partial)
+        ffn_over_bundles(x, spec.n_neurons, views, self.act, out, self.partial)
         t2 = tr.now()
         loaded = spec.n_neurons if was_read else 0
         if was_read:
