@@ -197,7 +197,7 @@ def _write_store(src, args: ModelArgs, hf_config: dict, out_dir: str | Path, tok
         for i in range(args.n_layers):
             schemes = ffn_schemes(src, stored, args, i, quant)
             writer.add_ffn_layer(i, args.ffn_dim, args.dim, schemes, group_size,
-                                 _neuron_blocks(src, stored, args, i, schemes))
+                                 _neuron_blocks(src, stored, args, i, schemes, group_size))
             for canonical, name in stored.items():
                 if canonical.startswith(f"layers.{i}.ffn."):
                     src.release(name)
@@ -245,14 +245,16 @@ def _in_bundles(canonical: str) -> bool:
     return ".ffn." in canonical and not canonical.endswith("w_down.bias")
 
 
-def _neuron_blocks(src, stored: dict[str, str], args: ModelArgs, layer: int, schemes: dict[str, str]):
+def _neuron_blocks(src, stored: dict[str, str], args: ModelArgs, layer: int, schemes: dict[str, str],
+                   group_size: int):
     """neuron_block(start, stop) for StoreWriter.add_ffn_layer: rows of up/gate (the source's
-    own blocks where they are kept), columns of down."""
+    own blocks where they are kept: its scheme, and groups of 32 as a GGUF's blocks), columns of down."""
     p = f"layers.{layer}.ffn."
 
     def rows_of(component: str, rows: slice):
         name = stored[p + f"w_{component}.weight"]
-        if _kept_scheme(src, name) == schemes[component]:
+        kept = _kept_scheme(src, name)
+        if kept == schemes[component] and (kept in ("f32", "f16") or group_size == 32):
             return src.rows_quantized(name, rows)
         return src.rows_f32(name, rows=rows)
 

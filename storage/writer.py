@@ -146,7 +146,9 @@ class StoreWriter:
             digest.update(part)
             self._write(f, part, name)
 
-        as_is = getattr(tensor, "kept_scheme", None) == scheme  # the source's own blocks, not re-rounded
+        # the source's own blocks, not re-rounded (a GGUF's blocks are 32 weights: a store of
+        # another group size re-quantizes them)
+        as_is = getattr(tensor, "kept_scheme", None) == scheme and (scheme in ("f32", "f16") or group_size == 32)
         if len(shape) == 1:
             emit(np.asarray(tensor[0 : shape[0]], dtype=np.float32))
         else:

@@ -413,3 +413,18 @@ def test_a_store_from_a_block_quantized_gguf_keeps_its_blocks_exactly(tmp_path, 
                 if hf in ckpt.tensors:
                     got = reader.resident_tensor(name)
                     np.testing.assert_array_equal(quant.dequantize(got), ckpt.rows_f32(hf), err_msg=name)
+
+
+def test_a_gguf_converted_to_groups_of_64_is_re_quantized_not_mislabelled(tmp_path):
+    # a GGUF's blocks are 32 weights: --group-size 64 cannot keep them, the store re-quantizes
+    report = synth.synthesize("tiny", tmp_path / "hf", gguf_path=tmp_path / "m.gguf", gguf_type="q4_0",
+                              gguf_resident_type="q8_0")
+    store = convert_checkpoint(report.gguf_path, tmp_path / "store", group_size=64, tokenizer_dir=report.out_dir)
+    with GGUFCheckpoint.open(report.gguf_path) as ckpt, StoreReader(store) as reader:
+        wq = reader.resident_tensor("layers.0.attn.wq.weight")
+        assert wq.scheme == "q8" and wq.group_size == 64
+        want = ckpt.rows_f32("model.layers.0.self_attn.q_proj.weight")
+        got = quant.dequantize(wq)
+        assert np.abs(got - want).max() <= 0.5 * np.abs(want).max() / 127 * 1.01  # one q8 rounding of 64
+        spec = reader.manifest.ffn_layers[0]
+        assert spec.component("up").group_size == 64
