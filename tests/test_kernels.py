@@ -134,7 +134,9 @@ def test_ffn_rows(scheme, gated, act, biases, slices, n_tokens):
     else:
         K.ffn_rows(*operands, out)
     deq = lambda w: quant.dequantize(quant.quantize(w, scheme, 32))[:n_rows]  # noqa: E731
-    xs = seen_input(x, scheme)
+    # a chunk of a SiLU FFN over nibble rows unpacks them to float32 (ffn.unpacks_dense_nibbles)
+    dense_nibbles = scheme in ("q4", "q4a") and act == K.ACT_SILU and n_tokens >= K.ROW_REUSE_MIN_TOKENS
+    xs = x if dense_nibbles else seen_input(x, scheme)
     u = ref.matmul(xs, deq(w_up), b_up[:n_rows] if biases else np.zeros(0, np.float32))
     if gated:
         h = ref.gated_act(ref.matmul(xs, deq(w_gate), np.zeros(0, np.float32)), u, act)
@@ -268,3 +270,30 @@ def test_integer_dot_intrinsics_portable_and_vnni_agree(monkeypatch, vnni):
     expect8 = (w8.astype(np.int64).reshape(8, 32) * x.reshape(8, 32)).sum(1) @ (ws * xd).astype(np.float64)
     expect4 = (nibbles.astype(np.int64).reshape(8, 32) * x.reshape(8, 32)).sum(1) @ (ws * xd).astype(np.float64)
     assert q8 == pytest.approx(expect8, rel=1e-5) and q4 == pytest.approx(expect4, rel=1e-5)
+
+
+@pytest.mark.parametrize("act", [K.ACT_SILU, K.ACT_RELU])
+@pytest.mark.parametrize("n_tokens", [1, 6])
+def test_ffn_rows_over_mixed_bundles(act, n_tokens):
+    # a GGUF's kept 4-bit up/gate rows next to a q8 down column (convert --quant auto): the
+    # down column is summed in its own element order, whichever path the chunk takes
+    from flashinfer.flash_ffn import bundle_views
+    from storage import format as fmt
+    from storage.writer import bundle_layout, pack_bundles
+
+    dim, n_rows = 64, 20
+    weights = {name: randn(n_rows, dim) for name in ("up", "gate", "down")}
+    components, bundle_bytes = bundle_layout(weights, dim, {"up": "q4a", "gate": "q4a", "down": "q8"}, 32)
+    layer = fmt.FFNLayer(file="", n_neurons=n_rows, bundle_bytes=bundle_bytes, components=tuple(components),
+                         bundles_per_chunk=1, compression="none", chunks=(), file_bytes=0)
+    v = bundle_views(pack_bundles(weights, components, bundle_bytes), layer)
+    x = randn(n_tokens, dim)
+    out = np.empty((n_tokens, dim), np.float32)
+    K.ffn_rows(x, n_rows, v.up.data, v.up.scales, v.up.mins, v.gate.data, v.gate.scales, v.gate.mins, v.down.data,
+               v.down.scales, v.down.mins, v.up_bias, v.gate_bias, 32, act, out)
+    deq = {name: quant.dequantize(quant.quantize(w, s, 32)) for (name, w), s in zip(weights.items(), ("q4a", "q4a", "q8"))}
+    xs = x if (act == K.ACT_SILU and n_tokens >= K.ROW_REUSE_MIN_TOKENS) else seen_input(x, "q4a")
+    none = np.zeros(0, np.float32)
+    h = ref.gated_act(ref.matmul(xs, deq["gate"], none), ref.matmul(xs, deq["up"], none), act)
+    expected = h @ deq["down"]
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())

@@ -10,12 +10,13 @@ one dot, not two, and no down-projection work.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
 from .blocks import (FAST, add_unprepared, int_row_axpy, int_row_dot, prepare_input, row_axpy, row_dot, row_scales,
                      row_scratch, row_values, uses_int_dots, queue_axpy, flush_axpy4)
 from .simd import prefetch_lines
-from .matmul import _dot, unpacks_rows
+from .matmul import ROW_REUSE_MIN_TOKENS, _dot, unpacks_rows
 
 ACT_SILU = 0
 ACT_RELU = 1
@@ -32,6 +33,21 @@ def _activate(v, act):
     return max(v, np.float32(0.0))
 
 
+def unpacks_dense_nibbles(up, n_tokens, act):
+    """Whether a chunk of tokens over q4/q4a bundles of a SiLU FFN (every neuron active for
+    every token) unpacks each row to float32 once, instead of integer dots per token: for 64
+    tokens of SmolLM2's layer (576 x 1536) 13.0 ms against 24.6 (the nibbles are unpacked once,
+    not 64 times); with ReLU, which skips most rows, the integer dots win (a 1b layer at 15%
+    active: 61 ms against 100). Pure-Python form."""
+    return up.dtype == np.uint8 and act == ACT_SILU and n_tokens >= ROW_REUSE_MIN_TOKENS
+
+
+@overload(unpacks_dense_nibbles)
+def _unpacks_dense_nibbles_jit(up, n_tokens, act):
+    nibbles = up.dtype == types.uint8  # decided at compile time, per dtype
+    return lambda up, n_tokens, act: nibbles and act == ACT_SILU and n_tokens >= ROW_REUSE_MIN_TOKENS
+
+
 @njit(cache=True, nogil=True, fastmath=FAST)
 def _ffn_row_range(x, lo, hi, up, up_s, up_m, gate, gate_s, gate_m, down, down_s, down_m, up_b, gate_b,
                    group, act, out):
@@ -39,7 +55,7 @@ def _ffn_row_range(x, lo, hi, up, up_s, up_m, gate, gate_s, gate_m, down, down_s
     # up and gate share a scheme (the store quantizes a bundle as one), so one layout of x serves both
     prep = prepare_input(up, x, group)
     n_tokens = x.shape[0]
-    if unpacks_rows(up, n_tokens, group):
+    if unpacks_rows(up, n_tokens, group) or unpacks_dense_nibbles(up, n_tokens, act):
         _ffn_rows_unpacked(prep[0], lo, hi, up, up_s, up_m, gate, gate_s, gate_m, down, down_s, down_m, up_b,
                            gate_b, group, act, out)
         return
@@ -151,7 +167,7 @@ def _ffn_rows_unpacked(xp, lo, hi, up, up_s, up_m, gate, gate_s, gate_m, down, d
                     down_ready = True
                 for k in range(dim):
                     acc[t, k] += h * down_v[k]
-    add_unprepared(up, acc, group, out)
+    add_unprepared(down, acc, group, out)  # down's order: a bundle may pair q4 up/gate with a q8 down
 
 
 @njit(fastmath=FAST)
