@@ -525,7 +525,8 @@ class Engine:
             "decode_tok_s": timings.rates(usage)[1], "peak_rss_bytes": peak_rss_bytes(),
             "cap_bytes": None if plan is None else plan.cap_bytes,
             "plan": None if plan is None else plan.table(),
-            "resident_ffn_layers": sorted(getattr(ffn, "resident", ())) if ffn is not None else None,
+            # the dense path's resident layers (FlashFFN); a sparse run's caches are in the layer rows
+            "resident_ffn_layers": sorted(ffn.resident) if hasattr(ffn, "resident") else None,
         })
         return trace
 

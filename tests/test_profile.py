@@ -110,6 +110,7 @@ def test_files_jsonl_chrome_and_png(store, tmp_path, capsys):
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "hit rate" in out and "latency per decode token" in out and "within the" in out and "JIT/compile" in out
+    assert "dense FFN" not in out  # a sparse run's residency is its cache rows, not the dense path's layers
 
     lines = [json.loads(line) for line in paths["trace"].read_text().splitlines()]
     assert lines[0]["type"] == "run" and lines[-1]["type"] == "summary"
