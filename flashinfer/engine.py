@@ -230,7 +230,7 @@ class Engine:
             elif plan is not None:
                 resident = plan.resident_layers
             else:  # no cap: keep what the machine has room for (flashinfer/memory.py)
-                resident = resident_layers_within([FlashFFN.layer_bytes(spec) for spec in layers], free_memory_budget())
+                resident = resident_layers_within(layers, free_memory_budget())
             return FlashFFN(reader, args, frozenset(resident)), plan
         return SparseFFN(reader, args, predictor_obj, capacities, window, prefetch=prefetch), plan
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from flashinfer import kernels as K
 from flashinfer.config import ModelArgs
+from flashinfer.memory import ffn_layer_bytes
 from flashinfer.weights import EMPTY, NO_SCALES, Matrix
 from storage.format import BundleComponent, FFNLayer
 from storage.reader import ReadStats
@@ -106,7 +107,7 @@ class FlashFFN:
         self.resident = frozenset(resident)
         # layer -> its bundles once read (resident layers only); filled by the first forward
         self.resident_bundles: dict[int, np.ndarray] = {}
-        streamed = [layer.n_neurons * layer.bundle_bytes for i, layer in enumerate(self.layers) if i not in self.resident]
+        streamed = [ffn_layer_bytes(layer) for i, layer in enumerate(self.layers) if i not in self.resident]
         self.buffer = np.empty(max(streamed, default=0), np.uint8)  # one streamed layer's bundles at a time
         # layer -> the component views of its bundles (resident: its own array; streamed: the
         # buffer), made once: building them per token cost 1.3 ms of a 22 ms SmolLM2 token
@@ -117,10 +118,6 @@ class FlashFFN:
     @property
     def nbytes(self) -> int:
         return self.buffer.nbytes + sum(b.nbytes for b in self.resident_bundles.values())
-
-    @staticmethod
-    def layer_bytes(spec) -> int:
-        return spec.n_neurons * spec.bundle_bytes
 
     def _bundles(self, layer: int, counter) -> tuple[BundleViews, bool]:
         """(the views of the layer's bundles, whether they were read from flash now)."""

@@ -108,7 +108,7 @@ def plan_memory(cap_bytes: int, args: ModelArgs, manifest, ctx: int, *, sparse: 
     layers = manifest.ffn_layers
     # the dense path streams each layer through one layer-sized buffer; the sparse path reads
     # straight into the neuron caches' free rows (NeuronCache.free_rows), so it needs none
-    layer_buffer = 0 if sparse else max(spec.n_neurons * spec.bundle_bytes for spec in layers)
+    layer_buffer = 0 if sparse else max(ffn_layer_bytes(spec) for spec in layers)
     plan = MemoryPlan(cap_bytes=cap_bytes, runtime_bytes=runtime, resident_bytes=resident_in_dram_bytes(manifest, ctx),
                       kv_bytes=kv_cache_bytes(args, ctx), scratch_bytes=scratch_bytes,
                       io_bytes=io_buffer_bytes + layer_buffer, predictor_bytes=predictor_bytes)
@@ -117,14 +117,14 @@ def plan_memory(cap_bytes: int, args: ModelArgs, manifest, ctx: int, *, sparse: 
     if not sparse:
         if left < 0:
             raise BudgetError(_refusal(plan, args, ctx, -left))
-        ffn_bytes = [spec.n_neurons * spec.bundle_bytes for spec in layers]
+        ffn_bytes = [ffn_layer_bytes(spec) for spec in layers]
         if stream_ffn:
             return plan
         if sum(ffn_bytes) <= left + layer_buffer:  # everything resident: no streaming buffer at all
             plan.io_bytes -= layer_buffer
             plan.resident_layers = list(range(len(layers)))
         else:
-            plan.resident_layers = resident_layers_within(ffn_bytes, left)
+            plan.resident_layers = resident_layers_within(layers, left)
         plan.ffn_resident_bytes = sum(ffn_bytes[i] for i in plan.resident_layers)
         return plan
     per_row = [spec.bundle_bytes + 4 for spec in layers]  # + row_to_id
@@ -147,10 +147,15 @@ def plan_memory(cap_bytes: int, args: ModelArgs, manifest, ctx: int, *, sparse: 
     return plan
 
 
-def resident_layers_within(layer_bytes: list[int], budget_bytes: int) -> list[int]:
-    """The FFN layers (from the first) whose bundles fit together in budget_bytes."""
+def ffn_layer_bytes(spec) -> int:
+    """The bundles of one FFN layer (a manifest FFNLayer): what it takes resident or streamed."""
+    return spec.n_neurons * spec.bundle_bytes
+
+
+def resident_layers_within(layers, budget_bytes: int) -> list[int]:
+    """The FFN layers (manifest FFNLayers, from the first) whose bundles fit together in budget_bytes."""
     chosen, used = [], 0
-    for i, n in enumerate(layer_bytes):
+    for i, n in enumerate(ffn_layer_bytes(spec) for spec in layers):
         if used + n > budget_bytes:
             break
         chosen.append(i)

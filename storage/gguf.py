@@ -336,16 +336,11 @@ class GGUFCheckpoint:
             rows, cols = None, rows if cols is None else cols
         else:
             n_rows, n_cols = t.shape
-        row_bytes = n_cols // t.block_size * t.block_bytes
-        data = np.frombuffer(self._mmap, np.uint8, n_rows * row_bytes, t.offset).reshape(n_rows, row_bytes)
         r0, r1, _ = (rows or slice(None)).indices(n_rows)
         c0, c1, _ = (cols or slice(None)).indices(n_cols)
         if r1 <= r0 or c1 <= c0:
             return np.zeros((max(r1 - r0, 0), max(c1 - c0, 0)) if len(t.shape) == 2 else max(c1 - c0, 0), np.float32)
-        if t.name.endswith(PERMUTED):
-            picked = data[gguf_row_of_hf_row(np.arange(r0, r1), self.head_dim)]
-        else:
-            picked = data[r0:r1]
+        data, picked = self._file_rows(t, n_rows, n_cols, r0, r1)
         b0, b1 = c0 // t.block_size, -(-c1 // t.block_size)  # whole blocks around the columns
         blocks = np.ascontiguousarray(picked[:, b0 * t.block_bytes : b1 * t.block_bytes])
         values = _dequantize(blocks, t.type_name)
@@ -370,10 +365,8 @@ class GGUFCheckpoint:
         if scheme is None or len(t.shape) != 2:
             raise CheckpointError(f"{self.path}: tensor {t.name!r} ({t.type_name}) has no exact store scheme")
         n_rows, n_cols = t.shape
-        row_bytes = n_cols // t.block_size * t.block_bytes
-        data = np.frombuffer(self._mmap, np.uint8, n_rows * row_bytes, t.offset).reshape(n_rows, row_bytes)
         r0, r1, _ = (rows or slice(None)).indices(n_rows)
-        picked = data[gguf_row_of_hf_row(np.arange(r0, r1), self.head_dim)] if t.name.endswith(PERMUTED) else data[r0:r1]
+        _, picked = self._file_rows(t, n_rows, n_cols, r0, r1)
         n = max(r1 - r0, 0)
         if scheme in ("f32", "f16"):
             values = np.ascontiguousarray(picked).view("<f4" if scheme == "f32" else "<f2").reshape(n, n_cols)
@@ -386,8 +379,16 @@ class GGUFCheckpoint:
         mins = blocks[:, :, 2:4].copy().view("<f2")[:, :, 0] if scheme == "q4a" else None
         packed = blocks[:, :, 4 if scheme == "q4a" else 2:]  # [n, groups, 16]
         values = np.concatenate([packed & 0x0F, packed >> 4], axis=2)  # elements 0..15, then 16..31
-        values = values.reshape(n, n_cols)
-        return quant.QuantizedTensor(scheme, 32, (n, n_cols), values[:, 0::2] | (values[:, 1::2] << 4), scales, mins)
+        return quant.QuantizedTensor(scheme, 32, (n, n_cols), quant.pack_nibbles(values.reshape(n, n_cols)), scales, mins)
+
+    def _file_rows(self, t, n_rows: int, n_cols: int, r0: int, r1: int) -> tuple[np.ndarray, np.ndarray]:
+        """(the tensor's bytes in the mapping [n_rows, row bytes], its rows r0..r1-1 in HF order:
+        q/k rows un-permuted, the others a view)."""
+        row_bytes = n_cols // t.block_size * t.block_bytes
+        data = np.frombuffer(self._mmap, np.uint8, n_rows * row_bytes, t.offset).reshape(n_rows, row_bytes)
+        if t.name.endswith(PERMUTED):
+            return data, data[gguf_row_of_hf_row(np.arange(r0, r1), self.head_dim)]
+        return data, data[r0:r1]
 
     def release(self, name: str) -> None:
         """Drop a tensor's pages from RSS and the page cache (see storage/safetensors.py)."""

@@ -194,7 +194,7 @@ def _divide_or_zero(numerator: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return np.divide(numerator, scale, out=np.zeros_like(numerator), where=scale > 0)
 
 
-def _pack_nibbles(values: np.ndarray) -> np.ndarray:
+def pack_nibbles(values: np.ndarray) -> np.ndarray:
     """[rows, K] of 0..15 -> [rows, K//2] uint8, element 2j low nibble, 2j+1 high nibble."""
     values = values.astype(np.uint8)
     return values[:, 0::2] | (values[:, 1::2] << 4)
@@ -227,7 +227,7 @@ def quantize(w: np.ndarray, scheme: str, group_size: int = DEFAULT_GROUP_SIZE) -
         scales16 = _to_f16(span / Q4A_LEVELS, "scales", scheme, shape)
         shifted = groups - group_min[..., None]
         q = np.clip(np.rint(_divide_or_zero(shifted, scales16.astype(np.float32))), 0, 15)
-        return QuantizedTensor(scheme, group_size, shape, _pack_nibbles(q.reshape(shape)), scales16, mins16)
+        return QuantizedTensor(scheme, group_size, shape, pack_nibbles(q.reshape(shape)), scales16, mins16)
 
     q_max = Q8_MAX if scheme == "q8" else Q4_MAX
     scales16 = _to_f16(np.abs(groups).max(axis=2) / q_max, "scales", scheme, shape)
@@ -235,7 +235,7 @@ def quantize(w: np.ndarray, scheme: str, group_size: int = DEFAULT_GROUP_SIZE) -
     if scheme == "q8":
         return QuantizedTensor(scheme, group_size, shape, np.clip(q, -127, 127).astype(np.int8), scales16, None)
     nibbles = np.clip(q, -8, 7) + Q4_OFFSET
-    return QuantizedTensor(scheme, group_size, shape, _pack_nibbles(nibbles), scales16, None)
+    return QuantizedTensor(scheme, group_size, shape, pack_nibbles(nibbles), scales16, None)
 
 
 def dequantize(qt: QuantizedTensor) -> np.ndarray:
