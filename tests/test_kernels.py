@@ -272,6 +272,53 @@ def test_integer_dot_intrinsics_portable_and_vnni_agree(monkeypatch, vnni):
     assert q8 == pytest.approx(expect8, rel=1e-5) and q4 == pytest.approx(expect4, rel=1e-5)
 
 
+@pytest.mark.parametrize("vnni", [False, True])
+@pytest.mark.parametrize("scheme", ["q8", "q4", "q4a"])
+def test_four_row_dots_portable_vnni_and_fallback_agree(monkeypatch, vnni, scheme):
+    # simd.dot4_*_blocks (four rows per pass, scales widened in the loop) against four separate
+    # one-row dots (blocks._rows_one_by_one, the path of hosts without native halves), on rows
+    # at an odd address and stride (neuron-cache views), with q8's -128
+    from numba import njit
+
+    from flashinfer.kernels import blocks, simd
+
+    if vnni and not simd.HAS_VNNI:
+        pytest.skip("this CPU has no AVX512-VNNI")
+    if not simd.NATIVE_F16:
+        pytest.skip("the four-row intrinsics need native halves (F16C)")
+    monkeypatch.setattr(simd, "HAS_VNNI", vnni)  # read when the intrinsics generate code
+    dot4 = {"q8": simd.dot4_q8_blocks, "q4": simd.dot4_q4_blocks, "q4a": simd.dot4_q4a_blocks}[scheme]
+    aux = 4 if scheme == "q8" else 5
+
+    @njit  # not cached: compiled here, under the patched flag
+    def four(w, s, m, prep):
+        xq, xd, xaux = prep[2], prep[3], prep[aux]
+        m_addr = m.ctypes.data if m.shape[0] else 0
+        m_stride = m.strides[0] if m.shape[0] else 0
+        return dot4(w.ctypes.data, w.strides[0], s.ctypes.data, s.strides[0], m_addr, m_stride, xq.ctypes.data,
+                    xd.ctypes.data, xaux.ctypes.data, xd.shape[1])
+
+    @njit
+    def prepared(w, x):
+        return blocks.prepare_input(w, x, 32)
+
+    @njit
+    def one_by_one(w, s, m, prep):
+        return blocks._rows_one_by_one(w, 0, s, m, prep, 0)
+
+    m = kernel_matrix(randn(4, 320), scheme)
+    data = m.data.copy()
+    if scheme == "q8":
+        data[0, :7] = -128
+    padded = np.zeros((4, data.shape[1] + 5), data.dtype)
+    padded[:, 3:-2] = data
+    w = padded[:, 3:-2]
+    x = randn(1, 320) * np.repeat(np.logspace(-2, 1, 10, dtype=np.float32), 32)
+    prep = prepared(w, x)
+    got = np.array(four(w, m.scales, m.mins, prep))
+    np.testing.assert_allclose(got, np.array(one_by_one(w, m.scales, m.mins, prep)), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("act", [K.ACT_SILU, K.ACT_RELU])
 @pytest.mark.parametrize("n_tokens", [1, 6])
 def test_ffn_rows_over_mixed_bundles(act, n_tokens):
@@ -281,7 +328,7 @@ def test_ffn_rows_over_mixed_bundles(act, n_tokens):
     from storage import format as fmt
     from storage.writer import bundle_layout, pack_bundles
 
-    dim, n_rows = 64, 20
+    dim, n_rows = 64, 22  # five passes of four neurons in decode, and two left over
     weights = {name: randn(n_rows, dim) for name in ("up", "gate", "down")}
     components, bundle_bytes = bundle_layout(weights, dim, {"up": "q4a", "gate": "q4a", "down": "q8"}, 32)
     layer = fmt.FFNLayer(file="", n_neurons=n_rows, bundle_bytes=bundle_bytes, components=tuple(components),

@@ -18,7 +18,8 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
-from .simd import BLOCK, NATIVE_F16, axpy4_i8_blocks, axpy4_u4_blocks, axpy_i8_blocks, axpy_u4_blocks, dot_i8_blocks, dot_u4_blocks, widen_f16
+from .simd import (BLOCK, NATIVE_F16, axpy4_i8_blocks, axpy4_u4_blocks, axpy_i8_blocks, axpy_u4_blocks, dot4_q4_blocks,
+                   dot4_q4a_blocks, dot4_q8_blocks, dot_i8_blocks, dot_u4_blocks, widen_f16)
 
 # fastmath without 'nnan'/'ninf': reassociation lets LLVM vectorise the reductions, and
 # no kernel relies on IEEE specials (attention never builds -inf masks).
@@ -233,6 +234,53 @@ def _int_row_dot_jit(w, r, ws, wm, prep, t):
                              xd.ctypes.data + t * xd.strides[0], ws.shape[0]) + offset
 
     return dot_q4
+
+
+ROWS_PER_PASS = 4  # int_rows_dot4
+
+
+def int_rows_dot4(w, r, scales, mins, prep, t):
+    """(int_row_dot of row r + i for i < 4) against token t, as a tuple: one pass over the
+    token's activation blocks for four rows (simd.dot4_*_blocks) where the host widens halves
+    natively, else four int_row_dot (pure-Python form)."""
+    return _rows_one_by_one(w, r, scales, mins, prep, t)
+
+
+@njit(fastmath=FAST)
+def _rows_one_by_one(w, r, scales, mins, prep, t):
+    ws, wm, _ = row_scratch(w, mins, BLOCK, prep[0].shape[1])
+    row_scales(scales, mins, r, ws, wm)
+    d0 = int_row_dot(w, r, ws, wm, prep, t)
+    row_scales(scales, mins, r + 1, ws, wm)
+    d1 = int_row_dot(w, r + 1, ws, wm, prep, t)
+    row_scales(scales, mins, r + 2, ws, wm)
+    d2 = int_row_dot(w, r + 2, ws, wm, prep, t)
+    row_scales(scales, mins, r + 3, ws, wm)
+    return d0, d1, d2, int_row_dot(w, r + 3, ws, wm, prep, t)
+
+
+@overload(int_rows_dot4)
+def _int_rows_dot4_jit(w, r, scales, mins, prep, t):
+    if not NATIVE_F16:
+        return lambda w, r, scales, mins, prep, t: _rows_one_by_one(w, r, scales, mins, prep, t)
+    # q8 reads the activations' int32 code sums (prep[4]), q4/q4a their dequantized block sums (prep[5])
+    dot4, aux = (dot4_q8_blocks, 4) if w.dtype == types.int8 else (dot4_q4a_blocks, 5)
+    has_mins = w.dtype == types.uint8  # q4a; q4 (no mins) is told apart at run time
+
+    def rows4(w, r, scales, mins, prep, t):
+        xq, xd, xaux = prep[2], prep[3], prep[aux]
+        x_addr, xd_addr, xaux_addr = (xq.ctypes.data + t * xq.strides[0], xd.ctypes.data + t * xd.strides[0],
+                                      xaux.ctypes.data + t * xaux.strides[0])
+        w_addr, s_addr = w.ctypes.data + r * w.strides[0], scales.ctypes.data + r * scales.strides[0]
+        if has_mins and mins.shape[0] == 0:
+            return dot4_q4_blocks(w_addr, w.strides[0], s_addr, scales.strides[0], 0, 0, x_addr, xd_addr, xaux_addr,
+                                  xd.shape[1])
+        m_addr = mins.ctypes.data + r * mins.strides[0] if has_mins else 0
+        m_stride = mins.strides[0] if has_mins else 0
+        return dot4(w_addr, w.strides[0], s_addr, scales.strides[0], m_addr, m_stride, x_addr, xd_addr, xaux_addr,
+                    xd.shape[1])
+
+    return rows4
 
 
 def _row_codes(w, r, wm):

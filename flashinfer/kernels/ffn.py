@@ -13,8 +13,9 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from .blocks import (FAST, add_unprepared, int_row_axpy, int_row_dot, prepare_input, row_axpy, row_dot, row_scales,
-                     row_scratch, row_values, uses_int_dots, queue_axpy, flush_axpy4)
+from .blocks import (FAST, ROWS_PER_PASS, add_unprepared, flush_axpy4, int_row_axpy, int_row_dot, int_rows_dot4,
+                     prepare_input, queue_axpy, row_axpy, row_dot, row_scales, row_scratch, row_values, uses_int_dots)
+from .attention import exp_nonpositive
 from .simd import prefetch_lines
 from .matmul import ROW_REUSE_MIN_TOKENS, _dot, unpacks_rows
 
@@ -29,8 +30,17 @@ PREFETCH_AHEAD = 2
 @njit(fastmath=FAST)
 def _activate(v, act):
     if act == ACT_SILU:
-        return v / (np.float32(1.0) + np.exp(-v))
+        return silu(v)
     return max(v, np.float32(0.0))
+
+
+@njit(fastmath=FAST)
+def silu(v):
+    """v * sigmoid(v), through exp of -|v| (attention.exp_nonpositive, plain arithmetic):
+    numba's np.exp is a libm call per neuron, 7% of SmolLM2's decode FFN."""
+    e = exp_nonpositive(-abs(v))  # exp(-|v|) in (0, 1]
+    sigmoid = np.float32(1.0) / (np.float32(1.0) + e) if v >= 0 else e / (np.float32(1.0) + e)
+    return v * sigmoid
 
 
 def unpacks_dense_nibbles(up, n_tokens, act):
@@ -97,7 +107,45 @@ def _ffn_rows_int(prep, lo, hi, up, up_s, up_m, gate, gate_s, gate_m, down, down
     n_queued = 0
     decider = gate if gated else up  # the component read for every neuron
     every_neuron = act == ACT_SILU  # SiLU: every neuron is active, its whole bundle is read
-    for r in range(lo, hi):
+    first = lo
+    if n_tokens == 1:  # decode: the deciding component four neurons per pass over the activations
+        while first + ROWS_PER_PASS <= hi:
+            for i in range(ROWS_PER_PASS, 2 * ROWS_PER_PASS):  # the next four bundles (strided rows)
+                if first + i < hi:
+                    prefetch_lines(decider.ctypes.data + (first + i) * decider.strides[0], decider.shape[1])
+                    if every_neuron:
+                        if gated:
+                            prefetch_lines(up.ctypes.data + (first + i) * up.strides[0], up.shape[1])
+                        prefetch_lines(down.ctypes.data + (first + i) * down.strides[0], down.shape[1])
+            d4 = int_rows_dot4(decider, first, gate_s if gated else up_s, gate_m if gated else up_m, prep, 0)
+            if gated and every_neuron:
+                u4 = int_rows_dot4(up, first, up_s, up_m, prep, 0)
+            for i in range(ROWS_PER_PASS):
+                r = first + i
+                if gated:
+                    g = d4[i] + (gate_b[r] if gate_b.shape[0] else np.float32(0.0))
+                    if not every_neuron:
+                        if g <= 0.0:
+                            continue  # inactive (ReLU): the up product is never needed
+                        prefetch_lines(down.ctypes.data + r * down.strides[0], down.shape[1])
+                        row_scales(up_s, up_m, r, up_ws, up_wm)
+                        u = int_row_dot(up, r, up_ws, up_wm, prep, 0)
+                    else:
+                        u = u4[i]
+                    h = _neuron_output(u, g, r, up_b, EMPTY_BIAS, gated, act)
+                else:
+                    h = _neuron_output(d4[i], np.float32(0.0), r, up_b, EMPTY_BIAS, gated, act)
+                if h == 0.0:
+                    continue
+                row_scales(down_s, down_m, r, down_ws, down_wm)
+                queue_axpy(down, down_ws, down_wm, h, n_queued, coef4, offset)
+                queued_rows[n_queued] = r
+                n_queued += 1
+                if n_queued == 4:
+                    flush_axpy4(down, queued_rows, n_queued, coef4, offset, acc, 0)
+                    n_queued = 0
+            first += ROWS_PER_PASS
+    for r in range(first, hi):
         ahead = r + PREFETCH_AHEAD
         if ahead < hi:  # bundles are strided rows, which the hardware prefetcher does not follow
             prefetch_lines(decider.ctypes.data + ahead * decider.strides[0], decider.shape[1])
@@ -224,7 +272,7 @@ def gated_act(gate, up, act):
         for i in range(gate.shape[1]):
             g = gate[t, i]
             if act == ACT_SILU:
-                g = g / (np.float32(1.0) + np.exp(-g))
+                g = silu(g)
             else:
                 g = max(g, np.float32(0.0))
             gate[t, i] = g * up[t, i]

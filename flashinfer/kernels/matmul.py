@@ -14,11 +14,15 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from .blocks import (FAST, int_row_dot, prepare_input, row_axpy, row_dot, row_scales, row_scratch, row_values,
+from .blocks import (FAST, ROWS_PER_PASS, int_row_dot, int_rows_dot4, prepare_input, row_axpy, row_dot, row_scales, row_scratch, row_values,
                      uses_int_dots)
 from .simd import prefetch_lines
 
 PREFETCH_AHEAD = 4  # rows ahead whose lines are prefetched (simd.prefetch_lines)
+# Row chunks of a parallel matmul, shared out among the threads: few, since a chunk's setup
+# costs ~1 us (64 chunks cost more than SmolLM2's 576-row matmuls themselves), and a multiple of
+# 2 cores and most thread counts.
+PARALLEL_CHUNKS = 8
 
 # From this many tokens on, an f16 row (or a q8/q4 row in groups of 64) is unpacked once into
 # float32 and then dotted with every token: per-token unpacking made prefill 5-7x slower than f32.
@@ -53,8 +57,21 @@ def _matmul_rows(prep, w, scales, mins, group, bias, out, lo, hi):
     xp, xs = prep[0], prep[1]
     n_tokens = xp.shape[0]
     if uses_int_dots(w, group):
+        first = lo
+        while first + ROWS_PER_PASS <= hi:  # four rows per pass over the activations
+            for i in range(ROWS_PER_PASS, 2 * ROWS_PER_PASS):  # the next four rows (strided views)
+                if first + i < hi:
+                    prefetch_lines(w.ctypes.data + (first + i) * w.strides[0], w.shape[1])
+            for t in range(n_tokens):
+                d0, d1, d2, d3 = int_rows_dot4(w, first, scales, mins, prep, t)
+                if bias.shape[0]:
+                    d0, d1, d2, d3 = d0 + bias[first], d1 + bias[first + 1], d2 + bias[first + 2], d3 + bias[first + 3]
+                out[t, first], out[t, first + 1], out[t, first + 2], out[t, first + 3] = d0, d1, d2, d3
+            first += ROWS_PER_PASS
+        if first == hi:
+            return
         ws, wm, _ = row_scratch(w, mins, group, xp.shape[1])
-        for n in range(lo, hi):
+        for n in range(first, hi):
             if n + PREFETCH_AHEAD < hi:  # strided rows (neuron-cache views) are not prefetched by the hardware
                 prefetch_lines(w.ctypes.data + (n + PREFETCH_AHEAD) * w.strides[0], w.shape[1])
             row_scales(scales, mins, n, ws, wm)
@@ -82,8 +99,11 @@ def matmul(x, w, scales, mins, group, bias, out):
     w: float32, f16 bits (uint16), q8 (int8) or q4/q4a (uint8 nibbles) [N, K or K/2], each
     row contiguous; scales/mins: f16 bits [N, K/group] (empty [0, 0] when unused); bias may be empty."""
     prep = prepare_input(w, x, group)
-    n_chunks = min(w.shape[0], 64)
+    # chunks of whole passes of ROWS_PER_PASS rows
+    n_chunks = min(w.shape[0], PARALLEL_CHUNKS)
     step = (w.shape[0] + n_chunks - 1) // n_chunks
+    step = (step + ROWS_PER_PASS - 1) // ROWS_PER_PASS * ROWS_PER_PASS
+    n_chunks = (w.shape[0] + step - 1) // step
     for c in prange(n_chunks):
         _matmul_rows(prep, w, scales, mins, group, bias, out, c * step, min(w.shape[0], (c + 1) * step))
 

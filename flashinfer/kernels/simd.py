@@ -377,3 +377,134 @@ def widen_f16(typingctx, src_addr, dst_addr, n):
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+# ---- four rows per pass ---------------------------------------------------------------
+
+def _carried_loop(builder, limit, inits, body, name: str = "rows4"):
+    """for b in range(limit): values = body(builder, b, values), starting from `inits`; the
+    final values (the inits when limit <= 0). The loop-carried values stay in registers."""
+    entry = builder.block
+    loop = builder.append_basic_block(name)
+    done = builder.append_basic_block(name + ".done")
+    builder.cbranch(builder.icmp_signed(">", limit, ir.Constant(_I64, 0)), loop, done)
+    builder.position_at_end(loop)
+    b = builder.phi(_I64)
+    b.add_incoming(ir.Constant(_I64, 0), entry)
+    phis = []
+    for v in inits:
+        p = builder.phi(v.type)
+        p.add_incoming(v, entry)
+        phis.append(p)
+    new = body(builder, b, phis)
+    b_next = builder.add(b, ir.Constant(_I64, 1), flags=["nuw", "nsw"])
+    b.add_incoming(b_next, builder.block)
+    for p, v in zip(phis, new):
+        p.add_incoming(v, builder.block)
+    body_end = builder.block
+    builder.cbranch(builder.icmp_signed("<", b_next, limit), loop, done)
+    builder.position_at_end(done)
+    results = []
+    for init, v in zip(inits, new):
+        r = builder.phi(v.type)
+        r.add_incoming(init, entry)
+        r.add_incoming(v, body_end)
+        results.append(r)
+    return results
+
+
+def _half_at(builder, addr, b):
+    """The IEEE half at addr + 2b, as float32 (one vcvtph2ps on F16C)."""
+    ptr = builder.inttoptr(builder.add(addr, builder.mul(b, ir.Constant(_I64, 2))), ir.HalfType().as_pointer())
+    return builder.fpext(builder.load(ptr, align=2), _F32)
+
+
+def _splat8(builder, s):
+    one = builder.insert_element(ir.Constant(_vec(_F32, 8), None), s, ir.Constant(_I32, 0))
+    return _shuffle(builder, one, ir.Constant(_vec(_F32, 8), None), [0] * 8)
+
+
+def _rows4_codegen(kind: str):
+    """Codegen of dot4_<kind>_blocks (kind: q8, q4 or q4a); see dot4_q8_blocks."""
+    nibbles = kind != "q8"
+
+    def codegen(context, builder, signature, args):
+        w, w_stride, s, s_stride, m, m_stride, x, xd, xaux, n = args
+        zero8 = ir.Constant(_vec(_F32, 8), [ir.Constant(_F32, 0.0)] * 8)
+        inits = [zero8] * 4 + ([ir.Constant(_F32, 0.0)] * 4 if nibbles else [])
+
+        def body(builder, b, carried):
+            off = builder.mul(b, ir.Constant(_I64, BLOCK))
+            xv = _load(builder, x, off, _vec(_I8, 32))
+            d_x = _f32_at(builder, xd, b)
+            if nibbles:  # the block's dequantized activation sum, for the min (q4a) or -8 * scale (q4)
+                x_sum = _f32_at(builder, xaux, b)
+            elif HAS_VNNI:  # the block's activation code sum: corrects the +128 that makes w unsigned
+                ptr = builder.inttoptr(builder.add(xaux, builder.mul(b, ir.Constant(_I64, 4))), _I32.as_pointer())
+                x_codes = builder.mul(builder.load(ptr, align=4), ir.Constant(_I32, 128))
+                # in lane 0 only: the eight lanes are summed at the end
+                x_codes = builder.insert_element(ir.Constant(_vec(_I32, 8), [ir.Constant(_I32, 0)] * 8), x_codes,
+                                                 ir.Constant(_I32, 0))
+            new_acc, new_off = [], []
+            for r in range(4):
+                row_off = ir.Constant(_I64, r) if r == 0 else builder.mul(w_stride, ir.Constant(_I64, r))
+                row = builder.add(w, row_off)
+                if nibbles:
+                    packed = _load(builder, row, builder.mul(b, ir.Constant(_I64, BLOCK // 2)), _vec(_I8, 16))
+                    lo = builder.and_(packed, _const_vec(_I8, [15] * 16))
+                    hi = builder.lshr(packed, _const_vec(_I8, [4] * 16))
+                    if HAS_VNNI:
+                        isum = _vpdpbusd(builder, _shuffle(builder, lo, hi, range(32)), xv)
+                    else:
+                        x_lo, x_hi = _halves(builder, builder.sext(xv, _vec(_I16, 32)), 32)
+                        p16 = builder.add(builder.mul(builder.zext(lo, _vec(_I16, 16)), x_lo),
+                                          builder.mul(builder.zext(hi, _vec(_I16, 16)), x_hi))
+                        isum = _sum_to_i32x8(builder, p16)
+                else:
+                    codes = _load(builder, row, off, _vec(_I8, 32))
+                    if HAS_VNNI:  # w + 128 as unsigned bytes: sum (w + 128) x - 128 sum x
+                        unsigned = builder.xor(codes, _const_vec(_I8, [-128] * 32))
+                        isum = builder.sub(_vpdpbusd(builder, unsigned, xv), x_codes)
+                    else:
+                        w_lo, w_hi = _halves(builder, builder.sext(codes, _vec(_I16, 32)), 32)
+                        x_lo, x_hi = _halves(builder, builder.sext(xv, _vec(_I16, 32)), 32)
+                        isum = _sum_to_i32x8(builder, builder.add(builder.mul(w_lo, x_lo), builder.mul(w_hi, x_hi)))
+                scale_row = builder.add(s, builder.mul(s_stride, ir.Constant(_I64, r)))
+                w_scale = _half_at(builder, scale_row, b)
+                d = _splat8(builder, builder.fmul(w_scale, d_x))
+                new_acc.append(builder.fadd(carried[r], builder.fmul(builder.sitofp(isum, _vec(_F32, 8)), d)))
+                if nibbles:
+                    if kind == "q4a":
+                        w_min = _half_at(builder, builder.add(m, builder.mul(m_stride, ir.Constant(_I64, r))), b)
+                    else:  # q4: value = (nibble - 8) * scale
+                        w_min = builder.fmul(w_scale, ir.Constant(_F32, -8.0))
+                    new_off.append(builder.fadd(carried[4 + r], builder.fmul(w_min, x_sum)))
+            return new_acc + new_off
+
+        final = _carried_loop(builder, n, inits, body)
+        totals = []
+        for r in range(4):
+            total = _hsum(builder, final[r])
+            totals.append(builder.fadd(total, final[4 + r]) if nibbles else total)
+        return context.make_tuple(builder, signature.return_type, totals)
+
+    return codegen
+
+
+def _rows4_intrinsic(kind: str):
+    def dot4(typingctx, w_addr, w_stride, s_addr, s_stride, m_addr, m_stride, x_addr, xd_addr, xaux_addr, n_blocks):
+        return types.UniTuple(types.float32, 4)(*([types.intp] * 10)), _rows4_codegen(kind)
+
+    return dot4
+
+
+# (dot of row 0, ..., dot of row 3) for the four rows at w_addr + r * w_stride against one
+# token's int8 activation blocks: codes q8 (int8) / q4, q4a (nibbles in ggml's order, x
+# deinterleaved by prepare_input); their f16 block scales at s_addr + r * s_stride (q4a's mins
+# likewise at m_addr); x_addr the token's int8 codes, xd_addr its float32 block scales, xaux_addr
+# its int32 block code sums (q8) or float32 dequantized block sums (q4, q4a). One pass over x
+# serves four rows, each with its own accumulator (one row at a time was a chain of dependent
+# adds across blocks), and the scales are widened in the loop (no scratch). Only where NATIVE_F16.
+dot4_q8_blocks = intrinsic(_rows4_intrinsic("q8"))
+dot4_q4_blocks = intrinsic(_rows4_intrinsic("q4"))
+dot4_q4a_blocks = intrinsic(_rows4_intrinsic("q4a"))
