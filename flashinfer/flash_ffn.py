@@ -136,6 +136,15 @@ class FlashFFN:
             self.resident_bundles[layer] = bundles
         return self._views[layer], True
 
+    def resident_views(self, layer: int) -> BundleViews | None:
+        """The views of a resident layer's bundles once read (None before, and for streamed
+        layers): what kernels.decode_layer computes the FFN from."""
+        return self._views[layer] if layer in self.resident_bundles else None
+
+    def runs_parallel(self, layer: int, dim: int) -> bool:
+        """Whether ffn_over_bundles splits this layer over threads (the same test)."""
+        return self.layers[layer].n_neurons * dim >= FFN_PARALLEL_MIN_ELEMENTS
+
     def forward(self, layer: int, x: np.ndarray, out: np.ndarray) -> None:
         spec = self.layers[layer]
         tr = self.tracer

@@ -85,6 +85,12 @@ class Model:
         self.flash_ffn = flash_ffn
         self.ffn_input_observer = None  # callback(layer, x) before each FFN: calibration collects inputs
         self.tracer = None  # flashinfer.profile.Tracer while a traced generation runs
+        # Blocks whose decode step runs as one compiled call (kernels.decode_layer) once their
+        # FFN is resident: pre-norm blocks whose attention matrices the numba kernels take
+        # (float32 ones go through BLAS, which compiled code cannot call without SciPy).
+        self.fused_decode = args.norm_before and hasattr(flash_ffn, "resident_views")
+        self._fusable = [self.fused_decode and all(m.data.dtype != np.float32 for m in (l.wq, l.wk, l.wv, l.wo))
+                         for l in weights.layers]
 
     def reset(self) -> None:
         """Start a new sequence: empty KV cache and, for the sparse path, cold neuron caches
@@ -135,7 +141,10 @@ class Model:
         if a.positional == "learned":
             add_rows(x, w.pos_embeddings, positions + a.learned_pos_offset)
 
+        fused = n == 1 and self.tracer is None and self.ffn_input_observer is None
         for i, layer in enumerate(w.layers):
+            if fused and self._fusable[i] and self._decode_fused(i, layer, start):
+                continue
             # attention block: pre-LN adds attn(norm(x)); post-LN (OPT-350m) norms after the add
             if a.norm_before:
                 self._norm(x, layer.attn_norm_w, layer.attn_norm_b, xb)
@@ -169,6 +178,21 @@ class Model:
             self._norm(rows, w.norm_w, w.norm_b, xb[: len(rows)])
             rows = xb[: len(rows)]
         linear(rows, w.lm_head, EMPTY, logits_out)
+
+    def _decode_fused(self, i: int, layer: LayerWeights, start: int) -> bool:
+        """Block i of a decode step as one compiled call, once its FFN is resident; False
+        (nothing done) before: the per-kernel path below reads it first."""
+        views = self.flash_ffn.resident_views(i)
+        if views is None:
+            return False
+        a, s = self.args, self.state
+        K.decode_layer(s.x[:1], s.xb[:1], s.q[:1], s.k[:1], s.attn[:1], s.block_out[:1], s.k_cache_t[i],
+                       s.v_cache[i], start, s.positions, self.inv_freq, a.norm == "rms", a.norm_eps,
+                       layer.attn_norm_w, layer.attn_norm_b, layer.ffn_norm_w, layer.ffn_norm_b, layer.wq, layer.bq,
+                       layer.wk, layer.bk, layer.wv, layer.bv, layer.wo, layer.bo, a.positional == "rope", a.head_dim,
+                       a.n_kv_heads, self.window, s.scores, views, self.flash_ffn.layers[i].n_neurons, self.act,
+                       self.flash_ffn.runs_parallel(i, a.dim), self.flash_ffn.partial.get(1), layer.b_down)
+        return True
 
     def _attention(self, i: int, layer: LayerWeights, xb: np.ndarray, start: int, out: np.ndarray) -> None:
         a, s = self.args, self.state

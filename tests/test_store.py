@@ -270,3 +270,21 @@ def test_cli_convert_check_run(tmp_path, capsys):
     assert "decode 4 tokens" in capsys.readouterr().err
     err = _cli_error(capsys, "run", str(out), "--prompt", "x", "--flash-bw", "fast")
     assert "fast" in err
+
+
+@pytest.mark.parametrize("ffn,resident", [("q8", "q8"), ("q4a", "q4")])
+@pytest.mark.parametrize("name", ["mistral", "relu_llama", "opt"])  # GQA + window; ReLU; LayerNorm + biases
+def test_fused_decode_step_equals_the_per_kernel_path(stores, name, ffn, resident):
+    # kernels.decode_layer (a decode step of a block as one compiled call, used once a block's
+    # FFN is resident) gives the logits of model.py's per-kernel path, token by token
+    ids = load_golden(name)["prompt_ids"].tolist()[:12]
+    with Engine.open(stores(name, ffn, resident)) as engine:
+        model = engine.model
+        assert any(model._fusable)
+        runs = []
+        for fused in (True, False):
+            model._fusable = [fused] * len(model._fusable)
+            model.reset()
+            logits = [model.forward(np.array([t])).copy() for t in ids]
+            runs.append(np.array(logits))
+    np.testing.assert_allclose(runs[0], runs[1], rtol=1e-5, atol=1e-5)

@@ -6,6 +6,7 @@
     ffn.py        the FFN over the store's neuron bundles; gated activations
     attention.py  RoPE and causal (sliding-window, GQA) attention over the KV cache
     norms.py      RMSNorm, LayerNorm
+    layer.py      a decode step of a whole block as one compiled call
 
 Plain arrays in and out, results written into caller-owned buffers. Activations are float32
 [T, features] with T tokens of a chunk; weight matrices are row-major [out, in] as HF stores
@@ -17,6 +18,7 @@ from .attention import (attention, attention_blas, attention_for, attention_seri
 from .blocks import FAST, prepare_input, quantize_blocks, row_axpy, uses_int_dots, widen
 from .ffn import ACT_RELU, ACT_SILU, ffn_rows, ffn_rows_parallel, gated_act, relu_
 from .matmul import PARALLEL_MIN_WORK, ROW_REUSE_MIN_TOKENS, add_rows, matmul, matmul_for, matmul_serial
+from .layer import decode_layer
 from .norms import layernorm, rmsnorm
 
 
@@ -31,5 +33,5 @@ def one_blas_thread() -> None:
     threadpool_limits(limits=1, user_api="blas")
 
 __all__ = ["ACT_RELU", "ACT_SILU", "FAST", "PARALLEL_MIN_WORK", "ROW_REUSE_MIN_TOKENS", "add_rows", "one_blas_thread", "attention",
-           "attention_blas", "attention_for", "attention_serial", "exp_nonpositive", "ffn_rows", "ffn_rows_parallel", "gated_act", "layernorm", "matmul", "matmul_for", "matmul_serial",
+           "attention_blas", "attention_for", "attention_serial", "decode_layer", "exp_nonpositive", "ffn_rows", "ffn_rows_parallel", "gated_act", "layernorm", "matmul", "matmul_for", "matmul_serial",
            "prepare_input", "quantize_blocks", "relu_", "rmsnorm", "rope", "row_axpy", "store_keys", "uses_int_dots", "widen"]

@@ -1,0 +1,75 @@
+"""One decode step of a transformer block as a single compiled call.
+
+A decode token through a block is a dozen small kernels (norms, the q/k/v/o products, RoPE,
+attention, the FFN over resident bundles, residual adds); dispatched one at a time from
+Python they cost ~1 ms of a 7.4 ms SmolLM2-135M token (30 blocks) in interpreter work between
+them. `decode_layer` runs the same kernels in the same order from compiled code: the results
+are the ones flashinfer/model.py's per-kernel path gives (tests/test_model.py compares them).
+Each product still picks its serial or parallel kernel by its own work, as the Python path does.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from .attention import ATTENTION_PARALLEL_MIN_WORK, attention, attention_serial, rope, store_keys
+from .blocks import FAST
+from .ffn import ffn_rows, ffn_rows_parallel
+from .matmul import PARALLEL_MIN_WORK, matmul, matmul_serial
+from .norms import layernorm, rmsnorm
+
+
+@njit(nogil=True, fastmath=FAST)
+def _linear(x, m, bias, out):
+    """out = x @ value(m).T + bias, on all cores from PARALLEL_MIN_WORK multiply-adds (matmul_for)."""
+    if x.shape[0] * m.data.shape[0] * x.shape[1] >= PARALLEL_MIN_WORK:
+        matmul(x, m.data, m.scales, m.mins, m.group, bias, out)
+    else:
+        matmul_serial(x, m.data, m.scales, m.mins, m.group, bias, out)
+
+
+@njit(nogil=True, fastmath=FAST)
+def _norm(rms, x, weight, bias, eps, out):
+    if rms:
+        rmsnorm(x, weight, eps, out)
+    else:
+        layernorm(x, weight, bias, eps, out)
+
+
+@njit(cache=True, nogil=True, fastmath=FAST)
+def decode_layer(x, xb, q, k, attn, block_out, k_cache_t, v_cache, start, positions, inv_freq, rms, eps,
+                 attn_norm_w, attn_norm_b, ffn_norm_w, ffn_norm_b, wq, bq, wk, bk, wv, bv, wo, bo, use_rope,
+                 head_dim, n_kv_heads, window, scores, ffn, n_neurons, act, ffn_parallel, partial, b_down):
+    """x [1, dim] += attn(norm(x)); then x += ffn(norm(x)), a pre-norm block (Llama, Mistral,
+    Qwen2; OPT-125m's pre-LN too) at position `start`. Matrices are weights.Matrix tuples, `ffn`
+    the block's resident bundles as flash_ffn.BundleViews; xb/q/k/attn/block_out [1, ...] scratch
+    rows; the new value row is written straight into v_cache[start]. ffn_parallel: whether the
+    FFN runs on all cores (flash_ffn.ffn_over_bundles decides it the same way), `partial` its
+    per-thread sums."""
+    _norm(rms, x, attn_norm_w, attn_norm_b, eps, xb)
+    _linear(xb, wq, bq, q)
+    _linear(xb, wk, bk, k)
+    _linear(xb, wv, bv, v_cache[start : start + 1])
+    if use_rope:
+        rope(q, positions[start : start + 1], inv_freq, head_dim)
+        rope(k, positions[start : start + 1], inv_freq, head_dim)
+    store_keys(k, k_cache_t, start)
+    if (start + 1) * q.shape[1] >= ATTENTION_PARALLEL_MIN_WORK:
+        attention(q, k_cache_t, v_cache, start, n_kv_heads, head_dim, window, scores, attn)
+    else:
+        attention_serial(q, k_cache_t, v_cache, start, n_kv_heads, head_dim, window, scores, attn)
+    _linear(attn, wo, bo, block_out)
+    x += block_out
+    _norm(rms, x, ffn_norm_w, ffn_norm_b, eps, xb)
+    v = ffn
+    if ffn_parallel:
+        ffn_rows_parallel(xb, n_neurons, v.up.data, v.up.scales, v.up.mins, v.gate.data, v.gate.scales, v.gate.mins,
+                          v.down.data, v.down.scales, v.down.mins, v.up_bias, v.gate_bias, v.group, act,
+                          partial[:, :1], block_out)
+    else:
+        ffn_rows(xb, n_neurons, v.up.data, v.up.scales, v.up.mins, v.gate.data, v.gate.scales, v.gate.mins,
+                 v.down.data, v.down.scales, v.down.mins, v.up_bias, v.gate_bias, v.group, act, block_out)
+    if b_down.shape[0]:
+        block_out += b_down
+    x += block_out
