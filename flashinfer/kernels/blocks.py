@@ -18,7 +18,7 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
-from .simd import (BLOCK, NATIVE_F16, axpy4_i8_blocks, axpy4_u4_blocks, axpy_i8_blocks, axpy_u4_blocks, dot4_q4_blocks,
+from .simd import (BLOCK, NATIVE_F16, axpy4_i8_blocks, axpy4_u4_blocks, dot4_q4_blocks,
                    dot4_q4a_blocks, dot4_q8_blocks, dot_i8_blocks, dot_u4_blocks, widen_f16)
 
 # fastmath without 'nnan'/'ninf': reassociation lets LLVM vectorise the reductions, and
@@ -202,7 +202,7 @@ def _row_scales_jit(scales, mins, r, ws, wm):
 def int_row_dot(w, r, ws, wm, prep, t):
     """sum_k value(w[r, k]) * x[t, k] with x as quantized by prepare_input, ws/wm from
     row_scales (wm empty unless q4a) (pure-Python form)."""
-    xq, xd, xqs = prep[2], prep[3], prep[4]
+    xq, xd = prep[2], prep[3]
     x_values = (xq[t].astype(np.float32).reshape(-1, BLOCK) * xd[t][:, None]).reshape(-1)
     values = (_row_codes(w, r, wm).reshape(-1, BLOCK) * ws[:, None] + (wm[:, None] if wm.shape[0] else 0)).reshape(-1)
     return np.float32(np.dot(values, x_values))
@@ -248,7 +248,7 @@ def int_rows_dot4(w, r, scales, mins, prep, t):
 
 @njit(fastmath=FAST)
 def _rows_one_by_one(w, r, scales, mins, prep, t):
-    ws, wm, _ = row_scratch(w, mins, BLOCK, prep[0].shape[1])
+    ws, wm = row_scratch(w, mins, BLOCK, prep[0].shape[1])
     row_scales(scales, mins, r, ws, wm)
     d0 = int_row_dot(w, r, ws, wm, prep, t)
     row_scales(scales, mins, r + 1, ws, wm)
@@ -290,41 +290,6 @@ def _row_codes(w, r, wm):
         return w[r].astype(np.float32)
     codes = np.stack([w[r] & 15, w[r] >> 4], axis=1).astype(np.float32).reshape(-1)  # 2j low nibble, 2j+1 high
     return codes if wm.shape[0] else codes - 8
-
-
-def int_row_axpy(w, r, ws, wm, h, acc, t, coef, offset):
-    """acc[t] += h * value(w[r]) in prepare_input's element order, ws/wm from row_scales,
-    coef/offset float32 scratch [K/32] (pure-Python form: the store's order, as prepare_input's)."""
-    values = _row_codes(w, r, wm).reshape(-1, BLOCK) * ws[:, None] + (wm[:, None] if wm.shape[0] else 0)
-    acc[t] += np.float32(h) * values.reshape(-1)
-
-
-@overload(int_row_axpy)
-def _int_row_axpy_jit(w, r, ws, wm, h, acc, t, coef, offset):
-    if w.dtype == types.int8:
-
-        def axpy_q8(w, r, ws, wm, h, acc, t, coef, offset):
-            for b in range(coef.shape[0]):
-                coef[b] = h * ws[b]
-            axpy_i8_blocks(w.ctypes.data + r * w.strides[0], coef.ctypes.data, acc.ctypes.data + t * acc.strides[0],
-                           coef.shape[0])
-
-        return axpy_q8
-
-    def axpy_q4(w, r, ws, wm, h, acc, t, coef, offset):
-        if wm.shape[0]:
-            for b in range(coef.shape[0]):
-                coef[b] = h * ws[b]
-                offset[b] = h * wm[b]
-        else:
-            for b in range(coef.shape[0]):
-                c = h * ws[b]
-                coef[b] = c
-                offset[b] = np.float32(-8.0) * c
-        axpy_u4_blocks(w.ctypes.data + r * w.strides[0], coef.ctypes.data, offset.ctypes.data,
-                       acc.ctypes.data + t * acc.strides[0], coef.shape[0])
-
-    return axpy_q4
 
 
 @njit(fastmath=FAST)
@@ -385,10 +350,10 @@ def _flush_axpy4_jit(w, rows, n_queued, coef4, offset, acc, t):
 
 @njit(fastmath=FAST)
 def row_scratch(w, mins, group, n_features):
-    """(ws, wm, coef) float32 scratch [K/32]: a row's scales and mins (row_scales, int_row_dot)
-    and its axpy coefficients (int_row_axpy), sized for w's rows (empty when unused)."""
+    """(ws, wm) float32 scratch [K/32]: a row's scales and mins (row_scales, int_row_dot), sized
+    for w's rows (empty when unused)."""
     n = n_features // BLOCK if uses_int_dots(w, group) else 0
-    return np.empty(n, np.float32), np.empty(n if mins.shape[1] else 0, np.float32), np.empty(n, np.float32)
+    return np.empty(n, np.float32), np.empty(n if mins.shape[1] else 0, np.float32)
 
 
 # ---- float row functions (f32 / f16, and q8/q4/q4a in groups other than 32) ----------

@@ -13,7 +13,7 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from .blocks import (FAST, ROWS_PER_PASS, add_unprepared, flush_axpy4, int_row_axpy, int_row_dot, int_rows_dot4,
+from .blocks import (FAST, ROWS_PER_PASS, add_unprepared, flush_axpy4, int_row_dot, int_rows_dot4,
                      prepare_input, queue_axpy, row_axpy, row_dot, row_scales, row_scratch, row_values, uses_int_dots)
 from .attention import exp_nonpositive
 from .simd import prefetch_lines
@@ -48,7 +48,8 @@ def unpacks_dense_nibbles(up, n_tokens, act):
     every token) unpacks each row to float32 once, instead of integer dots per token: for 64
     tokens of SmolLM2's layer (576 x 1536) 13.0 ms against 24.6 (the nibbles are unpacked once,
     not 64 times); with ReLU, which skips most rows, the integer dots win (a 1b layer at 15%
-    active: 61 ms against 100). Pure-Python form."""
+    active: 61 ms against 100). Rechecked with four-row integer dots (2026-12-02): SmolLM2's
+    prefill of 256 tokens 313 tok/s unpacked, 199 with integer dots. Pure-Python form."""
     return up.dtype == np.uint8 and act == ACT_SILU and n_tokens >= ROW_REUSE_MIN_TOKENS
 
 
@@ -92,99 +93,85 @@ def _ffn_row_range(x, lo, hi, up, up_s, up_m, gate, gate_s, gate_m, down, down_s
 @njit(cache=True, nogil=True, fastmath=FAST)
 def _ffn_rows_int(prep, lo, hi, up, up_s, up_m, gate, gate_s, gate_m, down, down_s, down_m, up_b, gate_b, group, act,
                   out):
-    """_ffn_row_range for q8/q4/q4a bundles in groups of 32: integer dots for up and gate,
-    the down column added in vector blocks into float32 scratch in prepare_input's order."""
+    """_ffn_row_range for q8/q4/q4a bundles in groups of 32: integer dots for up and gate, the
+    down column added in vector blocks into float32 scratch in prepare_input's order.
+
+    Neurons go in groups of ROWS_PER_PASS: per token, the deciding component (gate, or up when
+    ungated) of the four is one pass over the token's activation blocks (int_rows_dot4), and so is
+    up when every neuron is active (SiLU); with ReLU an active neuron's up is one row dot. Each
+    token's active neurons are queued and their down columns added four at a time (flush_axpy4:
+    one pass over the token's output for four columns)."""
     n_tokens, dim = prep[0].shape[0], prep[0].shape[1]
+    n_blocks = dim // 32
     gated = gate.shape[0] > 0
-    up_ws, up_wm, coef = row_scratch(up, up_m, group, dim)
-    gate_ws, gate_wm, _ = row_scratch(gate, gate_m, group, dim if gated else 0)
-    down_ws, down_wm, offset = row_scratch(down, down_m, group, dim)
-    offset[:] = 0.0  # queue_axpy sums into it
+    up_ws, up_wm = row_scratch(up, up_m, group, dim)
+    gate_ws, gate_wm = row_scratch(gate, gate_m, group, dim if gated else 0)
+    down_wm = row_scratch(down, down_m, group, dim)[1]
+    down_ws4 = np.empty((ROWS_PER_PASS, n_blocks), np.float32)  # the group's down scales, widened once
+    down_wm4 = np.empty((ROWS_PER_PASS, down_wm.shape[0]), np.float32)
     acc = np.zeros((n_tokens, dim), np.float32)
-    # one token (decode): active neurons' down columns are queued and added four at a time
-    queued_rows = np.zeros(4, np.int64)
-    coef4 = np.zeros((4, dim // 32), np.float32)
-    n_queued = 0
-    decider = gate if gated else up  # the component read for every neuron
+    # per token, its queue of up to four active neurons (rows, their coefficients, the mins' sum)
+    queued_rows = np.zeros((n_tokens, 4), np.int64)
+    coef4 = np.zeros((n_tokens, 4, n_blocks), np.float32)
+    offset = np.zeros((n_tokens, n_blocks), np.float32)
+    n_queued = np.zeros(n_tokens, np.int64)
+    decider, dec_s, dec_m = (gate, gate_s, gate_m) if gated else (up, up_s, up_m)
+    dec_ws, dec_wm = (gate_ws, gate_wm) if gated else (up_ws, up_wm)
     every_neuron = act == ACT_SILU  # SiLU: every neuron is active, its whole bundle is read
+    zeros4 = (np.float32(0.0), np.float32(0.0), np.float32(0.0), np.float32(0.0))
     first = lo
-    if n_tokens == 1:  # decode: the deciding component four neurons per pass over the activations
-        while first + ROWS_PER_PASS <= hi:
-            for i in range(ROWS_PER_PASS, 2 * ROWS_PER_PASS):  # the next four bundles (strided rows)
-                if first + i < hi:
-                    prefetch_lines(decider.ctypes.data + (first + i) * decider.strides[0], decider.shape[1])
-                    if every_neuron:
-                        if gated:
-                            prefetch_lines(up.ctypes.data + (first + i) * up.strides[0], up.shape[1])
-                        prefetch_lines(down.ctypes.data + (first + i) * down.strides[0], down.shape[1])
-            d4 = int_rows_dot4(decider, first, gate_s if gated else up_s, gate_m if gated else up_m, prep, 0)
-            if gated and every_neuron:
-                u4 = int_rows_dot4(up, first, up_s, up_m, prep, 0)
-            for i in range(ROWS_PER_PASS):
+    while first < hi:
+        n_rows = min(ROWS_PER_PASS, hi - first)
+        for i in range(ROWS_PER_PASS, 2 * ROWS_PER_PASS):  # the next group's bundles (strided rows)
+            if first + i < hi:
+                prefetch_lines(decider.ctypes.data + (first + i) * decider.strides[0], decider.shape[1])
+                if every_neuron:
+                    if gated:
+                        prefetch_lines(up.ctypes.data + (first + i) * up.strides[0], up.shape[1])
+                    prefetch_lines(down.ctypes.data + (first + i) * down.strides[0], down.shape[1])
+        down_ready = False  # inactive groups (ReLU) never touch their down columns
+        for t in range(n_tokens):
+            d4, u4 = zeros4, zeros4
+            if n_rows == ROWS_PER_PASS:
+                d4 = int_rows_dot4(decider, first, dec_s, dec_m, prep, t)
+                if gated and every_neuron:
+                    u4 = int_rows_dot4(up, first, up_s, up_m, prep, t)
+            for i in range(n_rows):
                 r = first + i
+                if n_rows == ROWS_PER_PASS:
+                    d = d4[i]
+                else:  # the last few neurons, one row at a time
+                    row_scales(dec_s, dec_m, r, dec_ws, dec_wm)
+                    d = int_row_dot(decider, r, dec_ws, dec_wm, prep, t)
                 if gated:
-                    g = d4[i] + (gate_b[r] if gate_b.shape[0] else np.float32(0.0))
-                    if not every_neuron:
-                        if g <= 0.0:
-                            continue  # inactive (ReLU): the up product is never needed
-                        prefetch_lines(down.ctypes.data + r * down.strides[0], down.shape[1])
-                        row_scales(up_s, up_m, r, up_ws, up_wm)
-                        u = int_row_dot(up, r, up_ws, up_wm, prep, 0)
-                    else:
+                    g = d + (gate_b[r] if gate_b.shape[0] else np.float32(0.0))
+                    if act == ACT_RELU and g <= 0.0:
+                        continue  # inactive: the up product is never needed
+                    if every_neuron and n_rows == ROWS_PER_PASS:
                         u = u4[i]
+                    else:
+                        row_scales(up_s, up_m, r, up_ws, up_wm)
+                        u = int_row_dot(up, r, up_ws, up_wm, prep, t)
                     h = _neuron_output(u, g, r, up_b, EMPTY_BIAS, gated, act)
                 else:
-                    h = _neuron_output(d4[i], np.float32(0.0), r, up_b, EMPTY_BIAS, gated, act)
+                    h = _neuron_output(d, np.float32(0.0), r, up_b, EMPTY_BIAS, gated, act)
                 if h == 0.0:
                     continue
-                row_scales(down_s, down_m, r, down_ws, down_wm)
-                queue_axpy(down, down_ws, down_wm, h, n_queued, coef4, offset)
-                queued_rows[n_queued] = r
-                n_queued += 1
-                if n_queued == 4:
-                    flush_axpy4(down, queued_rows, n_queued, coef4, offset, acc, 0)
-                    n_queued = 0
-            first += ROWS_PER_PASS
-    for r in range(first, hi):
-        ahead = r + PREFETCH_AHEAD
-        if ahead < hi:  # bundles are strided rows, which the hardware prefetcher does not follow
-            prefetch_lines(decider.ctypes.data + ahead * decider.strides[0], decider.shape[1])
-            if every_neuron:
-                prefetch_lines(up.ctypes.data + ahead * up.strides[0], up.shape[1])
-                prefetch_lines(down.ctypes.data + ahead * down.strides[0], down.shape[1])
-        if gated:
-            row_scales(gate_s, gate_m, r, gate_ws, gate_wm)
-        up_ready = down_ready = False  # inactive rows (most, with ReLU) never touch their up and down rows
-        for t in range(n_tokens):
-            g = np.float32(0.0)
-            if gated:
-                g = int_row_dot(gate, r, gate_ws, gate_wm, prep, t)
-                if gate_b.shape[0]:
-                    g += gate_b[r]
-                if act == ACT_RELU and g <= 0.0:
-                    continue  # inactive: the up product is never needed
-            if not up_ready:
-                if not every_neuron:  # active: its down row loads while the up dot runs
-                    prefetch_lines(down.ctypes.data + r * down.strides[0], down.shape[1])
-                row_scales(up_s, up_m, r, up_ws, up_wm)
-                up_ready = True
-            u = int_row_dot(up, r, up_ws, up_wm, prep, t)
-            h = _neuron_output(u, g, r, up_b, EMPTY_BIAS, gated, act)
-            if h == 0.0:
-                continue
-            if not down_ready:
-                row_scales(down_s, down_m, r, down_ws, down_wm)
-                down_ready = True
-            if n_tokens > 1:
-                int_row_axpy(down, r, down_ws, down_wm, h, acc, t, coef, offset)
-                continue
-            queue_axpy(down, down_ws, down_wm, h, n_queued, coef4, offset)
-            queued_rows[n_queued] = r
-            n_queued += 1
-            if n_queued == 4:
-                flush_axpy4(down, queued_rows, n_queued, coef4, offset, acc, 0)
-                n_queued = 0
-    flush_axpy4(down, queued_rows, n_queued, coef4, offset, acc, 0)
+                if not down_ready:
+                    for k in range(n_rows):
+                        row_scales(down_s, down_m, first + k, down_ws4[k], down_wm4[k])
+                    down_ready = True
+                slot = n_queued[t]
+                queue_axpy(down, down_ws4[i], down_wm4[i], h, slot, coef4[t], offset[t])
+                queued_rows[t, slot] = r
+                if slot == 3:
+                    flush_axpy4(down, queued_rows[t], 4, coef4[t], offset[t], acc, t)
+                    n_queued[t] = 0
+                else:
+                    n_queued[t] = slot + 1
+        first += n_rows
+    for t in range(n_tokens):
+        flush_axpy4(down, queued_rows[t], n_queued[t], coef4[t], offset[t], acc, t)
     add_unprepared(down, acc, group, out)
 
 

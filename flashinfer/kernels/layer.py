@@ -10,7 +10,6 @@ Each product still picks its serial or parallel kernel by its own work, as the P
 
 from __future__ import annotations
 
-import numpy as np
 from numba import njit
 
 from .attention import ATTENTION_PARALLEL_MIN_WORK, attention, attention_serial, rope, store_keys

@@ -70,7 +70,7 @@ def _matmul_rows(prep, w, scales, mins, group, bias, out, lo, hi):
             first += ROWS_PER_PASS
         if first == hi:
             return
-        ws, wm, _ = row_scratch(w, mins, group, xp.shape[1])
+        ws, wm = row_scratch(w, mins, group, xp.shape[1])
         for n in range(first, hi):
             if n + PREFETCH_AHEAD < hi:  # strided rows (neuron-cache views) are not prefetched by the hardware
                 prefetch_lines(w.ctypes.data + (n + PREFETCH_AHEAD) * w.strides[0], w.shape[1])

@@ -217,58 +217,6 @@ def _counted_loop(builder, limit, body, step: int = 1, name: str = "loop"):
     builder.position_at_end(done)
 
 
-def _acc_update(builder, acc_addr, b, values):
-    """acc[32b : 32b+32] += values (<32 x float>), acc float32 at acc_addr."""
-    ptr = builder.inttoptr(builder.add(acc_addr, builder.mul(b, ir.Constant(_I64, 4 * BLOCK))),
-                           _vec(_F32, 32).as_pointer())
-    builder.store(builder.fadd(builder.load(ptr, align=4), values), ptr, align=4)
-
-
-@intrinsic
-def axpy_i8_blocks(typingctx, w_addr, coef_addr, acc_addr, n_blocks):
-    """acc[32b+j] += coef[b] * w[32b+j] for j < 32, b < n_blocks: w int8 codes, coef and acc
-    float32 (coef[b] = the neuron's output times its block scale). The down-projection of one
-    neuron, written here because numba's loop (a 32-trip inner loop per scale) stayed scalar."""
-    sig = types.void(types.intp, types.intp, types.intp, types.intp)
-
-    def codegen(context, builder, signature, args):
-        w, coef, acc, n = args
-
-        def body(builder, b):
-            codes = _load(builder, w, builder.mul(b, ir.Constant(_I64, BLOCK)), _vec(_I8, 32))
-            values = builder.fmul(builder.sitofp(codes, _vec(_F32, 32)), _splat(builder, coef, b))
-            _acc_update(builder, acc, b, values)
-
-        _counted_loop(builder, n, body, name="axpy")
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
-@intrinsic
-def axpy_u4_blocks(typingctx, w_addr, coef_addr, offset_addr, acc_addr, n_blocks):
-    """acc[32b+j] += coef[b] * lo(w[16b+j]) + offset[b] and acc[32b+16+j] += coef[b] *
-    hi(w[16b+j]) + offset[b] for j < 16: a nibble row's down-projection with acc in
-    prepare_input's (deinterleaved) order; offset[b] is the neuron's output times the block's min."""
-    sig = types.void(types.intp, types.intp, types.intp, types.intp, types.intp)
-
-    def codegen(context, builder, signature, args):
-        w, coef, offset, acc, n = args
-
-        def body(builder, b):
-            packed = _load(builder, w, builder.mul(b, ir.Constant(_I64, BLOCK // 2)), _vec(_I8, 16))
-            lo = builder.and_(packed, _const_vec(_I8, [15] * 16))
-            hi = builder.lshr(packed, _const_vec(_I8, [4] * 16))
-            codes = builder.uitofp(_shuffle(builder, lo, hi, range(32)), _vec(_F32, 32))
-            values = builder.fadd(builder.fmul(codes, _splat(builder, coef, b)), _splat(builder, offset, b))
-            _acc_update(builder, acc, b, values)
-
-        _counted_loop(builder, n, body, name="axpy")
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
 @intrinsic
 def prefetch_lines(typingctx, addr, n_bytes):
     """Ask for the cache lines of n_bytes at addr ahead of use (llvm.prefetch, read, keep in
