@@ -319,6 +319,54 @@ def test_four_row_dots_portable_vnni_and_fallback_agree(monkeypatch, vnni, schem
     np.testing.assert_allclose(got, np.array(one_by_one(w, m.scales, m.mins, prep)), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("vnni", [False, True])
+@pytest.mark.parametrize("scheme", ["q8", "q4", "q4a"])
+def test_tile_dots_portable_vnni_and_fallback_agree(monkeypatch, vnni, scheme):
+    # simd.dot4x4_*_blocks (four rows x four tokens per pass) against four-row dots token by
+    # token (blocks._tile_by_rows4, the path of hosts without native halves), on strided rows
+    from numba import njit
+
+    from flashinfer.kernels import blocks, simd
+
+    if vnni and not simd.HAS_VNNI:
+        pytest.skip("this CPU has no AVX512-VNNI")
+    if not simd.NATIVE_F16:
+        pytest.skip("the tile intrinsics need native halves (F16C)")
+    monkeypatch.setattr(simd, "HAS_VNNI", vnni)  # read when the intrinsics generate code
+    tile = {"q8": simd.dot4x4_q8_blocks, "q4": simd.dot4x4_q4_blocks, "q4a": simd.dot4x4_q4a_blocks}[scheme]
+    aux = 4 if scheme == "q8" else 5
+
+    @njit  # not cached: compiled here, under the patched flag
+    def tiled(w, s, m, prep, t):
+        xq, xd, xaux = prep[2], prep[3], prep[aux]
+        m_addr = m.ctypes.data if m.shape[0] else 0
+        m_stride = m.strides[0] if m.shape[0] else 0
+        return tile(w.ctypes.data, w.strides[0], s.ctypes.data, s.strides[0], m_addr, m_stride,
+                    xq.ctypes.data + t * xq.strides[0], xq.strides[0], xd.ctypes.data + t * xd.strides[0],
+                    xd.strides[0], xaux.ctypes.data + t * xaux.strides[0], xaux.strides[0], xd.shape[1])
+
+    @njit
+    def prepared(w, x):
+        return blocks.prepare_input(w, x, 32)
+
+    @njit
+    def by_rows(w, s, m, prep, t):
+        return blocks._tile_by_rows4(w, 0, s, m, prep, t)
+
+    m = kernel_matrix(randn(4, 320), scheme)
+    data = m.data.copy()
+    if scheme == "q8":
+        data[1, :9] = -128
+    padded = np.zeros((4, data.shape[1] + 5), data.dtype)
+    padded[:, 3:-2] = data
+    w = padded[:, 3:-2]
+    x = randn(6, 320) * np.repeat(np.logspace(-2, 1, 10, dtype=np.float32), 32)
+    prep = prepared(w, x)
+    for t in (0, 2):  # tokens 0-3, and 2-5
+        np.testing.assert_allclose(np.array(tiled(w, m.scales, m.mins, prep, t)),
+                                   np.array(by_rows(w, m.scales, m.mins, prep, t)), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("act", [K.ACT_SILU, K.ACT_RELU])
 @pytest.mark.parametrize("n_tokens", [1, 6])
 def test_ffn_rows_over_mixed_bundles(act, n_tokens):

@@ -18,7 +18,8 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
-from .simd import (BLOCK, NATIVE_F16, axpy4_i8_blocks, axpy4_u4_blocks, dot4_q4_blocks,
+from .simd import (BLOCK, NATIVE_F16, TOKENS_PER_PASS, axpy4_i8_blocks, axpy4_u4_blocks, dot4_q4_blocks, dot4x4_q4_blocks,
+                   dot4x4_q4a_blocks, dot4x4_q8_blocks,
                    dot4_q4a_blocks, dot4_q8_blocks, dot_i8_blocks, dot_u4_blocks, widen_f16)
 
 # fastmath without 'nnan'/'ninf': reassociation lets LLVM vectorise the reductions, and
@@ -281,6 +282,64 @@ def _int_rows_dot4_jit(w, r, scales, mins, prep, t):
                     xd.shape[1])
 
     return rows4
+
+
+@njit(fastmath=FAST)
+def int_rows_dots(w, r, scales, mins, prep, vals):
+    """vals[t, i] = int_row_dot of row r + i (i < 4) with token t, for every token of prep: four
+    tokens at a time by int_tile_dot4x4 (each row's codes unpacked once for four tokens), the
+    tokens left over by int_rows_dot4. vals: float32 [>= tokens, 4] scratch."""
+    n_tokens = prep[0].shape[0]
+    t = 0
+    while t + TOKENS_PER_PASS <= n_tokens:
+        v = int_tile_dot4x4(w, r, scales, mins, prep, t)
+        for i in range(ROWS_PER_PASS):
+            for j in range(TOKENS_PER_PASS):
+                vals[t + j, i] = v[TOKENS_PER_PASS * i + j]
+        t += TOKENS_PER_PASS
+    for t in range(t, n_tokens):
+        d = int_rows_dot4(w, r, scales, mins, prep, t)
+        for i in range(ROWS_PER_PASS):
+            vals[t, i] = d[i]
+
+
+def int_tile_dot4x4(w, r, scales, mins, prep, t):
+    """The 16 dots of rows r..r+3 with tokens t..t+3, row by row (row r + i with token t + j at
+    4 i + j), as a tuple: simd.dot4x4_*_blocks where the host widens halves natively, else four
+    int_rows_dot4 (pure-Python form)."""
+    return _tile_by_rows4(w, r, scales, mins, prep, t)
+
+
+@njit(fastmath=FAST)
+def _tile_by_rows4(w, r, scales, mins, prep, t):
+    a = int_rows_dot4(w, r, scales, mins, prep, t)
+    b = int_rows_dot4(w, r, scales, mins, prep, t + 1)
+    c = int_rows_dot4(w, r, scales, mins, prep, t + 2)
+    d = int_rows_dot4(w, r, scales, mins, prep, t + 3)
+    return (a[0], b[0], c[0], d[0], a[1], b[1], c[1], d[1], a[2], b[2], c[2], d[2], a[3], b[3], c[3], d[3])
+
+
+@overload(int_tile_dot4x4)
+def _int_tile_dot4x4_jit(w, r, scales, mins, prep, t):
+    if not NATIVE_F16:
+        return lambda w, r, scales, mins, prep, t: _tile_by_rows4(w, r, scales, mins, prep, t)
+    tile, aux = (dot4x4_q8_blocks, 4) if w.dtype == types.int8 else (dot4x4_q4a_blocks, 5)
+    has_mins = w.dtype == types.uint8  # q4a; q4 (no mins) is told apart at run time
+
+    def tile4x4(w, r, scales, mins, prep, t):
+        xq, xd, xaux = prep[2], prep[3], prep[aux]
+        x_addr, xd_addr, xaux_addr = (xq.ctypes.data + t * xq.strides[0], xd.ctypes.data + t * xd.strides[0],
+                                      xaux.ctypes.data + t * xaux.strides[0])
+        w_addr, s_addr = w.ctypes.data + r * w.strides[0], scales.ctypes.data + r * scales.strides[0]
+        if has_mins and mins.shape[0] == 0:
+            return dot4x4_q4_blocks(w_addr, w.strides[0], s_addr, scales.strides[0], 0, 0, x_addr, xq.strides[0],
+                                    xd_addr, xd.strides[0], xaux_addr, xaux.strides[0], xd.shape[1])
+        m_addr = mins.ctypes.data + r * mins.strides[0] if has_mins else 0
+        m_stride = mins.strides[0] if has_mins else 0
+        return tile(w_addr, w.strides[0], s_addr, scales.strides[0], m_addr, m_stride, x_addr, xq.strides[0], xd_addr,
+                    xd.strides[0], xaux_addr, xaux.strides[0], xd.shape[1])
+
+    return tile4x4
 
 
 def _row_codes(w, r, wm):

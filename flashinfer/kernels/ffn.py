@@ -13,7 +13,7 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from .blocks import (FAST, ROWS_PER_PASS, add_unprepared, flush_axpy4, int_row_dot, int_rows_dot4,
+from .blocks import (FAST, ROWS_PER_PASS, add_unprepared, flush_axpy4, int_row_dot, int_rows_dot4, int_rows_dots,
                      prepare_input, queue_axpy, row_axpy, row_dot, row_scales, row_scratch, row_values, uses_int_dots)
 from .attention import exp_nonpositive
 from .simd import prefetch_lines
@@ -96,9 +96,10 @@ def _ffn_rows_int(prep, lo, hi, up, up_s, up_m, gate, gate_s, gate_m, down, down
     """_ffn_row_range for q8/q4/q4a bundles in groups of 32: integer dots for up and gate, the
     down column added in vector blocks into float32 scratch in prepare_input's order.
 
-    Neurons go in groups of ROWS_PER_PASS: per token, the deciding component (gate, or up when
-    ungated) of the four is one pass over the token's activation blocks (int_rows_dot4), and so is
-    up when every neuron is active (SiLU); with ReLU an active neuron's up is one row dot. Each
+    Neurons go in groups of ROWS_PER_PASS: the deciding component (gate, or up when ungated) of the
+    four is one pass over a token's activation blocks (int_rows_dot4; a chunk of tokens in tiles
+    of four, int_rows_dots), and so is up when every neuron is active (SiLU); with ReLU an active
+    neuron's up is one row dot. Each
     token's active neurons are queued and their down columns added four at a time (flush_axpy4:
     one pass over the token's output for four columns)."""
     n_tokens, dim = prep[0].shape[0], prep[0].shape[1]
@@ -119,6 +120,9 @@ def _ffn_rows_int(prep, lo, hi, up, up_s, up_m, gate, gate_s, gate_m, down, down
     dec_ws, dec_wm = (gate_ws, gate_wm) if gated else (up_ws, up_wm)
     every_neuron = act == ACT_SILU  # SiLU: every neuron is active, its whole bundle is read
     zeros4 = (np.float32(0.0), np.float32(0.0), np.float32(0.0), np.float32(0.0))
+    # a chunk's dots of the group with every token (int_rows_dots), for the tokens' loop below
+    dec_vals = np.empty((n_tokens if n_tokens > 1 else 0, ROWS_PER_PASS), np.float32)
+    up_vals = np.empty((n_tokens if n_tokens > 1 and gated and every_neuron else 0, ROWS_PER_PASS), np.float32)
     first = lo
     while first < hi:
         n_rows = min(ROWS_PER_PASS, hi - first)
@@ -130,16 +134,20 @@ def _ffn_rows_int(prep, lo, hi, up, up_s, up_m, gate, gate_s, gate_m, down, down
                         prefetch_lines(up.ctypes.data + (first + i) * up.strides[0], up.shape[1])
                     prefetch_lines(down.ctypes.data + (first + i) * down.strides[0], down.shape[1])
         down_ready = False  # inactive groups (ReLU) never touch their down columns
+        if n_tokens > 1 and n_rows == ROWS_PER_PASS:  # tiles of four neurons x four tokens
+            int_rows_dots(decider, first, dec_s, dec_m, prep, dec_vals)
+            if gated and every_neuron:
+                int_rows_dots(up, first, up_s, up_m, prep, up_vals)
         for t in range(n_tokens):
             d4, u4 = zeros4, zeros4
-            if n_rows == ROWS_PER_PASS:
+            if n_tokens == 1 and n_rows == ROWS_PER_PASS:
                 d4 = int_rows_dot4(decider, first, dec_s, dec_m, prep, t)
                 if gated and every_neuron:
                     u4 = int_rows_dot4(up, first, up_s, up_m, prep, t)
             for i in range(n_rows):
                 r = first + i
                 if n_rows == ROWS_PER_PASS:
-                    d = d4[i]
+                    d = d4[i] if n_tokens == 1 else dec_vals[t, i]
                 else:  # the last few neurons, one row at a time
                     row_scales(dec_s, dec_m, r, dec_ws, dec_wm)
                     d = int_row_dot(decider, r, dec_ws, dec_wm, prep, t)
@@ -148,7 +156,7 @@ def _ffn_rows_int(prep, lo, hi, up, up_s, up_m, gate, gate_s, gate_m, down, down
                     if act == ACT_RELU and g <= 0.0:
                         continue  # inactive: the up product is never needed
                     if every_neuron and n_rows == ROWS_PER_PASS:
-                        u = u4[i]
+                        u = u4[i] if n_tokens == 1 else up_vals[t, i]
                     else:
                         row_scales(up_s, up_m, r, up_ws, up_wm)
                         u = int_row_dot(up, r, up_ws, up_wm, prep, t)

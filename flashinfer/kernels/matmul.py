@@ -14,8 +14,8 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from .blocks import (FAST, ROWS_PER_PASS, int_row_dot, int_rows_dot4, prepare_input, row_axpy, row_dot, row_scales, row_scratch, row_values,
-                     uses_int_dots)
+from .blocks import (FAST, ROWS_PER_PASS, int_row_dot, int_rows_dot4, int_rows_dots, prepare_input, row_axpy, row_dot,
+                     row_scales, row_scratch, row_values, uses_int_dots)
 from .simd import prefetch_lines
 
 PREFETCH_AHEAD = 4  # rows ahead whose lines are prefetched (simd.prefetch_lines)
@@ -57,16 +57,22 @@ def _matmul_rows(prep, w, scales, mins, group, bias, out, lo, hi):
     xp, xs = prep[0], prep[1]
     n_tokens = xp.shape[0]
     if uses_int_dots(w, group):
+        vals = np.empty((n_tokens if n_tokens > 1 else 0, ROWS_PER_PASS), np.float32)
         first = lo
         while first + ROWS_PER_PASS <= hi:  # four rows per pass over the activations
             for i in range(ROWS_PER_PASS, 2 * ROWS_PER_PASS):  # the next four rows (strided views)
                 if first + i < hi:
                     prefetch_lines(w.ctypes.data + (first + i) * w.strides[0], w.shape[1])
-            for t in range(n_tokens):
-                d0, d1, d2, d3 = int_rows_dot4(w, first, scales, mins, prep, t)
+            if n_tokens == 1:
+                d0, d1, d2, d3 = int_rows_dot4(w, first, scales, mins, prep, 0)
                 if bias.shape[0]:
                     d0, d1, d2, d3 = d0 + bias[first], d1 + bias[first + 1], d2 + bias[first + 2], d3 + bias[first + 3]
-                out[t, first], out[t, first + 1], out[t, first + 2], out[t, first + 3] = d0, d1, d2, d3
+                out[0, first], out[0, first + 1], out[0, first + 2], out[0, first + 3] = d0, d1, d2, d3
+            else:  # a chunk of tokens: tiles of four rows x four tokens
+                int_rows_dots(w, first, scales, mins, prep, vals)
+                for t in range(n_tokens):
+                    for i in range(ROWS_PER_PASS):
+                        out[t, first + i] = vals[t, i] + (bias[first + i] if bias.shape[0] else np.float32(0.0))
             first += ROWS_PER_PASS
         if first == hi:
             return
