@@ -392,3 +392,24 @@ def test_ffn_rows_over_mixed_bundles(act, n_tokens):
     h = ref.gated_act(ref.matmul(xs, deq["gate"], none), ref.matmul(xs, deq["up"], none), act)
     expected = h @ deq["down"]
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+
+
+def test_cached_machine_code_is_dropped_when_a_kernel_source_changes(tmp_path):
+    # numba's cache keys a function on its own file only; the package drops the whole cache
+    # when the digest of its sources differs from the one stored beside it
+    from flashinfer import kernels
+
+    (tmp_path / "ffn.py").write_text("x = 1\n")
+    cache = tmp_path / "__pycache__"
+    kernels._drop_stale_compiled_kernels(tmp_path)
+    entry = cache / "ffn.ffn_rows-1.py311.nbi"
+    entry.write_bytes(b"")
+    kernels._drop_stale_compiled_kernels(tmp_path)
+    assert entry.exists()  # same sources: nothing dropped
+    (tmp_path / "ffn.py").write_text("x = 2\n")
+    kernels._drop_stale_compiled_kernels(tmp_path)
+    assert not entry.exists()
+    kernels._drop_stale_compiled_kernels(tmp_path)  # and the new digest is kept
+    entry.write_bytes(b"")
+    kernels._drop_stale_compiled_kernels(tmp_path)
+    assert entry.exists()

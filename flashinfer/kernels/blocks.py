@@ -351,42 +351,47 @@ def _row_codes(w, r, wm):
     return codes if wm.shape[0] else codes - 8
 
 
+# Per-token queues of active neurons whose down columns are added four at a time. Every array
+# is indexed in place (token t, slot, group row i), never sliced: a view per neuron is an NRT
+# reference count taken and dropped (atomic operations), which cost SmolLM2's decode 18%.
+
 @njit(fastmath=FAST)
-def _queue(ws, wm, h, slot, coef4, offset, nibbles):
-    for b in range(ws.shape[0]):
-        coef4[slot, b] = h * ws[b]
+def _queue(ws4, wm4, i, h, t, slot, coef4, offset, nibbles):
+    for b in range(ws4.shape[1]):
+        coef4[t, slot, b] = h * ws4[i, b]
     if nibbles:
-        if wm.shape[0]:
-            for b in range(ws.shape[0]):
-                offset[b] += h * wm[b]
+        if wm4.shape[1]:
+            for b in range(ws4.shape[1]):
+                offset[t, b] += h * wm4[i, b]
         else:
-            for b in range(ws.shape[0]):
-                offset[b] -= np.float32(8.0) * h * ws[b]
+            for b in range(ws4.shape[1]):
+                offset[t, b] -= np.float32(8.0) * h * ws4[i, b]
 
 
-def queue_axpy(w, ws, wm, h, slot, coef4, offset):
-    """Queue h * value(row) for flush_axpy4: coef4[slot] = h * the row's block scales (ws/wm
-    from row_scales), and the row's h * min (q4: -8 h scale) added to offset (nibble rows)."""
-    _queue(ws, wm, h, slot, coef4, offset, w.dtype == np.uint8)
+def queue_axpy(w, ws4, wm4, i, h, t, slot, coef4, offset):
+    """Queue h * value(row) in token t's queue for flush_axpy4: coef4[t, slot] = h * the row's
+    block scales (ws4[i]/wm4[i], from row_scales_into), and the row's h * min (q4: -8 h scale)
+    added to offset[t] (nibble rows). coef4 [T, 4, K/32], offset [T, K/32]."""
+    _queue(ws4, wm4, i, h, t, slot, coef4, offset, w.dtype == np.uint8)
 
 
 def flush_axpy4(w, rows, n_queued, coef4, offset, acc, t):
-    """acc[t] += the queued rows (rows[:n_queued] of w, at most 4), then empties the queue
-    (offset zeroed); acc in prepare_input's order (pure-Python form: the store's)."""
+    """acc[t] += token t's queued rows (rows[t, :n_queued] of w, at most 4), then empties its
+    queue (offset[t] zeroed); acc in prepare_input's order (pure-Python form: the store's)."""
     for i in range(n_queued):
-        values = _row_codes(w, rows[i], np.zeros(0, np.float32)).reshape(-1, BLOCK) * coef4[i][:, None]
+        values = _row_codes(w, rows[t, i], np.zeros(0, np.float32)).reshape(-1, BLOCK) * coef4[t, i][:, None]
         if w.dtype == np.uint8:  # _row_codes took 8 off (q4's offset): offset carries it instead
-            values += 8 * coef4[i][:, None]
+            values += 8 * coef4[t, i][:, None]
         acc[t] += values.reshape(-1)
     if w.dtype == np.uint8:
-        acc[t] += np.repeat(offset, BLOCK)
-    offset[:] = 0.0
+        acc[t] += np.repeat(offset[t], BLOCK)
+    offset[t] = 0.0
 
 
 @overload(queue_axpy)
-def _queue_axpy_jit(w, ws, wm, h, slot, coef4, offset):
+def _queue_axpy_jit(w, ws4, wm4, i, h, t, slot, coef4, offset):
     nibbles = w.dtype == types.uint8  # decided at compile time, per dtype
-    return lambda w, ws, wm, h, slot, coef4, offset: _queue(ws, wm, h, slot, coef4, offset, nibbles)
+    return lambda w, ws4, wm4, i, h, t, slot, coef4, offset: _queue(ws4, wm4, i, h, t, slot, coef4, offset, nibbles)
 
 
 @overload(flush_axpy4)
@@ -398,13 +403,45 @@ def _flush_axpy4_jit(w, rows, n_queued, coef4, offset, acc, t):
             return
         base, stride = w.ctypes.data, w.strides[0]
         for i in range(n_queued, 4):  # unused slots: the first row again, with coefficients 0
-            rows[i] = rows[0]
-            coef4[i, :] = 0.0
-        axpy4(base + rows[0] * stride, base + rows[1] * stride, base + rows[2] * stride, base + rows[3] * stride,
-              coef4.ctypes.data, offset.ctypes.data, acc.ctypes.data + t * acc.strides[0], coef4.shape[1])
-        offset[:] = 0.0
+            rows[t, i] = rows[t, 0]
+            for b in range(coef4.shape[2]):
+                coef4[t, i, b] = 0.0
+        axpy4(base + rows[t, 0] * stride, base + rows[t, 1] * stride, base + rows[t, 2] * stride,
+              base + rows[t, 3] * stride, coef4.ctypes.data + t * coef4.strides[0],
+              offset.ctypes.data + t * offset.strides[0], acc.ctypes.data + t * acc.strides[0], coef4.shape[2])
+        for b in range(offset.shape[1]):
+            offset[t, b] = 0.0
 
     return flush
+
+
+def row_scales_into(scales, mins, r, ws4, wm4, i):
+    """ws4[i] = row r's block scales as float32 (wm4[i] its mins, q4a), as row_scales does into
+    rows of 2-D scratch, without views (pure-Python form)."""
+    for b in range(ws4.shape[1]):
+        ws4[i, b] = widen(scales[r, b])
+    for b in range(wm4.shape[1]):
+        wm4[i, b] = widen(mins[r, b])
+
+
+@overload(row_scales_into)
+def _row_scales_into_jit(scales, mins, r, ws4, wm4, i):
+    if NATIVE_F16:
+
+        def by_fpext(scales, mins, r, ws4, wm4, i):
+            widen_f16(scales.ctypes.data + r * scales.strides[0], ws4.ctypes.data + i * ws4.strides[0], ws4.shape[1])
+            if wm4.shape[1]:
+                widen_f16(mins.ctypes.data + r * mins.strides[0], wm4.ctypes.data + i * wm4.strides[0], wm4.shape[1])
+
+        return by_fpext
+
+    def by_integer_ops(scales, mins, r, ws4, wm4, i):
+        for b in range(ws4.shape[1]):
+            ws4[i, b] = widen(scales[r, b])
+        for b in range(wm4.shape[1]):
+            wm4[i, b] = widen(mins[r, b])
+
+    return by_integer_ops
 
 
 @njit(fastmath=FAST)

@@ -14,7 +14,8 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from .blocks import (FAST, ROWS_PER_PASS, add_unprepared, flush_axpy4, int_row_dot, int_rows_dot4, int_rows_dots,
-                     prepare_input, queue_axpy, row_axpy, row_dot, row_scales, row_scratch, row_values, uses_int_dots)
+                     prepare_input, queue_axpy, row_axpy, row_dot, row_scales, row_scales_into, row_scratch, row_values,
+                     uses_int_dots)
 from .attention import exp_nonpositive
 from .simd import prefetch_lines
 from .matmul import ROW_REUSE_MIN_TOKENS, _dot, unpacks_rows
@@ -167,19 +168,19 @@ def _ffn_rows_int(prep, lo, hi, up, up_s, up_m, gate, gate_s, gate_m, down, down
                     continue
                 if not down_ready:
                     for k in range(n_rows):
-                        row_scales(down_s, down_m, first + k, down_ws4[k], down_wm4[k])
+                        row_scales_into(down_s, down_m, first + k, down_ws4, down_wm4, k)
                     down_ready = True
                 slot = n_queued[t]
-                queue_axpy(down, down_ws4[i], down_wm4[i], h, slot, coef4[t], offset[t])
+                queue_axpy(down, down_ws4, down_wm4, i, h, t, slot, coef4, offset)
                 queued_rows[t, slot] = r
                 if slot == 3:
-                    flush_axpy4(down, queued_rows[t], 4, coef4[t], offset[t], acc, t)
+                    flush_axpy4(down, queued_rows, 4, coef4, offset, acc, t)
                     n_queued[t] = 0
                 else:
                     n_queued[t] = slot + 1
         first += n_rows
     for t in range(n_tokens):
-        flush_axpy4(down, queued_rows[t], n_queued[t], coef4[t], offset[t], acc, t)
+        flush_axpy4(down, queued_rows, n_queued[t], coef4, offset, acc, t)
     add_unprepared(down, acc, group, out)
 
 
