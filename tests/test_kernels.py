@@ -134,9 +134,7 @@ def test_ffn_rows(scheme, gated, act, biases, slices, n_tokens):
     else:
         K.ffn_rows(*operands, out)
     deq = lambda w: quant.dequantize(quant.quantize(w, scheme, 32))[:n_rows]  # noqa: E731
-    # a chunk of a SiLU FFN over nibble rows unpacks them to float32 (ffn.unpacks_dense_nibbles)
-    dense_nibbles = scheme in ("q4", "q4a") and act == K.ACT_SILU and n_tokens >= K.ROW_REUSE_MIN_TOKENS
-    xs = x if dense_nibbles else seen_input(x, scheme)
+    xs = seen_input(x, scheme)
     u = ref.matmul(xs, deq(w_up), b_up[:n_rows] if biases else np.zeros(0, np.float32))
     if gated:
         h = ref.gated_act(ref.matmul(xs, deq(w_gate), np.zeros(0, np.float32)), u, act)
@@ -387,7 +385,7 @@ def test_ffn_rows_over_mixed_bundles(act, n_tokens):
     K.ffn_rows(x, n_rows, v.up.data, v.up.scales, v.up.mins, v.gate.data, v.gate.scales, v.gate.mins, v.down.data,
                v.down.scales, v.down.mins, v.up_bias, v.gate_bias, 32, act, out)
     deq = {name: quant.dequantize(quant.quantize(w, s, 32)) for (name, w), s in zip(weights.items(), ("q4a", "q4a", "q8"))}
-    xs = x if (act == K.ACT_SILU and n_tokens >= K.ROW_REUSE_MIN_TOKENS) else seen_input(x, "q4a")
+    xs = seen_input(x, "q4a")
     none = np.zeros(0, np.float32)
     h = ref.gated_act(ref.matmul(xs, deq["gate"], none), ref.matmul(xs, deq["up"], none), act)
     expected = h @ deq["down"]

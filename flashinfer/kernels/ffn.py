@@ -44,22 +44,6 @@ def silu(v):
     return v * sigmoid
 
 
-def unpacks_dense_nibbles(up, n_tokens, act):
-    """Whether a chunk of tokens over q4/q4a bundles of a SiLU FFN (every neuron active for
-    every token) unpacks each row to float32 once, instead of integer dots per token: for 64
-    tokens of SmolLM2's layer (576 x 1536) 13.0 ms against 24.6 (the nibbles are unpacked once,
-    not 64 times); with ReLU, which skips most rows, the integer dots win (a 1b layer at 15%
-    active: 61 ms against 100). Rechecked with four-row integer dots (2026-12-02): SmolLM2's
-    prefill of 256 tokens 313 tok/s unpacked, 199 with integer dots. Pure-Python form."""
-    return up.dtype == np.uint8 and act == ACT_SILU and n_tokens >= ROW_REUSE_MIN_TOKENS
-
-
-@overload(unpacks_dense_nibbles)
-def _unpacks_dense_nibbles_jit(up, n_tokens, act):
-    nibbles = up.dtype == types.uint8  # decided at compile time, per dtype
-    return lambda up, n_tokens, act: nibbles and act == ACT_SILU and n_tokens >= ROW_REUSE_MIN_TOKENS
-
-
 @njit(cache=True, nogil=True, fastmath=FAST)
 def _ffn_row_range(x, lo, hi, up, up_s, up_m, gate, gate_s, gate_m, down, down_s, down_m, up_b, gate_b,
                    group, act, out):
@@ -67,7 +51,7 @@ def _ffn_row_range(x, lo, hi, up, up_s, up_m, gate, gate_s, gate_m, down, down_s
     # up and gate share a scheme (the store quantizes a bundle as one), so one layout of x serves both
     prep = prepare_input(up, x, group)
     n_tokens = x.shape[0]
-    if unpacks_rows(up, n_tokens, group) or unpacks_dense_nibbles(up, n_tokens, act):
+    if unpacks_rows(up, n_tokens, group):
         _ffn_rows_unpacked(prep[0], lo, hi, up, up_s, up_m, gate, gate_s, gate_m, down, down_s, down_m, up_b,
                            gate_b, group, act, out)
         return
@@ -100,7 +84,9 @@ def _ffn_rows_int(prep, lo, hi, up, up_s, up_m, gate, gate_s, gate_m, down, down
     Neurons go in groups of ROWS_PER_PASS: the deciding component (gate, or up when ungated) of the
     four is one pass over a token's activation blocks (int_rows_dot4; a chunk of tokens in tiles
     of four, int_rows_dots), and so is up when every neuron is active (SiLU); with ReLU an active
-    neuron's up is one row dot. Each
+    neuron's up is one row dot. With SiLU a chunk's four down columns are unpacked to float32
+    once and added for every token (_add_columns4: SmolLM2's prefill of 256 tokens 340 -> 485
+    tok/s against unpacking every component to float32, as it did before); otherwise each
     token's active neurons are queued and their down columns added four at a time (flush_axpy4:
     one pass over the token's output for four columns)."""
     n_tokens, dim = prep[0].shape[0], prep[0].shape[1]
@@ -124,6 +110,9 @@ def _ffn_rows_int(prep, lo, hi, up, up_s, up_m, gate, gate_s, gate_m, down, down
     # a chunk's dots of the group with every token (int_rows_dots), for the tokens' loop below
     dec_vals = np.empty((n_tokens if n_tokens > 1 else 0, ROWS_PER_PASS), np.float32)
     up_vals = np.empty((n_tokens if n_tokens > 1 and gated and every_neuron else 0, ROWS_PER_PASS), np.float32)
+    dense_chunk = n_tokens > 1 and every_neuron
+    h_vals = np.empty((n_tokens if dense_chunk else 0, ROWS_PER_PASS), np.float32)
+    down_v = np.empty((ROWS_PER_PASS if dense_chunk else 0, dim), np.float32)
     first = lo
     while first < hi:
         n_rows = min(ROWS_PER_PASS, hi - first)
@@ -139,6 +128,20 @@ def _ffn_rows_int(prep, lo, hi, up, up_s, up_m, gate, gate_s, gate_m, down, down
             int_rows_dots(decider, first, dec_s, dec_m, prep, dec_vals)
             if gated and every_neuron:
                 int_rows_dots(up, first, up_s, up_m, prep, up_vals)
+            if every_neuron:  # SiLU: the four down columns unpacked once, added for every token
+                for i in range(ROWS_PER_PASS):
+                    r = first + i
+                    for t in range(n_tokens):
+                        if gated:
+                            g = dec_vals[t, i] + (gate_b[r] if gate_b.shape[0] else np.float32(0.0))
+                            h_vals[t, i] = _neuron_output(up_vals[t, i], g, r, up_b, EMPTY_BIAS, gated, act)
+                        else:
+                            h_vals[t, i] = _neuron_output(dec_vals[t, i], np.float32(0.0), r, up_b, EMPTY_BIAS, gated,
+                                                          act)
+                    row_values(down, down_s, down_m, group, r, down_v[i])
+                _add_columns4(h_vals, down_v, acc)
+                first += n_rows
+                continue
         for t in range(n_tokens):
             d4, u4 = zeros4, zeros4
             if n_tokens == 1 and n_rows == ROWS_PER_PASS:
@@ -182,6 +185,18 @@ def _ffn_rows_int(prep, lo, hi, up, up_s, up_m, gate, gate_s, gate_m, down, down
     for t in range(n_tokens):
         flush_axpy4(down, queued_rows, n_queued[t], coef4, offset, acc, t)
     add_unprepared(down, acc, group, out)
+
+
+@njit(fastmath=FAST)
+def _add_columns4(h, columns, acc):
+    """acc[t] += sum_i h[t, i] * columns[i] for four float32 columns [4, dim]: one pass over each
+    token's output for four neurons, the columns' codes converted once for every token."""
+    c0, c1, c2, c3 = columns[0], columns[1], columns[2], columns[3]
+    for t in range(acc.shape[0]):
+        h0, h1, h2, h3 = h[t, 0], h[t, 1], h[t, 2], h[t, 3]
+        row = acc[t]
+        for k in range(acc.shape[1]):
+            row[k] += h0 * c0[k] + h1 * c1[k] + h2 * c2[k] + h3 * c3[k]
 
 
 @njit(cache=True, nogil=True, fastmath=FAST)

@@ -126,11 +126,12 @@ def matmul_serial(x, w, scales, mins, group, bias, out):
 
 
 # Token rows x weights (multiply-adds) below which matmul_serial is used. A parallel region
-# pays a wake-up and waits for its slowest thread: the small matmuls of a layer (SmolLM2's
-# 576 x 576) are faster serial (a decode with every matmul parallel: 45 tok/s, these serial:
-# 52; flashinfer/flash_ffn.py has the measurement); the lm_head (49152 x 576), a 7B's
-# attention matrices and prefill chunks run on all cores.
-PARALLEL_MIN_WORK = 1 << 23
+# pays a wake-up and waits for its slowest thread: a decode step's small matmuls (SmolLM2's
+# 576 x 576, 331K) gain nothing on both cores (2026-12-02, with four-row dots: 9.9 ms a token
+# either way); the lm_head (49152 x 576), a 7B's attention matrices and prefill chunks run on
+# all cores. 2**20, not 2**23: SmolLM2's 192 x 576 k/v products of a 64-token chunk (7M) are
+# parallel too, prefill 507 -> 523 tok/s (alternating in one process).
+PARALLEL_MIN_WORK = 1 << 20
 
 
 def matmul_for(n_tokens: int, n_rows: int, n_features: int):
