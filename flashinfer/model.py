@@ -91,6 +91,9 @@ class Model:
         self.fused_decode = args.norm_before and hasattr(flash_ffn, "resident_views")
         self._fusable = [self.fused_decode and all(m.data.dtype != np.float32 for m in (l.wq, l.wk, l.wv, l.wo))
                          for l in weights.layers]
+        # q, k and v of one dtype and group take one prepared input (kernels.matmul3)
+        self._shared_qkv = [l.wq.data.dtype == l.wk.data.dtype == l.wv.data.dtype and l.wq.group == l.wk.group == l.wv.group
+                            for l in weights.layers]
 
     def reset(self) -> None:
         """Start a new sequence: empty KV cache and, for the sparse path, cold neuron caches
@@ -191,7 +194,8 @@ class Model:
                        layer.attn_norm_w, layer.attn_norm_b, layer.ffn_norm_w, layer.ffn_norm_b, layer.wq, layer.bq,
                        layer.wk, layer.bk, layer.wv, layer.bv, layer.wo, layer.bo, a.positional == "rope", a.head_dim,
                        a.n_kv_heads, self.window, s.scores, views, self.flash_ffn.layers[i].n_neurons, self.act,
-                       self.flash_ffn.runs_parallel(i, a.dim), self.flash_ffn.partial.get(1), layer.b_down)
+                       self.flash_ffn.runs_parallel(i, a.dim), self.flash_ffn.partial.get(1), layer.b_down,
+                       self._shared_qkv[i])
         return True
 
     def _attention(self, i: int, layer: LayerWeights, xb: np.ndarray, start: int, out: np.ndarray) -> None:

@@ -411,3 +411,20 @@ def test_cached_machine_code_is_dropped_when_a_kernel_source_changes(tmp_path):
     entry.write_bytes(b"")
     kernels._drop_stale_compiled_kernels(tmp_path)
     assert entry.exists()
+
+
+@pytest.mark.parametrize("scheme", ["q8", "q4a", "f16"])
+@pytest.mark.parametrize("n_tokens", [1, 5])
+def test_matmul3_equals_three_matmuls(scheme, n_tokens):
+    # attention's q, k and v from one prepared input in one parallel region (kernels.matmul3)
+    from flashinfer.kernels.matmul import matmul3
+
+    x = randn(n_tokens, 96)
+    mats = [kernel_matrix(randn(rows, 96), scheme) for rows in (40, 12, 12)]
+    biases = [randn(40), np.zeros(0, np.float32), randn(12)]
+    outs = [np.full((n_tokens, m.rows), np.nan, np.float32) for m in mats]
+    matmul3(x, mats[0], biases[0], outs[0], mats[1], biases[1], outs[1], mats[2], biases[2], outs[2])
+    for m, bias, out in zip(mats, biases, outs):
+        expected = np.empty_like(out)
+        K.matmul(x, m.data, m.scales, m.mins, m.group, bias, expected)
+        np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)

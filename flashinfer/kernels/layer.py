@@ -15,7 +15,7 @@ from numba import njit
 from .attention import ATTENTION_PARALLEL_MIN_WORK, attention, attention_serial, rope, store_keys
 from .blocks import FAST
 from .ffn import ffn_rows, ffn_rows_parallel
-from .matmul import PARALLEL_MIN_WORK, matmul, matmul_serial
+from .matmul import PARALLEL_MIN_WORK, matmul, matmul3, matmul_serial
 from .norms import layernorm, rmsnorm
 
 
@@ -39,17 +39,20 @@ def _norm(rms, x, weight, bias, eps, out):
 @njit(cache=True, nogil=True, fastmath=FAST)
 def decode_layer(x, xb, q, k, attn, block_out, k_cache_t, v_cache, start, positions, inv_freq, rms, eps,
                  attn_norm_w, attn_norm_b, ffn_norm_w, ffn_norm_b, wq, bq, wk, bk, wv, bv, wo, bo, use_rope,
-                 head_dim, n_kv_heads, window, scores, ffn, n_neurons, act, ffn_parallel, partial, b_down):
+                 head_dim, n_kv_heads, window, scores, ffn, n_neurons, act, ffn_parallel, partial, b_down, shared_qkv):
     """x [1, dim] += attn(norm(x)); then x += ffn(norm(x)), a pre-norm block (Llama, Mistral,
     Qwen2; OPT-125m's pre-LN too) at position `start`. Matrices are weights.Matrix tuples, `ffn`
     the block's resident bundles as flash_ffn.BundleViews; xb/q/k/attn/block_out [1, ...] scratch
     rows; the new value row is written straight into v_cache[start]. ffn_parallel: whether the
     FFN runs on all cores (flash_ffn.ffn_over_bundles decides it the same way), `partial` its
-    per-thread sums."""
+    per-thread sums; shared_qkv: wq, wk and wv share a scheme and group (matmul3)."""
     _norm(rms, x, attn_norm_w, attn_norm_b, eps, xb)
-    _linear(xb, wq, bq, q)
-    _linear(xb, wk, bk, k)
-    _linear(xb, wv, bv, v_cache[start : start + 1])
+    if shared_qkv:  # one scheme and group: one prepared input, one parallel region
+        matmul3(xb, wq, bq, q, wk, bk, k, wv, bv, v_cache[start : start + 1])
+    else:
+        _linear(xb, wq, bq, q)
+        _linear(xb, wk, bk, k)
+        _linear(xb, wv, bv, v_cache[start : start + 1])
     if use_rope:
         rope(q, positions[start : start + 1], inv_freq, head_dim)
         rope(k, positions[start : start + 1], inv_freq, head_dim)

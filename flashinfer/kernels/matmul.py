@@ -114,6 +114,39 @@ def matmul(x, w, scales, mins, group, bias, out):
         _matmul_rows(prep, w, scales, mins, group, bias, out, c * step, min(w.shape[0], (c + 1) * step))
 
 
+@njit(nogil=True)
+def _chunking(rows, n_chunks):
+    """(rows per chunk in whole passes of ROWS_PER_PASS, chunks) for `rows` rows in about n_chunks."""
+    n_chunks = max(1, min(rows, n_chunks))
+    step = (rows + n_chunks - 1) // n_chunks
+    step = (step + ROWS_PER_PASS - 1) // ROWS_PER_PASS * ROWS_PER_PASS
+    return step, (rows + step - 1) // step
+
+
+@njit(cache=True, nogil=True, fastmath=FAST, parallel=True)
+def matmul3(x, a, a_bias, a_out, b, b_bias, b_out, c, c_bias, c_out):
+    """matmul of one input with three matrices of one scheme and group (weights.Matrix tuples;
+    attention's q, k and v): the input prepared once, and the rows of all three shared out
+    among the threads in one parallel region (three regions of SmolLM2's 576- and 192-row
+    products each waited for their slowest thread, and prepared the input again)."""
+    prep = prepare_input(a.data, x, a.group)
+    total = a.data.shape[0] + b.data.shape[0] + c.data.shape[0]
+    step = _chunking(total, PARALLEL_CHUNKS)[0]
+    na = (a.data.shape[0] + step - 1) // step
+    nb = (b.data.shape[0] + step - 1) // step
+    nc = (c.data.shape[0] + step - 1) // step
+    for chunk in prange(na + nb + nc):
+        if chunk < na:
+            lo = chunk * step
+            _matmul_rows(prep, a.data, a.scales, a.mins, a.group, a_bias, a_out, lo, min(a.data.shape[0], lo + step))
+        elif chunk < na + nb:
+            lo = (chunk - na) * step
+            _matmul_rows(prep, b.data, b.scales, b.mins, b.group, b_bias, b_out, lo, min(b.data.shape[0], lo + step))
+        else:
+            lo = (chunk - na - nb) * step
+            _matmul_rows(prep, c.data, c.scales, c.mins, c.group, c_bias, c_out, lo, min(c.data.shape[0], lo + step))
+
+
 # The same without threads, for small matrices: a parallel region costs a few us when the
 # cores are idle and whole scheduler time slices when another process holds a core (a
 # 2-layer fixture decoded at 8 tok/s instead of 2000 beside a busy process). A function of
