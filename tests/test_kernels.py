@@ -270,12 +270,10 @@ def test_integer_dot_intrinsics_portable_and_vnni_agree(monkeypatch, vnni):
     assert q8 == pytest.approx(expect8, rel=1e-5) and q4 == pytest.approx(expect4, rel=1e-5)
 
 
-@pytest.mark.parametrize("vnni", [False, True])
-@pytest.mark.parametrize("scheme", ["q8", "q4", "q4a"])
-def test_four_row_dots_portable_vnni_and_fallback_agree(monkeypatch, vnni, scheme):
-    # simd.dot4_*_blocks (four rows per pass, scales widened in the loop) against four separate
-    # one-row dots (blocks._rows_one_by_one, the path of hosts without native halves), on rows
-    # at an odd address and stride (neuron-cache views), with q8's -128
+def _intrinsic_operands(monkeypatch, vnni, scheme, n_tokens):
+    """For the multi-row intrinsics' tests: HAS_VNNI patched (read when intrinsics generate code),
+    four quantized rows at an odd address and stride (as neuron-cache views are; q8 with -128),
+    and n_tokens of activations prepared for them: (w, Matrix, prep, index of prep's block sums)."""
     from numba import njit
 
     from flashinfer.kernels import blocks, simd
@@ -283,10 +281,31 @@ def test_four_row_dots_portable_vnni_and_fallback_agree(monkeypatch, vnni, schem
     if vnni and not simd.HAS_VNNI:
         pytest.skip("this CPU has no AVX512-VNNI")
     if not simd.NATIVE_F16:
-        pytest.skip("the four-row intrinsics need native halves (F16C)")
-    monkeypatch.setattr(simd, "HAS_VNNI", vnni)  # read when the intrinsics generate code
+        pytest.skip("the multi-row intrinsics need native halves (F16C)")
+    monkeypatch.setattr(simd, "HAS_VNNI", vnni)
+    m = kernel_matrix(randn(4, 320), scheme)
+    data = m.data.copy()
+    if scheme == "q8":
+        data[1, :9] = -128
+    padded = np.zeros((4, data.shape[1] + 5), data.dtype)
+    padded[:, 3:-2] = data
+    w = padded[:, 3:-2]
+    x = randn(n_tokens, 320) * np.repeat(np.logspace(-2, 1, 10, dtype=np.float32), 32)
+    prep = njit(lambda w, x: blocks.prepare_input(w, x, 32))(w, x)
+    return w, m, prep, 4 if scheme == "q8" else 5
+
+
+@pytest.mark.parametrize("vnni", [False, True])
+@pytest.mark.parametrize("scheme", ["q8", "q4", "q4a"])
+def test_four_row_dots_portable_vnni_and_fallback_agree(monkeypatch, vnni, scheme):
+    # simd.dot4_*_blocks (four rows per pass, scales widened in the loop) against four separate
+    # one-row dots (blocks._rows_one_by_one, the path of hosts without native halves)
+    from numba import njit
+
+    from flashinfer.kernels import blocks, simd
+
+    w, m, prep, aux = _intrinsic_operands(monkeypatch, vnni, scheme, 1)
     dot4 = {"q8": simd.dot4_q8_blocks, "q4": simd.dot4_q4_blocks, "q4a": simd.dot4_q4a_blocks}[scheme]
-    aux = 4 if scheme == "q8" else 5
 
     @njit  # not cached: compiled here, under the patched flag
     def four(w, s, m, prep):
@@ -296,43 +315,22 @@ def test_four_row_dots_portable_vnni_and_fallback_agree(monkeypatch, vnni, schem
         return dot4(w.ctypes.data, w.strides[0], s.ctypes.data, s.strides[0], m_addr, m_stride, xq.ctypes.data,
                     xd.ctypes.data, xaux.ctypes.data, xd.shape[1])
 
-    @njit
-    def prepared(w, x):
-        return blocks.prepare_input(w, x, 32)
-
-    @njit
-    def one_by_one(w, s, m, prep):
-        return blocks._rows_one_by_one(w, 0, s, m, prep, 0)
-
-    m = kernel_matrix(randn(4, 320), scheme)
-    data = m.data.copy()
-    if scheme == "q8":
-        data[0, :7] = -128
-    padded = np.zeros((4, data.shape[1] + 5), data.dtype)
-    padded[:, 3:-2] = data
-    w = padded[:, 3:-2]
-    x = randn(1, 320) * np.repeat(np.logspace(-2, 1, 10, dtype=np.float32), 32)
-    prep = prepared(w, x)
-    got = np.array(four(w, m.scales, m.mins, prep))
-    np.testing.assert_allclose(got, np.array(one_by_one(w, m.scales, m.mins, prep)), rtol=1e-5, atol=1e-5)
+    one_by_one = njit(lambda w, s, m, prep: blocks._rows_one_by_one(w, 0, s, m, prep, 0))
+    np.testing.assert_allclose(np.array(four(w, m.scales, m.mins, prep)),
+                               np.array(one_by_one(w, m.scales, m.mins, prep)), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("vnni", [False, True])
 @pytest.mark.parametrize("scheme", ["q8", "q4", "q4a"])
 def test_tile_dots_portable_vnni_and_fallback_agree(monkeypatch, vnni, scheme):
     # simd.dot4x4_*_blocks (four rows x four tokens per pass) against four-row dots token by
-    # token (blocks._tile_by_rows4, the path of hosts without native halves), on strided rows
+    # token (blocks._tile_by_rows4, the path of hosts without native halves)
     from numba import njit
 
     from flashinfer.kernels import blocks, simd
 
-    if vnni and not simd.HAS_VNNI:
-        pytest.skip("this CPU has no AVX512-VNNI")
-    if not simd.NATIVE_F16:
-        pytest.skip("the tile intrinsics need native halves (F16C)")
-    monkeypatch.setattr(simd, "HAS_VNNI", vnni)  # read when the intrinsics generate code
+    w, m, prep, aux = _intrinsic_operands(monkeypatch, vnni, scheme, 6)
     tile = {"q8": simd.dot4x4_q8_blocks, "q4": simd.dot4x4_q4_blocks, "q4a": simd.dot4x4_q4a_blocks}[scheme]
-    aux = 4 if scheme == "q8" else 5
 
     @njit  # not cached: compiled here, under the patched flag
     def tiled(w, s, m, prep, t):
@@ -343,23 +341,7 @@ def test_tile_dots_portable_vnni_and_fallback_agree(monkeypatch, vnni, scheme):
                     xq.ctypes.data + t * xq.strides[0], xq.strides[0], xd.ctypes.data + t * xd.strides[0],
                     xd.strides[0], xaux.ctypes.data + t * xaux.strides[0], xaux.strides[0], xd.shape[1])
 
-    @njit
-    def prepared(w, x):
-        return blocks.prepare_input(w, x, 32)
-
-    @njit
-    def by_rows(w, s, m, prep, t):
-        return blocks._tile_by_rows4(w, 0, s, m, prep, t)
-
-    m = kernel_matrix(randn(4, 320), scheme)
-    data = m.data.copy()
-    if scheme == "q8":
-        data[1, :9] = -128
-    padded = np.zeros((4, data.shape[1] + 5), data.dtype)
-    padded[:, 3:-2] = data
-    w = padded[:, 3:-2]
-    x = randn(6, 320) * np.repeat(np.logspace(-2, 1, 10, dtype=np.float32), 32)
-    prep = prepared(w, x)
+    by_rows = njit(lambda w, s, m, prep, t: blocks._tile_by_rows4(w, 0, s, m, prep, t))
     for t in (0, 2):  # tokens 0-3, and 2-5
         np.testing.assert_allclose(np.array(tiled(w, m.scales, m.mins, prep, t)),
                                    np.array(by_rows(w, m.scales, m.mins, prep, t)), rtol=1e-5, atol=1e-5)

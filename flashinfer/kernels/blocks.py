@@ -260,6 +260,16 @@ def _rows_one_by_one(w, r, scales, mins, prep, t):
     return d0, d1, d2, int_row_dot(w, r + 3, ws, wm, prep, t)
 
 
+@njit
+def _operands(w, r, scales, mins, xq, xd, xaux, t):
+    """Addresses of row r's codes, scales and mins (0 and stride 0 when there are none) and of token
+    t's activation codes, block scales and block sums: what the multi-row intrinsics take."""
+    has_mins = mins.shape[0] > 0
+    return (w.ctypes.data + r * w.strides[0], scales.ctypes.data + r * scales.strides[0],
+            mins.ctypes.data + r * mins.strides[0] if has_mins else 0, mins.strides[0] if has_mins else 0,
+            xq.ctypes.data + t * xq.strides[0], xd.ctypes.data + t * xd.strides[0], xaux.ctypes.data + t * xaux.strides[0])
+
+
 @overload(int_rows_dot4)
 def _int_rows_dot4_jit(w, r, scales, mins, prep, t):
     if not NATIVE_F16:
@@ -269,17 +279,13 @@ def _int_rows_dot4_jit(w, r, scales, mins, prep, t):
     has_mins = w.dtype == types.uint8  # q4a; q4 (no mins) is told apart at run time
 
     def rows4(w, r, scales, mins, prep, t):
-        xq, xd, xaux = prep[2], prep[3], prep[aux]
-        x_addr, xd_addr, xaux_addr = (xq.ctypes.data + t * xq.strides[0], xd.ctypes.data + t * xd.strides[0],
-                                      xaux.ctypes.data + t * xaux.strides[0])
-        w_addr, s_addr = w.ctypes.data + r * w.strides[0], scales.ctypes.data + r * scales.strides[0]
-        if has_mins and mins.shape[0] == 0:
+        w_addr, s_addr, m_addr, m_stride, x_addr, xd_addr, xaux_addr = _operands(w, r, scales, mins, prep[2], prep[3],
+                                                                                 prep[aux], t)
+        if has_mins and m_addr == 0:  # q4: no mins
             return dot4_q4_blocks(w_addr, w.strides[0], s_addr, scales.strides[0], 0, 0, x_addr, xd_addr, xaux_addr,
-                                  xd.shape[1])
-        m_addr = mins.ctypes.data + r * mins.strides[0] if has_mins else 0
-        m_stride = mins.strides[0] if has_mins else 0
+                                  prep[3].shape[1])
         return dot4(w_addr, w.strides[0], s_addr, scales.strides[0], m_addr, m_stride, x_addr, xd_addr, xaux_addr,
-                    xd.shape[1])
+                    prep[3].shape[1])
 
     return rows4
 
@@ -328,16 +334,13 @@ def _int_tile_dot4x4_jit(w, r, scales, mins, prep, t):
 
     def tile4x4(w, r, scales, mins, prep, t):
         xq, xd, xaux = prep[2], prep[3], prep[aux]
-        x_addr, xd_addr, xaux_addr = (xq.ctypes.data + t * xq.strides[0], xd.ctypes.data + t * xd.strides[0],
-                                      xaux.ctypes.data + t * xaux.strides[0])
-        w_addr, s_addr = w.ctypes.data + r * w.strides[0], scales.ctypes.data + r * scales.strides[0]
-        if has_mins and mins.shape[0] == 0:
-            return dot4x4_q4_blocks(w_addr, w.strides[0], s_addr, scales.strides[0], 0, 0, x_addr, xq.strides[0],
-                                    xd_addr, xd.strides[0], xaux_addr, xaux.strides[0], xd.shape[1])
-        m_addr = mins.ctypes.data + r * mins.strides[0] if has_mins else 0
-        m_stride = mins.strides[0] if has_mins else 0
-        return tile(w_addr, w.strides[0], s_addr, scales.strides[0], m_addr, m_stride, x_addr, xq.strides[0], xd_addr,
-                    xd.strides[0], xaux_addr, xaux.strides[0], xd.shape[1])
+        w_addr, s_addr, m_addr, m_stride, x_addr, xd_addr, xaux_addr = _operands(w, r, scales, mins, xq, xd, xaux, t)
+        strides = (xq.strides[0], xd.strides[0], xaux.strides[0])
+        if has_mins and m_addr == 0:  # q4: no mins
+            return dot4x4_q4_blocks(w_addr, w.strides[0], s_addr, scales.strides[0], 0, 0, x_addr, strides[0], xd_addr,
+                                    strides[1], xaux_addr, strides[2], xd.shape[1])
+        return tile(w_addr, w.strides[0], s_addr, scales.strides[0], m_addr, m_stride, x_addr, strides[0], xd_addr,
+                    strides[1], xaux_addr, strides[2], xd.shape[1])
 
     return tile4x4
 

@@ -203,18 +203,7 @@ def _splat(builder, addr, b):
 
 def _counted_loop(builder, limit, body, step: int = 1, name: str = "loop"):
     """for i in range(0, limit, step): body(builder, i) — an IR loop with no result."""
-    entry = builder.block
-    loop = builder.append_basic_block(name)
-    done = builder.append_basic_block(name + ".done")
-    builder.cbranch(builder.icmp_signed(">", limit, ir.Constant(_I64, 0)), loop, done)
-    builder.position_at_end(loop)
-    i = builder.phi(_I64)
-    i.add_incoming(ir.Constant(_I64, 0), entry)
-    body(builder, i)
-    nxt = builder.add(i, ir.Constant(_I64, step), flags=["nuw", "nsw"])
-    i.add_incoming(nxt, builder.block)
-    builder.cbranch(builder.icmp_signed("<", nxt, limit), loop, done)
-    builder.position_at_end(done)
+    _carried_loop(builder, limit, [], lambda builder, i, carried: body(builder, i) or [], step=step, name=name)
 
 
 @intrinsic
@@ -329,9 +318,9 @@ def widen_f16(typingctx, src_addr, dst_addr, n):
 
 # ---- four rows per pass ---------------------------------------------------------------
 
-def _carried_loop(builder, limit, inits, body, name: str = "rows4"):
-    """for b in range(limit): values = body(builder, b, values), starting from `inits`; the
-    final values (the inits when limit <= 0). The loop-carried values stay in registers."""
+def _carried_loop(builder, limit, inits, body, step: int = 1, name: str = "rows4"):
+    """for b in range(0, limit, step): values = body(builder, b, values), starting from `inits`;
+    the final values (the inits when limit <= 0). The loop-carried values stay in registers."""
     entry = builder.block
     loop = builder.append_basic_block(name)
     done = builder.append_basic_block(name + ".done")
@@ -345,7 +334,7 @@ def _carried_loop(builder, limit, inits, body, name: str = "rows4"):
         p.add_incoming(v, entry)
         phis.append(p)
     new = body(builder, b, phis)
-    b_next = builder.add(b, ir.Constant(_I64, 1), flags=["nuw", "nsw"])
+    b_next = builder.add(b, ir.Constant(_I64, step), flags=["nuw", "nsw"])
     b.add_incoming(b_next, builder.block)
     for p, v in zip(phis, new):
         p.add_incoming(v, builder.block)
