@@ -38,6 +38,9 @@ def summary_table(summary: dict, run: dict) -> str:
         lines.append(f"dense FFN: {len(resident)} of {n_layers} layers resident in DRAM after their first read"
                      + (f" ({_ranges(resident)}); the others stream from flash every token" if 0 < len(resident) < n_layers
                         else "; nothing is read from flash per token" if resident else "; every layer streams from flash"))
+        if resident:  # kernels/layer.py: the untraced engine runs such a block's decode step as one call
+            lines.append("traced per kernel: an untraced decode runs each resident block as one compiled call "
+                         "(kernels.decode_layer), without the Python between kernels counted in 'other' here")
     lines.append("")
     head = (f"{'layer':>5} {'hit rate':>8} {'neurons/tok':>11} {'MB read/tok':>11} {'ms I/O/tok':>10} "
             f"{'ms compute/tok':>14} {'evicted/tok':>11} {'cache rows':>13}")

@@ -74,6 +74,7 @@ def test_dense_run_that_fits_reads_nothing_per_token(store, capsys):
     out = capsys.readouterr().out
     assert f"dense FFN: {engine.args.n_layers} of {engine.args.n_layers} layers resident" in out
     assert "nothing is read from flash per token" in out
+    assert "one compiled call" in out  # the profile says it traces the per-kernel path
 
 
 def test_untraced_runs_leave_no_trace_and_same_tokens(store):
