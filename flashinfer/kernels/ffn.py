@@ -131,13 +131,10 @@ def _ffn_rows_int(prep, lo, hi, up, up_s, up_m, gate, gate_s, gate_m, down, down
             if every_neuron:  # SiLU: the four down columns unpacked once, added for every token
                 for i in range(ROWS_PER_PASS):
                     r = first + i
-                    for t in range(n_tokens):
-                        if gated:
-                            g = dec_vals[t, i] + (gate_b[r] if gate_b.shape[0] else np.float32(0.0))
-                            h_vals[t, i] = _neuron_output(up_vals[t, i], g, r, up_b, EMPTY_BIAS, gated, act)
-                        else:
-                            h_vals[t, i] = _neuron_output(dec_vals[t, i], np.float32(0.0), r, up_b, EMPTY_BIAS, gated,
-                                                          act)
+                    for t in range(n_tokens):  # gated: dec_vals holds the gate's dots; else the up's
+                        u = up_vals[t, i] if gated else dec_vals[t, i]
+                        g = dec_vals[t, i] if gated else np.float32(0.0)
+                        h_vals[t, i] = _neuron_output(u, g, r, up_b, gate_b, gated, act)
                     row_values(down, down_s, down_m, group, r, down_v[i])
                 _add_columns4(h_vals, down_v, acc)
                 first += n_rows
