@@ -10,15 +10,14 @@ one dot, not two, and no down-projection work.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange, types
-from numba.extending import overload
+from numba import njit, prange
 
 from .blocks import (FAST, ROWS_PER_PASS, add_unprepared, flush_axpy4, int_row_dot, int_rows_dot4, int_rows_dots,
                      prepare_input, queue_axpy, row_axpy, row_dot, row_scales, row_scales_into, row_scratch, row_values,
                      uses_int_dots)
 from .attention import exp_nonpositive
 from .simd import prefetch_lines
-from .matmul import ROW_REUSE_MIN_TOKENS, _dot, unpacks_rows
+from .matmul import _dot, unpacks_rows
 
 ACT_SILU = 0
 ACT_RELU = 1

@@ -378,6 +378,41 @@ def _fmuladd(builder, a, b, c):
     return builder.call(fn, [a, b, c])
 
 
+def _block_codes(builder, row, b, nibbles: bool):
+    """Block b of the weight row at `row`, as _block_isum takes it: VNNI's unsigned bytes (nibbles,
+    or q8 codes + 128), else int16 halves (low/high nibbles, or the q8 codes' two halves)."""
+    if nibbles:
+        packed = _load(builder, row, builder.mul(b, ir.Constant(_I64, BLOCK // 2)), _vec(_I8, 16))
+        lo = builder.and_(packed, _const_vec(_I8, [15] * 16))
+        hi = builder.lshr(packed, _const_vec(_I8, [4] * 16))
+        if HAS_VNNI:
+            return _shuffle(builder, lo, hi, range(32))
+        return builder.zext(lo, _vec(_I16, 16)), builder.zext(hi, _vec(_I16, 16))
+    raw = _load(builder, row, builder.mul(b, ir.Constant(_I64, BLOCK)), _vec(_I8, 32))
+    if HAS_VNNI:  # w + 128 as unsigned bytes: sum (w + 128) x - 128 sum x
+        return builder.xor(raw, _const_vec(_I8, [-128] * 32))
+    return _halves(builder, builder.sext(raw, _vec(_I16, 32)), 32)
+
+
+def _block_isum(builder, codes, xv, correction):
+    """<8 x i32> partial sums of a block's 32 code x activation products (codes from _block_codes,
+    xv the token's <32 x i8>); `correction` (q8 on VNNI: 128 x the activations' code sum, in lane
+    0) is subtracted, else None."""
+    if HAS_VNNI:
+        isum = _vpdpbusd(builder, codes, xv)
+        return isum if correction is None else builder.sub(isum, correction)
+    x_lo, x_hi = _halves(builder, builder.sext(xv, _vec(_I16, 32)), 32)
+    return _sum_to_i32x8(builder, builder.add(builder.mul(codes[0], x_lo), builder.mul(codes[1], x_hi)))
+
+
+def _q8_correction(builder, xaux, b):
+    """<8 x i32> with 128 x the activations' code sum of block b in lane 0 (the eight lanes are
+    summed at the end): what q8's +128 on VNNI adds."""
+    ptr = builder.inttoptr(builder.add(xaux, builder.mul(b, ir.Constant(_I64, 4))), _I32.as_pointer())
+    c = builder.mul(builder.load(ptr, align=4), ir.Constant(_I32, 128))
+    return builder.insert_element(ir.Constant(_vec(_I32, 8), [ir.Constant(_I32, 0)] * 8), c, ir.Constant(_I32, 0))
+
+
 def _rows4_codegen(kind: str):
     """Codegen of dot4_<kind>_blocks (kind: q8, q4 or q4a); see dot4_q8_blocks."""
     nibbles = kind != "q8"
@@ -393,36 +428,11 @@ def _rows4_codegen(kind: str):
             d_x8 = _splat8(builder, _f32_at(builder, xd, b))
             if nibbles:  # the block's dequantized activation sum, for the min (q4a) or -8 * scale (q4)
                 x_sum = _f32_at(builder, xaux, b)
-            elif HAS_VNNI:  # the block's activation code sum: corrects the +128 that makes w unsigned
-                ptr = builder.inttoptr(builder.add(xaux, builder.mul(b, ir.Constant(_I64, 4))), _I32.as_pointer())
-                x_codes = builder.mul(builder.load(ptr, align=4), ir.Constant(_I32, 128))
-                # in lane 0 only: the eight lanes are summed at the end
-                x_codes = builder.insert_element(ir.Constant(_vec(_I32, 8), [ir.Constant(_I32, 0)] * 8), x_codes,
-                                                 ir.Constant(_I32, 0))
+            correction = _q8_correction(builder, xaux, b) if not nibbles and HAS_VNNI else None
             new_acc, new_off = [], []
             for r in range(4):
                 row_off = ir.Constant(_I64, r) if r == 0 else builder.mul(w_stride, ir.Constant(_I64, r))
-                row = builder.add(w, row_off)
-                if nibbles:
-                    packed = _load(builder, row, builder.mul(b, ir.Constant(_I64, BLOCK // 2)), _vec(_I8, 16))
-                    lo = builder.and_(packed, _const_vec(_I8, [15] * 16))
-                    hi = builder.lshr(packed, _const_vec(_I8, [4] * 16))
-                    if HAS_VNNI:
-                        isum = _vpdpbusd(builder, _shuffle(builder, lo, hi, range(32)), xv)
-                    else:
-                        x_lo, x_hi = _halves(builder, builder.sext(xv, _vec(_I16, 32)), 32)
-                        p16 = builder.add(builder.mul(builder.zext(lo, _vec(_I16, 16)), x_lo),
-                                          builder.mul(builder.zext(hi, _vec(_I16, 16)), x_hi))
-                        isum = _sum_to_i32x8(builder, p16)
-                else:
-                    codes = _load(builder, row, off, _vec(_I8, 32))
-                    if HAS_VNNI:  # w + 128 as unsigned bytes: sum (w + 128) x - 128 sum x
-                        unsigned = builder.xor(codes, _const_vec(_I8, [-128] * 32))
-                        isum = builder.sub(_vpdpbusd(builder, unsigned, xv), x_codes)
-                    else:
-                        w_lo, w_hi = _halves(builder, builder.sext(codes, _vec(_I16, 32)), 32)
-                        x_lo, x_hi = _halves(builder, builder.sext(xv, _vec(_I16, 32)), 32)
-                        isum = _sum_to_i32x8(builder, builder.add(builder.mul(w_lo, x_lo), builder.mul(w_hi, x_hi)))
+                isum = _block_isum(builder, _block_codes(builder, builder.add(w, row_off), b, nibbles), xv, correction)
                 scale_row = builder.add(s, builder.mul(s_stride, ir.Constant(_I64, r)))
                 w_scale8 = _half_splat8(builder, scale_row, b)
                 d = builder.fmul(w_scale8, d_x8)
@@ -477,11 +487,6 @@ def _gather4(builder, values):
     return v
 
 
-def _splat4(builder, s):
-    one = builder.insert_element(ir.Constant(_vec(_F32, 4), None), s, ir.Constant(_I32, 0))
-    return _shuffle(builder, one, ir.Constant(_vec(_F32, 4), None), [0] * 4)
-
-
 def _tile_codegen(kind: str):
     """Codegen of dot4x4_<kind>_blocks; see there."""
     nibbles = kind != "q8"
@@ -501,40 +506,15 @@ def _tile_codegen(kind: str):
             d_x = _gather4(builder, [_f32_at(builder, at(xd, xd_stride, t), b) for t in range(4)])
             if nibbles:
                 x_sums = _gather4(builder, [_f32_at(builder, at(xaux, xaux_stride, t), b) for t in range(4)])
-            elif HAS_VNNI:
-                corrections = []
-                for t in range(4):
-                    addr = builder.add(at(xaux, xaux_stride, t), builder.mul(b, ir.Constant(_I64, 4)))
-                    c = builder.mul(builder.load(builder.inttoptr(addr, _I32.as_pointer()), align=4),
-                                    ir.Constant(_I32, 128))
-                    corrections.append(builder.insert_element(
-                        ir.Constant(_vec(_I32, 8), [ir.Constant(_I32, 0)] * 8), c, ir.Constant(_I32, 0)))
+            corrections = [_q8_correction(builder, at(xaux, xaux_stride, t), b) if not nibbles and HAS_VNNI else None
+                           for t in range(4)]
             new = list(carried)
             for r in range(4):
-                row = at(w, w_stride, r)
-                if nibbles:
-                    packed = _load(builder, row, builder.mul(b, ir.Constant(_I64, BLOCK // 2)), _vec(_I8, 16))
-                    lo = builder.and_(packed, _const_vec(_I8, [15] * 16))
-                    hi = builder.lshr(packed, _const_vec(_I8, [4] * 16))
-                    if HAS_VNNI:
-                        codes = _shuffle(builder, lo, hi, range(32))
-                    else:
-                        codes = (builder.zext(lo, _vec(_I16, 16)), builder.zext(hi, _vec(_I16, 16)))
-                else:
-                    raw = _load(builder, row, off, _vec(_I8, 32))
-                    codes = (builder.xor(raw, _const_vec(_I8, [-128] * 32)) if HAS_VNNI
-                             else _halves(builder, builder.sext(raw, _vec(_I16, 32)), 32))
+                codes = _block_codes(builder, at(w, w_stride, r), b, nibbles)
                 w_scale8 = _half_splat8(builder, at(s, s_stride, r), b)
                 d_rt = builder.fmul(d_x, _shuffle(builder, w_scale8, w_scale8, range(4)))  # times each token's
                 for t in range(4):
-                    if HAS_VNNI:
-                        isum = _vpdpbusd(builder, codes, xs[t])
-                        if not nibbles:
-                            isum = builder.sub(isum, corrections[t])
-                    else:
-                        x_lo, x_hi = _halves(builder, builder.sext(xs[t], _vec(_I16, 32)), 32)
-                        isum = _sum_to_i32x8(builder, builder.add(builder.mul(codes[0], x_lo),
-                                                                  builder.mul(codes[1], x_hi)))
+                    isum = _block_isum(builder, codes, xs[t], corrections[t])
                     d = _splat8(builder, builder.extract_element(d_rt, ir.Constant(_I32, t)))
                     k = 4 * r + t
                     new[k] = _fmuladd(builder, builder.sitofp(isum, _vec(_F32, 8)), d, carried[k])
