@@ -104,13 +104,21 @@ def smollm2_files(quant: str | None) -> tuple[Path, Path]:
     gguf = ggufs[0]
     expected = (quant, quant) if quant else converter_defaults()
     store = MODELS_DIR / f"smollm2-{expected[0]}"
-    if not (store / "manifest.json").exists():
-        run.sh([*run.FI, "convert", gguf, store, *(["--quant", quant, "--resident-quant", quant] if quant else [])])
+    # a store from before W_down was kept as rows (convert --ffn-down) is converted again
+    stale = (store / "manifest.json").exists() and store_layout(store) != "rows"
+    if stale or not (store / "manifest.json").exists():
+        run.sh([*run.FI, "convert", gguf, store, *(["--quant", quant, "--resident-quant", quant] if quant else []),
+                *(["--overwrite"] if stale else [])])
     found = store_quant(store)
     if found != expected:
         raise SystemExit(f"error: {store} holds FFN {found[0]} / resident {found[1]}, not {expected[0]} / "
                          f"{expected[1]}; remove it to convert again")
     return store, gguf
+
+
+def store_layout(store: Path) -> str:
+    """Where the store keeps W_down: "rows" or "columns" (convert --ffn-down; older stores: columns)."""
+    return json.loads((store / "manifest.json").read_text())["quant"].get("ffn_down", "columns")
 
 
 def store_quant(store: Path) -> tuple[str, str]:

@@ -199,7 +199,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     try:
         out = convert_checkpoint(args.model, args.out, quant=args.quant, resident_quant=args.resident_quant,
                                  group_size=args.group_size, compression=args.compress, overwrite=args.overwrite,
-                                 progress=progress, tokenizer_dir=args.tokenizer)
+                                 progress=progress, tokenizer_dir=args.tokenizer, ffn_down=args.ffn_down)
     finally:
         progress.close()
     seconds = time.perf_counter() - t0
@@ -396,8 +396,12 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("model", help="Hugging Face model directory, or a .gguf file")
     convert.add_argument("out", help="store directory to create")
     convert.add_argument("--quant", default="auto", choices=("auto", *SCHEMES),
-                         help="FFN bundles (default auto: a GGUF's Q8_0/Q4_0/Q4_1 blocks kept as they are, "
-                              "with a q8 down column; otherwise q4)")
+                         help="FFN (default auto: a GGUF's Q8_0/Q4_0/Q4_1 blocks kept as they are, with a q8 "
+                              "down column in bundles; otherwise q4)")
+    convert.add_argument("--ffn-down", default="auto", choices=("auto", "columns", "rows"),
+                         help="W_down as each neuron's column in its bundle (what sparse predictors need) or as "
+                              "whole rows after the bundles (a GGUF's blocks kept exactly, faster dense FFN); "
+                              "default auto: rows for SiLU models, columns for ReLU models")
     convert.add_argument("--resident-quant", default="auto", choices=("auto", *SCHEMES),
                          help="embeddings, attention, lm_head (default auto: a GGUF's exact blocks kept, otherwise "
                               "q8); norms and biases stay f32")

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from flashinfer.config import ModelArgs
-from flashinfer.errors import ModelPathError, TokenizerError, UnsupportedArchitectureError
+from flashinfer.errors import ConfigError, ModelPathError, TokenizerError, UnsupportedArchitectureError
 from flashinfer.weights import map_hf_tensors
 from storage.format import TOKENIZER_FILES
 from storage.quant import check_scheme
@@ -37,6 +37,23 @@ DEFAULT_GROUP_SIZE = 32
 # of 4-bit values rounds far less than a second 4-bit rounding would.
 AUTO = "auto"
 DOWN_FOR_KEPT_4BIT = "q8"
+# Where W_down goes (--ffn-down): "columns", neuron i's column in its bundle, which the sparse
+# path needs (a neuron read from flash brings everything it needs); "rows", W_down whole after
+# the bundles (storage/format.py, FFNLayer.matrices), in the source's own blocks where it has
+# them: a GGUF's down blocks run along the neurons, so only rows keep them unrounded, and a dense
+# down-projection over rows is an integer matmul (SmolLM2's FFN in decode: 104 -> ~50 us a layer)
+# where columns are a float scatter. "auto": rows for SiLU models, which run densely (every
+# neuron active); columns for ReLU models, which run sparse.
+FFN_DOWN_LAYOUTS = ("auto", "columns", "rows")
+
+
+def down_layout(args: ModelArgs, requested: str) -> str:
+    """"rows" or "columns" for W_down (see FFN_DOWN_LAYOUTS)."""
+    if requested not in FFN_DOWN_LAYOUTS:
+        raise ConfigError(f"--ffn-down {requested!r} is not one of {', '.join(FFN_DOWN_LAYOUTS)}")
+    if requested != AUTO:
+        return requested
+    return "rows" if args.act == "silu" else "columns"
 
 
 class _Safetensors:
@@ -97,35 +114,42 @@ def resident_scheme(src, name: str, requested: str) -> str:
     return _kept_scheme(src, name) or DEFAULT_RESIDENT_QUANT
 
 
-def ffn_schemes(src, stored: dict[str, str], args: ModelArgs, layer: int, requested: str) -> dict[str, str]:
-    """The scheme of each bundle component of `layer` (see AUTO). up and gate always share one:
-    the FFN kernel lays out its input once for both."""
+def ffn_schemes(src, stored: dict[str, str], args: ModelArgs, layer: int, requested: str,
+                rows: bool = False) -> dict[str, str]:
+    """The scheme of each FFN component of `layer` (see AUTO). up and gate always share one:
+    the FFN kernel lays out its input once for both. `rows`: W_down is written whole
+    (down_layout), in its own kept blocks where the source has them."""
     if requested != AUTO:
         return {"up": requested, "gate": requested, "down": requested}
     p = f"layers.{layer}.ffn."
     kept = {_kept_scheme(src, stored[p + f"w_{c}.weight"]) for c in (("up", "gate") if args.gated_ffn else ("up",))}
     scheme = kept.pop() if len(kept) == 1 else None
-    if scheme not in ("q8", "q4", "q4a"):
-        return {"up": DEFAULT_FFN_QUANT, "gate": DEFAULT_FFN_QUANT, "down": DEFAULT_FFN_QUANT}
-    return {"up": scheme, "gate": scheme, "down": "q8" if scheme == "q8" else DOWN_FOR_KEPT_4BIT}
+    if scheme in ("q8", "q4", "q4a"):
+        up, down_column = scheme, ("q8" if scheme == "q8" else DOWN_FOR_KEPT_4BIT)
+    else:
+        up, down_column = DEFAULT_FFN_QUANT, DEFAULT_FFN_QUANT
+    if rows:
+        down = _kept_scheme(src, stored[p + "w_down.weight"])
+        return {"up": up, "gate": up, "down": down if down in ("q8", "q4", "q4a") else DEFAULT_FFN_QUANT}
+    return {"up": up, "gate": up, "down": down_column}
 
 
 def convert_checkpoint(model_path: str | Path, out_dir: str | Path, *, quant: str = AUTO,
                        resident_quant: str = AUTO, group_size: int = DEFAULT_GROUP_SIZE,
                        compression: str = "none", overwrite: bool = False, progress=None,
-                       tokenizer_dir: str | Path | None = None) -> Path:
+                       tokenizer_dir: str | Path | None = None, ffn_down: str = AUTO) -> Path:
     """Write the store for the model at `model_path` to `out_dir`; returns out_dir.
 
     `model_path` is a Hugging Face model directory or a llama.cpp GGUF file (architecture
     "llama"; see convert_gguf). `quant` / `resident_quant`: a scheme of storage/quant.py, or
     "auto" (see AUTO: a GGUF's exact blocks kept, else q4 FFN / q8 resident). `tokenizer_dir`,
     if given, holds the tokenizer.json (and optionally tokenizer_config.json) to store instead
-    of the model's own."""
+    of the model's own. `ffn_down`: where W_down goes (FFN_DOWN_LAYOUTS)."""
     model_path = Path(model_path)
     if model_path.is_file():
         return convert_gguf(model_path, out_dir, quant=quant, resident_quant=resident_quant, group_size=group_size,
                             compression=compression, overwrite=overwrite, progress=progress,
-                            tokenizer_dir=tokenizer_dir)
+                            tokenizer_dir=tokenizer_dir, ffn_down=ffn_down)
     args = ModelArgs.from_model_dir(model_path)
     _check_schemes(quant, resident_quant)
     tokenizer_files = _tokenizer_dir_files(tokenizer_dir or model_path, args)
@@ -134,7 +158,7 @@ def convert_checkpoint(model_path: str | Path, out_dir: str | Path, *, quant: st
         hf_config = json.loads((model_path / "config.json").read_text())
         return _write_store(_Safetensors(ckpt), args, hf_config, out_dir, tokenizer_files,
                             quant=quant, resident_quant=resident_quant, group_size=group_size,
-                            compression=compression, overwrite=overwrite, progress=progress)
+                            compression=compression, overwrite=overwrite, progress=progress, ffn_down=ffn_down)
     finally:
         ckpt.close()
 
@@ -142,7 +166,7 @@ def convert_checkpoint(model_path: str | Path, out_dir: str | Path, *, quant: st
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, quant: str = AUTO,
                  resident_quant: str = AUTO, group_size: int = DEFAULT_GROUP_SIZE,
                  compression: str = "none", overwrite: bool = False, progress=None,
-                 tokenizer_dir: str | Path | None = None) -> Path:
+                 tokenizer_dir: str | Path | None = None, ffn_down: str = AUTO) -> Path:
     """Write the store for a llama.cpp GGUF file (architecture "llama", tensors F32, F16,
     BF16, Q8_0 or another type in storage.gguf.SUPPORTED_TYPES) to `out_dir`.
 
@@ -177,15 +201,17 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, quant: str = AUT
                                _write_json(Path(tmp) / "tokenizer_config.json", tokenizer_config)]
         return _write_store(ckpt, args, hf_config, out_dir, tokenizer_files,
                             quant=quant, resident_quant=resident_quant, group_size=group_size,
-                            compression=compression, overwrite=overwrite, progress=progress)
+                            compression=compression, overwrite=overwrite, progress=progress, ffn_down=ffn_down)
 
 
 def _write_store(src, args: ModelArgs, hf_config: dict, out_dir: str | Path, tokenizer_files: list[Path], *,
                  quant: str, resident_quant: str, group_size: int, compression: str, overwrite: bool,
-                 progress) -> Path:
+                 progress, ffn_down: str = AUTO) -> Path:
     """Stream every tensor of `src` (a _Safetensors or a GGUFCheckpoint) into a new store."""
     stored = map_hf_tensors(args, src)
-    quant_config = {"ffn": quant, "resident": resident_quant, "group_size": group_size}
+    rows = down_layout(args, ffn_down) == "rows"
+    quant_config = {"ffn": quant, "resident": resident_quant, "group_size": group_size,
+                    "ffn_down": "rows" if rows else "columns"}
     with StoreWriter(out_dir, model_config=args.to_dict(), hf_config=hf_config, quant_config=quant_config,
                      compression=compression, source=str(src.source), overwrite=overwrite,
                      progress=progress) as writer:
@@ -195,9 +221,11 @@ def _write_store(src, args: ModelArgs, hf_config: dict, out_dir: str | Path, tok
                 writer.add_resident(canonical, _LazyRows(src, name), scheme, group_size if scheme != "f32" else 0)
                 src.release(name)  # keeps peak RSS at one tensor, not the whole checkpoint
         for i in range(args.n_layers):
-            schemes = ffn_schemes(src, stored, args, i, quant)
+            schemes = ffn_schemes(src, stored, args, i, quant, rows)
+            down = stored[f"layers.{i}.ffn.w_down.weight"]
             writer.add_ffn_layer(i, args.ffn_dim, args.dim, schemes, group_size,
-                                 _neuron_blocks(src, stored, args, i, schemes, group_size))
+                                 _neuron_blocks(src, stored, args, i, schemes, group_size, rows),
+                                 matrices={"down": (_LazyRows(src, down), schemes["down"])} if rows else None)
             for canonical, name in stored.items():
                 if canonical.startswith(f"layers.{i}.ffn."):
                     src.release(name)
@@ -246,9 +274,10 @@ def _in_bundles(canonical: str) -> bool:
 
 
 def _neuron_blocks(src, stored: dict[str, str], args: ModelArgs, layer: int, schemes: dict[str, str],
-                   group_size: int):
+                   group_size: int, down_rows: bool = False):
     """neuron_block(start, stop) for StoreWriter.add_ffn_layer: rows of up/gate (the source's
-    own blocks where they are kept: its scheme, and groups of 32 as a GGUF's blocks), columns of down."""
+    own blocks where they are kept: its scheme, and groups of 32 as a GGUF's blocks), columns of
+    down (none when W_down is written whole, `down_rows`)."""
     p = f"layers.{layer}.ffn."
 
     def rows_of(component: str, rows: slice):
@@ -262,7 +291,7 @@ def _neuron_blocks(src, stored: dict[str, str], args: ModelArgs, layer: int, sch
         rows = slice(start, stop)
         arrays = {
             "up": rows_of("up", rows),
-            "down": src.rows_f32(stored[p + "w_down.weight"], cols=rows).T,
+            "down": None if down_rows else src.rows_f32(stored[p + "w_down.weight"], cols=rows).T,
             "gate": rows_of("gate", rows) if args.gated_ffn else None,
         }
         if args.ffn_bias:

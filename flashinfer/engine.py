@@ -200,6 +200,11 @@ class Engine:
         if not isinstance(window, int) or window < 1:
             raise GenerationError(f"window must be a positive number of tokens, got {window!r}")
         layers = reader.manifest.ffn_layers
+        if predictor != "dense" and any(spec.matrix("down") for spec in layers):
+            raise GenerationError(
+                f"{reader.dir}: this store keeps W_down as whole rows (converted for the dense FFN of a "
+                f"{args.act} model); the {predictor} predictor reads single neurons, each with its down column "
+                "in its bundle: convert the model again with `flashinfer convert MODEL OUT --ffn-down columns`")
         sparse_share = None
         runtime_bytes = psutil.Process().memory_info().rss  # before the predictor, which the plan counts itself
         if predictor == "dense":

@@ -17,9 +17,9 @@ import numpy as np
 from flashinfer import kernels as K
 from flashinfer.config import ModelArgs
 from flashinfer.memory import ffn_layer_bytes
-from flashinfer.weights import EMPTY, NO_SCALES, Matrix
+from flashinfer.weights import EMPTY, NO_SCALES, Matrix, matrix_from_quantized
 from storage.format import BundleComponent, FFNLayer
-from storage.reader import ReadStats
+from storage.reader import ReadStats, planar_tensor
 
 _DATA_DTYPE = {"f32": np.float32, "f16": np.uint16, "q8": np.int8, "q4": np.uint8, "q4a": np.uint8}
 
@@ -27,10 +27,11 @@ _DATA_DTYPE = {"f32": np.float32, "f16": np.uint16, "q8": np.int8, "q4": np.uint
 class BundleViews(NamedTuple):
     up: Matrix
     gate: Matrix  # zero rows for ungated FFNs
-    down: Matrix
+    down: Matrix  # the bundles' down columns [n, dim], or W_down's rows [dim, n] (down_rows)
     up_bias: np.ndarray  # EMPTY without biases
     gate_bias: np.ndarray
     group: int
+    down_rows: bool  # down is the layer's whole W_down (format.FFNMatrix), computed by kernels.ffn_down_rows
 
 
 def _component_matrix(bundles: np.ndarray, c: BundleComponent) -> Matrix:
@@ -46,7 +47,10 @@ def _component_matrix(bundles: np.ndarray, c: BundleComponent) -> Matrix:
     return Matrix(data, scales, mins, c.group_size)
 
 
-def bundle_views(bundles: np.ndarray, layer: FFNLayer) -> BundleViews:
+def bundle_views(bundles: np.ndarray, layer: FFNLayer, matrices: np.ndarray | None = None) -> BundleViews:
+    """The component views of a layer's bundles [n, bundle_bytes]; `matrices`: the bytes of the
+    layer file after its bundles (FFNLayer.matrices, offsets relative to the bundles' end),
+    where the layer keeps W_down as rows."""
     up = _component_matrix(bundles, layer.component("up"))
     gate_spec = layer.component("gate")
     gate = _component_matrix(bundles, gate_spec) if gate_spec else Matrix(np.zeros((0, 0), up.data.dtype))
@@ -55,8 +59,19 @@ def bundle_views(bundles: np.ndarray, layer: FFNLayer) -> BundleViews:
         c = layer.component(name)
         return EMPTY if c is None else bundles[:, c.offset : c.offset + 4].view(np.float32)[:, 0]
 
-    return BundleViews(up, gate, _component_matrix(bundles, layer.component("down")), bias("up_bias"),
-                       bias("gate_bias"), up.group)
+    rows = layer.matrix("down")
+    if rows is None:
+        down = _component_matrix(bundles, layer.component("down"))
+    else:
+        at = rows.offset - layer.n_neurons * layer.bundle_bytes
+        down = matrix_from_quantized(planar_tensor(matrices[at : at + rows.nbytes], rows.scheme, rows.group_size,
+                                                   rows.shape))
+    return BundleViews(up, gate, down, bias("up_bias"), bias("gate_bias"), up.group, rows is not None)
+
+
+def layer_matrix_bytes(layer: FFNLayer) -> int:
+    """Bytes of the layer file from the end of its bundles to the end of its last matrix."""
+    return ffn_layer_bytes(layer) - layer.n_neurons * layer.bundle_bytes
 
 
 # rows * dim from which the FFN over bundles runs on all cores. Measured in a real decode
@@ -82,11 +97,33 @@ class PartialSums:
         return self.array
 
 
+class HiddenScratch:
+    """The hidden activations [T, n] (and the up products of gated FFNs) of ffn_down_rows: the
+    model's RunState.hidden / .up once the model hands them over (use), else grown here."""
+
+    def __init__(self):
+        self.hidden = self.up = np.zeros((0, 0), np.float32)
+
+    def use(self, hidden: np.ndarray, up: np.ndarray) -> None:
+        self.hidden, self.up = hidden, up
+
+    def ensure(self, n_tokens: int, n_neurons: int, gated: bool) -> None:
+        if self.hidden.shape[0] < n_tokens or self.hidden.shape[1] < n_neurons:
+            self.hidden = np.zeros((n_tokens, n_neurons), np.float32)
+        if gated and (self.up.shape[0] < n_tokens or self.up.shape[1] < n_neurons):
+            self.up = np.zeros((n_tokens, n_neurons), np.float32)
+
+
 def ffn_over_bundles(x: np.ndarray, n_rows: int, views: BundleViews, act: int, out: np.ndarray,
-                     partial: PartialSums | None = None) -> None:
+                     partial: PartialSums | None = None, scratch: "HiddenScratch | None" = None) -> None:
     """The FFN over bundle rows 0..n_rows-1; split over threads (`partial` given) from
-    FFN_PARALLEL_MIN_ELEMENTS rows x dim on (see there)."""
+    FFN_PARALLEL_MIN_ELEMENTS rows x dim on (see there). A layer with W_down as rows runs
+    as three matmuls (kernels.ffn_down_rows) with `scratch`'s hidden activations."""
     v = views
+    if v.down_rows:
+        scratch.ensure(x.shape[0], n_rows, v.gate.data.shape[0] > 0)
+        K.ffn_down_rows(x, v.up, v.up_bias, v.gate, v.gate_bias, v.down, act, scratch.up, scratch.hidden, out)
+        return
     operands = (x, n_rows, v.up.data, v.up.scales, v.up.mins, v.gate.data, v.gate.scales, v.gate.mins,
                 v.down.data, v.down.scales, v.down.mins, v.up_bias, v.gate_bias, v.group, act)
     if partial is not None and n_rows * x.shape[1] >= FFN_PARALLEL_MIN_ELEMENTS:
@@ -109,6 +146,7 @@ class FlashFFN:
         self.resident_bundles: dict[int, np.ndarray] = {}
         streamed = [ffn_layer_bytes(layer) for i, layer in enumerate(self.layers) if i not in self.resident]
         self.buffer = np.empty(max(streamed, default=0), np.uint8)  # one streamed layer's bundles at a time
+        self.hidden = HiddenScratch()  # for layers that keep W_down as rows
         # layer -> the component views of its bundles (resident: its own array; streamed: the
         # buffer), made once: building them per token cost 1.3 ms of a 22 ms SmolLM2 token
         self._views: dict[int, BundleViews] = {}
@@ -124,16 +162,18 @@ class FlashFFN:
         spec = self.layers[layer]
         if layer in self.resident_bundles:
             return self._views[layer], False
-        if layer in self.resident:
-            bundles = np.empty((spec.n_neurons, spec.bundle_bytes), np.uint8)
-            self._views[layer] = bundle_views(bundles, spec)
-        else:
-            bundles = self.buffer[: spec.n_neurons * spec.bundle_bytes].reshape(spec.n_neurons, spec.bundle_bytes)
-            if layer not in self._views:
-                self._views[layer] = bundle_views(bundles, spec)
+        whole = np.empty(ffn_layer_bytes(spec), np.uint8) if layer in self.resident else self.buffer
+        n_bundle_bytes = spec.n_neurons * spec.bundle_bytes
+        bundles = whole[:n_bundle_bytes].reshape(spec.n_neurons, spec.bundle_bytes)
+        matrices = whole[n_bundle_bytes : n_bundle_bytes + layer_matrix_bytes(spec)]
+        if layer in self.resident or layer not in self._views:
+            self._views[layer] = bundle_views(bundles, spec, matrices)
         self.reader.read_bundles(layer, self.all_ids[layer], out=bundles, counter=counter)
+        for m in spec.matrices:
+            at = m.offset - n_bundle_bytes
+            self.reader.read_matrix(layer, m.name, out=matrices[at : at + m.nbytes], counter=counter)
         if layer in self.resident:
-            self.resident_bundles[layer] = bundles
+            self.resident_bundles[layer] = whole
         return self._views[layer], True
 
     def resident_views(self, layer: int) -> BundleViews | None:
@@ -150,13 +190,13 @@ class FlashFFN:
         tr = self.tracer
         if tr is None:
             views, _ = self._bundles(layer, None)
-            ffn_over_bundles(x, spec.n_neurons, views, self.act, out, self.partial)
+            ffn_over_bundles(x, spec.n_neurons, views, self.act, out, self.partial, self.hidden)
             return
         counter = ReadStats()
         t0 = tr.now()
         views, was_read = self._bundles(layer, counter)
         t1 = tr.now()
-        ffn_over_bundles(x, spec.n_neurons, views, self.act, out, self.partial)
+        ffn_over_bundles(x, spec.n_neurons, views, self.act, out, self.partial, self.hidden)
         t2 = tr.now()
         loaded = spec.n_neurons if was_read else 0
         if was_read:

@@ -148,8 +148,9 @@ def plan_memory(cap_bytes: int, args: ModelArgs, manifest, ctx: int, *, sparse: 
 
 
 def ffn_layer_bytes(spec) -> int:
-    """The bundles of one FFN layer (a manifest FFNLayer): what it takes resident or streamed."""
-    return spec.n_neurons * spec.bundle_bytes
+    """The bundles and whole matrices of one FFN layer (a manifest FFNLayer), as they lie in its
+    file (a matrix starts 4 KiB-aligned): what it takes resident or streamed."""
+    return max([spec.n_neurons * spec.bundle_bytes] + [m.offset + m.nbytes for m in spec.matrices])
 
 
 def resident_layers_within(layers, budget_bytes: int) -> list[int]:

@@ -83,6 +83,8 @@ class Model:
         self.act = K.ACT_SILU if args.act == "silu" else K.ACT_RELU
         self.n_past = 0  # positions filled in the KV cache
         self.flash_ffn = flash_ffn
+        if getattr(flash_ffn, "hidden", None) is not None:  # FlashFFN's down-rows layers use the run state's
+            flash_ffn.hidden.use(self.state.hidden, self.state.up)
         self.ffn_input_observer = None  # callback(layer, x) before each FFN: calibration collects inputs
         self.tracer = None  # flashinfer.profile.Tracer while a traced generation runs
         # Blocks whose decode step runs as one compiled call (kernels.decode_layer) once their
@@ -205,7 +207,7 @@ class Model:
                  layer.ffn_norm_w, layer.ffn_norm_b, layer.wq, layer.bq, layer.wk, layer.bk, layer.wv, layer.bv,
                  layer.wo, layer.bo, a.positional == "rope", a.head_dim, a.n_kv_heads, self.window, s.scores, views,
                  ffn.layers[i].n_neurons, self.act, ffn.runs_parallel(i, a.dim), ffn.partial.get(1), layer.b_down,
-                 self._shared_qkv[i])
+                 self._shared_qkv[i], s.up, s.hidden)
         return before, after
 
     def _attention(self, i: int, layer: LayerWeights, xb: np.ndarray, start: int, out: np.ndarray) -> None:

@@ -1,10 +1,11 @@
-"""The flash store format, version 1: the spec, as data, next to the code that reads it.
+"""The flash store format, version 2: the spec, as data, next to the code that reads it.
 
 A store is one directory:
 
     manifest.json          what is where (this module's dataclasses, as JSON)
     resident.bin           tensors kept in DRAM: embeddings, attention, norms, biases, lm_head
-    ffn/L{layer}.bin       per layer, the FFN as row-column bundles, one per neuron
+    ffn/L{layer}.bin       per layer, the FFN as row-column bundles, one per neuron, then
+                           the layer's whole matrices (version 2, see below)
     tokenizer.json, tokenizer_config.json   copied from the checkpoint
 
 All integers are little-endian; all offsets are bytes from the start of their file.
@@ -34,6 +35,14 @@ so every chunk starts 4 KiB-aligned and O_DIRECT can read any chunk-aligned rang
 With compression "zstd" each chunk is stored as one zstd frame at `Chunk.offset`
 (4 KiB-aligned) and a read must fetch and decompress the whole chunk.
 
+FFN matrices (version 2): a layer may keep a component as a whole matrix after its bundles
+instead of inside them (`FFNLayer.matrices`). Today: "down", W_down's rows [dim, n_neurons]
+in the planar layout of a resident tensor, for models whose FFN runs densely (SiLU): a GGUF's
+down blocks run along the neurons, so only rows keep them exactly, and a dense down-projection
+over rows is an integer matmul where columns were a float scatter. Each matrix starts 4 KiB-
+aligned and has its own checksum; its bundles then lack that component. Stores without
+matrices are written as version 1 (what older readers load).
+
 Checksums are blake2b (16-byte digest, hex) of the uncompressed bytes of each resident
 tensor and of each FFN chunk.
 
@@ -52,7 +61,8 @@ from pathlib import Path
 from storage.errors import FormatError
 
 FORMAT_NAME = "flashinfer-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this code reads; writers write 1 when no version-2 feature is used
+MATRICES_VERSION = 2  # the first version with FFNLayer.matrices
 MANIFEST = "manifest.json"
 RESIDENT_FILE = "resident.bin"
 PAGE = 4096  # alignment of chunks and files: O_DIRECT and 4 KiB flash pages
@@ -113,6 +123,20 @@ class Chunk:
 
 
 @dataclass(frozen=True)
+class FFNMatrix:
+    """A whole FFN matrix in its layer file, after the bundles: rows in the planar layout of
+    a ResidentTensor (all data, then scales, then mins), at a 4 KiB-aligned `offset`."""
+
+    name: str  # "down": W_down [dim, n_neurons]
+    scheme: str
+    group_size: int  # 0 for f32/f16
+    shape: tuple[int, int]
+    offset: int
+    nbytes: int
+    checksum: str
+
+
+@dataclass(frozen=True)
 class FFNLayer:
     file: str
     n_neurons: int
@@ -122,9 +146,13 @@ class FFNLayer:
     compression: str
     chunks: tuple[Chunk, ...]
     file_bytes: int
+    matrices: tuple[FFNMatrix, ...] = ()
 
     def component(self, name: str) -> BundleComponent | None:
         return next((c for c in self.components if c.name == name), None)
+
+    def matrix(self, name: str) -> FFNMatrix | None:
+        return next((m for m in self.matrices if m.name == name), None)
 
 
 @dataclass(frozen=True)
@@ -171,6 +199,8 @@ class Manifest:
                         **layer,
                         "components": tuple(BundleComponent(**c) for c in layer["components"]),
                         "chunks": tuple(Chunk(**c) for c in layer["chunks"]),
+                        "matrices": tuple(FFNMatrix(**{**m, "shape": tuple(m["shape"])})
+                                          for m in layer.get("matrices", ())),
                     })
                     for layer in raw["ffn_layers"]
                 ),

@@ -44,6 +44,23 @@ class ReadStats:
     read_seconds: float = 0.0  # summed over reader threads
 
 
+def planar_tensor(raw: np.ndarray, scheme: str, group_size: int, shape) -> QuantizedTensor:
+    """A QuantizedTensor of zero-copy views of a 2-D tensor's planar bytes (format.py: all data,
+    then scales, then mins): a resident tensor, or an FFN layer's matrix."""
+    rows, k = shape
+    if scheme in ("f32", "f16"):
+        dtype = np.float32 if scheme == "f32" else np.float16
+        return QuantizedTensor(scheme, 0, (rows, k), raw.view(dtype).reshape(rows, k), None, None)
+    data_bytes = rows * (k if scheme == "q8" else k // 2)
+    groups = k // group_size
+    data = raw[:data_bytes].view(np.int8 if scheme == "q8" else np.uint8).reshape(rows, -1)
+    scales = raw[data_bytes : data_bytes + 2 * rows * groups].view(np.float16).reshape(rows, groups)
+    mins = None
+    if scheme == "q4a":
+        mins = raw[data_bytes + 2 * rows * groups :].view(np.float16).reshape(rows, groups)
+    return QuantizedTensor(scheme, group_size, (rows, k), data, scales, mins)
+
+
 def aligned_buffer(nbytes: int) -> np.ndarray:
     """A page-aligned uint8 buffer (anonymous mmap), as O_DIRECT requires."""
     return np.frombuffer(mmap.mmap(-1, fmt.align_up(max(nbytes, 1), fmt.PAGE)), dtype=np.uint8)
@@ -120,6 +137,13 @@ class StoreReader:
         for name, t in m.resident.items():
             if t.offset + t.nbytes > m.resident_bytes:
                 raise FormatError(f"{self.dir / fmt.RESIDENT_FILE}: tensor {name!r} lies outside the file")
+        for layer in m.ffn_layers:
+            for mat in layer.matrices:
+                if mat.offset % fmt.PAGE or mat.offset < layer.n_neurons * layer.bundle_bytes \
+                        or mat.offset + mat.nbytes > layer.file_bytes:
+                    raise FormatError(f"{self.dir / layer.file}: matrix {mat.name!r} at bytes {mat.offset}.."
+                                      f"{mat.offset + mat.nbytes} is not a page-aligned range after the bundles; "
+                                      "the manifest is damaged, convert again")
 
     def _open_layer(self, layer: fmt.FFNLayer) -> int:
         path = str(self.dir / layer.file)
@@ -146,6 +170,12 @@ class StoreReader:
                         raise FormatError(f"{path}: checksum mismatch in chunk {index} "
                                           f"(bytes {chunk.offset}..{chunk.offset + chunk.stored_bytes}); "
                                           "the store is damaged, convert again")
+                for mat in layer.matrices:
+                    f.seek(mat.offset)
+                    if fmt.checksum(f.read(mat.nbytes)) != mat.checksum:
+                        raise FormatError(f"{path}: checksum mismatch in matrix {mat.name!r} "
+                                          f"(bytes {mat.offset}..{mat.offset + mat.nbytes}); "
+                                          "the store is damaged, convert again")
 
     @staticmethod
     def _decompress(raw: bytes, path: Path, index: int) -> bytes:
@@ -163,18 +193,7 @@ class StoreReader:
         raw = self._resident[t.offset : t.offset + t.nbytes]
         if len(t.shape) == 1:
             return raw.view(np.float32)
-        rows, k = t.shape
-        if t.scheme in ("f32", "f16"):
-            dtype = np.float32 if t.scheme == "f32" else np.float16
-            return QuantizedTensor(t.scheme, 0, (rows, k), raw.view(dtype).reshape(rows, k), None, None)
-        data_bytes = rows * (k if t.scheme == "q8" else k // 2)
-        groups = k // t.group_size
-        data = raw[:data_bytes].view(np.int8 if t.scheme == "q8" else np.uint8).reshape(rows, -1)
-        scales = raw[data_bytes : data_bytes + 2 * rows * groups].view(np.float16).reshape(rows, groups)
-        mins = None
-        if t.scheme == "q4a":
-            mins = raw[data_bytes + 2 * rows * groups :].view(np.float16).reshape(rows, groups)
-        return QuantizedTensor(t.scheme, t.group_size, (rows, k), data, scales, mins)
+        return planar_tensor(raw, t.scheme, t.group_size, t.shape)
 
     # ---- FFN bundles --------------------------------------------------------------
     def read_bundles(self, layer: int, neuron_ids, out: np.ndarray | None = None,
@@ -235,6 +254,38 @@ class StoreReader:
         if buf is None or buf.size < nbytes:
             buf = self._buffers.buf = aligned_buffer(max(nbytes, self.max_read_bytes))
         return buf
+
+    def read_matrix(self, layer: int, name: str, out: np.ndarray | None = None, counter: ReadStats | None = None
+                    ) -> np.ndarray:
+        """The bytes of layer `layer`'s whole matrix `name` (format.FFNMatrix) as uint8 [nbytes],
+        read like bundles (page-aligned, bypassing the page cache, throttled), max_read_bytes at a time."""
+        spec = self.manifest.ffn_layers[layer]
+        mat = spec.matrix(name)
+        if mat is None:
+            raise StorageError(f"{self.dir / spec.file}: layer {layer} keeps no matrix {name!r}")
+        if out is None:
+            out = np.empty(mat.nbytes, np.uint8)
+        elif out.shape != (mat.nbytes,):
+            raise StorageError(f"out buffer {out.shape} cannot hold matrix {name!r} of {mat.nbytes} bytes")
+
+        def piece(start: int) -> int:
+            n = min(self.max_read_bytes, mat.nbytes - start)
+            length = fmt.align_up(n, fmt.PAGE)
+            out[start : start + n] = self._pread(layer, mat.offset + start, length)[:n]
+            return length
+
+        starts = range(0, mat.nbytes, self.max_read_bytes)
+        if len(starts) == 1:
+            total = piece(0)
+        else:  # long sequential reads, several in flight (the pool's threads)
+            total = sum(f.result() for f in [self._pool.submit(piece, start) for start in starts])
+        if counter is not None:
+            counter.bytes_read += total
+            counter.bytes_wanted += mat.nbytes
+            counter.requests += len(starts)
+        with self._stats_lock:
+            self.stats.bytes_wanted += mat.nbytes
+        return out
 
     def _read_job(self, layer: int, spec: fmt.FFNLayer, ids: np.ndarray, job: tuple[int, int], out: np.ndarray) -> int:
         """Read one coalesced run of bundles into out[lo:hi]; returns the bytes read from disk."""

@@ -136,7 +136,15 @@ class StoreWriter:
         shape = tuple(int(d) for d in tensor.shape)
         if len(shape) == 1:
             scheme, group_size = "f32", 0
-        f = self._resident_file
+        offset, nbytes, digest = self._write_planar(self._resident_file, name, tensor, scheme, group_size)
+        self._resident[name] = fmt.ResidentTensor(
+            scheme=scheme, group_size=group_size if scheme not in ("f32", "f16") else 0,
+            shape=shape, offset=offset, nbytes=nbytes, checksum=digest)
+
+    def _write_planar(self, f, name: str, tensor, scheme: str, group_size: int) -> tuple[int, int, str]:
+        """Append `tensor` to f, 4 KiB-aligned, in the planar layout (a 1-D tensor as f32);
+        returns (offset, nbytes, checksum). See add_resident for what `tensor` may be."""
+        shape = tuple(int(d) for d in tensor.shape)
         self._pad_to_page(f, name)
         offset = f.tell()
         digest = hashlib.blake2b(digest_size=16)
@@ -168,16 +176,17 @@ class StoreWriter:
             for kept in tails:
                 for part in kept:
                     emit(part)
-        self._resident[name] = fmt.ResidentTensor(
-            scheme=scheme, group_size=group_size if scheme not in ("f32", "f16") else 0,
-            shape=shape, offset=offset, nbytes=f.tell() - offset, checksum=digest.hexdigest())
+        return offset, f.tell() - offset, digest.hexdigest()
 
     def add_ffn_layer(self, layer: int, n_neurons: int, dim: int, scheme: str | dict, group_size: int,
-                      neuron_block) -> None:
+                      neuron_block, matrices: dict | None = None) -> None:
         """Write layer `layer`'s bundles. `neuron_block(start, stop)` returns a dict of arrays
         for neurons start..stop-1: "up" [n, dim], optional "gate" [n, dim], "down" [n, dim]
         (columns of W_down), float32 or QuantizedTensor in the component's scheme; optional
-        "up_bias"/"gate_bias" [n]. `scheme`: one, or one per weight component (bundle_layout)."""
+        "up_bias"/"gate_bias" [n]. `scheme`: one, or one per weight component (bundle_layout).
+        `matrices`: {name: (tensor, scheme)} written whole after the bundles (format.FFNMatrix;
+        "down": W_down [dim, n_neurons] as add_resident takes a tensor), whose component
+        neuron_block then leaves out."""
         assert self.state == "open" and layer == len(self._ffn_layers), (self.state, layer)
         first = neuron_block(0, min(1, n_neurons))
         components, bundle_bytes = bundle_layout([k for k, v in first.items() if v is not None], dim, scheme, group_size)
@@ -194,11 +203,20 @@ class StoreWriter:
                 for c0 in range(0, stop - start, per_chunk):
                     chunk = bundles[c0 : c0 + per_chunk]
                     chunks.append(self._write_chunk(f, chunk, f"{rel} chunk {len(chunks)}"))
+            written = []
+            for name, (tensor, m_scheme) in (matrices or {}).items():
+                if name in first and first[name] is not None:
+                    raise StorageError(f"layer {layer}: FFN component {name!r} given both in bundles and as a matrix")
+                m_group = 0 if m_scheme in ("f32", "f16") else group_size
+                offset, nbytes, digest = self._write_planar(f, f"{rel} matrix {name}", tensor, m_scheme, m_group)
+                written.append(fmt.FFNMatrix(name, m_scheme, m_group, tuple(int(d) for d in tensor.shape), offset,
+                                             nbytes, digest))
             self._pad_to_page(f, rel)  # every read, even of the last chunk, is whole pages
             file_bytes = f.tell()
         self._ffn_layers.append(fmt.FFNLayer(
             file=rel, n_neurons=n_neurons, bundle_bytes=bundle_bytes, components=tuple(components),
-            bundles_per_chunk=per_chunk, compression=self.compression, chunks=tuple(chunks), file_bytes=file_bytes))
+            bundles_per_chunk=per_chunk, compression=self.compression, chunks=tuple(chunks), file_bytes=file_bytes,
+            matrices=tuple(written)))
 
     def _write_chunk(self, f, chunk: np.ndarray, what: str) -> fmt.Chunk:
         raw = np.ascontiguousarray(chunk).reshape(-1)
@@ -225,7 +243,8 @@ class StoreWriter:
         manifest = fmt.Manifest(
             model_config=self.model_config, hf_config=self.hf_config, resident=self._resident,
             resident_bytes=os.path.getsize(self.tmp_dir / fmt.RESIDENT_FILE),
-            ffn_layers=tuple(self._ffn_layers), quant=self.quant_config, source=self.source)
+            ffn_layers=tuple(self._ffn_layers), quant=self.quant_config, source=self.source,
+            version=fmt.MATRICES_VERSION if any(layer.matrices for layer in self._ffn_layers) else 1)
         manifest_path = self.tmp_dir / fmt.MANIFEST
         with open(manifest_path, "wb") as f:
             self._write(f, manifest.to_json().encode(), fmt.MANIFEST)

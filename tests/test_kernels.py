@@ -410,3 +410,53 @@ def test_matmul3_equals_three_matmuls(scheme, n_tokens):
         expected = np.empty_like(out)
         K.matmul(x, m.data, m.scales, m.mins, m.group, bias, expected)
         np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("scheme,down_scheme", [("q4a", "q4a"), ("q4", "q8"), ("q8", "q4"), ("f16", "f16"), ("f32", "q4a")])
+@pytest.mark.parametrize("gated,act,biases", [(True, K.ACT_SILU, False), (True, K.ACT_SILU, True), (False, K.ACT_RELU, True)])
+@pytest.mark.parametrize("n_tokens", [1, 6])
+def test_ffn_down_rows(scheme, down_scheme, gated, act, biases, n_tokens):
+    # a layer that keeps W_down as rows (convert --ffn-down rows): gate and up over the bundles'
+    # rows (strided views), then W_down's rows [dim, n] over the hidden activations, which the
+    # integer dots quantize into int8 blocks as they do any input
+    from flashinfer.flash_ffn import bundle_views
+    from storage import format as fmt
+    from storage.writer import bundle_layout, pack_bundles
+
+    dim, n = 64, 96
+    weights = {"up": randn(n, dim), "gate": randn(n, dim) if gated else None}
+    if biases:
+        weights["up_bias"] = randn(n)
+        if gated:
+            weights["gate_bias"] = randn(n)
+    names = [k for k, v in weights.items() if v is not None]
+    components, bundle_bytes = bundle_layout(names, dim, scheme, 32)
+    w_down = randn(dim, n)
+    qt = quant.quantize(w_down, down_scheme, 32)  # W_down's rows in the planar layout of the layer file
+    planar = np.concatenate([a.reshape(-1).view(np.uint8) for a in (qt.data, qt.scales, qt.mins) if a is not None])
+    down_spec = fmt.FFNMatrix("down", down_scheme, qt.group_size, (dim, n), fmt.align_up(n * bundle_bytes, fmt.PAGE),
+                              planar.size, "")
+    layer = fmt.FFNLayer(file="", n_neurons=n, bundle_bytes=bundle_bytes, components=tuple(components),
+                         bundles_per_chunk=1, compression="none", chunks=(), file_bytes=0, matrices=(down_spec,))
+    matrices = np.zeros(down_spec.offset - n * bundle_bytes + planar.size, np.uint8)
+    matrices[down_spec.offset - n * bundle_bytes :] = planar
+    v = bundle_views(pack_bundles(weights, components, bundle_bytes), layer, matrices)
+    assert v.down_rows and v.down.data.shape[0] == dim
+    down = v.down
+    x = randn(n_tokens, dim)
+    u, h = np.full((8, n), np.nan, np.float32), np.full((8, n), np.nan, np.float32)
+    out = np.full((n_tokens, dim), np.nan, np.float32)
+    K.ffn_down_rows(x, v.up, v.up_bias, v.gate, v.gate_bias, down, act, u, h, out)
+
+    deq = lambda w, s: quant.dequantize(quant.quantize(w, s, 32))  # noqa: E731
+    none = np.zeros(0, np.float32)
+    xs = seen_input(x, scheme)
+    up = ref.matmul(xs, deq(weights["up"], scheme), weights.get("up_bias", none))
+    if gated:
+        hidden = ref.gated_act(ref.matmul(xs, deq(weights["gate"], scheme), weights.get("gate_bias", none)), up, act)
+    else:
+        hidden = np.maximum(up, 0)
+    expected = ref.matmul(seen_input(hidden, down_scheme), deq(w_down, down_scheme), none)
+    # the kernel's hidden values differ from the reference's by float rounding, which can move
+    # an int8 code of the hidden activations by one: atol at a small share of the output's scale
+    np.testing.assert_allclose(out, expected, rtol=1e-3, atol=2e-3 * np.abs(expected).max())

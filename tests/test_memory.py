@@ -17,7 +17,7 @@ from tests.test_config import MISTRAL
 MISTRAL_7B = ModelArgs.from_hf_config(MISTRAL | {"hidden_act": "relu"})
 # a q4 FFN store of Mistral-7B: 14336 neurons x 6912-byte bundles per layer; q4 resident ~0.85 GB
 MANIFEST_7B = SimpleNamespace(resident_bytes=850_000_000,
-                              ffn_layers=[SimpleNamespace(n_neurons=14336, bundle_bytes=6912)] * 32)
+                              ffn_layers=[SimpleNamespace(n_neurons=14336, bundle_bytes=6912, matrices=())] * 32)
 
 
 def plan(cap, ctx, share=0.1, sparse=True, stream_ffn=False):

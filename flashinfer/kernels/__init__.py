@@ -45,7 +45,7 @@ _drop_stale_compiled_kernels()
 from .attention import (attention, attention_blas, attention_for, attention_serial, exp_nonpositive, rope,
                         store_keys)
 from .blocks import FAST, prepare_input, quantize_blocks, row_axpy, uses_int_dots, widen
-from .ffn import ACT_RELU, ACT_SILU, ffn_rows, ffn_rows_parallel, gated_act, relu_
+from .ffn import ACT_RELU, ACT_SILU, ffn_down_rows, ffn_rows, ffn_rows_parallel, gated_act, relu_
 from .matmul import PARALLEL_MIN_WORK, ROW_REUSE_MIN_TOKENS, add_rows, matmul, matmul_for, matmul_serial
 from .layer import decode_layer
 from .norms import layernorm, rmsnorm

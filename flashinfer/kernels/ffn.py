@@ -17,7 +17,7 @@ from .blocks import (FAST, ROWS_PER_PASS, add_unprepared, flush_axpy4, int_row_d
                      uses_int_dots)
 from .attention import exp_nonpositive
 from .simd import prefetch_lines
-from .matmul import _dot, unpacks_rows
+from .matmul import _dot, linear, matmul2, unpacks_rows
 
 ACT_SILU = 0
 ACT_RELU = 1
@@ -270,6 +270,31 @@ def ffn_rows_parallel(x, n_rows, up, up_s, up_m, gate, gate_s, gate_m, down, dow
             for c in range(n_slices):
                 acc += partial[c, t, k]
             out[t, k] = acc
+
+
+@njit(cache=True, nogil=True, fastmath=FAST)
+def ffn_down_rows(x, up, up_b, gate, gate_b, down, act, u, h, out):
+    """The dense FFN of a layer that keeps W_down as rows (storage/format.py, FFNLayer.matrices):
+    out = down @ (act(gate.x + gate_b) * (up.x + up_b)), or down @ act(up.x + up_b) ungated, as
+    three matmuls (weights.Matrix tuples; up/gate the bundles' rows, down [dim, n]) over the
+    int8-quantized input, then the int8-quantized hidden activations (llama.cpp's arithmetic on
+    the same blocks). Every neuron is computed: what a SiLU FFN needs. u, h: [>= T, n] scratch
+    of exactly n columns."""
+    n_tokens = x.shape[0]
+    hidden = h[:n_tokens]  # rows only: a column slice would make the matmuls' inputs strided
+    if gate.data.shape[0]:  # gate and up from one prepared input, in one parallel region
+        ups = u[:n_tokens]
+        matmul2(x, gate, gate_b, hidden, up, up_b, ups)
+        gated_act(hidden, ups, act)
+    else:
+        linear(x, up, up_b, hidden)
+        if act == ACT_SILU:
+            for t in range(n_tokens):
+                for i in range(hidden.shape[1]):
+                    hidden[t, i] = silu(hidden[t, i])
+        else:
+            relu_(hidden)
+    linear(hidden, down, EMPTY_BIAS, out)
 
 
 @njit(cache=True, nogil=True, fastmath=FAST)

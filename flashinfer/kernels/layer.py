@@ -14,18 +14,9 @@ from numba import njit
 
 from .attention import ATTENTION_PARALLEL_MIN_WORK, attention, attention_serial, rope, store_keys
 from .blocks import FAST
-from .ffn import ffn_rows, ffn_rows_parallel
-from .matmul import PARALLEL_MIN_WORK, matmul, matmul3, matmul_serial
+from .ffn import ffn_down_rows, ffn_rows, ffn_rows_parallel
+from .matmul import linear as _linear, matmul3
 from .norms import layernorm, rmsnorm
-
-
-@njit(nogil=True, fastmath=FAST)
-def _linear(x, m, bias, out):
-    """out = x @ value(m).T + bias, on all cores from PARALLEL_MIN_WORK multiply-adds (matmul_for)."""
-    if x.shape[0] * m.data.shape[0] * x.shape[1] >= PARALLEL_MIN_WORK:
-        matmul(x, m.data, m.scales, m.mins, m.group, bias, out)
-    else:
-        matmul_serial(x, m.data, m.scales, m.mins, m.group, bias, out)
 
 
 @njit(nogil=True, fastmath=FAST)
@@ -39,13 +30,15 @@ def _norm(rms, x, weight, bias, eps, out):
 @njit(cache=True, nogil=True, fastmath=FAST)
 def decode_layer(x, xb, q, k, attn, block_out, k_cache_t, v_cache, start, positions, inv_freq, rms, eps,
                  attn_norm_w, attn_norm_b, ffn_norm_w, ffn_norm_b, wq, bq, wk, bk, wv, bv, wo, bo, use_rope,
-                 head_dim, n_kv_heads, window, scores, ffn, n_neurons, act, ffn_parallel, partial, b_down, shared_qkv):
+                 head_dim, n_kv_heads, window, scores, ffn, n_neurons, act, ffn_parallel, partial, b_down, shared_qkv,
+                 ffn_up, ffn_hidden):
     """x [1, dim] += attn(norm(x)); then x += ffn(norm(x)), a pre-norm block (Llama, Mistral,
     Qwen2; OPT-125m's pre-LN too) at position `start`. Matrices are weights.Matrix tuples, `ffn`
     the block's resident bundles as flash_ffn.BundleViews; xb/q/k/attn/block_out [1, ...] scratch
     rows; the new value row is written straight into v_cache[start]. ffn_parallel: whether the
     FFN runs on all cores (flash_ffn.ffn_over_bundles decides it the same way), `partial` its
-    per-thread sums; shared_qkv: wq, wk and wv share a scheme and group (matmul3)."""
+    per-thread sums; shared_qkv: wq, wk and wv share a scheme and group (matmul3); ffn_up /
+    ffn_hidden: scratch [>= 1, n_neurons] of a layer that keeps W_down as rows (ffn.down_rows)."""
     _norm(rms, x, attn_norm_w, attn_norm_b, eps, xb)
     if shared_qkv:  # one scheme and group: one prepared input, one parallel region
         matmul3(xb, wq, bq, q, wk, bk, k, wv, bv, v_cache[start : start + 1])
@@ -65,7 +58,9 @@ def decode_layer(x, xb, q, k, attn, block_out, k_cache_t, v_cache, start, positi
     x += block_out
     _norm(rms, x, ffn_norm_w, ffn_norm_b, eps, xb)
     v = ffn
-    if ffn_parallel:
+    if v.down_rows:
+        ffn_down_rows(xb, v.up, v.up_bias, v.gate, v.gate_bias, v.down, act, ffn_up, ffn_hidden, block_out)
+    elif ffn_parallel:
         ffn_rows_parallel(xb, n_neurons, v.up.data, v.up.scales, v.up.mins, v.gate.data, v.gate.scales, v.gate.mins,
                           v.down.data, v.down.scales, v.down.mins, v.up_bias, v.gate_bias, v.group, act,
                           partial[:, :1], block_out)

@@ -128,13 +128,14 @@ def matmul3(x, a, a_bias, a_out, b, b_bias, b_out, c, c_bias, c_out):
     """matmul of one input with three matrices of one scheme and group (weights.Matrix tuples;
     attention's q, k and v): the input prepared once, and the rows of all three shared out
     among the threads in one parallel region (three regions of SmolLM2's 576- and 192-row
-    products each waited for their slowest thread, and prepared the input again)."""
+    products each waited for their slowest thread, and prepared the input again). A c_out of
+    no columns skips c (matmul2)."""
     prep = prepare_input(a.data, x, a.group)
-    total = a.data.shape[0] + b.data.shape[0] + c.data.shape[0]
+    total = a.data.shape[0] + b.data.shape[0] + c_out.shape[1]
     step = _chunking(total, PARALLEL_CHUNKS)[0]
     na = (a.data.shape[0] + step - 1) // step
     nb = (b.data.shape[0] + step - 1) // step
-    nc = (c.data.shape[0] + step - 1) // step
+    nc = (c_out.shape[1] + step - 1) // step  # c's rows; none for matmul2's empty c_out
     for chunk in prange(na + nb + nc):
         if chunk < na:
             lo = chunk * step
@@ -144,7 +145,7 @@ def matmul3(x, a, a_bias, a_out, b, b_bias, b_out, c, c_bias, c_out):
             _matmul_rows(prep, b.data, b.scales, b.mins, b.group, b_bias, b_out, lo, min(b.data.shape[0], lo + step))
         else:
             lo = (chunk - na - nb) * step
-            _matmul_rows(prep, c.data, c.scales, c.mins, c.group, c_bias, c_out, lo, min(c.data.shape[0], lo + step))
+            _matmul_rows(prep, c.data, c.scales, c.mins, c.group, c_bias, c_out, lo, min(c_out.shape[1], lo + step))
 
 
 # The same without threads, for small matrices: a parallel region costs a few us when the
@@ -159,17 +160,32 @@ def matmul_serial(x, w, scales, mins, group, bias, out):
 
 
 # Token rows x weights (multiply-adds) below which matmul_serial is used. A parallel region
-# pays a wake-up and waits for its slowest thread: a decode step's small matmuls (SmolLM2's
-# 576 x 576, 331K) gain nothing on both cores (2026-12-02, with four-row dots: 9.9 ms a token
-# either way); the lm_head (49152 x 576), a 7B's attention matrices and prefill chunks run on
-# all cores. 2**20, not 2**23: SmolLM2's 192 x 576 k/v products of a 64-token chunk (7M) are
-# parallel too, prefill 507 -> 523 tok/s (alternating in one process).
-PARALLEL_MIN_WORK = 1 << 20
+# pays a wake-up (~5 us here) and waits for its slowest thread. One token, both cores against
+# one (2026-12-02, /tmp/s2/thresh.py-style sweep, q4a and q8 rows of 32-blocks): [192, 576]
+# 0.51-0.63x, [576, 576] 0.86-0.99x, [1536, 576] and [576, 1536] 1.30-1.41x, [2048, 2048]
+# 1.72-1.77x. So 2**19: SmolLM2's 576 x 576 stays serial, its FFN's 1536 x 576 products
+# (gate/up, and W_down's rows) and every larger matrix or prefill chunk run on all cores.
+PARALLEL_MIN_WORK = 1 << 19
 
 
 def matmul_for(n_tokens: int, n_rows: int, n_features: int):
     """matmul (all cores) or matmul_serial, by the multiply-adds of the product."""
     return matmul if n_tokens * n_rows * n_features >= PARALLEL_MIN_WORK else matmul_serial
+
+
+@njit(nogil=True, fastmath=FAST)
+def linear(x, m, bias, out):
+    """out = x @ value(m).T + bias (m a weights.Matrix tuple): matmul_for's choice, from compiled code."""
+    if x.shape[0] * m.data.shape[0] * x.shape[1] >= PARALLEL_MIN_WORK:
+        matmul(x, m.data, m.scales, m.mins, m.group, bias, out)
+    else:
+        matmul_serial(x, m.data, m.scales, m.mins, m.group, bias, out)
+
+
+@njit(nogil=True, fastmath=FAST)
+def matmul2(x, a, a_bias, a_out, b, b_bias, b_out):
+    """matmul3 of two matrices (an FFN's gate and up): one prepared input, one parallel region."""
+    matmul3(x, a, a_bias, a_out, b, b_bias, b_out, b, b_bias, b_out[:, :0])
 
 
 @njit(cache=True, nogil=True, fastmath=FAST)
