@@ -204,7 +204,30 @@ def serial_vs_parallel() -> None:
             t_parallel = best_seconds(K.matmul, x, *weights, no_bias, out)
             print(f"{dtype:8} {n_tokens:>6} {t_serial * 1e3:>10.2f} {t_parallel * 1e3:>12.2f} "
                   f"{t_serial / t_parallel:>7.2f}x {nbytes / t_parallel / 1e9:>14.1f}")
+    four_bit_schemes(rng)
     sparse_ffn_rows(rng)
+
+
+def four_bit_schemes(rng) -> None:
+    """q4k (ggml's Q4_K, scales decoded in the block loop) against q4a (f16 scale and min per 32)
+    on the same weights, alternating, both kernels: what keeping a Q4_K file's blocks costs."""
+    from flashinfer.weights import matrix_from_quantized
+
+    print("\nmatmul [11008, 4096], the same weights as q4a and q4k, alternating")
+    print(f"{'kernel':14} {'tokens':>6} {'q4a ms':>9} {'q4k ms':>9} {'q4k/q4a':>8} {'q4k GB/s':>9}")
+    w = rng.standard_normal((11008, 4096), dtype=np.float32)
+    q4a, q4k = (quant.quantize(w, scheme, 32) for scheme in ("q4a", "q4k"))
+    m_a, m_k = matrix_from_quantized(q4a), matrix_from_quantized(q4k)
+    nbytes = q4k.data.nbytes + q4k.scales.nbytes + q4k.mins.nbytes
+    for n_tokens in (1, 16):
+        x = rng.standard_normal((n_tokens, 4096)).astype(np.float32)
+        out = np.empty((n_tokens, 11008), np.float32)
+        no_bias = np.zeros(0, np.float32)
+        for name in ("matmul_serial", "matmul"):
+            kernel = getattr(K, name)
+            t_a, t_k = best_pair(kernel, kernel, (x, *m_a, no_bias, out), (x, *m_k, no_bias, out))
+            print(f"{name:14} {n_tokens:>6} {t_a * 1e3:>9.2f} {t_k * 1e3:>9.2f} {t_k / t_a:>7.2f}x "
+                  f"{nbytes / t_k / 1e9:>9.1f}")
 
 
 def ffn_cases(rng, shares=(0.1, 0.3)):

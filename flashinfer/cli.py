@@ -12,9 +12,9 @@ import sys
 import time
 
 EXIT_USAGE = 2
-SCHEMES = ("f32", "f16", "q8", "q4", "q4a")  # storage.quant.SCHEMES, listed here to keep --help import-free
-SYNTH_PRESETS = ("tiny", "tiny-opt", "1b", "opt-6.7b", "llama-2-7b-relu", "mistral-7b-relu")  # storage.synth.PRESETS
-GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")  # storage.synth.GGUF_TYPES
+SCHEMES = ("f32", "f16", "q8", "q4", "q4a", "q4k")  # storage.quant.SCHEMES, listed here to keep --help import-free
+SYNTH_PRESETS = ("tiny", "tiny-opt", "tiny-256", "1b", "opt-6.7b", "llama-2-7b-relu", "mistral-7b-relu")  # storage.synth.PRESETS
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k")  # storage.synth.GGUF_TYPES
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -391,13 +391,13 @@ def build_parser() -> argparse.ArgumentParser:
                              description="Quantize and bundle a checkpoint into a flash store (storage/format.py): "
                                          "a Hugging Face model directory (safetensors) or a llama.cpp GGUF file "
                                          "(architecture llama; F32, F16, BF16, Q8_0, Q4_0/1, Q5_0/1 and "
-                                         "Q2_K-Q6_K tensors; Q8_0, Q4_0, Q4_1, F16 and F32 blocks are kept "
-                                         "exactly, the others dequantized and re-quantized).")
+                                         "Q2_K-Q6_K tensors; Q8_0, Q4_0, Q4_1, Q4_K, F16 and F32 blocks are "
+                                         "kept exactly, the others dequantized and re-quantized: Q5/Q6 to q8).")
     convert.add_argument("model", help="Hugging Face model directory, or a .gguf file")
     convert.add_argument("out", help="store directory to create")
     convert.add_argument("--quant", default="auto", choices=("auto", *SCHEMES),
-                         help="FFN (default auto: a GGUF's Q8_0/Q4_0/Q4_1 blocks kept as they are, with a q8 "
-                              "down column in bundles; otherwise q4)")
+                         help="FFN (default auto: a GGUF's Q8_0/Q4_0/Q4_1/Q4_K blocks kept as they are, with a "
+                              "q8 down column in bundles; Q5/Q6 blocks as q8; otherwise q4)")
     convert.add_argument("--ffn-down", default="auto", choices=("auto", "columns", "rows"),
                          help="W_down as each neuron's column in its bundle (what sparse predictors need) or as "
                               "whole rows after the bundles (a GGUF's blocks kept exactly, faster dense FFN); "

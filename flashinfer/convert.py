@@ -30,9 +30,9 @@ DEFAULT_FFN_QUANT = "q4"
 DEFAULT_RESIDENT_QUANT = "q8"
 DEFAULT_GROUP_SIZE = 32
 # --quant / --resident-quant auto (the default): a GGUF tensor whose blocks a store scheme holds
-# exactly (storage.gguf.KEPT_SCHEMES: Q8_0, Q4_0, Q4_1, F16, F32) keeps them, bit for bit, so
-# flashinfer and llama.cpp compute with the same weights; every other tensor gets the default
-# scheme above. One exception: a bundle's down column runs across the file's blocks (they
+# exactly (storage.gguf.KEPT_SCHEMES: Q8_0, Q4_0, Q4_1, Q4_K, F16, F32) keeps them, bit for bit,
+# so flashinfer and llama.cpp compute with the same weights; a GGUF tensor of more than 4 bits
+# (Q5_x, Q6_K) becomes q8; every other tensor gets the default scheme above. One exception: a bundle's down column runs across the file's blocks (they
 # follow W_down's rows), so kept 4-bit up/gate rows come with a q8 down column — 8 bits on top
 # of 4-bit values rounds far less than a second 4-bit rounding would.
 AUTO = "auto"
@@ -45,6 +45,7 @@ DOWN_FOR_KEPT_4BIT = "q8"
 # where columns are a float scatter. "auto": rows for SiLU models, which run densely (every
 # neuron active); columns for ReLU models, which run sparse.
 FFN_DOWN_LAYOUTS = ("auto", "columns", "rows")
+QUANTIZED = ("q8", "q4", "q4a", "q4k")  # the block schemes an FFN component may keep
 
 
 def down_layout(args: ModelArgs, requested: str) -> str:
@@ -101,6 +102,13 @@ def _kept_scheme(src, name: str) -> str | None:
     return kept(name) if kept is not None and len(src.tensors[name].shape) == 2 else None
 
 
+def _auto_scheme(src, name: str, default: str) -> str:
+    """What --quant auto stores tensor `name` in: its kept scheme, else the source's finer
+    fallback (GGUFCheckpoint.fallback_scheme: q8 for 5-6 bit blocks), else `default`."""
+    fallback = getattr(src, "fallback_scheme", None)
+    return _kept_scheme(src, name) or (fallback(name) if fallback is not None else None) or default
+
+
 def _check_schemes(*schemes: str) -> None:
     for scheme in schemes:
         if scheme != AUTO:
@@ -111,7 +119,7 @@ def resident_scheme(src, name: str, requested: str) -> str:
     """The scheme resident tensor `name` is stored in (see AUTO)."""
     if requested != AUTO:
         return requested
-    return _kept_scheme(src, name) or DEFAULT_RESIDENT_QUANT
+    return _auto_scheme(src, name, DEFAULT_RESIDENT_QUANT)
 
 
 def ffn_schemes(src, stored: dict[str, str], args: ModelArgs, layer: int, requested: str,
@@ -119,18 +127,19 @@ def ffn_schemes(src, stored: dict[str, str], args: ModelArgs, layer: int, reques
     """The scheme of each FFN component of `layer` (see AUTO). up and gate always share one:
     the FFN kernel lays out its input once for both. `rows`: W_down is written whole
     (down_layout), in its own kept blocks where the source has them."""
-    if requested != AUTO:
-        return {"up": requested, "gate": requested, "down": requested}
+    if requested != AUTO:  # q4k's super-blocks run along rows: a down column takes q8
+        return {"up": requested, "gate": requested, "down": requested if rows or requested != "q4k" else "q8"}
     p = f"layers.{layer}.ffn."
-    kept = {_kept_scheme(src, stored[p + f"w_{c}.weight"]) for c in (("up", "gate") if args.gated_ffn else ("up",))}
+    kept = {_auto_scheme(src, stored[p + f"w_{c}.weight"], DEFAULT_FFN_QUANT)
+            for c in (("up", "gate") if args.gated_ffn else ("up",))}
     scheme = kept.pop() if len(kept) == 1 else None
-    if scheme in ("q8", "q4", "q4a"):
+    if scheme in QUANTIZED:
         up, down_column = scheme, ("q8" if scheme == "q8" else DOWN_FOR_KEPT_4BIT)
-    else:
+    else:  # float, or up and gate in different blocks: one scheme for both (one prepared input)
         up, down_column = DEFAULT_FFN_QUANT, DEFAULT_FFN_QUANT
     if rows:
-        down = _kept_scheme(src, stored[p + "w_down.weight"])
-        return {"up": up, "gate": up, "down": down if down in ("q8", "q4", "q4a") else DEFAULT_FFN_QUANT}
+        down = _auto_scheme(src, stored[p + "w_down.weight"], DEFAULT_FFN_QUANT)
+        return {"up": up, "gate": up, "down": down if down in QUANTIZED else DEFAULT_FFN_QUANT}
     return {"up": up, "gate": up, "down": down_column}
 
 
@@ -170,10 +179,10 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, quant: str = AUT
     """Write the store for a llama.cpp GGUF file (architecture "llama", tensors F32, F16,
     BF16, Q8_0 or another type in storage.gguf.SUPPORTED_TYPES) to `out_dir`.
 
-    Q8_0, Q4_0, Q4_1, F16 and F32 tensors keep their exact blocks when their store scheme is
-    the one asked for ("auto", the default, asks for it; see AUTO); other tensors are
+    Q8_0, Q4_0, Q4_1, Q4_K, F16 and F32 tensors keep their exact blocks when their store scheme
+    is the one asked for ("auto", the default, asks for it; see AUTO); other tensors are
     dequantized to float32 a block at a time and quantized to `quant` / `resident_quant`
-    (for "auto": q4 FFN, q8 resident). The config comes
+    (for "auto": q8 for Q5/Q6 blocks, else q4 FFN, q8 resident). The config comes
     from the llama.* metadata (FFN activation SiLU, as llama.cpp runs every llama model,
     unless the file says `flashinfer.hidden_act`); the tokenizer from `tokenizer_dir` if
     given, else rebuilt from tokenizer.ggml.* (storage.gguf.GGUFCheckpoint.tokenizer_files).

@@ -21,7 +21,7 @@ from flashinfer.weights import EMPTY, NO_SCALES, Matrix, matrix_from_quantized
 from storage.format import BundleComponent, FFNLayer
 from storage.reader import ReadStats, planar_tensor
 
-_DATA_DTYPE = {"f32": np.float32, "f16": np.uint16, "q8": np.int8, "q4": np.uint8, "q4a": np.uint8}
+_DATA_DTYPE = {"f32": np.float32, "f16": np.uint16, "q8": np.int8, "q4": np.uint8, "q4a": np.uint8, "q4k": np.uint8}
 
 
 class BundleViews(NamedTuple):
@@ -42,6 +42,9 @@ def _component_matrix(bundles: np.ndarray, c: BundleComponent) -> Matrix:
     groups = c.length // c.group_size
     at = c.offset + data_bytes
     data = bundles[:, c.offset : at].view(dtype)
+    if c.scheme == "q4k":  # packed 6-bit scales and mins, each followed by its super-blocks' f16 multipliers
+        packed = groups + c.length // 128
+        return Matrix(data, bundles[:, at : at + packed], bundles[:, at + packed : at + 2 * packed], c.group_size)
     scales = bundles[:, at : at + 2 * groups].view(np.uint16)
     mins = bundles[:, at + 2 * groups : at + 4 * groups].view(np.uint16) if c.scheme == "q4a" else NO_SCALES
     return Matrix(data, scales, mins, c.group_size)

@@ -224,6 +224,8 @@ def matrix_from_quantized(qt) -> Matrix:
         return Matrix(qt.data)
     if qt.scheme == "f16":
         return Matrix(qt.data.view(np.uint16))
+    if qt.scheme == "q4k":  # packed 6-bit scales and mins with their f16 multipliers, as bytes
+        return Matrix(qt.data, qt.scales, qt.mins, qt.group_size)
     mins = NO_SCALES if qt.mins is None else qt.mins.view(np.uint16)
     return Matrix(qt.data, qt.scales.view(np.uint16), mins, qt.group_size)
 

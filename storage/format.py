@@ -16,6 +16,8 @@ Quantized rows (see storage/quant.py for the arithmetic): a row of K values in s
     q4    K/2 bytes (value 2j in the low nibble, 2j+1 in the high nibble, stored as v+8),
           then K/G float16 scales
     q4a   K/2 bytes (unsigned 0..15), K/G float16 scales, K/G float16 mins
+    q4k   K/2 bytes (unsigned 0..15), then scales and mins of K/G + K/128 bytes each: the
+          groups' 6-bit values, then each 256-weight super-block's float16 multiplier (ggml's Q4_K)
 A 2-D resident tensor [rows, K] is its rows one after another in that layout's planar
 form: all data [rows, data_bytes], then all scales [rows, K/G], then all mins (see
 `ResidentTensor`); 1-D tensors (norms, biases) are always f32.
@@ -68,7 +70,7 @@ RESIDENT_FILE = "resident.bin"
 PAGE = 4096  # alignment of chunks and files: O_DIRECT and 4 KiB flash pages
 COMPONENT_ALIGN = 4  # so f16 scales and f32 values inside a bundle are aligned
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-SCHEMES = ("f32", "f16", "q8", "q4", "q4a")
+SCHEMES = ("f32", "f16", "q8", "q4", "q4a", "q4k")
 COMPRESSIONS = ("none", "zstd")
 
 

@@ -52,7 +52,9 @@ SUPPORTED_TOKENIZERS = ("gpt2", "llama")
 # GGUF tensor types whose values a store scheme holds exactly (storage/quant.py: the same
 # dequantization formula on the same codes and f16 scales, only the nibble order differs):
 # converting keeps their codes instead of rounding the dequantized weights a second time
-KEPT_SCHEMES = {"F32": "f32", "F16": "f16", "Q8_0": "q8", "Q4_0": "q4", "Q4_1": "q4a"}
+KEPT_SCHEMES = {"F32": "f32", "F16": "f16", "Q8_0": "q8", "Q4_0": "q4", "Q4_1": "q4a", "Q4_K": "q4k"}
+MORE_THAN_4_BITS = ("Q5_0", "Q5_1", "Q5_K", "Q6_K")
+Q4_K_BLOCK_BYTES = 144  # d, dmin (f16), 12 bytes of 6-bit scales and mins, 128 bytes of nibbles
 # tokenizer.ggml.pre values whose pre-tokenizer we can write as tokenizer.json; the regexes
 # are llama.cpp's (llama-vocab.cpp), which are those of the HF tokenizers they came from
 # (applied in turn, each piece split further by the next: llama.cpp's regex_exprs list)
@@ -101,6 +103,44 @@ def hf_name(name: str) -> str | None:
     if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _HF_SUFFIX:
         return f"model.layers.{parts[1]}.{_HF_SUFFIX[parts[2]]}"
     return None
+
+
+def q4k_from_ggml_blocks(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ggml Q4_K blocks uint8 [rows, super-blocks, 144] as storage.quant's q4k arrays (data,
+    scales, mins): the same d, dmin, 6-bit scales/mins and nibbles, unpacked and reordered (ggml
+    packs the 6-bit values into 12 bytes and puts element l and 32 + l of each 64 in byte l)."""
+    from storage import quant
+
+    rows, n_super, _ = blocks.shape
+    d, dmin = blocks[:, :, 0:2], blocks[:, :, 2:4]
+    packed = blocks[:, :, 4:16].astype(np.uint8)
+    lo, hi, mixed = packed[:, :, 0:4], packed[:, :, 4:8], packed[:, :, 8:12]
+    sc = np.concatenate([lo & 0x3F, (mixed & 0x0F) | ((lo >> 2) & 0x30)], axis=2)  # ggml's get_scale_min_k4
+    m = np.concatenate([hi & 0x3F, (mixed >> 4) | ((hi >> 2) & 0x30)], axis=2)
+    qs = blocks[:, :, 16:].reshape(rows, n_super, 4, 1, 32)
+    values = np.concatenate([qs & 0x0F, qs >> 4], axis=3).reshape(rows, n_super * quant.SUPER_BLOCK)
+    return (quant.pack_nibbles(values), np.concatenate([sc.reshape(rows, -1), d.reshape(rows, -1)], axis=1),
+            np.concatenate([m.reshape(rows, -1), dmin.reshape(rows, -1)], axis=1))
+
+
+def q4k_to_ggml_blocks(qt) -> np.ndarray:
+    """A storage.quant q4k QuantizedTensor as ggml Q4_K blocks uint8 [rows, K / 256 * 144] (the
+    inverse of q4k_from_ggml_blocks: what a GGUF writer stores)."""
+    from storage import quant
+
+    rows, k = qt.shape
+    n_super, n_groups = k // quant.SUPER_BLOCK, k // 32
+    sc = qt.scales[:, :n_groups].reshape(rows, n_super, 8)
+    m = qt.mins[:, :n_groups].reshape(rows, n_super, 8)
+    packed = np.concatenate([sc[:, :, :4] | ((sc[:, :, 4:] >> 4) << 6), m[:, :, :4] | ((m[:, :, 4:] >> 4) << 6),
+                             (sc[:, :, 4:] & 0x0F) | ((m[:, :, 4:] & 0x0F) << 4)], axis=2).astype(np.uint8)
+    values = np.empty((rows, k), np.uint8)
+    values[:, 0::2], values[:, 1::2] = qt.data & 0x0F, qt.data >> 4
+    halves = values.reshape(rows, n_super, 4, 2, 32)
+    qs = (halves[:, :, :, 0] | (halves[:, :, :, 1] << 4)).reshape(rows, n_super, 128)
+    d = qt.scales[:, n_groups:].reshape(rows, n_super, 2)
+    dmin = qt.mins[:, n_groups:].reshape(rows, n_super, 2)
+    return np.concatenate([d, dmin, packed, qs], axis=2).reshape(rows, -1)
 
 
 def gguf_permute_rows(rows: np.ndarray, head_dim: int) -> np.ndarray:
@@ -353,10 +393,17 @@ class GGUFCheckpoint:
         """The store scheme that holds tensor `name` exactly as the file does, or None."""
         return KEPT_SCHEMES.get(self.tensors[name].type_name)
 
+    def fallback_scheme(self, name: str) -> str | None:
+        """For a tensor no scheme keeps exactly: q8 where the file spends more than 4 bits a
+        weight (Q5_x, Q6_K: a Q4_K_M file's attn_v and ffn_down), so --quant auto rounds it onto
+        a finer grid than its own instead of a coarser one; None otherwise (the caller's default)."""
+        return "q8" if self.tensors[name].type_name in MORE_THAN_4_BITS else None
+
     def rows_quantized(self, name: str, rows: slice | None = None):
         """Rows of 2-D tensor `name` (HF orientation, q/k un-permuted) as a storage.quant
         QuantizedTensor in kept_scheme(name), bit for bit the file's values: Q8_0 blocks are q8
-        (the same int8 codes and f16 scale), Q4_0 blocks q4 and Q4_1 blocks q4a (the same nibbles,
+        (the same int8 codes and f16 scale), Q4_K blocks q4k (q4k_from_ggml_blocks), Q4_0 blocks
+        q4 and Q4_1 blocks q4a (the same nibbles,
         scales and mins; ggml puts element j and j+16 in byte j, the store 2j and 2j+1)."""
         from storage import quant
 
@@ -371,6 +418,9 @@ class GGUFCheckpoint:
         if scheme in ("f32", "f16"):
             values = np.ascontiguousarray(picked).view("<f4" if scheme == "f32" else "<f2").reshape(n, n_cols)
             return quant.QuantizedTensor(scheme, 0, (n, n_cols), values.copy(), None, None)
+        if scheme == "q4k":
+            data, scales, mins = q4k_from_ggml_blocks(np.ascontiguousarray(picked).reshape(n, -1, Q4_K_BLOCK_BYTES))
+            return quant.QuantizedTensor("q4k", 32, (n, n_cols), data, scales, mins)
         blocks = np.ascontiguousarray(picked).reshape(n, n_cols // 32, t.block_bytes)
         scales = blocks[:, :, 0:2].copy().view("<f2")[:, :, 0]
         if scheme == "q8":

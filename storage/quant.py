@@ -9,6 +9,8 @@ Schemes
 ``q8``   int8, symmetric, one f16 scale per group.
 ``q4``   4-bit, symmetric, one f16 scale per group.
 ``q4a``  4-bit, asymmetric, one f16 scale and one f16 min per group.
+``q4k``  ggml's Q4_K: 4-bit, asymmetric, super-blocks of 256 weights (8 groups of 32), each group
+         with a 6-bit scale and min, each super-block with an f16 multiplier of each (d, dmin).
 
 Groups
 ------
@@ -27,6 +29,15 @@ q4:  ``s16 = f16(max|w_g| / 7)``, ``q = clip(rint(w / s), -8, 7)`` (0 when s == 
      stored as the nibble ``q + 8`` (0..15 holds -8..7);  ``w' = (nibble - 8) * s``.
 q4a: ``m16 = f16(min w_g)``, ``m = f32(m16)``, ``s16 = f16(max(max w_g - m, 0) / 15)``,
      ``q = clip(rint((w - m) / s), 0, 15)`` (0 when s == 0);  ``w' = q * s + m``.
+q4k (groups of 32 inside super-blocks of 256; K a multiple of 256; ggml's Q4_K arithmetic):
+     per group ``s_g = (max w_g - min(min w_g, 0)) / 15`` and ``n_g = -min(min w_g, 0)``; per
+     super-block ``d16 = f16(max s_g / 63)``, ``dmin16 = f16(max n_g / 63)``, ``sc_g =
+     clip(rint(s_g / d), 0, 63)``, ``m_g = clip(rint(n_g / dmin), 0, 63)`` (0 where d or dmin is 0);
+     then ``q = clip(rint((w + dmin m_g) / (d sc_g)), 0, 15)`` (0 where d sc_g == 0);
+     ``w' = (d sc_g) q - dmin m_g``, products in float32 (exact: 11 x 6 bits). ggml's own
+     quantizer searches each group's scale and min (make_qkx2_quants); this one takes the range,
+     so a float checkpoint quantized here differs from llama-quantize's file, while a GGUF's Q4_K
+     blocks convert to q4k exactly (its d, dmin, 6-bit scales/mins and nibbles, reordered).
 Against GGML (llama.cpp): ``q8`` keeps Q8_0's scale rule (max|w| -> 127, f16 scale, 32 per
 group; Q8_0 divides by the unrounded scale and rounds half away from zero), so a Q8_0 GGUF
 converts to a q8 store exactly. ``q4`` is NOT Q4_0: Q4_0 aims the signed extreme at level -8
@@ -47,16 +58,21 @@ q8:   data int8    [rows, K];             scales float16 [rows, n_groups];  mins
 q4:   data uint8   [rows, K // 2];        scales float16 [rows, n_groups];  mins None.
 q4a:  data uint8   [rows, K // 2];        scales float16 [rows, n_groups];
                                           mins   float16 [rows, n_groups].
+q4k:  data uint8   [rows, K // 2];        scales uint8 [rows, n_groups + K // 128]: the groups'
+                                          6-bit scales sc_g, then each super-block's d as f16 bytes;
+                                          mins uint8 likewise: the m_g, then each dmin as f16 bytes.
 4-bit packing: byte ``j`` of a row holds element ``2j`` in its LOW nibble (bits 0-3) and
 element ``2j+1`` in its HIGH nibble (bits 4-7): ``byte = e[2j] | (e[2j+1] << 4)``.
 
 Row record (the bytes of one row, contiguous, as written into the store)
 ------------------------------------------------------------------------
 ``[data][scales][mins]``, all little-endian, no padding:
-  data:   f32: 4K bytes; f16: 2K bytes; q8: K bytes (int8); q4/q4a: K/2 bytes (packed as above)
-  scales: q8/q4/q4a only, n_groups little-endian f16 (2 bytes each), group 0 first
-  mins:   q4a only, n_groups little-endian f16
-so ``scheme_bytes_per_row`` is 4K, 2K, K + 2K/G, K/2 + 2K/G, K/2 + 4K/G respectively.
+  data:   f32: 4K bytes; f16: 2K bytes; q8: K bytes (int8); q4/q4a/q4k: K/2 bytes (packed as above)
+  scales: q8/q4/q4a only, n_groups little-endian f16 (2 bytes each), group 0 first; q4k: its
+          uint8 array as above (K/32 + K/128 bytes)
+  mins:   q4a only, n_groups little-endian f16; q4k: its uint8 array
+so ``scheme_bytes_per_row`` is 4K, 2K, K + 2K/G, K/2 + 2K/G, K/2 + 4K/G respectively, and for
+q4k K/2 + K/16 + K/64 (4.625 bits a weight; ggml's Q4_K packs the 6-bit values into 4.5).
 """
 
 from __future__ import annotations
@@ -67,8 +83,11 @@ import numpy as np
 
 from storage.errors import QuantError
 
-SCHEMES = ("f32", "f16", "q8", "q4", "q4a")
-GROUPED_SCHEMES = ("q8", "q4", "q4a")
+SCHEMES = ("f32", "f16", "q8", "q4", "q4a", "q4k")
+GROUPED_SCHEMES = ("q8", "q4", "q4a", "q4k")
+NIBBLE_SCHEMES = ("q4", "q4a", "q4k")
+SUPER_BLOCK = 256  # q4k: weights per super-block (ggml's QK_K)
+Q4K_SCALE_MAX = np.float32(63.0)  # 6-bit scales and mins
 GROUP_SIZES = (32, 64)
 DEFAULT_GROUP_SIZE = 32
 
@@ -79,8 +98,9 @@ Q4A_LEVELS = np.float32(15.0)
 Q4_OFFSET = 8  # q4 symmetric nibble = q + 8
 
 DATA_DTYPES = {"f32": np.dtype("<f4"), "f16": np.dtype("<f2"), "q8": np.dtype("i1"),
-               "q4": np.dtype("u1"), "q4a": np.dtype("u1")}
+               "q4": np.dtype("u1"), "q4a": np.dtype("u1"), "q4k": np.dtype("u1")}
 SCALE_DTYPE = np.dtype("<f2")
+SCALE_DTYPES = {"q4k": np.dtype("u1")}  # the scales/mins arrays' dtype where it is not SCALE_DTYPE
 
 
 @dataclass(frozen=True, eq=False)
@@ -112,9 +132,9 @@ def _group_size_for(scheme: str, group_size: int) -> int:
     check_scheme(scheme)
     if scheme not in GROUPED_SCHEMES:
         return 0
-    if group_size not in GROUP_SIZES:
-        raise QuantError(f"group size {group_size!r} is not supported for {scheme}; "
-                         f"use one of {', '.join(map(str, GROUP_SIZES))}")
+    if group_size not in GROUP_SIZES or (scheme == "q4k" and group_size != 32):
+        use = "32" if scheme == "q4k" else f"one of {', '.join(map(str, GROUP_SIZES))}"
+        raise QuantError(f"group size {group_size!r} is not supported for {scheme}; use {use}")
     return group_size
 
 
@@ -126,11 +146,17 @@ def _check_row_length(scheme: str, shape: tuple[int, ...], group_size: int) -> N
         raise QuantError(f"cannot quantize a tensor of shape {tuple(shape)} to {scheme}: row length "
                          f"{row_length} is not a multiple of the {scheme} group size {group_size} "
                          f"(groups run along the last axis)")
+    if scheme == "q4k" and row_length % SUPER_BLOCK:
+        raise QuantError(f"cannot quantize a tensor of shape {tuple(shape)} to q4k: row length {row_length} "
+                         f"is not a multiple of its super-block of {SUPER_BLOCK}; use q4a")
 
 
 def _expected_arrays(scheme: str, rows: int, row_length: int, group_size: int):
     """(data shape, scales shape or None, mins shape or None) of a [rows, row_length] tensor."""
-    data_cols = row_length // 2 if scheme in ("q4", "q4a") else row_length
+    data_cols = row_length // 2 if scheme in NIBBLE_SCHEMES else row_length
+    if scheme == "q4k":  # the 6-bit values, then the super-blocks' f16 multipliers as bytes
+        group_shape = (rows, row_length // group_size + 2 * (row_length // SUPER_BLOCK))
+        return (rows, data_cols), group_shape, group_shape
     group_shape = (rows, row_length // group_size) if group_size else None
     return (rows, data_cols), group_shape, group_shape if scheme == "q4a" else None
 
@@ -143,9 +169,10 @@ def _check_layout(qt: QuantizedTensor) -> None:
         raise QuantError(f"a QuantizedTensor is 2-D, got shape {qt.shape}")
     _check_row_length(qt.scheme, qt.shape, group_size)
     data_shape, scales_shape, mins_shape = _expected_arrays(qt.scheme, *qt.shape, group_size)
+    scale_dtype = SCALE_DTYPES.get(qt.scheme, SCALE_DTYPE)
     for name, array, shape, dtype in (("data", qt.data, data_shape, DATA_DTYPES[qt.scheme]),
-                                      ("scales", qt.scales, scales_shape, SCALE_DTYPE),
-                                      ("mins", qt.mins, mins_shape, SCALE_DTYPE)):
+                                      ("scales", qt.scales, scales_shape, scale_dtype),
+                                      ("mins", qt.mins, mins_shape, scale_dtype)):
         if shape is None:
             if array is not None:
                 raise QuantError(f"{qt.scheme} tensor of shape {qt.shape} has {name}, but the scheme has none")
@@ -163,7 +190,7 @@ def scheme_bytes_per_row(scheme: str, K: int, group_size: int = DEFAULT_GROUP_SI
     n_bytes = data_shape[1] * DATA_DTYPES[scheme].itemsize
     for group_shape in (scales_shape, mins_shape):
         if group_shape is not None:
-            n_bytes += group_shape[1] * SCALE_DTYPE.itemsize
+            n_bytes += group_shape[1] * SCALE_DTYPES.get(scheme, SCALE_DTYPE).itemsize
     return n_bytes
 
 
@@ -220,6 +247,8 @@ def quantize(w: np.ndarray, scheme: str, group_size: int = DEFAULT_GROUP_SIZE) -
         return QuantizedTensor(scheme, 0, shape, _to_f16(w, "weights", scheme, shape), None, None)
 
     groups = w.reshape(shape[0], shape[1] // group_size, group_size)
+    if scheme == "q4k":
+        return _quantize_q4k(groups, shape)
     if scheme == "q4a":
         mins16 = _to_f16(groups.min(axis=2), "group mins", scheme, shape)
         group_min = mins16.astype(np.float32)
@@ -238,10 +267,45 @@ def quantize(w: np.ndarray, scheme: str, group_size: int = DEFAULT_GROUP_SIZE) -
     return QuantizedTensor(scheme, group_size, shape, pack_nibbles(nibbles), scales16, None)
 
 
+def _quantize_q4k(groups: np.ndarray, shape: tuple[int, int]) -> QuantizedTensor:
+    rows, k = shape
+    low = np.minimum(groups.min(axis=2), np.float32(0))  # ggml's mins never go above 0
+    span = groups.max(axis=2) - low  # [rows, groups]
+    per_super = (rows, k // SUPER_BLOCK, SUPER_BLOCK // 32)
+    d16 = _to_f16(span.reshape(per_super).max(axis=2) / np.float32(15) / Q4K_SCALE_MAX, "super-block scales", "q4k", shape)
+    dmin16 = _to_f16((-low).reshape(per_super).max(axis=2) / Q4K_SCALE_MAX, "super-block mins", "q4k", shape)
+    d, dmin = d16.astype(np.float32), dmin16.astype(np.float32)
+    sc = np.clip(np.rint(_divide_or_zero((span / np.float32(15)).reshape(per_super), d)), 0, 63).astype(np.uint8)
+    m = np.clip(np.rint(_divide_or_zero((-low).reshape(per_super), dmin)), 0, 63).astype(np.uint8)
+    scales = (d[..., None] * sc).reshape(rows, -1)  # float32 products, exact
+    offsets = (dmin[..., None] * m).reshape(rows, -1)
+    q = np.clip(np.rint(_divide_or_zero(groups + offsets[..., None], scales)), 0, 15)
+    return QuantizedTensor("q4k", 32, shape, pack_nibbles(q.reshape(shape)),
+                           np.concatenate([sc.reshape(rows, -1), d16.view(np.uint8)], axis=1),
+                           np.concatenate([m.reshape(rows, -1), dmin16.view(np.uint8)], axis=1))
+
+
+def q4k_group_values(qt: QuantizedTensor) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, min) float32 [rows, K/32] of each group of a q4k tensor: d sc_g and -dmin m_g."""
+    rows, k = qt.shape
+    n_groups = k // 32
+    out = []
+    for packed, sign in ((qt.scales, 1), (qt.mins, -1)):
+        six_bit = packed[:, :n_groups].astype(np.float32).reshape(rows, k // SUPER_BLOCK, -1)
+        multiplier = np.ascontiguousarray(packed[:, n_groups:]).view(SCALE_DTYPE).astype(np.float32)
+        out.append((sign * multiplier[..., None] * six_bit).reshape(rows, n_groups))
+    return out[0], out[1]
+
+
 def dequantize(qt: QuantizedTensor) -> np.ndarray:
     """The float32 [rows, K] weight a QuantizedTensor stands for."""
     if qt.scheme in ("f32", "f16"):
         return qt.data.astype(np.float32)
+    if qt.scheme == "q4k":
+        scales, mins = q4k_group_values(qt)
+        rows, k = qt.shape
+        q = _unpack_nibbles(qt.data).astype(np.float32).reshape(rows, k // 32, 32)
+        return (q * scales[..., None] + mins[..., None]).reshape(rows, k)
     rows, row_length = qt.shape
     if qt.scheme == "q8":
         q = qt.data.astype(np.float32)
@@ -265,8 +329,9 @@ def _bytes_of(array: np.ndarray | None, dtype: np.dtype, rows: int) -> list[np.n
 def row_records(qt: QuantizedTensor) -> np.ndarray:
     """All row records as a uint8 [rows, bytes_per_row] array (layout in the module docstring)."""
     rows = qt.shape[0]
-    parts = (_bytes_of(qt.data, DATA_DTYPES[qt.scheme], rows) + _bytes_of(qt.scales, SCALE_DTYPE, rows)
-             + _bytes_of(qt.mins, SCALE_DTYPE, rows))
+    scale_dtype = SCALE_DTYPES.get(qt.scheme, SCALE_DTYPE)
+    parts = (_bytes_of(qt.data, DATA_DTYPES[qt.scheme], rows) + _bytes_of(qt.scales, scale_dtype, rows)
+             + _bytes_of(qt.mins, scale_dtype, rows))
     return np.concatenate(parts, axis=1)
 
 
@@ -296,7 +361,8 @@ def rows_from_records(records: np.ndarray, scheme: str, K: int, group_size: int)
     data_shape, scales_shape, mins_shape = _expected_arrays(scheme, n_rows, K, group_size)
     arrays = []
     start = 0
-    for shape, dtype in ((data_shape, DATA_DTYPES[scheme]), (scales_shape, SCALE_DTYPE), (mins_shape, SCALE_DTYPE)):
+    scale_dtype = SCALE_DTYPES.get(scheme, SCALE_DTYPE)
+    for shape, dtype in ((data_shape, DATA_DTYPES[scheme]), (scales_shape, scale_dtype), (mins_shape, scale_dtype)):
         if shape is None:
             arrays.append(None)
             continue

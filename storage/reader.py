@@ -52,6 +52,12 @@ def planar_tensor(raw: np.ndarray, scheme: str, group_size: int, shape) -> Quant
         dtype = np.float32 if scheme == "f32" else np.float16
         return QuantizedTensor(scheme, 0, (rows, k), raw.view(dtype).reshape(rows, k), None, None)
     data_bytes = rows * (k if scheme == "q8" else k // 2)
+    if scheme == "q4k":  # uint8 scales and mins (storage/quant.py)
+        packed = k // group_size + k // 128
+        data = raw[:data_bytes].reshape(rows, k // 2)
+        scales = raw[data_bytes : data_bytes + rows * packed].reshape(rows, packed)
+        mins = raw[data_bytes + rows * packed : data_bytes + 2 * rows * packed].reshape(rows, packed)
+        return QuantizedTensor(scheme, group_size, (rows, k), data, scales, mins)
     groups = k // group_size
     data = raw[:data_bytes].view(np.int8 if scheme == "q8" else np.uint8).reshape(rows, -1)
     scales = raw[data_bytes : data_bytes + 2 * rows * groups].view(np.float16).reshape(rows, groups)

@@ -112,10 +112,12 @@ CAL_SEQS, EVAL_SEQS, SEQ_LEN = 4, 2, 64  # random sequences for fitting / for me
 BOS_ID, EOS_ID, UNK_ID = 1, 2, 0
 DTYPES = {"f16": ("F16", 2, "float16"), "bf16": ("BF16", 2, "bfloat16"), "f32": ("F32", 4, "float32")}
 # GGUF matrix types (`--gguf-type`) and their bytes per 32 weights of a row: Q8_0 is one f16
-# scale + 32 int8, Q4_0 one f16 scale + 16 bytes of nibbles (ggml-common.h block_q8_0/q4_0)
-GGUF_TYPE_BYTES_PER_32 = {"f32": 128, "f16": 64, "bf16": 64, "q8_0": 34, "q4_0": 18}
+# scale + 32 int8, Q4_0 one f16 scale + 16 bytes of nibbles (ggml-common.h block_q8_0/q4_0),
+# Q4_K 144 bytes per 256 (block_q4_K; rows of a multiple of 256: the "tiny-256" preset)
+GGUF_TYPE_BYTES_PER_32 = {"f32": 128, "f16": 64, "bf16": 64, "q8_0": 34, "q4_0": 18, "q4_k": 18}
 GGUF_TYPES = tuple(GGUF_TYPE_BYTES_PER_32)
-GGUF_BLOCK_TYPES = ("q8_0", "q4_0")  # quantized in blocks of 32 along a row
+GGUF_BLOCK_TYPES = ("q8_0", "q4_0")  # quantized in blocks of 32 along a row by gguf-py
+GGUF_ROW_MULTIPLE = {"q4_k": 256}  # weights a row must be a multiple of (else 32)
 FFN_MATRICES = ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
 Progress = Callable[[int, int], None]
 
@@ -148,6 +150,7 @@ class SynthShape:
 PRESETS: dict[str, SynthShape] = {
     "tiny": SynthShape("llama", 64, 2, 4, 4, 256, 512, 512),
     "tiny-opt": SynthShape("opt", 64, 2, 4, 4, 256, 512, 512),  # the OPT path, for fast tests
+    "tiny-256": SynthShape("llama", 256, 2, 4, 2, 512, 512, 512),  # rows of 256: Q4_K's super-blocks
     "1b": SynthShape("llama", 2048, 16, 16, 4, 5632, 32000, 2048),  # TinyLlama-like
     "opt-6.7b": SynthShape("opt", 4096, 32, 32, 32, 16384, 50272, 2048),
     "llama-2-7b-relu": SynthShape("llama", 4096, 32, 32, 32, 11008, 32000, 4096),  # ReluLLaMA / ProSparse
@@ -290,9 +293,10 @@ def _check_gguf_types(plan, ffn_type: str, resident_type: str) -> None:
         if kind not in GGUF_TYPES:
             raise ConfigValueError(f"unknown {option} {kind!r} (supported: {', '.join(GGUF_TYPES)})")
     for name, shape in plan:
-        if len(shape) == 2 and shape[1] % 32:  # every preset's rows are; a new one might not be
-            raise ConfigValueError(f"GGUF types work on rows of a multiple of 32 weights; "
-                                   f"{name} has rows of {shape[1]}")
+        multiple = max(GGUF_ROW_MULTIPLE.get(kind, 32) for kind in (ffn_type, resident_type))
+        if len(shape) == 2 and shape[1] % multiple:  # every preset's rows are a multiple of 32
+            raise ConfigValueError(f"GGUF types {ffn_type}/{resident_type} work on rows of a multiple of {multiple} "
+                                   f"weights; {name} has rows of {shape[1]} (the tiny-256 preset has rows of 256)")
 
 
 def _check_disk(out_dir: Path, needed: int) -> None:
@@ -923,7 +927,7 @@ class _GGUFStream:
         # general.file_type names the bulk of the bytes: the FFN matrices' type
         ftype = {"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
                  "f32": gguf.LlamaFileType.ALL_F32, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-                 "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[ffn_type]
+                 "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "q4_k": gguf.LlamaFileType.MOSTLY_Q4_K_S}[ffn_type]
         w.add_name(f"flashinfer-synth-{preset}")
         w.add_context_length(s.max_positions)
         w.add_embedding_length(s.hidden)
@@ -955,7 +959,7 @@ class _GGUFStream:
                 kind = self.type_of(name)
                 nbytes = gguf_tensor_bytes(shape, kind)
                 qtype = gguf.GGMLQuantizationType[kind.upper()]
-                if kind in GGUF_BLOCK_TYPES:  # the writer takes a quantized shape in bytes per row
+                if kind in GGUF_BLOCK_TYPES or kind == "q4_k":  # the writer takes a quantized shape in bytes per row
                     byte_shape = (shape[0], nbytes // shape[0])
                     w.add_tensor_info(gguf_name(name), byte_shape, np.dtype(np.uint8), nbytes, raw_dtype=qtype)
                 else:
@@ -989,6 +993,11 @@ class _GGUFStream:
                 data = stored
             elif kind in GGUF_BLOCK_TYPES:  # from the stored values: the weights the checkpoint holds
                 data = self.gguf.quants.quantize(widened, self.gguf.GGMLQuantizationType[kind.upper()])
+            elif kind == "q4_k":  # gguf-py has no Q4_K quantizer: storage/quant.py's, in ggml's blocks
+                from storage import quant
+                from storage.gguf import q4k_to_ggml_blocks
+
+                data = q4k_to_ggml_blocks(quant.quantize(np.ascontiguousarray(widened, np.float32), "q4k"))
             else:
                 data = _to_stored(widened, kind)[0]
         self.f.write(memoryview(np.ascontiguousarray(data)).cast("B"))

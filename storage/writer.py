@@ -40,6 +40,9 @@ def bundle_layout(names, dim: int, scheme: str | dict, group_size: int) -> tuple
             continue
         is_bias = name.endswith("bias")
         c_scheme = "f32" if is_bias else schemes[name]
+        if name == "down" and c_scheme == "q4k":
+            raise StorageError("a down column cannot be q4k (its super-blocks run along rows); use q8, or write "
+                               "W_down as rows (convert --ffn-down rows)")
         c_group = 0 if c_scheme in ("f32", "f16") else group_size
         length = 1 if is_bias else dim
         nbytes = 4 if is_bias else quant.scheme_bytes_per_row(c_scheme, dim, c_group or 32)

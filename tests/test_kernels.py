@@ -21,6 +21,8 @@ SCHEMES = ["f32", "f16", "q8", "q4", "q4a"]
 def kernel_matrix(w: np.ndarray, scheme: str, group: int = 32) -> Matrix:
     """A float32 matrix quantized by the numpy reference, in the kernels' form."""
     qt = quant.quantize(w, scheme, group)
+    if scheme == "q4k":
+        return Matrix(qt.data, qt.scales, qt.mins, group)
     if scheme == "f32":
         return Matrix(qt.data)
     if scheme == "f16":
@@ -32,7 +34,7 @@ def kernel_matrix(w: np.ndarray, scheme: str, group: int = 32) -> Matrix:
 def seen_input(x: np.ndarray, scheme: str, group: int = 32) -> np.ndarray:
     """x as the kernels multiply it: quantized into int8 blocks for the integer dots (q8/q4/q4a
     in groups of 32), as it is for float dots."""
-    return ref.quantized_activations(x) if scheme in ("q8", "q4", "q4a") and group == 32 else x
+    return ref.quantized_activations(x) if scheme in ("q8", "q4", "q4a", "q4k") and group == 32 else x
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
@@ -48,7 +50,7 @@ def test_matmul_every_scheme(scheme, with_bias, n_tokens):
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("scheme", ["q8", "q4", "q4a"])
+@pytest.mark.parametrize("scheme", ["q8", "q4", "q4a", "q4k"])
 @pytest.mark.parametrize("kernel", ["matmul", "matmul_serial"])
 @pytest.mark.parametrize("n_tokens", [1, 3, 9])
 def test_integer_dots_on_a_realistic_width(scheme, kernel, n_tokens):
@@ -105,6 +107,15 @@ def test_add_rows_every_scheme(scheme):
     K.add_rows(out, m.data, m.scales, m.mins, m.group, rows)
     expected = 1.0 + quant.dequantize(quant.quantize(table, scheme, 32))[rows]
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_add_rows_q4k():
+    # embedding lookups of a q4k table (a Q4_K_M file's token_embd): its packed scales decoded per group
+    table = randn(6, 512) * np.repeat(np.logspace(-2, 1, 16, dtype=np.float32), 32)
+    m = kernel_matrix(table, "q4k")
+    out = np.ones((3, 512), np.float32)
+    K.add_rows(out, m.data, m.scales, m.mins, m.group, np.array([5, 0, 5]))
+    np.testing.assert_allclose(out, 1.0 + quant.dequantize(quant.quantize(table, "q4k"))[[5, 0, 5]], rtol=1e-6, atol=1e-6)
 
 
 def test_widen_f16_bits_exact_over_all_finite_halves():
@@ -283,20 +294,21 @@ def _intrinsic_operands(monkeypatch, vnni, scheme, n_tokens):
     if not simd.NATIVE_F16:
         pytest.skip("the multi-row intrinsics need native halves (F16C)")
     monkeypatch.setattr(simd, "HAS_VNNI", vnni)
-    m = kernel_matrix(randn(4, 320), scheme)
+    k = 512 if scheme == "q4k" else 320  # q4k: whole super-blocks of 256
+    m = kernel_matrix(randn(4, k), scheme)
     data = m.data.copy()
     if scheme == "q8":
         data[1, :9] = -128
     padded = np.zeros((4, data.shape[1] + 5), data.dtype)
     padded[:, 3:-2] = data
     w = padded[:, 3:-2]
-    x = randn(n_tokens, 320) * np.repeat(np.logspace(-2, 1, 10, dtype=np.float32), 32)
+    x = randn(n_tokens, k) * np.repeat(np.logspace(-2, 1, k // 32, dtype=np.float32), 32)
     prep = njit(lambda w, x: blocks.prepare_input(w, x, 32))(w, x)
     return w, m, prep, 4 if scheme == "q8" else 5
 
 
 @pytest.mark.parametrize("vnni", [False, True])
-@pytest.mark.parametrize("scheme", ["q8", "q4", "q4a"])
+@pytest.mark.parametrize("scheme", ["q8", "q4", "q4a", "q4k"])
 def test_four_row_dots_portable_vnni_and_fallback_agree(monkeypatch, vnni, scheme):
     # simd.dot4_*_blocks (four rows per pass, scales widened in the loop) against four separate
     # one-row dots (blocks._rows_one_by_one, the path of hosts without native halves)
@@ -305,7 +317,8 @@ def test_four_row_dots_portable_vnni_and_fallback_agree(monkeypatch, vnni, schem
     from flashinfer.kernels import blocks, simd
 
     w, m, prep, aux = _intrinsic_operands(monkeypatch, vnni, scheme, 1)
-    dot4 = {"q8": simd.dot4_q8_blocks, "q4": simd.dot4_q4_blocks, "q4a": simd.dot4_q4a_blocks}[scheme]
+    dot4 = {"q8": simd.dot4_q8_blocks, "q4": simd.dot4_q4_blocks, "q4a": simd.dot4_q4a_blocks,
+            "q4k": simd.dot4_q4k_blocks}[scheme]
 
     @njit  # not cached: compiled here, under the patched flag
     def four(w, s, m, prep):
@@ -321,7 +334,7 @@ def test_four_row_dots_portable_vnni_and_fallback_agree(monkeypatch, vnni, schem
 
 
 @pytest.mark.parametrize("vnni", [False, True])
-@pytest.mark.parametrize("scheme", ["q8", "q4", "q4a"])
+@pytest.mark.parametrize("scheme", ["q8", "q4", "q4a", "q4k"])
 def test_tile_dots_portable_vnni_and_fallback_agree(monkeypatch, vnni, scheme):
     # simd.dot4x4_*_blocks (four rows x four tokens per pass) against four-row dots token by
     # token (blocks._tile_by_rows4, the path of hosts without native halves)
@@ -330,7 +343,8 @@ def test_tile_dots_portable_vnni_and_fallback_agree(monkeypatch, vnni, scheme):
     from flashinfer.kernels import blocks, simd
 
     w, m, prep, aux = _intrinsic_operands(monkeypatch, vnni, scheme, 6)
-    tile = {"q8": simd.dot4x4_q8_blocks, "q4": simd.dot4x4_q4_blocks, "q4a": simd.dot4x4_q4a_blocks}[scheme]
+    tile = {"q8": simd.dot4x4_q8_blocks, "q4": simd.dot4x4_q4_blocks, "q4a": simd.dot4x4_q4a_blocks,
+            "q4k": simd.dot4x4_q4k_blocks}[scheme]
 
     @njit  # not cached: compiled here, under the patched flag
     def tiled(w, s, m, prep, t):

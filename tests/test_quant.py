@@ -112,25 +112,31 @@ def test_zero_and_constant_groups_have_no_nan():
 @pytest.mark.parametrize("scheme", quant.SCHEMES)
 @pytest.mark.parametrize("group", [32, 64])
 def test_row_bytes_round_trip(scheme, group):
-    w = normal_weight((5, 128), seed=2)
+    k = 512 if scheme == "q4k" else 128  # q4k: whole super-blocks of 256, groups of 32 only
+    w = normal_weight((5, k), seed=2)
+    if scheme == "q4k" and group != 32:
+        with pytest.raises(QuantError, match="group size 64 is not supported for q4k; use 32"):
+            quant.quantize(w, scheme, group)
+        return
     qt = quant.quantize(w, scheme, group)
     buf = b"".join(quant.row_bytes(qt, i) for i in range(5))
-    assert len(buf) == 5 * quant.scheme_bytes_per_row(scheme, 128, group) == 5 * qt.bytes_per_row
-    back = quant.rows_from_bytes(buf, scheme, 128, group, 5)
+    assert len(buf) == 5 * quant.scheme_bytes_per_row(scheme, k, group) == 5 * qt.bytes_per_row
+    back = quant.rows_from_bytes(buf, scheme, k, group, 5)
     for name in ("data", "scales", "mins"):
         expected, got = getattr(qt, name), getattr(back, name)
         assert (expected is None and got is None) or np.array_equal(expected, got)
-    one_row = quant.rows_from_bytes(memoryview(buf)[: qt.bytes_per_row], scheme, 128, group, 1)
+    one_row = quant.rows_from_bytes(memoryview(buf)[: qt.bytes_per_row], scheme, k, group, 1)
     np.testing.assert_array_equal(quant.dequantize(one_row), quant.dequantize(qt)[:1])
 
 
 @pytest.mark.parametrize("scheme", quant.SCHEMES)
 def test_row_records_round_trip(scheme):
-    w = normal_weight((5, 64), seed=3)
+    k = 256 if scheme == "q4k" else 64
+    w = normal_weight((5, k), seed=3)
     qt = quant.quantize(w, scheme, 32)
     records = quant.row_records(qt)
-    assert records.shape == (5, quant.scheme_bytes_per_row(scheme, 64, 32))
-    back = quant.rows_from_records(records, scheme, 64, 32)
+    assert records.shape == (5, quant.scheme_bytes_per_row(scheme, k, 32))
+    back = quant.rows_from_records(records, scheme, k, 32)
     np.testing.assert_array_equal(quant.dequantize(back), quant.dequantize(qt))
 
 
@@ -141,6 +147,7 @@ def test_bytes_per_row():
     assert quant.scheme_bytes_per_row("q8", 4096, 32) == 4096 + 256
     assert quant.scheme_bytes_per_row("f16", 4096, 32) == 8192
     assert quant.scheme_bytes_per_row("f32", 4096, 0) == 16384
+    assert quant.scheme_bytes_per_row("q4k", 4096, 32) == 2048 + 2 * (128 + 32)  # 4.625 bits; ggml's Q4_K 4.5
 
 
 def test_bad_arguments_are_named():
@@ -150,7 +157,7 @@ def test_bad_arguments_are_named():
         quant.scheme_bytes_per_row("q8", 96, 64)
     with pytest.raises(QuantError, match="group size 16 is not supported for q8; use one of 32, 64"):
         quant.quantize(np.zeros((2, 64), np.float32), "q8", 16)
-    with pytest.raises(QuantError, match="unknown quantization scheme 'q3'; expected one of f32, f16, q8, q4, q4a"):
+    with pytest.raises(QuantError, match="unknown quantization scheme 'q3'; expected one of f32, f16, q8, q4, q4a, q4k"):
         quant.quantize(np.zeros((2, 64), np.float32), "q3")
     with pytest.raises(QuantError, match=r"takes a 2-D \[rows, K\] weight, got shape \(64,\)"):
         quant.quantize(np.zeros(64, np.float32), "q8")

@@ -332,7 +332,9 @@ def test_gguf_type_defaults_to_the_checkpoint_dtype_and_refuses_unknown_types(tm
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
     assert types["blk.0.ffn_up.weight"] == "BF16" and types["blk.0.attn_q.weight"] == "F16"
     assert types["output.weight"] == "F16" and types["blk.0.ffn_norm.weight"] == "F32"
-    with pytest.raises(ConfigValueError, match="unknown gguf_type 'q4_k'"):
+    with pytest.raises(ConfigValueError, match="unknown gguf_type 'q5_k'"):
+        synth.synthesize("tiny", tmp_path / "x", gguf_path=tmp_path / "x.gguf", gguf_type="q5_k")
+    with pytest.raises(ConfigValueError, match="multiple of 256 weights; .* has rows of 64 .*tiny-256"):
         synth.synthesize("tiny", tmp_path / "x", gguf_path=tmp_path / "x.gguf", gguf_type="q4_k")
 
 

@@ -18,9 +18,9 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
-from .simd import (BLOCK, NATIVE_F16, TOKENS_PER_PASS, axpy4_i8_blocks, axpy4_u4_blocks, dot4_q4_blocks, dot4x4_q4_blocks,
-                   dot4x4_q4a_blocks, dot4x4_q8_blocks,
-                   dot4_q4a_blocks, dot4_q8_blocks, dot_i8_blocks, dot_u4_blocks, widen_f16)
+from .simd import (BLOCK, NATIVE_F16, TOKENS_PER_PASS, axpy4_i8_blocks, axpy4_u4_blocks, dot4_q4_blocks, dot4_q4a_blocks,
+                   dot4_q4k_blocks, dot4_q8_blocks, dot4x4_q4_blocks, dot4x4_q4a_blocks, dot4x4_q4k_blocks,
+                   dot4x4_q8_blocks, dot_i8_blocks, dot_u4_blocks, widen_f16)
 
 # fastmath without 'nnan'/'ninf': reassociation lets LLVM vectorise the reductions, and
 # no kernel relies on IEEE specials (attention never builds -inf masks).
@@ -182,12 +182,60 @@ def _scales_by_integer_ops(scales, mins, r, ws, wm):
 
 
 def row_scales(scales, mins, r, ws, wm):
-    """ws[b] = row r's scale of block b as float32 (and wm[b] its min, for q4a) (pure-Python form)."""
+    """ws[b] = row r's scale of block b as float32 (and wm[b] its min, for q4a/q4k) (pure-Python form)."""
+    if scales.dtype == np.uint8:
+        for b in range(ws.shape[0]):
+            ws[b], wm[b] = q4k_group(scales, mins, r, b)
+        return
     _scales_by_integer_ops(scales, mins, r, ws, wm)
+
+
+@njit(fastmath=FAST)
+def _q4k_multiplier(packed, r, n_groups, g):
+    """The f16 multiplier (d or dmin) of group g's super-block in row r of a q4k scales/mins array."""
+    at = n_groups + 2 * (g // 8)
+    # np.uint16 around the whole: numba widens uint16 operands of | and << to int64, which
+    # `widen` would take for an integer value rather than half bits
+    return widen(np.uint16(np.uint32(packed[r, at]) | (np.uint32(packed[r, at + 1]) << np.uint32(8))))
+
+
+@njit(fastmath=FAST)
+def q4k_group(scales, mins, r, g):
+    """(scale, min) of group g of row r of a q4k matrix: d sc_g and -dmin m_g (storage/quant.py)."""
+    n_groups = scales.shape[1] * 4 // 5  # K/32 six-bit values, then K/128 bytes of multipliers
+    s = _q4k_multiplier(scales, r, n_groups, g) * np.float32(scales[r, g])
+    return s, -_q4k_multiplier(mins, r, n_groups, g) * np.float32(mins[r, g])
+
+
+def group_scale_min(scales, mins, r, g):
+    """(scale, min) of group g of row r of a nibble matrix: q4 (min -8 scale), q4a, q4k (pure-Python form)."""
+    if scales.dtype == np.uint8:
+        return q4k_group(scales, mins, r, g)
+    s = widen(scales[r, g])
+    return s, (widen(mins[r, g]) if mins.shape[1] else np.float32(-8.0) * s)
+
+
+@overload(group_scale_min)
+def _group_scale_min_jit(scales, mins, r, g):
+    if scales.dtype == types.uint8:  # q4k, decided at compile time
+        return lambda scales, mins, r, g: q4k_group(scales, mins, r, g)
+
+    def f16_scales(scales, mins, r, g):
+        s = widen(scales[r, g])
+        return s, (widen(mins[r, g]) if mins.shape[1] else np.float32(-8.0) * s)
+
+    return f16_scales
 
 
 @overload(row_scales)
 def _row_scales_jit(scales, mins, r, ws, wm):
+    if scales.dtype == types.uint8:  # q4k: the packed 6-bit values times their super-block's multiplier
+
+        def scales_q4k(scales, mins, r, ws, wm):
+            for b in range(ws.shape[0]):
+                ws[b], wm[b] = q4k_group(scales, mins, r, b)
+
+        return scales_q4k
     if NATIVE_F16:  # decided when this module is imported: the host's instruction set
 
         def scales_by_fpext(scales, mins, r, ws, wm):
@@ -274,9 +322,11 @@ def _operands(w, r, scales, mins, xq, xd, xaux, t):
 def _int_rows_dot4_jit(w, r, scales, mins, prep, t):
     if not NATIVE_F16:
         return lambda w, r, scales, mins, prep, t: _rows_one_by_one(w, r, scales, mins, prep, t)
-    # q8 reads the activations' int32 code sums (prep[4]), q4/q4a their dequantized block sums (prep[5])
+    # q8 reads the activations' int32 code sums (prep[4]), q4/q4a/q4k their dequantized block sums (prep[5])
     dot4, aux = (dot4_q8_blocks, 4) if w.dtype == types.int8 else (dot4_q4a_blocks, 5)
-    has_mins = w.dtype == types.uint8  # q4a; q4 (no mins) is told apart at run time
+    if scales.dtype == types.uint8:
+        dot4 = dot4_q4k_blocks
+    has_mins = w.dtype == types.uint8  # q4a/q4k; q4 (no mins) is told apart at run time
 
     def rows4(w, r, scales, mins, prep, t):
         w_addr, s_addr, m_addr, m_stride, x_addr, xd_addr, xaux_addr = _operands(w, r, scales, mins, prep[2], prep[3],
@@ -330,7 +380,9 @@ def _int_tile_dot4x4_jit(w, r, scales, mins, prep, t):
     if not NATIVE_F16:
         return lambda w, r, scales, mins, prep, t: _tile_by_rows4(w, r, scales, mins, prep, t)
     tile, aux = (dot4x4_q8_blocks, 4) if w.dtype == types.int8 else (dot4x4_q4a_blocks, 5)
-    has_mins = w.dtype == types.uint8  # q4a; q4 (no mins) is told apart at run time
+    if scales.dtype == types.uint8:
+        tile = dot4x4_q4k_blocks
+    has_mins = w.dtype == types.uint8  # q4a/q4k; q4 (no mins) is told apart at run time
 
     def tile4x4(w, r, scales, mins, prep, t):
         xq, xd, xaux = prep[2], prep[3], prep[aux]
@@ -481,8 +533,11 @@ def row_axpy(w, scales, mins, group, r, coef, out, t):
 def _dequant_row(w, scales, mins, group, r, quant):
     if w.dtype == np.float32 or w.dtype == np.uint16:
         return w[r].view(np.float16).astype(np.float32) if w.dtype == np.uint16 else w[r]
-    scheme = "q8" if w.dtype == np.int8 else ("q4a" if mins.shape[1] else "q4")
+    scheme = "q8" if w.dtype == np.int8 else ("q4k" if scales.dtype == np.uint8 else ("q4a" if mins.shape[1] else "q4"))
     k = w.shape[1] * (1 if scheme == "q8" else 2)
+    if scheme == "q4k":  # its packed scale bytes as they are
+        qt = quant.QuantizedTensor(scheme, group, (1, k), w[r : r + 1], scales[r : r + 1], mins[r : r + 1])
+        return quant.dequantize(qt)[0]
     qt = quant.QuantizedTensor(scheme, group, (1, k), w[r : r + 1], scales[r : r + 1].view(np.float16),
                                mins[r : r + 1].view(np.float16) if scheme == "q4a" else None)
     return quant.dequantize(qt)[0]
@@ -520,14 +575,13 @@ def _row_dot_jit(w, scales, mins, group, r, x, xs, t):
             # x is deinterleaved: byte j's low nibble meets x[base + j], its high one x[base + half + j].
             acc = np.float32(0.0)
             half = group // 2
-            for g in range(scales.shape[1]):
+            for g in range(w.shape[1] // half):
                 qx = np.float32(0.0)
                 for j in range(half):
                     b = np.int32(w[r, g * half + j])
                     qx += (np.float32(b & np.int32(15)) * x[t, g * group + j]
                            + np.float32(b >> np.int32(4)) * x[t, g * group + half + j])
-                s = widen(scales[r, g])
-                m = widen(mins[r, g]) if mins.shape[1] else np.float32(-8.0) * s
+                s, m = group_scale_min(scales, mins, r, g)
                 acc += s * qx + m * xs[t, g]
             return acc
 
@@ -556,9 +610,8 @@ def _row_values_jit(w, scales, mins, group, r, out):
 
         def values_q4(w, scales, mins, group, r, out):
             half = group // 2  # deinterleaved within each group, as prepare_input lays out x
-            for g in range(scales.shape[1]):
-                s = widen(scales[r, g])
-                m = widen(mins[r, g]) if mins.shape[1] else np.float32(-8.0) * s
+            for g in range(w.shape[1] // half):
+                s, m = group_scale_min(scales, mins, r, g)
                 for j in range(half):
                     b = np.int32(w[r, g * half + j])
                     out[g * group + j] = np.float32(b & np.int32(15)) * s + m
@@ -589,9 +642,8 @@ def _row_axpy_jit(w, scales, mins, group, r, coef, out, t):
 
         def axpy_q4(w, scales, mins, group, r, coef, out, t):
             half = group // 2
-            for g in range(scales.shape[1]):
-                s = widen(scales[r, g])
-                m = widen(mins[r, g]) if mins.shape[1] else np.float32(-8.0) * s
+            for g in range(w.shape[1] // half):
+                s, m = group_scale_min(scales, mins, r, g)
                 cs = coef * s
                 cm = coef * m
                 for j in range(half):

@@ -361,6 +361,44 @@ def _half_splat8(builder, addr, b):
     return builder.fpext(builder.bitcast(bits, _vec(ir.HalfType(), 8)), _vec(_F32, 8))
 
 
+def _q4k_super8(builder, addr, b0, n_blocks, negate: bool):
+    """<8 x float> of q4k's scales (or, `negate`, mins) of the eight groups b0..b0+7 of one
+    super-block of a row whose packed values start at addr (storage/quant.py): the 6-bit values
+    (bytes b0..b0+7) times the super-block's f16 multiplier (at addr + n_blocks + 2 (b0 / 8)),
+    -dmin m for mins. Decoded once per super-block, one lane per group."""
+    six_bit = builder.load(builder.inttoptr(builder.add(addr, b0), _vec(_I8, 8).as_pointer()), align=1)
+    values = builder.uitofp(six_bit, _vec(_F32, 8))
+    super_at = builder.add(builder.add(addr, n_blocks), builder.mul(builder.lshr(b0, ir.Constant(_I64, 3)),
+                                                                    ir.Constant(_I64, 2)))
+    multiplier = _half_splat8(builder, super_at, ir.Constant(_I64, 0))
+    product = builder.fmul(values, multiplier)
+    return builder.fneg(product) if negate else product
+
+
+def _lane_splat8(builder, v, j: int):
+    """<8 x float> of lane j of v in every lane."""
+    return _shuffle(builder, v, ir.Constant(v.type, None), [j] * 8)
+
+
+def _group_values(builder, kind: str, s_rows, m_rows, b, n_blocks):
+    """The functions scale8(r, j) and min8(r, j, scale8) giving block b + j's scale and min of row r,
+    each as a <8 x float> splat (min8 None for q8), for a pass over one block (q8/q4/q4a: the f16 at
+    row + 2b widened; q4's min is -8 scale) or over a super-block's eight (q4k: decoded once)."""
+    if kind != "q4k":
+        def scale8(r, j):
+            return _half_splat8(builder, s_rows[r], b)
+
+        def min8(r, j, w_scale8):
+            if kind == "q4a":
+                return _half_splat8(builder, m_rows[r], b)
+            return builder.fmul(w_scale8, _splat8(builder, ir.Constant(_F32, -8.0))) if kind == "q4" else None
+
+        return scale8, min8
+    scales = [_q4k_super8(builder, s_rows[r], b, n_blocks, False) for r in range(len(s_rows))]
+    mins = [_q4k_super8(builder, m_rows[r], b, n_blocks, True) for r in range(len(m_rows))]
+    return (lambda r, j: _lane_splat8(builder, scales[r], j), lambda r, j, w_scale8: _lane_splat8(builder, mins[r], j))
+
+
 def _lane0(builder, v):
     return builder.extract_element(v, ir.Constant(_I32, 0))
 
@@ -414,38 +452,43 @@ def _q8_correction(builder, xaux, b):
 
 
 def _rows4_codegen(kind: str):
-    """Codegen of dot4_<kind>_blocks (kind: q8, q4 or q4a); see dot4_q8_blocks."""
+    """Codegen of dot4_<kind>_blocks (kind: q8, q4, q4a or q4k); see dot4_q8_blocks."""
     nibbles = kind != "q8"
 
     def codegen(context, builder, signature, args):
         w, w_stride, s, s_stride, m, m_stride, x, xd, xaux, n = args
         zero8 = ir.Constant(_vec(_F32, 8), [ir.Constant(_F32, 0.0)] * 8)
         inits = [zero8] * 4 + ([ir.Constant(_F32, 0.0)] * 4 if nibbles else [])
+        step = 8 if kind == "q4k" else 1
 
-        def body(builder, b, carried):
-            off = builder.mul(b, ir.Constant(_I64, BLOCK))
-            xv = _load(builder, x, off, _vec(_I8, 32))
-            d_x8 = _splat8(builder, _f32_at(builder, xd, b))
-            if nibbles:  # the block's dequantized activation sum, for the min (q4a) or -8 * scale (q4)
-                x_sum = _f32_at(builder, xaux, b)
-            correction = _q8_correction(builder, xaux, b) if not nibbles and HAS_VNNI else None
-            new_acc, new_off = [], []
-            for r in range(4):
-                row_off = ir.Constant(_I64, r) if r == 0 else builder.mul(w_stride, ir.Constant(_I64, r))
-                isum = _block_isum(builder, _block_codes(builder, builder.add(w, row_off), b, nibbles), xv, correction)
-                scale_row = builder.add(s, builder.mul(s_stride, ir.Constant(_I64, r)))
-                w_scale8 = _half_splat8(builder, scale_row, b)
-                d = builder.fmul(w_scale8, d_x8)
-                new_acc.append(_fmuladd(builder, builder.sitofp(isum, _vec(_F32, 8)), d, carried[r]))
-                if nibbles:
-                    if kind == "q4a":
-                        w_min = _lane0(builder, _half_splat8(builder, builder.add(m, builder.mul(m_stride, ir.Constant(_I64, r))), b))
-                    else:  # q4: value = (nibble - 8) * scale
-                        w_min = builder.fmul(_lane0(builder, w_scale8), ir.Constant(_F32, -8.0))
-                    new_off.append(_fmuladd(builder, w_min, x_sum, carried[4 + r]))
-            return new_acc + new_off
+        def row_at(base, stride, r):
+            return base if r == 0 else builder.add(base, builder.mul(stride, ir.Constant(_I64, r)))
 
-        final = _carried_loop(builder, n, inits, body)
+        def body(builder, b0, carried):
+            s_rows = [row_at(s, s_stride, r) for r in range(4)]
+            m_rows = [row_at(m, m_stride, r) for r in range(4)]
+            scale8, min8 = _group_values(builder, kind, s_rows, m_rows, b0, n)
+            for j in range(step):  # q4k: a super-block's eight blocks, its scales decoded once
+                b = b0 if j == 0 else builder.add(b0, ir.Constant(_I64, j))
+                off = builder.mul(b, ir.Constant(_I64, BLOCK))
+                xv = _load(builder, x, off, _vec(_I8, 32))
+                d_x8 = _splat8(builder, _f32_at(builder, xd, b))
+                if nibbles:  # the block's dequantized activation sum, for the min (q4a/q4k) or -8 * scale (q4)
+                    x_sum = _f32_at(builder, xaux, b)
+                correction = _q8_correction(builder, xaux, b) if not nibbles and HAS_VNNI else None
+                new_acc, new_off = [], []
+                for r in range(4):
+                    isum = _block_isum(builder, _block_codes(builder, row_at(w, w_stride, r), b, nibbles), xv,
+                                       correction)
+                    w_scale8 = scale8(r, j)
+                    d = builder.fmul(w_scale8, d_x8)
+                    new_acc.append(_fmuladd(builder, builder.sitofp(isum, _vec(_F32, 8)), d, carried[r]))
+                    if nibbles:
+                        new_off.append(_fmuladd(builder, _lane0(builder, min8(r, j, w_scale8)), x_sum, carried[4 + r]))
+                carried = new_acc + new_off
+            return carried
+
+        final = _carried_loop(builder, n, inits, body, step=step)
         totals = []
         for r in range(4):
             total = _hsum(builder, final[r])
@@ -465,13 +508,15 @@ def _rows4_intrinsic(kind: str):
 # (dot of row 0, ..., dot of row 3) for the four rows at w_addr + r * w_stride against one
 # token's int8 activation blocks: codes q8 (int8) / q4, q4a (nibbles in ggml's order, x
 # deinterleaved by prepare_input); their f16 block scales at s_addr + r * s_stride (q4a's mins
-# likewise at m_addr); x_addr the token's int8 codes, xd_addr its float32 block scales, xaux_addr
+# likewise at m_addr; q4k's packed 6-bit scales and mins, storage/quant.py); x_addr the token's
+# int8 codes, xd_addr its float32 block scales, xaux_addr
 # its int32 block code sums (q8) or float32 dequantized block sums (q4, q4a). One pass over x
 # serves four rows, each with its own accumulator (one row at a time was a chain of dependent
 # adds across blocks), and the scales are widened in the loop (no scratch). Only where NATIVE_F16.
 dot4_q8_blocks = intrinsic(_rows4_intrinsic("q8"))
 dot4_q4_blocks = intrinsic(_rows4_intrinsic("q4"))
 dot4_q4a_blocks = intrinsic(_rows4_intrinsic("q4a"))
+dot4_q4k_blocks = intrinsic(_rows4_intrinsic("q4k"))
 
 
 # ---- four rows x four tokens per pass (prefill) -------------------------------------------
@@ -496,37 +541,42 @@ def _tile_codegen(kind: str):
         zero8 = ir.Constant(_vec(_F32, 8), [ir.Constant(_F32, 0.0)] * 8)
         zero4 = ir.Constant(_vec(_F32, 4), [ir.Constant(_F32, 0.0)] * 4)
         inits = [zero8] * 16 + ([zero4] * 4 if nibbles else [])
+        step = 8 if kind == "q4k" else 1
 
         def at(base, stride, i):
             return base if i == 0 else builder.add(base, builder.mul(stride, ir.Constant(_I64, i)))
 
-        def body(builder, b, carried):
-            off = builder.mul(b, ir.Constant(_I64, BLOCK))
-            xs = [_load(builder, at(x, x_stride, t), off, _vec(_I8, 32)) for t in range(4)]
-            d_x = _gather4(builder, [_f32_at(builder, at(xd, xd_stride, t), b) for t in range(4)])
-            if nibbles:
-                x_sums = _gather4(builder, [_f32_at(builder, at(xaux, xaux_stride, t), b) for t in range(4)])
-            corrections = [_q8_correction(builder, at(xaux, xaux_stride, t), b) if not nibbles and HAS_VNNI else None
-                           for t in range(4)]
-            new = list(carried)
-            for r in range(4):
-                codes = _block_codes(builder, at(w, w_stride, r), b, nibbles)
-                w_scale8 = _half_splat8(builder, at(s, s_stride, r), b)
-                d_rt = builder.fmul(d_x, _shuffle(builder, w_scale8, w_scale8, range(4)))  # times each token's
-                for t in range(4):
-                    isum = _block_isum(builder, codes, xs[t], corrections[t])
-                    d = _splat8(builder, builder.extract_element(d_rt, ir.Constant(_I32, t)))
-                    k = 4 * r + t
-                    new[k] = _fmuladd(builder, builder.sitofp(isum, _vec(_F32, 8)), d, carried[k])
+        def body(builder, b0, carried):
+            s_rows = [at(s, s_stride, r) for r in range(4)]
+            m_rows = [at(m, m_stride, r) for r in range(4)]
+            scale8, min8 = _group_values(builder, kind, s_rows, m_rows, b0, n)
+            for j in range(step):  # q4k: a super-block's eight blocks, its scales decoded once
+                b = b0 if j == 0 else builder.add(b0, ir.Constant(_I64, j))
+                off = builder.mul(b, ir.Constant(_I64, BLOCK))
+                xs = [_load(builder, at(x, x_stride, t), off, _vec(_I8, 32)) for t in range(4)]
+                d_x = _gather4(builder, [_f32_at(builder, at(xd, xd_stride, t), b) for t in range(4)])
                 if nibbles:
-                    if kind == "q4a":
-                        w_min8 = _half_splat8(builder, at(m, m_stride, r), b)
-                    else:  # q4: value = (nibble - 8) * scale
-                        w_min8 = builder.fmul(w_scale8, _splat8(builder, ir.Constant(_F32, -8.0)))
-                    new[16 + r] = _fmuladd(builder, _shuffle(builder, w_min8, w_min8, range(4)), x_sums, carried[16 + r])
-            return new
+                    x_sums = _gather4(builder, [_f32_at(builder, at(xaux, xaux_stride, t), b) for t in range(4)])
+                corrections = [_q8_correction(builder, at(xaux, xaux_stride, t), b) if not nibbles and HAS_VNNI
+                               else None for t in range(4)]
+                new = list(carried)
+                for r in range(4):
+                    codes = _block_codes(builder, at(w, w_stride, r), b, nibbles)
+                    w_scale8 = scale8(r, j)
+                    d_rt = builder.fmul(d_x, _shuffle(builder, w_scale8, w_scale8, range(4)))  # times each token's
+                    for t in range(4):
+                        isum = _block_isum(builder, codes, xs[t], corrections[t])
+                        d = _splat8(builder, builder.extract_element(d_rt, ir.Constant(_I32, t)))
+                        k = 4 * r + t
+                        new[k] = _fmuladd(builder, builder.sitofp(isum, _vec(_F32, 8)), d, carried[k])
+                    if nibbles:
+                        w_min8 = min8(r, j, w_scale8)
+                        new[16 + r] = _fmuladd(builder, _shuffle(builder, w_min8, w_min8, range(4)), x_sums,
+                                               carried[16 + r])
+                carried = new
+            return carried
 
-        final = _carried_loop(builder, n, inits, body, name="tile")
+        final = _carried_loop(builder, n, inits, body, name="tile", step=step)
         totals = []
         for r in range(4):
             for t in range(4):
@@ -555,3 +605,4 @@ def _tile_intrinsic(kind: str):
 dot4x4_q8_blocks = intrinsic(_tile_intrinsic("q8"))
 dot4x4_q4_blocks = intrinsic(_tile_intrinsic("q4"))
 dot4x4_q4a_blocks = intrinsic(_tile_intrinsic("q4a"))
+dot4x4_q4k_blocks = intrinsic(_tile_intrinsic("q4k"))
