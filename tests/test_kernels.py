@@ -426,9 +426,12 @@ def test_matmul3_equals_three_matmuls(scheme, n_tokens):
         np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)
 
 
-# a GGUF's Q4_1 (q4a with q4a rows), mixed integer schemes, and float up/gate rows over quantized W_down
-@pytest.mark.parametrize("scheme,down_scheme", [("q4a", "q4a"), ("q8", "q4"), ("f16", "q8")])
-@pytest.mark.parametrize("gated,act,biases", [(True, K.ACT_SILU, False), (False, K.ACT_RELU, True)])  # Llama; OPT
+# a GGUF's Q4_1 (q4a with q4a rows), mixed integer schemes, float up/gate rows over quantized
+# W_down (Llama-style, gated SiLU), and an ungated ReLU FFN with biases (OPT-style); each case
+# compiles its own kernels, so few
+@pytest.mark.parametrize("scheme,down_scheme,gated,act,biases", [
+    ("q4a", "q4a", True, K.ACT_SILU, False), ("q8", "q4", True, K.ACT_SILU, False),
+    ("f16", "q8", True, K.ACT_SILU, False), ("q8", "q4", False, K.ACT_RELU, True)])
 @pytest.mark.parametrize("n_tokens", [1, 6])
 def test_ffn_down_rows(scheme, down_scheme, gated, act, biases, n_tokens):
     # a layer that keeps W_down as rows (convert --ffn-down rows): gate and up over the bundles'

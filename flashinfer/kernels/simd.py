@@ -399,6 +399,27 @@ def _group_values(builder, kind: str, s_rows, m_rows, b, n_blocks):
     return (lambda r, j: _lane_splat8(builder, scales[r], j), lambda r, j, w_scale8: _lane_splat8(builder, mins[r], j))
 
 
+def _strided(builder, base, stride, i: int):
+    """base + i * stride (base itself for i == 0): row i's address, or token i's."""
+    return base if i == 0 else builder.add(base, builder.mul(stride, ir.Constant(_I64, i)))
+
+
+def _blocks_per_pass(kind: str) -> int:
+    """Blocks one loop iteration of the multi-row intrinsics covers: q4k a super-block's eight."""
+    return 8 if kind == "q4k" else 1
+
+
+def _pass(builder, kind: str, s, s_stride, m, m_stride, b0, n_blocks):
+    """(scale8, min8, blocks) of one loop iteration over four rows from block b0 on: the rows'
+    group values (_group_values; scales and mins at s / m with their row strides) and the
+    block indices the iteration covers."""
+    s_rows = [_strided(builder, s, s_stride, r) for r in range(4)]
+    m_rows = [_strided(builder, m, m_stride, r) for r in range(4)]
+    scale8, min8 = _group_values(builder, kind, s_rows, m_rows, b0, n_blocks)
+    blocks = [b0] + [builder.add(b0, ir.Constant(_I64, j)) for j in range(1, _blocks_per_pass(kind))]
+    return scale8, min8, blocks
+
+
 def _lane0(builder, v):
     return builder.extract_element(v, ir.Constant(_I32, 0))
 
@@ -459,17 +480,10 @@ def _rows4_codegen(kind: str):
         w, w_stride, s, s_stride, m, m_stride, x, xd, xaux, n = args
         zero8 = ir.Constant(_vec(_F32, 8), [ir.Constant(_F32, 0.0)] * 8)
         inits = [zero8] * 4 + ([ir.Constant(_F32, 0.0)] * 4 if nibbles else [])
-        step = 8 if kind == "q4k" else 1
-
-        def row_at(base, stride, r):
-            return base if r == 0 else builder.add(base, builder.mul(stride, ir.Constant(_I64, r)))
 
         def body(builder, b0, carried):
-            s_rows = [row_at(s, s_stride, r) for r in range(4)]
-            m_rows = [row_at(m, m_stride, r) for r in range(4)]
-            scale8, min8 = _group_values(builder, kind, s_rows, m_rows, b0, n)
-            for j in range(step):  # q4k: a super-block's eight blocks, its scales decoded once
-                b = b0 if j == 0 else builder.add(b0, ir.Constant(_I64, j))
+            scale8, min8, blocks = _pass(builder, kind, s, s_stride, m, m_stride, b0, n)
+            for j, b in enumerate(blocks):  # q4k: a super-block's eight blocks, its scales decoded once
                 off = builder.mul(b, ir.Constant(_I64, BLOCK))
                 xv = _load(builder, x, off, _vec(_I8, 32))
                 d_x8 = _splat8(builder, _f32_at(builder, xd, b))
@@ -478,8 +492,8 @@ def _rows4_codegen(kind: str):
                 correction = _q8_correction(builder, xaux, b) if not nibbles and HAS_VNNI else None
                 new_acc, new_off = [], []
                 for r in range(4):
-                    isum = _block_isum(builder, _block_codes(builder, row_at(w, w_stride, r), b, nibbles), xv,
-                                       correction)
+                    isum = _block_isum(builder, _block_codes(builder, _strided(builder, w, w_stride, r), b, nibbles),
+                                       xv, correction)
                     w_scale8 = scale8(r, j)
                     d = builder.fmul(w_scale8, d_x8)
                     new_acc.append(_fmuladd(builder, builder.sitofp(isum, _vec(_F32, 8)), d, carried[r]))
@@ -488,7 +502,7 @@ def _rows4_codegen(kind: str):
                 carried = new_acc + new_off
             return carried
 
-        final = _carried_loop(builder, n, inits, body, step=step)
+        final = _carried_loop(builder, n, inits, body, step=_blocks_per_pass(kind))
         totals = []
         for r in range(4):
             total = _hsum(builder, final[r])
@@ -541,17 +555,13 @@ def _tile_codegen(kind: str):
         zero8 = ir.Constant(_vec(_F32, 8), [ir.Constant(_F32, 0.0)] * 8)
         zero4 = ir.Constant(_vec(_F32, 4), [ir.Constant(_F32, 0.0)] * 4)
         inits = [zero8] * 16 + ([zero4] * 4 if nibbles else [])
-        step = 8 if kind == "q4k" else 1
 
         def at(base, stride, i):
-            return base if i == 0 else builder.add(base, builder.mul(stride, ir.Constant(_I64, i)))
+            return _strided(builder, base, stride, i)
 
         def body(builder, b0, carried):
-            s_rows = [at(s, s_stride, r) for r in range(4)]
-            m_rows = [at(m, m_stride, r) for r in range(4)]
-            scale8, min8 = _group_values(builder, kind, s_rows, m_rows, b0, n)
-            for j in range(step):  # q4k: a super-block's eight blocks, its scales decoded once
-                b = b0 if j == 0 else builder.add(b0, ir.Constant(_I64, j))
+            scale8, min8, blocks = _pass(builder, kind, s, s_stride, m, m_stride, b0, n)
+            for j, b in enumerate(blocks):  # q4k: a super-block's eight blocks, its scales decoded once
                 off = builder.mul(b, ir.Constant(_I64, BLOCK))
                 xs = [_load(builder, at(x, x_stride, t), off, _vec(_I8, 32)) for t in range(4)]
                 d_x = _gather4(builder, [_f32_at(builder, at(xd, xd_stride, t), b) for t in range(4)])
@@ -576,7 +586,7 @@ def _tile_codegen(kind: str):
                 carried = new
             return carried
 
-        final = _carried_loop(builder, n, inits, body, name="tile", step=step)
+        final = _carried_loop(builder, n, inits, body, name="tile", step=_blocks_per_pass(kind))
         totals = []
         for r in range(4):
             for t in range(4):
