@@ -257,6 +257,9 @@ def _tokenizer_dir_files(tokenizer_dir: str | Path, args: ModelArgs) -> list[Pat
     if n_tokens > args.vocab_size:
         raise TokenizerError(f"{tokenizer_dir / 'tokenizer.json'}: has {n_tokens} tokens but the model only "
                              f"{args.vocab_size} embeddings; it does not belong to these weights")
+    from flashinfer.tokenizer import Tokenizer as ModelTokenizer
+
+    ModelTokenizer.from_dir(tokenizer_dir)  # its config and chat template(s) are sound before a store is begun
     return [tokenizer_dir / name for name in TOKENIZER_FILES if (tokenizer_dir / name).is_file()]
 
 

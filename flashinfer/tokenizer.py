@@ -1,7 +1,8 @@
 """Text <-> token ids through HF `tokenizers`, and a streaming detokenizer.
 
 `tokenizer.json` is the model's own tokenizer; `tokenizer_config.json` (optional) adds
-the BOS/EOS tokens, whether to prepend BOS, and the chat template.
+the BOS/EOS tokens, whether to prepend BOS, and the chat template — or `chat_template.jinja`
+beside it does (transformers >= 4.43 saves the template there).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import json
 from pathlib import Path
 
 from flashinfer.errors import TokenizerError
+
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers >= 4.43 saves a chat template
 
 
 class Tokenizer:
@@ -43,6 +46,17 @@ class Tokenizer:
                 config = json.loads(config_path.read_text())
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise TokenizerError(f"{config_path}: not valid JSON ({e})") from None
+        jinja = path / CHAT_TEMPLATE_FILE
+        if jinja.is_file():
+            try:
+                template = jinja.read_text()
+            except UnicodeDecodeError as e:
+                raise TokenizerError(f"{jinja}: not UTF-8 text ({e})") from None
+            if config.get("chat_template") not in (None, template):
+                raise TokenizerError(
+                    f"{path}: two different chat templates, {CHAT_TEMPLATE_FILE} and tokenizer_config.json's "
+                    f"chat_template; delete the one the model was not trained with")
+            config = {**config, "chat_template": template}
         return cls(tok_path.read_text(), config, str(tok_path))
 
     def _special_id(self, token) -> int | None:

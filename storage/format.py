@@ -6,7 +6,7 @@ A store is one directory:
     resident.bin           tensors kept in DRAM: embeddings, attention, norms, biases, lm_head
     ffn/L{layer}.bin       per layer, the FFN as row-column bundles, one per neuron, then
                            the layer's whole matrices (version 2, see below)
-    tokenizer.json, tokenizer_config.json   copied from the checkpoint
+    tokenizer.json, tokenizer_config.json, chat_template.jinja   copied from the checkpoint
 
 All integers are little-endian; all offsets are bytes from the start of their file.
 
@@ -69,7 +69,7 @@ MANIFEST = "manifest.json"
 RESIDENT_FILE = "resident.bin"
 PAGE = 4096  # alignment of chunks and files: O_DIRECT and 4 KiB flash pages
 COMPONENT_ALIGN = 4  # so f16 scales and f32 values inside a bundle are aligned
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 SCHEMES = ("f32", "f16", "q8", "q4", "q4a", "q4k")
 COMPRESSIONS = ("none", "zstd")
 

@@ -79,3 +79,49 @@ def test_tojson_keeps_unicode():
 def test_bad_messages(engines, messages, message):
     with pytest.raises(GenerationError, match=message):
         engines("llama").chat(messages)
+
+
+def _model_dir_with_jinja(tmp_path, config_template):
+    """The llama fixture with its chat template in chat_template.jinja (transformers >= 4.43's
+    layout); tokenizer_config.json's own chat_template set to `config_template` (None: removed)."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(FIXTURES / "llama", model)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    template = config.pop("chat_template")
+    if config_template is not None:
+        config["chat_template"] = config_template
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    (model / "chat_template.jinja").write_text(template)
+    return model
+
+
+def test_chat_template_jinja_beside_the_config_is_read_and_stored(tmp_path):
+    from flashinfer import Engine
+    from flashinfer.convert import convert_checkpoint
+
+    model = _model_dir_with_jinja(tmp_path, None)
+    assert Tokenizer.from_dir(model).apply_chat_template(HI) == "<s>user\nhi</s>\n<s>assistant\n"
+    store = convert_checkpoint(model, tmp_path / "store", quant="q8", resident_quant="q8")
+    assert (store / "chat_template.jinja").is_file()
+    with Engine.open(store) as engine:
+        assert engine.apply_chat_template(HI) == "<s>user\nhi</s>\n<s>assistant\n"
+
+
+def test_two_different_chat_templates_are_refused_before_anything_is_written(tmp_path):
+    from flashinfer.convert import convert_checkpoint
+    from flashinfer.errors import TokenizerError
+
+    model = _model_dir_with_jinja(tmp_path, "{{ messages[0]['content'] }}")
+    with pytest.raises(TokenizerError, match="two different chat templates, chat_template.jinja and tokenizer_config"):
+        Tokenizer.from_dir(model)
+    with pytest.raises(TokenizerError, match="two different chat templates"):
+        convert_checkpoint(model, tmp_path / "store", quant="q8", resident_quant="q8")
+    assert not (tmp_path / "store").exists() and not list(tmp_path.glob("store.partial-*"))
+    # the same template in both places is one template
+    same = _model_dir_with_jinja(tmp_path / "same", None)
+    config = json.loads((same / "tokenizer_config.json").read_text())
+    config["chat_template"] = (same / "chat_template.jinja").read_text()
+    (same / "tokenizer_config.json").write_text(json.dumps(config))
+    assert Tokenizer.from_dir(same).apply_chat_template(HI) == "<s>user\nhi</s>\n<s>assistant\n"
