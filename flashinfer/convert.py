@@ -32,16 +32,17 @@ DEFAULT_GROUP_SIZE = 32
 # --quant / --resident-quant auto (the default): a GGUF tensor whose blocks a store scheme holds
 # exactly (storage.gguf.KEPT_SCHEMES: Q8_0, Q4_0, Q4_1, Q4_K, F16, F32) keeps them, bit for bit,
 # so flashinfer and llama.cpp compute with the same weights; a GGUF tensor of more than 4 bits
-# (Q5_x, Q6_K) becomes q8; every other tensor gets the default scheme above. One exception: a bundle's down column runs across the file's blocks (they
-# follow W_down's rows), so kept 4-bit up/gate rows come with a q8 down column — 8 bits on top
-# of 4-bit values rounds far less than a second 4-bit rounding would.
+# (Q5_x, Q6_K) becomes q8; every other tensor gets the default scheme above. One exception: a
+# bundle's down column runs across the file's blocks (they follow W_down's rows), so kept 4-bit
+# up/gate rows come with a q8 down column — 8 bits on top of 4-bit values rounds far less than
+# a second 4-bit rounding would.
 AUTO = "auto"
 DOWN_FOR_KEPT_4BIT = "q8"
 # Where W_down goes (--ffn-down): "columns", neuron i's column in its bundle, which the sparse
 # path needs (a neuron read from flash brings everything it needs); "rows", W_down whole after
 # the bundles (storage/format.py, FFNLayer.matrices), in the source's own blocks where it has
 # them: a GGUF's down blocks run along the neurons, so only rows keep them unrounded, and a dense
-# down-projection over rows is an integer matmul (SmolLM2's FFN in decode: 104 -> ~50 us a layer)
+# down-projection over rows is an integer matmul (SmolLM2's FFN in decode: 104 -> ~66 us a layer)
 # where columns are a float scatter. "auto": rows for SiLU models, which run densely (every
 # neuron active); columns for ReLU models, which run sparse.
 FFN_DOWN_LAYOUTS = ("auto", "columns", "rows")

@@ -18,6 +18,7 @@ from flashinfer import kernels as K
 from flashinfer.config import ModelArgs
 from flashinfer.memory import ffn_layer_bytes
 from flashinfer.weights import EMPTY, NO_SCALES, Matrix, matrix_from_quantized
+from storage import quant
 from storage.format import BundleComponent, FFNLayer
 from storage.reader import ReadStats, planar_tensor
 
@@ -35,18 +36,17 @@ class BundleViews(NamedTuple):
 
 
 def _component_matrix(bundles: np.ndarray, c: BundleComponent) -> Matrix:
-    dtype = np.dtype(_DATA_DTYPE[c.scheme])
-    if c.scheme in ("f32", "f16"):
-        return Matrix(bundles[:, c.offset : c.offset + c.nbytes].view(dtype))
-    data_bytes = c.length if c.scheme == "q8" else c.length // 2
-    groups = c.length // c.group_size
+    """A component's fields (storage/quant.py's row record) as the kernels take them: f16 bits
+    and f16 scales as uint16; q4k's packed scale bytes as they are."""
+    data_bytes, scale_bytes, min_bytes = quant.field_bytes(c.scheme, c.length, c.group_size)
     at = c.offset + data_bytes
-    data = bundles[:, c.offset : at].view(dtype)
-    if c.scheme == "q4k":  # packed 6-bit scales and mins, each followed by its super-blocks' f16 multipliers
-        packed = groups + c.length // 128
-        return Matrix(data, bundles[:, at : at + packed], bundles[:, at + packed : at + 2 * packed], c.group_size)
-    scales = bundles[:, at : at + 2 * groups].view(np.uint16)
-    mins = bundles[:, at + 2 * groups : at + 4 * groups].view(np.uint16) if c.scheme == "q4a" else NO_SCALES
+    data = bundles[:, c.offset : at].view(_DATA_DTYPE[c.scheme])
+    if not scale_bytes:  # f32, f16
+        return Matrix(data)
+    scales = bundles[:, at : at + scale_bytes]
+    mins = bundles[:, at + scale_bytes : at + scale_bytes + min_bytes]
+    if c.scheme != "q4k":
+        scales, mins = scales.view(np.uint16), (mins.view(np.uint16) if min_bytes else NO_SCALES)
     return Matrix(data, scales, mins, c.group_size)
 
 

@@ -169,10 +169,9 @@ def _check_layout(qt: QuantizedTensor) -> None:
         raise QuantError(f"a QuantizedTensor is 2-D, got shape {qt.shape}")
     _check_row_length(qt.scheme, qt.shape, group_size)
     data_shape, scales_shape, mins_shape = _expected_arrays(qt.scheme, *qt.shape, group_size)
-    scale_dtype = SCALE_DTYPES.get(qt.scheme, SCALE_DTYPE)
     for name, array, shape, dtype in (("data", qt.data, data_shape, DATA_DTYPES[qt.scheme]),
-                                      ("scales", qt.scales, scales_shape, scale_dtype),
-                                      ("mins", qt.mins, mins_shape, scale_dtype)):
+                                      ("scales", qt.scales, scales_shape, scale_dtype(qt.scheme)),
+                                      ("mins", qt.mins, mins_shape, scale_dtype(qt.scheme))):
         if shape is None:
             if array is not None:
                 raise QuantError(f"{qt.scheme} tensor of shape {qt.shape} has {name}, but the scheme has none")
@@ -182,16 +181,24 @@ def _check_layout(qt: QuantizedTensor) -> None:
                              f"{dtype} {shape}, got {got}")
 
 
-def scheme_bytes_per_row(scheme: str, K: int, group_size: int = DEFAULT_GROUP_SIZE) -> int:
-    """Bytes of one row record (data + scales + mins) for a row of K weights."""
+def scale_dtype(scheme: str) -> np.dtype:
+    """The dtype of a scheme's scales and mins arrays."""
+    return SCALE_DTYPES.get(scheme, SCALE_DTYPE)
+
+
+def field_bytes(scheme: str, K: int, group_size: int = DEFAULT_GROUP_SIZE) -> tuple[int, int, int]:
+    """Bytes of (data, scales, mins) in one row record of K weights (0 where the scheme has none):
+    the widths of a bundle component's fields and of a planar tensor's planes, per row."""
     group_size = _group_size_for(scheme, group_size)
     _check_row_length(scheme, (K,), group_size)
     data_shape, scales_shape, mins_shape = _expected_arrays(scheme, 1, K, group_size)
-    n_bytes = data_shape[1] * DATA_DTYPES[scheme].itemsize
-    for group_shape in (scales_shape, mins_shape):
-        if group_shape is not None:
-            n_bytes += group_shape[1] * SCALE_DTYPES.get(scheme, SCALE_DTYPE).itemsize
-    return n_bytes
+    return (data_shape[1] * DATA_DTYPES[scheme].itemsize,
+            *(0 if shape is None else shape[1] * scale_dtype(scheme).itemsize for shape in (scales_shape, mins_shape)))
+
+
+def scheme_bytes_per_row(scheme: str, K: int, group_size: int = DEFAULT_GROUP_SIZE) -> int:
+    """Bytes of one row record (data + scales + mins) for a row of K weights."""
+    return sum(field_bytes(scheme, K, group_size))
 
 
 def _as_float32_matrix(w: np.ndarray) -> np.ndarray:
@@ -329,9 +336,8 @@ def _bytes_of(array: np.ndarray | None, dtype: np.dtype, rows: int) -> list[np.n
 def row_records(qt: QuantizedTensor) -> np.ndarray:
     """All row records as a uint8 [rows, bytes_per_row] array (layout in the module docstring)."""
     rows = qt.shape[0]
-    scale_dtype = SCALE_DTYPES.get(qt.scheme, SCALE_DTYPE)
-    parts = (_bytes_of(qt.data, DATA_DTYPES[qt.scheme], rows) + _bytes_of(qt.scales, scale_dtype, rows)
-             + _bytes_of(qt.mins, scale_dtype, rows))
+    parts = (_bytes_of(qt.data, DATA_DTYPES[qt.scheme], rows) + _bytes_of(qt.scales, scale_dtype(qt.scheme), rows)
+             + _bytes_of(qt.mins, scale_dtype(qt.scheme), rows))
     return np.concatenate(parts, axis=1)
 
 
@@ -357,19 +363,12 @@ def rows_from_records(records: np.ndarray, scheme: str, K: int, group_size: int)
     if records.dtype != np.uint8 or records.ndim != 2 or records.shape[1] != bytes_per_row:
         raise QuantError(f"{scheme} row records of {K} weights (group {group_size}) are uint8 "
                          f"[n_rows, {bytes_per_row}], got {records.dtype} {records.shape}")
-    n_rows = records.shape[0]
-    data_shape, scales_shape, mins_shape = _expected_arrays(scheme, n_rows, K, group_size)
     arrays = []
     start = 0
-    scale_dtype = SCALE_DTYPES.get(scheme, SCALE_DTYPE)
-    for shape, dtype in ((data_shape, DATA_DTYPES[scheme]), (scales_shape, scale_dtype), (mins_shape, scale_dtype)):
-        if shape is None:
-            arrays.append(None)
-            continue
-        stop = start + shape[1] * dtype.itemsize
-        arrays.append(np.ascontiguousarray(records[:, start:stop]).view(dtype).reshape(shape))
-        start = stop
-    return QuantizedTensor(scheme, group_size, (n_rows, K), *arrays)
+    for width, dtype in zip(field_bytes(scheme, K, group_size), (DATA_DTYPES[scheme], scale_dtype(scheme), scale_dtype(scheme))):
+        arrays.append(np.ascontiguousarray(records[:, start:start + width]).view(dtype) if width else None)
+        start += width
+    return QuantizedTensor(scheme, group_size, (records.shape[0], K), *arrays)
 
 
 def rows_from_bytes(buf, scheme: str, K: int, group_size: int, n_rows: int) -> QuantizedTensor:

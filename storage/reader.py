@@ -46,25 +46,17 @@ class ReadStats:
 
 def planar_tensor(raw: np.ndarray, scheme: str, group_size: int, shape) -> QuantizedTensor:
     """A QuantizedTensor of zero-copy views of a 2-D tensor's planar bytes (format.py: all data,
-    then scales, then mins): a resident tensor, or an FFN layer's matrix."""
+    then scales, then mins; each plane as wide per row as the scheme's row-record field): a
+    resident tensor, or an FFN layer's matrix."""
+    from storage import quant
+
     rows, k = shape
-    if scheme in ("f32", "f16"):
-        dtype = np.float32 if scheme == "f32" else np.float16
-        return QuantizedTensor(scheme, 0, (rows, k), raw.view(dtype).reshape(rows, k), None, None)
-    data_bytes = rows * (k if scheme == "q8" else k // 2)
-    if scheme == "q4k":  # uint8 scales and mins (storage/quant.py)
-        packed = k // group_size + k // 128
-        data = raw[:data_bytes].reshape(rows, k // 2)
-        scales = raw[data_bytes : data_bytes + rows * packed].reshape(rows, packed)
-        mins = raw[data_bytes + rows * packed : data_bytes + 2 * rows * packed].reshape(rows, packed)
-        return QuantizedTensor(scheme, group_size, (rows, k), data, scales, mins)
-    groups = k // group_size
-    data = raw[:data_bytes].view(np.int8 if scheme == "q8" else np.uint8).reshape(rows, -1)
-    scales = raw[data_bytes : data_bytes + 2 * rows * groups].view(np.float16).reshape(rows, groups)
-    mins = None
-    if scheme == "q4a":
-        mins = raw[data_bytes + 2 * rows * groups :].view(np.float16).reshape(rows, groups)
-    return QuantizedTensor(scheme, group_size, (rows, k), data, scales, mins)
+    planes, at = [], 0
+    dtypes = (quant.DATA_DTYPES[scheme], quant.scale_dtype(scheme), quant.scale_dtype(scheme))
+    for width, dtype in zip(quant.field_bytes(scheme, k, group_size), dtypes):
+        planes.append(raw[at : at + rows * width].view(dtype).reshape(rows, -1) if width else None)
+        at += rows * width
+    return QuantizedTensor(scheme, group_size, (rows, k), *planes)
 
 
 def aligned_buffer(nbytes: int) -> np.ndarray:

@@ -275,7 +275,7 @@ def ffn_rows_parallel(x, n_rows, up, up_s, up_m, gate, gate_s, gate_m, down, dow
 @njit(cache=True, nogil=True, fastmath=FAST)
 def ffn_down_rows(x, up, up_b, gate, gate_b, down, act, u, h, out):
     """The dense FFN of a layer that keeps W_down as rows (storage/format.py, FFNLayer.matrices):
-    out = down @ (act(gate.x + gate_b) * (up.x + up_b)), or down @ act(up.x + up_b) ungated, as
+    out = down @ (act(gate.x + gate_b) * (up.x + up_b)), or down @ relu(up.x + up_b) ungated, as
     three matmuls (weights.Matrix tuples; up/gate the bundles' rows, down [dim, n]) over the
     int8-quantized input, then the int8-quantized hidden activations (llama.cpp's arithmetic on
     the same blocks). Every neuron is computed: what a SiLU FFN needs. u, h: [>= T, n] scratch
@@ -286,14 +286,9 @@ def ffn_down_rows(x, up, up_b, gate, gate_b, down, act, u, h, out):
         ups = u[:n_tokens]
         matmul2(x, gate, gate_b, hidden, up, up_b, ups)
         gated_act(hidden, ups, act)
-    else:
+    else:  # OPT: ReLU only (the config refuses other ungated activations, as model._ffn says)
         linear(x, up, up_b, hidden)
-        if act == ACT_SILU:
-            for t in range(n_tokens):
-                for i in range(hidden.shape[1]):
-                    hidden[t, i] = silu(hidden[t, i])
-        else:
-            relu_(hidden)
+        relu_(hidden)
     linear(hidden, down, EMPTY_BIAS, out)
 
 
