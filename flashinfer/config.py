@@ -19,6 +19,17 @@ from flashinfer.errors import ConfigError, ModelPathError, UnsupportedArchitectu
 ACTIVATIONS = ("silu", "relu")
 
 
+def read_json_object(path: Path) -> dict:
+    """A JSON file holding an object (config.json, generation_config.json); ConfigError otherwise."""
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 @dataclass(frozen=True)
 class RopeScaling:
     """HF `rope_scaling` / `rope_parameters`: how RoPE frequencies are stretched."""
@@ -33,7 +44,7 @@ class RopeScaling:
 @dataclass(frozen=True)
 class ModelArgs:
     model_type: str
-    family: str  # "llama" | "opt": which flashinfer/arch module maps the weights
+    family: str  # "llama" | "opt" | "qwen2": which flashinfer/arch module maps the weights
     vocab_size: int
     dim: int
     n_layers: int
@@ -52,7 +63,8 @@ class ModelArgs:
     learned_pos_offset: int = 0  # OPT's embed_positions start at row 2
     sliding_window: int | None = None
     norm_before: bool = True  # pre-LN (all Llama, most OPT) vs post-LN (OPT-350m style)
-    attn_bias: bool = False
+    attn_bias: bool = False  # biases on q, k, v and o (OPT)
+    qkv_bias: bool = False  # biases on q, k and v only (Qwen2)
     ffn_bias: bool = False
     tie_embeddings: bool = False
     bos_token_id: int | None = None
@@ -98,13 +110,7 @@ class ModelArgs:
             raise ModelPathError(f"{path}: no such file or directory")
         if not config_path.is_file():
             raise ModelPathError(f"{path}: no config.json here; expected a Hugging Face model directory")
-        try:
-            cfg = json.loads(config_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{config_path}: not valid JSON ({e})") from None
-        if not isinstance(cfg, dict):
-            raise ConfigError(f"{config_path}: expected a JSON object")
-        return cls.from_hf_config(cfg, str(config_path))
+        return cls.from_hf_config(read_json_object(config_path), str(config_path))
 
     def to_dict(self) -> dict:
         return asdict(self)

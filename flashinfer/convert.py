@@ -20,6 +20,7 @@ import numpy as np
 
 from flashinfer.config import ModelArgs
 from flashinfer.errors import ConfigError, ModelPathError, TokenizerError, UnsupportedArchitectureError
+from flashinfer.generation_config import GENERATION_CONFIG, GenerationConfig
 from flashinfer.weights import map_hf_tensors
 from storage.format import TOKENIZER_FILES
 from storage.quant import check_scheme
@@ -151,7 +152,7 @@ def convert_checkpoint(model_path: str | Path, out_dir: str | Path, *, quant: st
     """Write the store for the model at `model_path` to `out_dir`; returns out_dir.
 
     `model_path` is a Hugging Face model directory or a llama.cpp GGUF file (architecture
-    "llama"; see convert_gguf). `quant` / `resident_quant`: a scheme of storage/quant.py, or
+    "llama" or "qwen2"; see convert_gguf). `quant` / `resident_quant`: a scheme of storage/quant.py, or
     "auto" (see AUTO: a GGUF's exact blocks kept, else q4 FFN / q8 resident). `tokenizer_dir`,
     if given, holds the tokenizer.json (and optionally tokenizer_config.json) to store instead
     of the model's own. `ffn_down`: where W_down goes (FFN_DOWN_LAYOUTS)."""
@@ -162,7 +163,7 @@ def convert_checkpoint(model_path: str | Path, out_dir: str | Path, *, quant: st
                             tokenizer_dir=tokenizer_dir, ffn_down=ffn_down)
     args = ModelArgs.from_model_dir(model_path)
     _check_schemes(quant, resident_quant)
-    tokenizer_files = _tokenizer_dir_files(tokenizer_dir or model_path, args)
+    tokenizer_files = _tokenizer_dir_files(tokenizer_dir or model_path, args) + _generation_config_file(model_path)
     ckpt = Checkpoint.open(model_path)
     try:
         hf_config = json.loads((model_path / "config.json").read_text())
@@ -177,7 +178,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, quant: str = AUT
                  resident_quant: str = AUTO, group_size: int = DEFAULT_GROUP_SIZE,
                  compression: str = "none", overwrite: bool = False, progress=None,
                  tokenizer_dir: str | Path | None = None, ffn_down: str = AUTO) -> Path:
-    """Write the store for a llama.cpp GGUF file (architecture "llama", tensors F32, F16,
+    """Write the store for a llama.cpp GGUF file (architecture "llama" or "qwen2", tensors F32, F16,
     BF16, Q8_0 or another type in storage.gguf.SUPPORTED_TYPES) to `out_dir`.
 
     Q8_0, Q4_0, Q4_1, Q4_K, F16 and F32 tensors keep their exact blocks when their store scheme
@@ -209,6 +210,9 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, quant: str = AUT
             (Path(tmp) / "tokenizer.json").write_text(tokenizer_json)
             tokenizer_files = [Path(tmp) / "tokenizer.json",
                                _write_json(Path(tmp) / "tokenizer_config.json", tokenizer_config)]
+        generation_config = ckpt.generation_config()
+        if generation_config:
+            tokenizer_files.append(_write_json(Path(tmp) / GENERATION_CONFIG, generation_config))
         return _write_store(ckpt, args, hf_config, out_dir, tokenizer_files,
                             quant=quant, resident_quant=resident_quant, group_size=group_size,
                             compression=compression, overwrite=overwrite, progress=progress, ffn_down=ffn_down)
@@ -261,7 +265,15 @@ def _tokenizer_dir_files(tokenizer_dir: str | Path, args: ModelArgs) -> list[Pat
     from flashinfer.tokenizer import Tokenizer as ModelTokenizer
 
     ModelTokenizer.from_dir(tokenizer_dir)  # its config and chat template(s) are sound before a store is begun
-    return [tokenizer_dir / name for name in TOKENIZER_FILES if (tokenizer_dir / name).is_file()]
+    return [tokenizer_dir / name for name in TOKENIZER_FILES
+            if name != GENERATION_CONFIG and (tokenizer_dir / name).is_file()]
+
+
+def _generation_config_file(model_dir: Path) -> list[Path]:
+    """The model's generation_config.json (end-of-turn ids, sampling defaults), checked, if it has one."""
+    if GenerationConfig.from_dir(model_dir).source is None:
+        return []
+    return [model_dir / GENERATION_CONFIG]
 
 
 def _write_json(path: Path, obj: dict) -> Path:

@@ -34,8 +34,9 @@ import psutil
 from flashinfer.config import ModelArgs
 from flashinfer.chat import Message
 from flashinfer.errors import EngineBusyError, EngineClosedError, GenerationError, ModelPathError
+from flashinfer.generation_config import GenerationConfig
 from flashinfer.model import Model, RunState
-from flashinfer.sampling import SamplingParams, check_seed, is_int, sample
+from flashinfer.sampling import check_seed, is_int, sample
 from flashinfer.tokenizer import StreamDecoder, Tokenizer
 
 DEFAULT_MAX_CTX = 4096  # KV cache positions unless the caller asks otherwise
@@ -97,9 +98,18 @@ class Engine:
         self._lock = threading.Lock()  # held for a whole generation (see the module docstring)
         self._owner: int | None = None  # the thread holding _lock, to refuse a self-deadlock
         self._closed = False
-        self.eos_ids = set(args.eos_token_ids) | ({tokenizer.eos_id} if tokenizer.eos_id is not None else set())
+        self.generation_config = GenerationConfig.from_dir(source)
+        # config.json's EOS, the tokenizer's, and generation_config.json's end-of-turn ids (instruct models)
+        self.eos_ids = (set(args.eos_token_ids) | set(self.generation_config.eos_token_ids)
+                        | ({tokenizer.eos_id} if tokenizer.eos_id is not None else set()))
         self.memory_plan = None  # set by open() when a DRAM cap is given
         self.last_trace = None  # the Trace of the last generate(..., trace=True)
+        # reuse_prefix: a prompt that starts with the previous sequence (its prompt and what it
+        # generated, as a chat's next turn does) computes only its new tokens: the KV cache and the
+        # neuron caches are kept. Off by default: outputs then never depend on an earlier call
+        # (prefill and decode round differently, so a kept prefix can move a near-tie).
+        self.reuse_prefix = False
+        self._kv_ids: list[int] = []  # the tokens whose keys and values the KV cache holds, in order
         self.jit_seconds = self._warm_up()
 
     # ---- opening ------------------------------------------------------------------
@@ -107,9 +117,19 @@ class Engine:
     def open(cls, path: str | Path, ctx: int | None = None, flash_bw: str | float | None = None,
              flash_latency: str | float | None = None, verify: bool = False, predictor: str = "dense",
              window: int = 5, dram: str | int | None = None, prefetch: bool = False,
-             stream_ffn: bool = False) -> "Engine":
-        """Open a flash store (made by `flashinfer convert`) or a Hugging Face model directory
-        (config.json, *.safetensors, tokenizer.json).
+             stream_ffn: bool = False, store: str | Path | None = None, convert: bool | None = None,
+             progress=None, notify=None) -> "Engine":
+        """Open a flash store (made by `flashinfer convert`), a llama.cpp GGUF file or a Hugging
+        Face model directory (config.json, *.safetensors, tokenizer.json).
+
+        A GGUF file is converted once into a store in the cache dir and run from there
+        (flashinfer/store_cache.py: $FLASHINFER_CACHE, else $XDG_CACHE_HOME/flashinfer). An HF
+        dir is too when `convert` is True or a store-only knob (flash_bw, predictor, dram, ...)
+        or `store` is given; otherwise (convert None) it is loaded as it is, in its own float
+        precision (bfloat16 matrices as float16, flashinfer/weights.py). convert=False never
+        converts.
+        store: the directory to convert into (and find next time) instead of the cache.
+        progress / notify: a callable(done_bytes) and a callable(message) for a conversion.
 
         ctx: KV cache length in tokens (default: the model's maximum, capped at 4096).
         flash_bw / flash_latency: emulate slower flash for a store ("1GB/s", "50us").
@@ -127,22 +147,24 @@ class Engine:
             paper's naive baseline). By default a dense run keeps as many FFN layers resident
             after their first read as the cap (or, with no cap, the machine's free memory) holds.
         """
-        from storage.format import MANIFEST
+        from flashinfer.store_cache import source_kind, store_for
 
         path = Path(path)
-        if not path.exists():
-            raise ModelPathError(f"{path}: no such file or directory")
-        if not path.is_dir():
-            raise ModelPathError(f"{path}: not a directory; expected a flash store or a Hugging Face model directory")
-        if (path / MANIFEST).is_file() or ".partial-" in path.name:
-            return cls._open_store(path, ctx, flash_bw, flash_latency, verify, predictor, window, dram, prefetch,
-                                   stream_ffn)
-        if (flash_bw is not None or flash_latency is not None or predictor != "dense" or dram is not None or prefetch
-                or stream_ffn):
-            raise ModelPathError(f"{path}: flash_bw, flash_latency, predictor, dram, prefetch and stream_ffn apply to "
-                                 "a flash store; "
-                                 "convert the model first (flashinfer convert)")
-        return cls._open_hf(path, ctx)
+        kind = source_kind(path)
+        store_only = (flash_bw is not None or flash_latency is not None or predictor != "dense" or dram is not None
+                      or prefetch or stream_ffn)
+        if kind == "hf" and not convert and not store_only and store is None:
+            return cls._open_hf(path, ctx)
+        if kind != "store" and convert is False:
+            if kind == "gguf":
+                raise ModelPathError(f"{path}: a GGUF file runs from a flash store; open it with convert=True "
+                                     "(or convert it first: flashinfer convert)")
+            raise ModelPathError(f"{path}: flash_bw, flash_latency, predictor, dram, prefetch, stream_ffn and store "
+                                 "apply to a flash store; open with convert=True (or convert the model first: "
+                                 "flashinfer convert)")
+        path = store_for(path, store, progress=progress, notify=notify)
+        return cls._open_store(path, ctx, flash_bw, flash_latency, verify, predictor, window, dram, prefetch,
+                               stream_ffn)
 
     @classmethod
     def _open_hf(cls, path: Path, ctx: int | None) -> "Engine":
@@ -349,14 +371,14 @@ class Engine:
 
     # ---- generation ---------------------------------------------------------------
     @overload
-    def generate(self, prompt: str | Sequence[int], max_tokens: int = ..., temperature: float = ...,
-                 top_k: int = ..., top_p: float = ..., seed: int | None = ...,
+    def generate(self, prompt: str | Sequence[int], max_tokens: int = ..., temperature: float | None = ...,
+                 top_k: int | None = ..., top_p: float | None = ..., seed: int | None = ...,
                  stop: str | Sequence[str] | None = ..., stream: Literal[False] = ...,
                  trace: bool = ...) -> GenerationResult: ...
 
     @overload
-    def generate(self, prompt: str | Sequence[int], max_tokens: int = ..., temperature: float = ...,
-                 top_k: int = ..., top_p: float = ..., seed: int | None = ...,
+    def generate(self, prompt: str | Sequence[int], max_tokens: int = ..., temperature: float | None = ...,
+                 top_k: int | None = ..., top_p: float | None = ..., seed: int | None = ...,
                  stop: str | Sequence[str] | None = ..., *, stream: Literal[True],
                  trace: bool = ...) -> Iterator[str]: ...
 
@@ -364,9 +386,9 @@ class Engine:
         self,
         prompt: str | Sequence[int],
         max_tokens: int = 256,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
         stream: bool = False,
@@ -377,6 +399,8 @@ class Engine:
         max_tokens: tokens to generate at most; generation also ends at EOS, at a stop
             string (not included in the text) or when the context is full.
         temperature: 0 is greedy; top_k (0 = off) and top_p (1 = off) filter what is sampled.
+            Each left as None takes the model's default from generation_config.json
+            (flashinfer/generation_config.py); a model without one decodes greedily.
         seed: makes sampling reproducible (the same seed gives the same tokens).
         stream: False returns a GenerationResult (text, token_ids, finish_reason, usage);
             True returns an iterator of text pieces that holds the engine while it is
@@ -395,22 +419,22 @@ class Engine:
         return GenerationResult("".join(pieces), list(last.token_ids), last.finish_reason, last.usage, last.timings)
 
     @overload
-    def chat(self, messages: Sequence[Message], max_tokens: int = ..., temperature: float = ...,
-             top_k: int = ..., top_p: float = ..., seed: int | None = ...,
+    def chat(self, messages: Sequence[Message], max_tokens: int = ..., temperature: float | None = ...,
+             top_k: int | None = ..., top_p: float | None = ..., seed: int | None = ...,
              stop: str | Sequence[str] | None = ..., stream: Literal[False] = ...) -> GenerationResult: ...
 
     @overload
-    def chat(self, messages: Sequence[Message], max_tokens: int = ..., temperature: float = ...,
-             top_k: int = ..., top_p: float = ..., seed: int | None = ...,
+    def chat(self, messages: Sequence[Message], max_tokens: int = ..., temperature: float | None = ...,
+             top_k: int | None = ..., top_p: float | None = ..., seed: int | None = ...,
              stop: str | Sequence[str] | None = ..., *, stream: Literal[True]) -> Iterator[str]: ...
 
     def chat(
         self,
         messages: Sequence[Message],
         max_tokens: int = 256,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
         stream: bool = False,
@@ -425,9 +449,9 @@ class Engine:
         self,
         prompt: str | Sequence[int],
         max_tokens: int = 256,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
         trace: bool = False,
@@ -437,7 +461,7 @@ class Engine:
         the first step; the engine is held from the first step until the end or close()."""
         self._check_open()
         ids = self._prompt_ids(prompt)
-        params = SamplingParams.checked(temperature, top_k, top_p)
+        params = self.generation_config.resolve(temperature, top_k, top_p)
         if not is_int(max_tokens) or max_tokens < 1:
             raise GenerationError(f"max_tokens must be a positive integer, got {max_tokens!r}")
         seed = check_seed(seed)
@@ -468,13 +492,28 @@ class Engine:
             finally:
                 self._attach(None)
 
+    def _kept_prefix(self, ids: np.ndarray) -> int:
+        """How many leading tokens of `ids` the KV cache already holds (reuse_prefix), at most all but
+        the last (whose logits start the generation); 0 resets the model."""
+        if not self.reuse_prefix or not self._kv_ids:
+            return 0
+        n = min(len(self._kv_ids), len(ids) - 1)
+        same = np.asarray(self._kv_ids[:n], np.int64) == ids[:n]
+        return n if same.all() else int(np.argmin(same))  # the first position that differs
+
     def _steps(self, ids, max_tokens, params, seed, stops, tracer) -> Iterator[Response]:
         model = self.model
-        model.reset()
+        kept = self._kept_prefix(ids)
+        self._kv_ids = []  # until this sequence is in the cache, nothing there is known to be kept
+        if kept:
+            model.n_past = kept
+        else:
+            model.reset()
         t0 = time.perf_counter()
         if tracer is not None:
-            tracer.begin_step("prefill", len(ids))
-        logits = model.forward(ids)
+            tracer.begin_step("prefill", len(ids) - kept)
+        logits = model.forward(ids[kept:])
+        kv_ids = [int(t) for t in ids]
         t1 = time.perf_counter()
         rng = np.random.default_rng(seed)
         decoder = StreamDecoder(self.tokenizer)
@@ -503,6 +542,8 @@ class Engine:
             if tracer is not None:
                 tracer.begin_step("decode", 1)
             logits = model.forward(np.array([token], np.int64))
+            kv_ids.append(token)
+        self._kv_ids = kv_ids
         t2 = time.perf_counter()
         tail = ""
         if not hit_stop_string:  # what was held back, and any bytes of an unfinished character

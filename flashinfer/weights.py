@@ -8,8 +8,11 @@ Canonical names (the engine's own, independent of the HF family):
     norm.{weight,bias} [dim]                    lm_head.weight [vocab, dim] (absent when tied)
 
 Matrices are kept as the kernels consume them: float32, or float16 as its raw uint16 bits
-(numba has no float16 on the CPU; kernels widen in registers). bf16 has no such kernel and
-is widened to float32 once at load. Vectors (norms, biases) are always float32.
+(numba has no float16 on the CPU; kernels widen in registers). A bf16 matrix becomes f16 bits
+at load, a block of rows at a time: bf16's 8 mantissa bits fit f16's 11, so the values are the
+same wherever f16 reaches (2**-14 to 65504; smaller weights round to f16's subnormals) and RAM
+stays at the checkpoint's size; one whose values exceed f16's range is widened to float32.
+Vectors (norms, biases) are always float32.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import numpy as np
 
 from flashinfer.config import ModelArgs
 from storage.errors import CheckpointError
-from storage.safetensors import Checkpoint
+from storage.safetensors import Checkpoint, bf16_to_float32
 
 EMPTY = np.zeros(0, np.float32)  # stands for "no bias" so kernels keep one signature
 EMPTY.flags.writeable = False
@@ -87,7 +90,7 @@ def weight_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
         ffn = {"w_up": (f, d), "w_down": (d, f)} | ({"w_gate": (f, d)} if args.gated_ffn else {})
         for name, shape in attn.items():
             shapes[f"{p}attn.{name}.weight"] = shape
-            if args.attn_bias:
+            if args.attn_bias or (args.qkv_bias and name != "wo"):
                 shapes[f"{p}attn.{name}.bias"] = (shape[0],)
         for name, shape in ffn.items():
             shapes[f"{p}ffn.{name}.weight"] = shape
@@ -167,6 +170,8 @@ def _kernel_array(ckpt: Checkpoint, hf_name: str, is_matrix: bool) -> np.ndarray
     dtype = ckpt.tensors[hf_name].dtype
     if is_matrix and dtype == "F16":
         arr = ckpt.raw(hf_name).view(np.uint16)
+    elif is_matrix and dtype == "BF16" and (bits := bf16_as_f16_bits(ckpt.raw(hf_name))) is not None:
+        arr = bits
     elif dtype in ("F32", "F16", "BF16", "F64"):
         arr = np.ascontiguousarray(ckpt.as_float32(hf_name))
     else:
@@ -174,6 +179,17 @@ def _kernel_array(ckpt: Checkpoint, hf_name: str, is_matrix: bool) -> np.ndarray
                               "expected a floating-point weight (F32, F16 or BF16)")
     arr.flags.writeable = False
     return Matrix(arr) if is_matrix else arr
+
+
+def bf16_as_f16_bits(bf16: np.ndarray, rows_per_block: int = 1024) -> np.ndarray | None:
+    """A bf16 matrix (uint16 bits) as f16 bits, or None if a value lies beyond f16's range."""
+    out = np.empty(bf16.shape, np.uint16)
+    for r in range(0, bf16.shape[0], rows_per_block):
+        block = bf16_to_float32(np.ascontiguousarray(bf16[r:r + rows_per_block]))
+        if not np.isfinite(block).all() or np.abs(block).max(initial=0.0) > np.finfo(np.float16).max:
+            return None
+        out[r:r + rows_per_block] = block.astype(np.float16).view(np.uint16)
+    return out
 
 
 def map_hf_tensors(args: ModelArgs, ckpt: Checkpoint) -> dict[str, str]:

@@ -69,7 +69,8 @@ MANIFEST = "manifest.json"
 RESIDENT_FILE = "resident.bin"
 PAGE = 4096  # alignment of chunks and files: O_DIRECT and 4 KiB flash pages
 COMPONENT_ALIGN = 4  # so f16 scales and f32 values inside a bundle are aligned
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+# copied from the model dir into a store as they are (generation_config.json: end-of-turn ids, sampling defaults)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
 SCHEMES = ("f32", "f16", "q8", "q4", "q4a", "q4k")
 COMPRESSIONS = ("none", "zstd")
 

@@ -1,11 +1,11 @@
-"""Reading a llama.cpp GGUF file (architecture "llama") as a Hugging Face checkpoint.
+"""Reading a llama.cpp GGUF file (architecture "llama" or "qwen2") as a Hugging Face checkpoint.
 
 The converter (flashinfer/convert.py) needs three things from a model file: its config,
 its tensors under HF names as float32 blocks, and its tokenizer. `GGUFCheckpoint` gives
 them for a GGUF file, parsed by the `gguf` package's reader (llama.cpp's gguf-py):
 
     with GGUFCheckpoint.open("model.gguf") as ckpt:
-        cfg = ckpt.hf_config()                      # config.json keys, from llama.* metadata
+        cfg = ckpt.hf_config()                      # config.json keys, from llama.* / qwen2.* metadata
         ckpt.tensors["model.layers.0.mlp.up_proj.weight"].shape   # HF shape
         up = ckpt.rows_f32("model.layers.0.mlp.up_proj.weight", rows=slice(0, 1024))
         tokenizer_json, tokenizer_config = ckpt.tokenizer_files()
@@ -14,9 +14,10 @@ Where GGUF differs from an HF checkpoint:
 - names: llama.cpp's (`blk.{i}.attn_q.weight`, see GGUF_NAMES), mapped both ways here;
 - dims are listed fastest first: ne[0] is the row length, so an HF [rows, cols] matrix has
   ne = [cols, rows] and its bytes are the same row-major rows;
-- attn_q / attn_k rows are permuted within each head (convert_hf_to_gguf.py's
+- in a llama file attn_q / attn_k rows are permuted within each head (convert_hf_to_gguf.py's
   LlamaModel.permute: llama.cpp's rope pairs elements 2i and 2i+1, HF pairs i and i + d/2);
-  `rows_f32` undoes it by reading GGUF row `gguf_row_of_hf_row(j)` for HF row j;
+  `rows_f32` undoes it by reading GGUF row `gguf_row_of_hf_row(j)` for HF row j. A qwen2 file
+  keeps HF's rows (llama.cpp runs it with NEOX rope, HF's pairing) and adds q/k/v biases;
 - weights may be block-quantized (Q8_0: 32 values per 34-byte block, k-quants: 256 per
   block, along a row); `rows_f32` dequantizes with gguf-py's numpy reference dequantizers
   only the blocks a request covers (a column range is widened to whole blocks, then trimmed);
@@ -42,7 +43,10 @@ import numpy as np
 
 from storage.errors import CheckpointError
 
-ARCHITECTURE = "llama"  # the one GGUF architecture this module maps
+# the GGUF architectures this module maps: Qwen2 is llama's graph with q/k/v biases, its q/k rows
+# not permuted (llama.cpp runs it with NEOX rope, HF's rotate_half)
+ARCHITECTURES = ("llama", "qwen2")
+HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 FLASHINFER_ACT_KEY = "flashinfer.hidden_act"  # our own key: the FFN activation the weights were made for
 # tensor types rows_f32 dequantizes (through gguf-py's numpy reference code, tested upstream
 # against ggml); i-quants, ternary and fp4 types are refused until they are tested here
@@ -68,6 +72,9 @@ BPE_PRE_TOKENIZERS = {
 }
 # gguf TokenType values
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
+# control tokens llama.cpp treats as the end of a generation by their text (llama-vocab.cpp, special_eog_ids)
+END_OF_TURN = frozenset(("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
+                         "<EOT>", "_<EOT>", "<|end_of_text|>", "<｜end▁of▁sentence｜>", "<|return|>", "<|call|>"))
 
 # ---- names --------------------------------------------------------------------------------
 
@@ -78,6 +85,8 @@ GGUF_NAMES = {
     "self_attn.o_proj.weight": "attn_output.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
     "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
+    "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",  # Qwen2's
 }
 GGUF_GLOBAL_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
                      "lm_head.weight": "output.weight"}
@@ -195,6 +204,7 @@ class GGUFCheckpoint:
         self.tensors: dict[str, GGUFTensor] = {}
         self.rope_freqs: np.ndarray | None = None  # Llama 3.1's rope scaling divisors, if the file has them
         self.head_dim = 0
+        self.arch = "llama"  # general.architecture, once _check_model has accepted it
         self._tensor_infos = tensor_infos
         self._file = open(path, "rb")
         self._mmap = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
@@ -249,10 +259,10 @@ class GGUFCheckpoint:
             raise CheckpointError(f"{self.path}: one part of a split GGUF (split.count={self.meta('split.count')}); "
                                   "merge the parts first (llama-gguf-split --merge)")
         arch = self.meta("general.architecture")
-        if arch != ARCHITECTURE:
+        if arch not in ARCHITECTURES:
             raise CheckpointError(f"{self.path}: GGUF architecture {arch!r} is not supported "
-                                  f"(supported: {ARCHITECTURE})")
-        a = ARCHITECTURE
+                                  f"(supported: {', '.join(ARCHITECTURES)})")
+        self.arch = a = arch
         if int(self.meta(f"{a}.expert_count", 0) or 0) > 0:
             raise CheckpointError(f"{self.path}: a mixture-of-experts llama ({self.meta(f'{a}.expert_count')} "
                                   "experts) is not supported")
@@ -309,8 +319,8 @@ class GGUFCheckpoint:
         return value
 
     def hf_config(self) -> dict:
-        """config.json keys (as transformers writes them for LlamaForCausalLM) from the metadata."""
-        a = ARCHITECTURE
+        """config.json keys (as transformers writes them for LlamaForCausalLM / Qwen2ForCausalLM) from the metadata."""
+        a = self.arch
         n_heads = self._need(f"{a}.attention.head_count")
         tokens = self.meta("tokenizer.ggml.tokens")
         if tokens is not None:
@@ -324,8 +334,8 @@ class GGUFCheckpoint:
         eos = list(dict.fromkeys(i for i in eos if i is not None))
         act = self.meta(FLASHINFER_ACT_KEY, "silu")  # llama.cpp's llama graph: always SiLU
         return {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
+            "architectures": [HF_ARCHITECTURES[a]],
+            "model_type": a,
             "hidden_size": int(self._need(f"{a}.embedding_length")),
             "num_hidden_layers": int(self._need(f"{a}.block_count")),
             "intermediate_size": int(self._need(f"{a}.feed_forward_length")),
@@ -347,7 +357,7 @@ class GGUFCheckpoint:
         }
 
     def _rope_scaling(self) -> dict | None:
-        a = ARCHITECTURE
+        a = self.arch
         kind, factor = self.meta(f"{a}.rope.scaling.type"), self.meta(f"{a}.rope.scaling.factor")
         if kind is None and self.meta(f"{a}.rope.scale_linear") is not None:  # the key before rope.scaling.*
             kind, factor = "linear", self.meta(f"{a}.rope.scale_linear")
@@ -436,7 +446,7 @@ class GGUFCheckpoint:
         q/k rows un-permuted, the others a view)."""
         row_bytes = n_cols // t.block_size * t.block_bytes
         data = np.frombuffer(self._mmap, np.uint8, n_rows * row_bytes, t.offset).reshape(n_rows, row_bytes)
-        if t.name.endswith(PERMUTED):
+        if self.arch == "llama" and t.name.endswith(PERMUTED):
             return data, data[gguf_row_of_hf_row(np.arange(r0, r1), self.head_dim)]
         return data, data[r0:r1]
 
@@ -502,11 +512,22 @@ class GGUFCheckpoint:
         add_bos = self.meta("tokenizer.ggml.add_bos_token", self.meta("tokenizer.ggml.model") == "llama")
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": token("bos"), "eos_token": token("eos"),
                   "unk_token": token("unknown"), "add_bos_token": bool(add_bos),
-                  "model_max_length": int(self.meta(f"{ARCHITECTURE}.context_length", 2048))}
+                  "model_max_length": int(self.meta(f"{self.arch}.context_length", 2048))}
         template = self.meta("tokenizer.chat_template")
         if template is not None:
             config["chat_template"] = template
         return {k: v for k, v in config.items() if v is not None}
+
+    def generation_config(self) -> dict:
+        """generation_config.json: the end-of-generation ids as llama.cpp finds them (llama-vocab.cpp):
+        the EOS, EOT and EOM ids of the metadata, and control tokens spelled as a known end of turn
+        (a chat model's <|im_end|> ends its turn while its EOS may be <|endoftext|>)."""
+        tokens = self.meta("tokenizer.ggml.tokens") or []
+        types = self.meta("tokenizer.ggml.token_type") or []
+        ids = {self.meta(f"tokenizer.ggml.{key}_token_id") for key in ("eos", "eot", "eom")}
+        ids = {i for i in ids if isinstance(i, int) and 0 <= i < len(tokens)}
+        ids |= {i for i, (text, kind) in enumerate(zip(tokens, types)) if kind == TOKEN_CONTROL and text in END_OF_TURN}
+        return {"eos_token_id": sorted(ids)} if ids else {}
 
     def _bpe_tokenizer(self, tokens: list[str], types: list[int]) -> str:
         from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers

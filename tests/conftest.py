@@ -1,10 +1,18 @@
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 FIXTURES = Path(__file__).parent / "fixtures"
-GOLDEN_MODELS = ["llama", "mistral", "relu_llama", "opt", "opt_postln", "llama_bf16", "llama_f16_sharded"]
+GOLDEN_MODELS = ["llama", "mistral", "relu_llama", "qwen2", "opt", "opt_postln", "llama_bf16", "llama_f16_sharded"]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _store_cache(tmp_path_factory):
+    """Stores converted from GGUF files and HF dirs by `run`/`chat`/... go to a temporary cache
+    (subprocesses inherit it), never the user's ~/.cache."""
+    os.environ["FLASHINFER_CACHE"] = str(tmp_path_factory.mktemp("flashinfer-cache"))
 
 
 def interrupt_after(n_calls: int):

@@ -29,7 +29,7 @@ from storage.gguf import (  # noqa: E402
 )
 from storage.reader import StoreReader  # noqa: E402
 from storage.safetensors import Checkpoint, write_safetensors  # noqa: E402
-from tests.conftest import interrupt_after  # noqa: E402
+from tests.conftest import FIXTURES, interrupt_after  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 SEQS = [[synth.BOS_ID, *np.random.default_rng(s).integers(3, 512, 47).tolist()] for s in range(3)]
@@ -61,7 +61,7 @@ def _write_gguf(path: Path, hf_dir: Path, qtype=Q.Q8_0, *, arch: str = "llama", 
     w.add_feed_forward_length(cfg["intermediate_size"])
     w.add_head_count(cfg["num_attention_heads"])
     w.add_head_count_kv(cfg["num_key_value_heads"])
-    w.add_rope_freq_base(cfg["rope_theta"])
+    w.add_rope_freq_base(cfg.get("rope_theta") or cfg["rope_parameters"]["rope_theta"])
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     if act_key:
         w.add_string(FLASHINFER_ACT_KEY, cfg["hidden_act"])
@@ -70,7 +70,7 @@ def _write_gguf(path: Path, hf_dir: Path, qtype=Q.Q8_0, *, arch: str = "llama", 
         if name in skip:
             continue
         values = ckpt.as_float32(name)
-        if name.endswith(("q_proj.weight", "k_proj.weight")):
+        if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):  # qwen2's stay as HF's
             values = gguf_permute_rows(values, cfg["head_dim"])
         if (odd or {}).get(gguf_name(name)):
             odd_type, raw = odd[gguf_name(name)]
@@ -102,7 +102,8 @@ def test_names_map_both_ways(tiny):
     names = Checkpoint.open(tiny[0]).tensors
     assert all(hf_name(gguf_name(n)) == n for n in names)
     assert gguf_name("model.layers.1.mlp.down_proj.weight") == "blk.1.ffn_down.weight"
-    assert hf_name("blk.0.attn_q.bias") is None and hf_name("rope_freqs.weight") is None
+    assert hf_name("blk.0.attn_q.bias") == "model.layers.0.self_attn.q_proj.bias"  # qwen2's
+    assert hf_name("blk.0.attn_output.bias") is None and hf_name("rope_freqs.weight") is None
 
 
 def test_row_index_undoes_the_permutation():
@@ -184,6 +185,25 @@ def test_gguf_store_equals_hf_store(tmp_path, tiny, ffn, resident):
             assert e_gguf.tokenizer.encode(text) == e_hf.tokenizer.encode(text)
             ids = e_gguf.tokenizer.encode(text)
             assert e_gguf.tokenizer.decode(ids) == e_hf.tokenizer.decode(ids)
+
+
+def test_a_qwen2_gguf_makes_the_store_of_its_hf_checkpoint(tmp_path):
+    """GGUF architecture qwen2: q/k/v biases, q/k rows as HF's (llama.cpp runs it with NEOX rope)."""
+    hf_dir = FIXTURES / "qwen2"
+    path = _write_gguf(tmp_path / "q.gguf", hf_dir, Q.F32, arch="qwen2", act_key=False)
+    with GGUFCheckpoint.open(path) as ckpt:
+        assert ckpt.hf_config()["model_type"] == "qwen2" and "model.layers.0.self_attn.q_proj.bias" in ckpt.tensors
+    kw = {"quant": "f32", "resident_quant": "f32"}
+    from_hf = convert_checkpoint(hf_dir, tmp_path / "hf", **kw)
+    from_gguf = convert_checkpoint(path, tmp_path / "gguf", tokenizer_dir=hf_dir, **kw)
+    a, b = (json.loads((s / "manifest.json").read_text()) for s in (from_hf, from_gguf))
+    ids_of_tokens = ("bos_token_id", "eos_token_ids")  # tokenizer metadata: this GGUF has none
+    assert {k: v for k, v in a["model_config"].items() if k not in ids_of_tokens} == \
+           {k: v for k, v in b["model_config"].items() if k not in ids_of_tokens}
+    assert {k: v["checksum"] for k, v in a["resident"].items()} == {k: v["checksum"] for k, v in b["resident"].items()}
+    golden = np.load(FIXTURES / "qwen2" / "golden.npz")
+    with Engine.open(from_gguf) as engine:
+        np.testing.assert_allclose(engine.logits(golden["prompt_ids"].tolist()), golden["logits"], atol=1e-3, rtol=0)
 
 
 def test_q8_0_gguf_matches_its_dequantized_weights_and_stays_close_to_f32(tmp_path, tiny):
@@ -376,9 +396,9 @@ def test_unsupported_tensor_type(tmp_path, tiny, capsys):
 
 
 def test_unsupported_architecture(tmp_path, tiny, capsys):
-    path = _write_gguf(tmp_path / "q.gguf", tiny[0], Q.F16, arch="qwen2")
+    path = _write_gguf(tmp_path / "q.gguf", tiny[0], Q.F16, arch="falcon")
     err = _cli_error(capsys, "convert", str(path), str(tmp_path / "out"))
-    assert "q.gguf: GGUF architecture 'qwen2' is not supported (supported: llama)" in err
+    assert "q.gguf: GGUF architecture 'falcon' is not supported (supported: llama, qwen2)" in err
     _assert_nothing_written(tmp_path / "out")
 
 

@@ -269,6 +269,8 @@ def test_flashinfer_serve_command(tmp_path):
                              "--model-name", "tiny-llama"], stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stderr.readline()
+        while line.startswith(("converting ", "converted in ")):  # the HF dir becomes a store in the cache first
+            line = proc.stderr.readline()
         assert line.startswith("serving tiny-llama at http://127.0.0.1:"), line
         url = line.split()[3]
         client = openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=30)

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from flashinfer.arch import llama, opt
+from flashinfer.arch import llama, opt, qwen2
 from flashinfer.errors import UnsupportedArchitectureError
 
-FAMILIES: dict[str, ModuleType] = {"llama": llama, "opt": opt}
+FAMILIES: dict[str, ModuleType] = {"llama": llama, "opt": opt, "qwen2": qwen2}
 _BY_MODEL_TYPE = {mt: mod for mod in FAMILIES.values() for mt in mod.MODEL_TYPES}
 
 
