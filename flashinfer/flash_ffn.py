@@ -142,7 +142,7 @@ class FlashFFN:
     def __init__(self, reader, args: ModelArgs, resident: frozenset[int] = frozenset()):
         self.reader = reader
         self.layers = reader.manifest.ffn_layers
-        self.act = K.ACT_SILU if args.act == "silu" else K.ACT_RELU
+        self.act = K.ACTS[args.act]
         self.all_ids = [np.arange(layer.n_neurons, dtype=np.int64) for layer in self.layers]
         self.resident = frozenset(resident)
         # layer -> its bundles once read (resident layers only); filled by the first forward

@@ -80,7 +80,10 @@ class Model:
         self.state = RunState(args, ctx, chunk)
         self.inv_freq = args.rope_inv_freq()
         self.window = args.sliding_window or 0
-        self.act = K.ACT_SILU if args.act == "silu" else K.ACT_RELU
+        # per layer (Gemma 3 interleaves sliding-window layers, with their own RoPE base, between global ones)
+        self.layer_windows = [args.layer_window(i) for i in range(args.n_layers)]
+        self.layer_inv_freq = [args.layer_inv_freq(i) for i in range(args.n_layers)]
+        self.act = K.ACTS[args.act]
         self.n_past = 0  # positions filled in the KV cache
         self.flash_ffn = flash_ffn
         if getattr(flash_ffn, "hidden", None) is not None:  # FlashFFN's down-rows layers use the run state's
@@ -90,7 +93,9 @@ class Model:
         # Blocks whose decode step runs as one compiled call (kernels.decode_layer) once their
         # FFN is resident: pre-norm blocks whose attention matrices the numba kernels take
         # (float32 ones go through BLAS, which compiled code cannot call without SciPy).
-        self.fused_decode = args.norm_before and hasattr(flash_ffn, "resident_views")
+        # Gemma 3's extra norms, scales and per-layer windows are not in that call: its blocks take the path below
+        gemma = args.qk_norm or args.sandwich_norm or bool(args.layer_windows) or args.query_scale != 1.0
+        self.fused_decode = args.norm_before and hasattr(flash_ffn, "resident_views") and not gemma
         self._fusable = [self.fused_decode and all(m.data.dtype != np.float32 for m in (l.wq, l.wk, l.wv, l.wo))
                          for l in weights.layers]
         self._fused_operands: list[tuple | None] = [None] * args.n_layers  # _block_operands, once resident
@@ -144,6 +149,8 @@ class Model:
 
         x[:] = 0.0
         add_rows(x, w.tok_embeddings, tokens)
+        if a.embed_scale != 1.0:
+            x *= np.float32(a.embed_scale)
         if a.positional == "learned":
             add_rows(x, w.pos_embeddings, positions + a.learned_pos_offset)
 
@@ -162,6 +169,8 @@ class Model:
                 t0 = self.tracer.now()
                 self._attention(i, layer, xb, start, block_out)
                 self.tracer.attention(i, t0, self.tracer.now(), n)
+            if a.sandwich_norm:
+                self._norm(block_out, layer.attn_post_norm_w, EMPTY, block_out)
             x += block_out
             if not a.norm_before:
                 self._norm(x, layer.attn_norm_w, layer.attn_norm_b, x)
@@ -172,6 +181,8 @@ class Model:
             else:
                 xb[:] = x
             self._ffn(i, layer, xb, block_out)
+            if a.sandwich_norm:
+                self._norm(block_out, layer.ffn_post_norm_w, EMPTY, block_out)
             x += block_out
             if not a.norm_before:
                 self._norm(x, layer.ffn_norm_w, layer.ffn_norm_b, x)
@@ -219,14 +230,19 @@ class Model:
         linear(xb, layer.wq, layer.bq, q)
         linear(xb, layer.wk, layer.bk, k)
         linear(xb, layer.wv, layer.bv, v)
+        if a.qk_norm:  # each head of q and k normed on its own (Gemma 3)
+            K.rmsnorm(q.reshape(-1, a.head_dim), layer.q_norm_w, a.norm_eps, q.reshape(-1, a.head_dim))
+            K.rmsnorm(k.reshape(-1, a.head_dim), layer.k_norm_w, a.norm_eps, k.reshape(-1, a.head_dim))
+        if a.query_scale != 1.0:
+            q *= np.float32(a.query_scale)
         if a.positional == "rope":
             positions = s.positions[start : start + n]
-            K.rope(q, positions, self.inv_freq, a.head_dim)
-            K.rope(k, positions, self.inv_freq, a.head_dim)
+            K.rope(q, positions, self.layer_inv_freq[i], a.head_dim)
+            K.rope(k, positions, self.layer_inv_freq[i], a.head_dim)
         K.store_keys(k, s.k_cache_t[i], start)
         attn = s.attn[:n]
         K.attention_for(n, start + n, a.q_dim)(q, s.k_cache_t[i], s.v_cache[i], start, a.n_kv_heads, a.head_dim,
-                                               self.window, s.scores, attn)
+                                               self.layer_windows[i], s.scores, attn)
         linear(attn, layer.wo, layer.bo, out)
 
     def _ffn(self, i: int, layer: LayerWeights, xb: np.ndarray, out: np.ndarray) -> None:

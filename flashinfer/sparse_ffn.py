@@ -58,7 +58,7 @@ class SparseFFN:
         self.reader = reader
         self.predictor = predictor
         self.layers = reader.manifest.ffn_layers
-        self.act = K.ACT_SILU if args.act == "silu" else K.ACT_RELU
+        self.act = K.ACTS[args.act]
         # a cache that can hold its whole layer never drops a neuron: once read, it stays (the
         # window only saves DRAM, which such a layer does not need)
         self.caches = [NeuronCache(spec.n_neurons, spec.bundle_bytes, cap, window if cap < spec.n_neurons else KEEP)

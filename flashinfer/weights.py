@@ -17,7 +17,7 @@ Vectors (norms, biases) are always float32.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
@@ -84,8 +84,10 @@ def weight_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
         shapes["lm_head.weight"] = (args.vocab_size, d)
     for i in range(args.n_layers):
         p = f"layers.{i}."
-        for norm in ("attn_norm", "ffn_norm"):
+        for norm in ("attn_norm", "ffn_norm") + (("attn_post_norm", "ffn_post_norm") if args.sandwich_norm else ()):
             shapes |= {f"{p}{norm}.{n}": (d,) for n in norm_params}
+        if args.qk_norm:
+            shapes |= {f"{p}attn.q_norm.weight": (args.head_dim,), f"{p}attn.k_norm.weight": (args.head_dim,)}
         attn = {"wq": (q, d), "wk": (kv, d), "wv": (kv, d), "wo": (d, q)}
         ffn = {"w_up": (f, d), "w_down": (d, f)} | ({"w_gate": (f, d)} if args.gated_ffn else {})
         for name, shape in attn.items():
@@ -120,6 +122,11 @@ class LayerWeights:
     b_gate: np.ndarray
     w_down: Matrix | None
     b_down: np.ndarray
+    # Gemma 3 (EMPTY elsewhere): per-head q/k norms, and norms of the attention and FFN outputs
+    q_norm_w: np.ndarray = field(default_factory=lambda: EMPTY)
+    k_norm_w: np.ndarray = field(default_factory=lambda: EMPTY)
+    attn_post_norm_w: np.ndarray = field(default_factory=lambda: EMPTY)
+    ffn_post_norm_w: np.ndarray = field(default_factory=lambda: EMPTY)
 
 
 @dataclass
@@ -138,6 +145,8 @@ class ModelWeights:
 
         def vec(name: str) -> np.ndarray:
             arr = get(name)
+            if arr is not None and args.norm_weight_offset and name.endswith("norm.weight"):
+                arr = arr + np.float32(args.norm_weight_offset)  # Gemma's (1 + w), once
             return EMPTY if arr is None else arr
 
         layers = []
@@ -153,6 +162,8 @@ class ModelWeights:
                 w_up=get(p + "ffn.w_up.weight"), b_up=vec(p + "ffn.w_up.bias"),
                 w_gate=get(p + "ffn.w_gate.weight"), b_gate=vec(p + "ffn.w_gate.bias"),
                 w_down=get(p + "ffn.w_down.weight"), b_down=vec(p + "ffn.w_down.bias"),
+                q_norm_w=vec(p + "attn.q_norm.weight"), k_norm_w=vec(p + "attn.k_norm.weight"),
+                attn_post_norm_w=vec(p + "attn_post_norm.weight"), ffn_post_norm_w=vec(p + "ffn_post_norm.weight"),
             ))
         tok = get("tok_embeddings.weight")
         return cls(

@@ -45,8 +45,8 @@ from storage.errors import CheckpointError
 
 # the GGUF architectures this module maps: Qwen2 is llama's graph with q/k/v biases, its q/k rows
 # not permuted (llama.cpp runs it with NEOX rope, HF's rotate_half)
-ARCHITECTURES = ("llama", "qwen2")
-HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+ARCHITECTURES = ("llama", "qwen2", "gemma3")
+HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "gemma3": "Gemma3ForCausalLM"}
 FLASHINFER_ACT_KEY = "flashinfer.hidden_act"  # our own key: the FFN activation the weights were made for
 # tensor types rows_f32 dequantizes (through gguf-py's numpy reference code, tested upstream
 # against ggml); i-quants, ternary and fp4 types are refused until they are tested here
@@ -59,16 +59,181 @@ SUPPORTED_TOKENIZERS = ("gpt2", "llama")
 KEPT_SCHEMES = {"F32": "f32", "F16": "f16", "Q8_0": "q8", "Q4_0": "q4", "Q4_1": "q4a", "Q4_K": "q4k"}
 MORE_THAN_4_BITS = ("Q5_0", "Q5_1", "Q5_K", "Q6_K")
 Q4_K_BLOCK_BYTES = 144  # d, dmin (f16), 12 bytes of 6-bit scales and mins, 128 bytes of nibbles
-# tokenizer.ggml.pre values whose pre-tokenizer we can write as tokenizer.json; the regexes
-# are llama.cpp's (llama-vocab.cpp), which are those of the HF tokenizers they came from
-# (applied in turn, each piece split further by the next: llama.cpp's regex_exprs list)
+
+# ---- BPE pre-tokenizers: tokenizer.ggml.pre -------------------------------------------------
+# llama.cpp splits text before byte-level BPE with a list of regexes per pre-tokenizer type
+# (llama-vocab.cpp, llm_tokenizer_bpe's regex_exprs), applied in turn: each piece is split further
+# by the next regex, every match and every gap between two matches a piece of its own, which is
+# what a Sequence of HF Split(behavior="isolated") does. The regexes are llama.cpp's strings
+# (non-ASCII characters written \x{...}); where its engine (unicode.cpp) reads a string otherwise
+# than Oniguruma (tokenizers') does, the string here is rewritten to say what llama.cpp does:
+# - a regex with a \p{..} class runs on the text with each non-ASCII character collapsed to its
+#   category: \p{Lu}, \p{Ll}, \p{Lt}, \p{Lm} and \p{Lo} all mean \p{L}, so their case is lost;
+# - a regex without one runs as std::wregex on the text with non-ASCII white space turned into
+#   \v: a literal range of characters never takes a space (&&\S here), \d is [0-9];
+# - GPT-2's and Llama 3's regexes, Kimi-K2's, AFMoE's and Tiny Aya's digits run as custom code: the
+#   first two split as their regex, the others are written here as regexes that split as the code
+#   does (Tiny Aya's as llama.cpp was measured to split, tests/fixtures/pretokenizers).
+CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"  # llama.cpp's (?i:'s|'t|...)
 GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+LLAMA3_REGEX = (CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+                r"|\s+(?!\S)|\s+")
+QWEN2_REGEX = CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+BLOOM_REGEX = r" ?[^(\s|.,!?\x{2026}\x{3002}\x{ff0c}\x{3001}\x{964}\x{6d4}\x{60c})]+"
+# Chinese, Japanese kana and Korean as DeepSeek writes them (U+0800..U+4E00 holds space characters)
+DEEPSEEK_CJK = r"[\x{4e00}-\x{9fa5}\x{800}-\x{4e00}\x{ac00}-\x{d7ff}&&\S]+"
+KANJI_KANA = r"[\x{4e00}-\x{9fa5}\x{3040}-\x{309f}\x{30a0}-\x{30ff}]+"
+DEEPSEEK3_REGEX = (r"""[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"""
+                   r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# "upper" and "lower" case letters of Tekken's and GPT-4o's regexes as llama.cpp writes them: any
+# letter but a-z, any letter but A-Z (so a non-ASCII letter is both)
+UPPER, LOWER = r"((?=[\p{L}])([^a-z]))", r"((?=[\p{L}])([^A-Z]))"
+UPPER_M, LOWER_M = r"((?=[\p{L}\p{M}])([^a-z]))", r"((?=[\p{L}\p{M}])([^A-Z]))"
+# unicode.cpp's unicode_cpt_is_han: Kimi-K2's \p{Han}
+HAN = (r"\x{4e00}-\x{9fff}\x{3400}-\x{4dbf}\x{20000}-\x{2a6df}\x{2a700}-\x{2b73f}\x{2b740}-\x{2b81f}"
+       r"\x{2b820}-\x{2ceaf}\x{2ceb0}-\x{2ebef}\x{f900}-\x{faff}\x{2f800}-\x{2fa1f}")
+DIGITS_IN_THREES = r"\p{N}{1,3}(?=(?:\p{N}{3})*(?!\p{N}))"  # a run of digits in groups of 3 from its end
+SMOLLM = (r"\p{N}", GPT2_REGEX)  # every digit a piece, then GPT-2's regex
+DEEPSEEK3 = (r"\p{N}{1,3}", KANJI_KANA, DEEPSEEK3_REGEX)
+GPT4O = (rf"[^\r\n\p{{L}}\p{{N}}]?{UPPER}*{LOWER}+{CONTRACTIONS}?|[^\r\n\p{{L}}\p{{N}}]?{UPPER}+{LOWER}*{CONTRACTIONS}?"
+         r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+",)
+# llama.cpp's pre-tokenizer types by their LLAMA_VOCAB_PRE_TYPE_ name: the splits applied in turn, each
+# a regex whose matches are pieces, or (regex, HF Split behavior); None is GPT-2's own regex, which
+# tokenizers' ByteLevel(use_regex=True) applies
+BPE_PRE_SPLITS: dict[str, tuple[str | tuple[str, str], ...] | None] = {
+    "DEFAULT": (r"[\p{P}\$\+<=>\^~\|]+", GPT2_REGEX, r"\p{N}+", r"[0-9][0-9][0-9]"),
+    **dict.fromkeys(("LLAMA3", "DBRX", "SMAUG", "CHATGLM4"), (LLAMA3_REGEX,)),
+    "JAIS2": (CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+              r"|\s{512}(?!\S)|\s{256}(?!\S)|\s{128}(?!\S)|\s{64}(?!\S)|\s{32}(?!\S)|\s{16}(?!\S)|\s{8}(?!\S)"
+              r"|\s{4}(?!\S)|\s{1,2}(?!\S)|\s{1}",),
+    "DEEPSEEK_LLM": (
+        r"[\r\n]",
+        r"\s?[A-Za-z\x{b5}\x{c0}-\x{d6}\x{d8}-\x{f6}\x{f8}-\x{1ba}\x{1bc}-\x{1bf}\x{1c4}-\x{293}\x{295}-\x{2af}"
+        r"\x{370}-\x{373}\x{376}\x{377}\x{37b}-\x{37d}\x{37f}\x{386}\x{388}-\x{38a}\x{38c}\x{38e}-\x{3a1}"
+        r"\x{3a3}-\x{3f5}\x{3f7}-\x{481}\x{48a}-\x{52f}\x{531}-\x{556}\x{10a0}-\x{10c5}\x{13a0}-\x{13f5}"
+        r"\x{13f8}-\x{13fd}\x{1c90}-\x{1cba}\x{1cbd}-\x{1cbf}\x{1d00}-\x{1d2b}\x{1d6b}-\x{1d77}\x{1d79}-\x{1d9a}"
+        r"\x{1e00}-\x{1f15}\x{1f18}-\x{1f1d}\x{1f20}-\x{1f45}\x{1f48}-\x{1f4d}\x{1f50}-\x{1f57}\x{1f59}\x{1f5b}"
+        r"\x{1f5d}\x{1f5f}-\x{1f7d}\x{1f80}-\x{1fb4}\x{1fb6}-\x{1fbc}\x{1fbe}\x{1fc2}-\x{1fc4}\x{1fc6}-\x{1fcc}"
+        r"\x{1fd0}-\x{1fd3}\x{1fd6}-\x{1fdb}\x{1fe0}-\x{1fec}\x{1ff2}-\x{1ff4}\x{1ff6}-\x{1ffc}\x{2102}\x{2107}"
+        r"\x{210a}-\x{2113}\x{2115}\x{2119}-\x{211d}\x{2124}\x{2126}\x{2128}\x{212a}-\x{212d}\x{212f}-\x{2134}"
+        r"\x{2139}\x{213c}-\x{213f}\x{2145}-\x{2149}\x{214e}\x{2183}\x{2184}\x{2c00}-\x{2c7b}\x{2c7e}-\x{2ce4}"
+        r"\x{2ceb}-\x{2cee}\x{2cf2}\x{2cf3}\x{a640}-\x{a66d}\x{a680}-\x{a69b}\x{a722}-\x{a76f}\x{a771}-\x{a787}"
+        r"\x{a78b}-\x{a78e}\x{ab70}-\x{abbf}\x{fb00}-\x{fb06}\x{fb13}-\x{fb17}\x{ff21}-\x{ff3a}\x{ff41}-\x{ff5a}"
+        r"\x{10400}-\x{1044f}\x{104b0}-\x{104d3}\x{104d8}-\x{104fb}\x{10c80}-\x{10cb2}\x{10cc0}-\x{10cf2}"
+        r"\x{118a0}-\x{118df}\x{1e900}-\x{1e943}]+",
+        r"\s?[!-/:-~\x{ff01}-\x{ff0f}\x{ff1a}-\x{ff5e}\x{2018}-\x{201f}\x{3001}-\x{3002}]+",  # U+3000 is a space
+        r"\s+$", DEEPSEEK_CJK, r"\p{N}+"),
+    **dict.fromkeys(("DEEPSEEK3_LLM", "HUNYUAN_DENSE", "JOYAI_LLM", "HY_V4"), DEEPSEEK3),
+    "SPARK2_5": (r"\p{N}{1,3}", KANJI_KANA,
+                 r"""[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"""
+                 r"| ?[\p{P}\p{S}]+|[\r\n]|\s+(?!\S)|\s+", r"\p{N}"),
+    "YOUTU": (
+        r"[\x{ac00}-\x{d7a3}\x{3131}-\x{318e}]+|[\x{ff01}\x{2026}\x{201c}\x{201d}\x{2018}\x{2019}\x{2014}\x{ff1a}"
+        r"\x{ff1b}\x{ff0c}\x{3001}-\x{303f}\x{fe30}-\x{fe4f}]+|[\x{3105}-\x{312f}]+|" + KANJI_KANA,
+        # llama.cpp's [\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+ (twice): [\p{L}\p{M}]+
+        r"[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+" + CONTRACTIONS + r"?|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+"
+        r"|\s+(?!\S)|\s+"),
+    "DEEPSEEK_CODER": (r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", DEEPSEEK_CJK, r"\p{N}"),
+    "FALCON": (r"[\p{P}\$\+<=>\^~\|`]+", GPT2_REGEX, r"[0-9][0-9][0-9]"),
+    **dict.fromkeys(("STARCODER", "REFACT", "COMMAND_R", "SMOLLM", "CODESHELL", "EXAONE", "MINERVA", "MELLUM2"),
+                    SMOLLM),
+    **dict.fromkeys(("GPT2", "MPT", "OLMO", "JAIS", "TRILLION", "GRANITE_DOCLING"), None),
+    **dict.fromkeys(("STABLELM2", "QWEN2", "HUNYUAN", "SOLAR_OPEN", "GROK_2"), (QWEN2_REGEX,)),
+    "QWEN35": (CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+"
+               r"|\s+(?!\S)|\s+",),
+    **dict.fromkeys(("PORO", "BLOOM", "GPT3_FINNISH"), (BLOOM_REGEX,)),
+    "VIKING": (BLOOM_REGEX, r"\p{N}"),
+    "TEKKEN": (rf"[^\r\n\p{{L}}\p{{N}}]?{UPPER}*{LOWER}+|[^\r\n\p{{L}}\p{{N}}]?{UPPER}+{LOWER}*"
+               r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+",),
+    "CHAMELEON": (r"<sentinel:[0-9]+>", r"(IMGIMG)((A|B|C|D|E|F|G|H|I){1,4})Z", r"([\t\n]|    |  )", r"\p{N}",
+                  r"[\p{P}!-/:-@\[-`{-~]", GPT2_REGEX),
+    **dict.fromkeys(("GPT4O", "MINIMAX_M2"), GPT4O),
+    "GRANITE_EMB_MULTI": (  # GPT-4o's with marks counted as letters
+        rf"[^\r\n\p{{L}}\p{{N}}]?{UPPER_M}*{LOWER_M}+{CONTRACTIONS}?"
+        rf"|[^\r\n\p{{L}}\p{{N}}]?{UPPER_M}+{LOWER_M}*{CONTRACTIONS}?"
+        r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+",),
+    "TINY_AYA": (
+        DIGITS_IN_THREES,  # llama.cpp's \d{1,3}(?=(?:\d{3})*\b) splits so (measured)
+        r"[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+" + CONTRACTIONS + r"?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+"
+        r"|\s+(?!\S)|\s+"),
+    "KIMI_K2": (  # unicode.cpp's unicode_regex_split_custom_kimi_k2
+        rf"[{HAN}]+|[^\r\n\p{{L}}\p{{N}}]?[\p{{L}}&&[^{HAN}]]+{CONTRACTIONS}?|\p{{N}}{{1,3}}"
+        r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",),
+    "SUPERBPE": (r"\p{N}+", r"(?=(?:[0-9]{3})+(?![0-9]))"),
+    "BAILINGMOE": (r"'(?:[sSdDmMtT]|[lL][lL]|[vV][eE]|[rR][eE])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                   r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+",),
+    "SEED_CODER": (CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1}| ?[^\s\p{L}\p{N}\r\n]+|\s*[\r\n]+"
+                   r"|\s+(?!\S)|\s+",),
+    "UFAKZEKA": (r"[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",),
+    "AFMOE": (
+        # unicode.cpp's unicode_regex_split_custom_afmoe: the text before a run of digits (back to
+        # the previous run) is one piece with the run's first group
+        (DIGITS_IN_THREES, "merged_with_previous"),
+        r"[\x{4e00}-\x{9fff}\x{3400}-\x{4dbf}\x{8c48}-\x{faff}\x{3040}-\x{309f}\x{30a0}-\x{30ff}\x{ff65}-\x{ff9f}"
+        r"\x{2f00}-\x{2fdf}\x{e40}-\x{e7f}\x{e80}-\x{eff}\x{1780}-\x{17ff}\x{1000}-\x{109f}\x{aa60}-\x{aa7f}"
+        r"\x{a9e0}-\x{a9ff}\x{ac00}-\x{d7af}\x{1100}-\x{11ff}]+",
+        DEEPSEEK3_REGEX),
+    "LAGUNA": (r"[^\n]+|[\n]+", QWEN2_REGEX),
+    "EXAONE_MOE": (CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?(?:\p{L}\p{M}*(?: \p{L}\p{M}*)*)+|\p{N}"
+                   r"| ?[^\s\p{L}\p{N}]+[\r\n/]?|\s*[\r\n]|\s+(?!\S)|\s+",),
+    "MINICPM5": (r"\p{N}{1,3}", CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}+| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+"),
+}
+
+
+@dataclass(frozen=True)
+class BpePre:
+    """What llama.cpp (llama_vocab::impl::load) makes of one tokenizer.ggml.pre: a pre-tokenizer
+    type and the flags it sets with it."""
+
+    llama_type: str  # LLAMA_VOCAB_PRE_TYPE_*, a key of BPE_PRE_SPLITS
+    ignore_merges: bool = False  # a piece that is a token is taken whole, not merged up to
+    add_bos: bool = False  # BOS prepended when the file has no tokenizer.ggml.add_bos_token
+
+
+def _pre(llama_type: str, *names: str, **flags) -> dict[str, BpePre]:
+    return dict.fromkeys(names, BpePre(llama_type, **flags))
+
+
+# tokenizer.ggml.pre -> what llama.cpp makes of it
 BPE_PRE_TOKENIZERS = {
-    "gpt-2": None,  # GPT-2's own regex: what tokenizers' ByteLevel(use_regex=True) applies
-    "llama-bpe": (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",),  # Llama 3
-    # SmolLM / SmolLM2: every digit a piece of its own, then GPT-2's regex (HF: Digits + ByteLevel)
-    "smollm": (r"\p{N}", GPT2_REGEX),
+    **_pre("DEFAULT", "default"),  # also llama.cpp's choice for a file without tokenizer.ggml.pre
+    **_pre("LLAMA3", "llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
+           "jina-v5-nano", ignore_merges=True, add_bos=True),
+    **_pre("DEEPSEEK_LLM", "deepseek-llm"), **_pre("DEEPSEEK_CODER", "deepseek-coder"),
+    **_pre("DEEPSEEK3_LLM", "deepseek-v3"), **_pre("SPARK2_5", "spark2_5"),
+    **_pre("YOUTU", "youtu", ignore_merges=True), **_pre("FALCON", "falcon"), **_pre("MPT", "mpt"),
+    **_pre("STARCODER", "starcoder"),
+    **_pre("GPT2", "gpt-2", "phi-2", "jina-es", "jina-de", "gigachat", "jina-v2-es", "jina-v2-de", "a.x-4.0",
+           "mellum", "modern-bert", "exaone4"),
+    **_pre("JAIS2", "jais-2"), **_pre("REFACT", "refact"), **_pre("COMMAND_R", "command-r"),
+    **_pre("QWEN2", "qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez"), **_pre("QWEN35", "qwen35"),
+    **_pre("STABLELM2", "stablelm2"), **_pre("OLMO", "olmo"), **_pre("DBRX", "dbrx"), **_pre("SMAUG", "smaug-bpe"),
+    **_pre("PORO", "poro-chat"),
+    # llama.cpp (llama-cpp-python 0.3.36's) takes a GLM-4 token whole, a ChatGLM one not (measured)
+    **_pre("CHATGLM4", "glm4", ignore_merges=True), **_pre("CHATGLM4", "chatglm-bpe"),
+    **_pre("VIKING", "viking"), **_pre("JAIS", "jais"), **_pre("TEKKEN", "tekken", ignore_merges=True, add_bos=True),
+    **_pre("SMOLLM", "smollm"), **_pre("CODESHELL", "codeshell"), **_pre("BLOOM", "bloom"),
+    **_pre("GPT3_FINNISH", "gpt3-finnish"), **_pre("EXAONE", "exaone"), **_pre("EXAONE_MOE", "exaone-moe"),
+    **_pre("CHAMELEON", "chameleon", add_bos=True), **_pre("MINERVA", "minerva-7b"),
+    **_pre("GPT4O", "gpt-4o", "llama4", "kanana2", "talkie"),
+    **_pre("GRANITE_EMB_MULTI", "granite-embed-multi-97m", ignore_merges=True),
+    **_pre("TINY_AYA", "tiny_aya", "cohere2moe"), **_pre("SUPERBPE", "superbpe"), **_pre("TRILLION", "trillion"),
+    **_pre("GRANITE_DOCLING", "granite-docling"), **_pre("BAILINGMOE", "bailingmoe", "bailingmoe2", "llada-moe"),
+    **_pre("SEED_CODER", "seed-coder"), **_pre("HUNYUAN", "hunyuan"), **_pre("HUNYUAN_DENSE", "hunyuan-dense"),
+    **_pre("HY_V4", "hy_v4"), **_pre("JOYAI_LLM", "joyai-llm"), **_pre("KIMI_K2", "kimi-k2"),
+    **_pre("UFAKZEKA", "ufakzeka"), **_pre("GROK_2", "grok-2"), **_pre("AFMOE", "afmoe"), **_pre("LAGUNA", "laguna"),
+    **_pre("MINIMAX_M2", "minimax-m2"), **_pre("SOLAR_OPEN", "solar-open"), **_pre("MELLUM2", "mellum2"),
+    **_pre("MINICPM5", "minicpm5", ignore_merges=True),
+}
+# tokenizer.ggml.pre values llama.cpp knows whose pre-tokenizer is more than regex splits before
+# byte-level BPE, and what more
+UNSUPPORTED_PRE_TOKENIZERS = {
+    **dict.fromkeys(("gemma4", "granite-embed-multi-311m", "sarvam-moe"),
+                    "SentencePiece-style BPE on raw UTF-8: spaces written as U+2581, <0xXX> byte tokens"),
+    "whitespace": "split at white space, no byte-level encoding",
+    **dict.fromkeys(("jina-v1-en", "jina-v2-code", "roberta-bpe"),
+                    "GPT-2's, but llama.cpp appends a SEP token to every text (an encoder's add_sep)"),
 }
 # gguf TokenType values
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
@@ -90,27 +255,40 @@ GGUF_NAMES = {
 }
 GGUF_GLOBAL_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
                      "lm_head.weight": "output.weight"}
-_HF_SUFFIX = {v: k for k, v in GGUF_NAMES.items()}
+# Gemma 3's four norms a block: llama.cpp's ffn_norm is its pre-FFN norm (Llama's post-attention one)
+GEMMA3_NAMES = {k: v for k, v in GGUF_NAMES.items() if k != "post_attention_layernorm.weight"} | {
+    "post_attention_layernorm.weight": "post_attention_norm.weight",
+    "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+    "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
+    "self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight",
+}
+LAYER_NAMES = {"llama": GGUF_NAMES, "qwen2": GGUF_NAMES, "gemma3": GEMMA3_NAMES}
+_HF_SUFFIX = {arch: {v: k for k, v in names.items()} for arch, names in LAYER_NAMES.items()}
 _HF_GLOBAL = {v: k for k, v in GGUF_GLOBAL_NAMES.items()}
 ROPE_FREQS = "rope_freqs.weight"  # Llama 3.1 rope scaling, written as per-frequency divisors
 PERMUTED = ("attn_q.weight", "attn_k.weight")
+# llama.cpp's Gemma 3 converter stores every norm weight plus 1 (Gemma3RMSNorm scales by 1 + w);
+# the reader takes the 1 off again, so the store holds HF's values whatever it was made from
+GEMMA3_NORM_SHIFT = 1.0
+GEMMA3_LOCAL_ROPE_BASE = 10_000.0  # llama.cpp's rope_freq_base_train_swa for gemma3 (not in the file)
+GEMMA3_SWA_PATTERN = 6  # every 6th layer global, as llama.cpp's set_swa_pattern(6)
 
 
-def gguf_name(name: str) -> str:
-    """llama.cpp's name of an HF llama tensor."""
+def gguf_name(name: str, arch: str = "llama") -> str:
+    """llama.cpp's name of an HF tensor of architecture `arch`."""
     if name in GGUF_GLOBAL_NAMES:
         return GGUF_GLOBAL_NAMES[name]
     _, _, layer, suffix = name.split(".", 3)  # model.layers.{i}.{suffix}
-    return f"blk.{layer}.{GGUF_NAMES[suffix]}"
+    return f"blk.{layer}.{LAYER_NAMES[arch][suffix]}"
 
 
-def hf_name(name: str) -> str | None:
-    """The HF name of a llama.cpp llama tensor, None for a name outside the table."""
+def hf_name(name: str, arch: str = "llama") -> str | None:
+    """The HF name of a llama.cpp tensor of architecture `arch`, None for a name outside its table."""
     if name in _HF_GLOBAL:
         return _HF_GLOBAL[name]
     parts = name.split(".", 2)
-    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _HF_SUFFIX:
-        return f"model.layers.{parts[1]}.{_HF_SUFFIX[parts[2]]}"
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _HF_SUFFIX[arch]:
+        return f"model.layers.{parts[1]}.{_HF_SUFFIX[arch][parts[2]]}"
     return None
 
 
@@ -289,7 +467,7 @@ class GGUFCheckpoint:
                     raise CheckpointError(f"{self.path}: tensor {name!r} has type {type_name}, expected F32")
                 self.rope_freqs = np.frombuffer(self._mmap, np.float32, ne[0], offset).copy()
                 continue
-            hf = hf_name(name)
+            hf = hf_name(name, self.arch)
             if hf is None:
                 unknown.append(name)
                 continue
@@ -319,7 +497,8 @@ class GGUFCheckpoint:
         return value
 
     def hf_config(self) -> dict:
-        """config.json keys (as transformers writes them for LlamaForCausalLM / Qwen2ForCausalLM) from the metadata."""
+        """config.json keys (as transformers writes them for LlamaForCausalLM, Qwen2ForCausalLM,
+        Gemma3ForCausalLM) from the metadata."""
         a = self.arch
         n_heads = self._need(f"{a}.attention.head_count")
         tokens = self.meta("tokenizer.ggml.tokens")
@@ -333,6 +512,8 @@ class GGUFCheckpoint:
         eos = [self.meta(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
         eos = list(dict.fromkeys(i for i in eos if i is not None))
         act = self.meta(FLASHINFER_ACT_KEY, "silu")  # llama.cpp's llama graph: always SiLU
+        if a == "gemma3":
+            return self._gemma3_config(vocab, eos)
         return {
             "architectures": [HF_ARCHITECTURES[a]],
             "model_type": a,
@@ -352,6 +533,40 @@ class GGUFCheckpoint:
             "tie_word_embeddings": "lm_head.weight" not in self.tensors,
             "attention_bias": False,
             "mlp_bias": False,
+            "bos_token_id": self.meta("tokenizer.ggml.bos_token_id"),
+            "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
+        }
+
+    def _gemma3_config(self, vocab: int, eos: list[int]) -> dict:
+        """Gemma3ForCausalLM's config.json (model_type gemma3_text) from gemma3.* metadata, with what
+        llama.cpp's gemma3 graph takes for granted: windowed layers between every 6th (global) one,
+        their RoPE base 10000, queries scaled by head_dim**-0.5 (n_embd / n_head for the 62-layer
+        27B), GELU-tanh."""
+        a = "gemma3"
+        n_layers, dim = int(self._need(f"{a}.block_count")), int(self._need(f"{a}.embedding_length"))
+        n_heads = int(self._need(f"{a}.attention.head_count"))
+        pattern = self.meta(f"{a}.attention.sliding_window_pattern", GEMMA3_SWA_PATTERN)
+        if isinstance(pattern, list):  # one flag per layer (newer files)
+            sliding = [bool(p) for p in pattern]
+        else:
+            sliding = [bool((i + 1) % int(pattern)) for i in range(n_layers)]
+        full = {"rope_type": "default", "rope_theta": _f32(self.meta(f"{a}.rope.freq_base", 1_000_000.0))}
+        if self._rope_scaling() is not None:
+            full = {**full, **self._rope_scaling()}  # the arch module says which it runs
+        window = self.meta(f"{a}.attention.sliding_window")
+        return {
+            "architectures": [HF_ARCHITECTURES[a]], "model_type": "gemma3_text", "hidden_size": dim,
+            "num_hidden_layers": n_layers, "intermediate_size": int(self._need(f"{a}.feed_forward_length")),
+            "num_attention_heads": n_heads, "num_key_value_heads": int(self.meta(f"{a}.attention.head_count_kv", n_heads)),
+            "head_dim": self.head_dim, "max_position_embeddings": int(self.meta(f"{a}.context_length", 131_072)),
+            "rms_norm_eps": _f32(self.meta(f"{a}.attention.layer_norm_rms_epsilon", 1e-6)),
+            "rope_parameters": {"full_attention": full,
+                                "sliding_attention": {"rope_type": "default", "rope_theta": GEMMA3_LOCAL_ROPE_BASE}},
+            "sliding_window": int(window) if window else 4096,
+            "layer_types": ["sliding_attention" if s else "full_attention" for s in sliding],
+            "query_pre_attn_scalar": dim // n_heads if n_layers == 62 else self.head_dim,
+            "hidden_activation": "gelu_pytorch_tanh", "vocab_size": vocab,
+            "tie_word_embeddings": "lm_head.weight" not in self.tensors,
             "bos_token_id": self.meta("tokenizer.ggml.bos_token_id"),
             "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
         }
@@ -397,6 +612,8 @@ class GGUFCheckpoint:
         if np.may_share_memory(values, data):  # F32 comes back as a view of the mapping
             values = values.copy()
         values = values[:, c0 - b0 * t.block_size : c1 - b0 * t.block_size]
+        if self.arch == "gemma3" and name.endswith("norm.weight"):
+            values = values - np.float32(GEMMA3_NORM_SHIFT)
         return values.reshape(-1) if len(t.shape) == 1 else values
 
     def kept_scheme(self, name: str) -> str | None:
@@ -508,8 +725,12 @@ class GGUFCheckpoint:
             i = self.meta(f"tokenizer.ggml.{key}_token_id")
             return tokens[i] if i is not None and 0 <= i < len(tokens) else None
 
-        # llama.cpp prepends BOS by default for SentencePiece vocabularies only
-        add_bos = self.meta("tokenizer.ggml.add_bos_token", self.meta("tokenizer.ggml.model") == "llama")
+        # llama.cpp prepends BOS by default for SentencePiece vocabularies, and for BPE ones of the
+        # pre-tokenizer types that say so (Llama 3's, Tekken's, Chameleon's)
+        kind = self.meta("tokenizer.ggml.model")
+        pre = BPE_PRE_TOKENIZERS.get(self.meta("tokenizer.ggml.pre", "default"))
+        bpe_bos = kind == "gpt2" and pre is not None and pre.add_bos
+        add_bos = self.meta("tokenizer.ggml.add_bos_token", kind == "llama" or bpe_bos)
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": token("bos"), "eos_token": token("eos"),
                   "unk_token": token("unknown"), "add_bos_token": bool(add_bos),
                   "model_max_length": int(self.meta(f"{self.arch}.context_length", 2048))}
@@ -532,27 +753,32 @@ class GGUFCheckpoint:
     def _bpe_tokenizer(self, tokens: list[str], types: list[int]) -> str:
         from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
-        pre = self.meta("tokenizer.ggml.pre", "default")
+        pre = self.meta("tokenizer.ggml.pre", "default")  # llama.cpp's choice for a file without the key
+        if pre in UNSUPPORTED_PRE_TOKENIZERS:
+            raise CheckpointError(
+                f"{self.path}: BPE pre-tokenizer tokenizer.ggml.pre={pre!r} cannot be rebuilt as tokenizer.json "
+                f"({UNSUPPORTED_PRE_TOKENIZERS[pre]}); pass --tokenizer DIR with the model's tokenizer.json")
         if pre not in BPE_PRE_TOKENIZERS:
             raise CheckpointError(
                 f"{self.path}: BPE pre-tokenizer tokenizer.ggml.pre={pre!r} is not known to flashinfer "
-                f"(known: {', '.join(BPE_PRE_TOKENIZERS)}); pass --tokenizer DIR with the model's tokenizer.json")
+                f"(storage/gguf.py BPE_PRE_TOKENIZERS lists the {len(BPE_PRE_TOKENIZERS)} of llama.cpp's it rebuilds); "
+                "pass --tokenizer DIR with the model's tokenizer.json")
+        pre_type = BPE_PRE_TOKENIZERS[pre]
         merges = []
         for m in self.meta("tokenizer.ggml.merges") or []:
             pair = m.split(" ")
             if len(pair) != 2:
                 raise CheckpointError(f"{self.path}: tokenizer.ggml.merges entry {m!r} is not 'left right'")
             merges.append((pair[0], pair[1]))
-        # Llama 3's tokenizer.json sets ignore_merges (a word that is a token is not re-merged),
-        # and so does llama.cpp for its pre-tokenizer
-        model = models.BPE(vocab=_vocab(tokens), merges=merges, ignore_merges=pre == "llama-bpe")
+        model = models.BPE(vocab=_vocab(tokens), merges=merges, ignore_merges=pre_type.ignore_merges)
         tok = Tokenizer(model)
-        regexes = BPE_PRE_TOKENIZERS[pre]
-        if regexes is None:
+        splits = BPE_PRE_SPLITS[pre_type.llama_type]
+        if splits is None:
             tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         else:
+            splits = [(s, "isolated") if isinstance(s, str) else s for s in splits]
             tok.pre_tokenizer = pre_tokenizers.Sequence(
-                [pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False) for regex in regexes]
+                [pre_tokenizers.Split(Regex(regex), behavior=behavior, invert=False) for regex, behavior in splits]
                 + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
         tok.decoder = decoders.ByteLevel()
         _add_special(tok, tokens, types)

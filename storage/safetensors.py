@@ -219,6 +219,12 @@ class Checkpoint:
         for f in self.files:
             f.close()
 
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 def write_safetensors(path: str | Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None,
                       bf16: set[str] = frozenset()) -> None:

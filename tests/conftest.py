@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 FIXTURES = Path(__file__).parent / "fixtures"
-GOLDEN_MODELS = ["llama", "mistral", "relu_llama", "qwen2", "opt", "opt_postln", "llama_bf16", "llama_f16_sharded"]
+GOLDEN_MODELS = ["llama", "mistral", "relu_llama", "qwen2", "gemma3", "opt", "opt_postln", "llama_bf16", "llama_f16_sharded"]
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -76,7 +76,7 @@ def test_linear_rope_scaling():
 
 
 @pytest.mark.parametrize("cfg,message", [
-    ({"model_type": "gpt2"}, "model_type 'gpt2' is not supported (supported: llama, mistral, opt, qwen2)"),
+    ({"model_type": "gpt2"}, "model_type 'gpt2' is not supported (supported: gemma3_text, llama, mistral, opt, qwen2)"),
     (LLAMA | {"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
     (LLAMA | {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope scaling type 'yarn' is not supported"),
     (OPT | {"word_embed_proj_dim": 512}, "word_embed_proj_dim"),

@@ -8,6 +8,7 @@ has no key for that (llama.cpp always runs SiLU), so both writers add flashinfer
 `flashinfer.hidden_act = "relu"`, which the converter reads; a GGUF without it is SiLU.
 """
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -206,6 +207,52 @@ def test_a_qwen2_gguf_makes_the_store_of_its_hf_checkpoint(tmp_path):
         np.testing.assert_allclose(engine.logits(golden["prompt_ids"].tolist()), golden["logits"], atol=1e-3, rtol=0)
 
 
+def _gemma3_gguf(path: Path, hf_dir: Path) -> Path:
+    """hf_dir's Gemma 3 weights as llama.cpp's converter writes them: its names, every norm + 1."""
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    w = gguf.GGUFWriter(path, "gemma3")
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_key_length(cfg["head_dim"])
+    w.add_value_length(cfg["head_dim"])
+    w.add_rope_freq_base(cfg["rope_parameters"]["full_attention"]["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_sliding_window(cfg["sliding_window"])
+    w.add_uint32("gemma3.attention.sliding_window_pattern", 2)  # the fixture: sliding, then global
+    with Checkpoint.open(hf_dir) as ckpt:
+        for name in ckpt.tensors:
+            values = ckpt.as_float32(name) + (1.0 if name.endswith("norm.weight") else 0.0)
+            w.add_tensor(gguf_name(name, "gemma3"), values.astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_a_gemma3_gguf_runs_as_its_hf_checkpoint(tmp_path):
+    """GGUF architecture gemma3: its norm names (ffn_norm is the pre-FFN norm), norms stored + 1,
+    the window pattern and local RoPE base llama.cpp assumes."""
+    hf_dir = FIXTURES / "gemma3"
+    path = _gemma3_gguf(tmp_path / "g.gguf", hf_dir)
+    kw = {"quant": "f32", "resident_quant": "f32"}
+    a = json.loads((convert_checkpoint(hf_dir, tmp_path / "hf", **kw) / "manifest.json").read_text())
+    store = convert_checkpoint(path, tmp_path / "gguf", tokenizer_dir=hf_dir, **kw)
+    b = json.loads((store / "manifest.json").read_text())
+    # a GGUF cannot say query_pre_attn_scalar (llama.cpp takes head_dim; the fixture's is 24), nor token ids
+    differ = {"query_scale", "bos_token_id", "eos_token_ids"}
+    assert {k: v for k, v in a["model_config"].items() if k not in differ} == \
+           {k: v for k, v in b["model_config"].items() if k not in differ}
+    golden = np.load(hf_dir / "golden.npz")
+    with Engine.open(store) as engine:
+        engine.model.args = dataclasses.replace(engine.model.args, query_scale=a["model_config"]["query_scale"])
+        np.testing.assert_allclose(engine.logits(golden["prompt_ids"].tolist()), golden["logits"], atol=1e-3, rtol=0)
+
+
 def test_q8_0_gguf_matches_its_dequantized_weights_and_stays_close_to_f32(tmp_path, tiny):
     """A Q8_0 GGUF converted to an f32 store runs exactly the Q8_0-rounded weights, and those
     stay as close to the f16 checkpoint as our own q8 does. Measured on SEQS (3 x 48 tokens,
@@ -341,8 +388,8 @@ def test_unknown_tokenizer_asks_for_tokenizer_dir(tmp_path):
     path = _tokenizer_gguf(tmp_path / "bert.gguf", "bert", ["[PAD]", "a"], [3, 1])
     with GGUFCheckpoint.open(path) as ckpt, pytest.raises(CheckpointError, match="'bert'.*--tokenizer DIR"):
         ckpt.tokenizer_files()
-    path = _tokenizer_gguf(tmp_path / "pre.gguf", "gpt2", ["a", "b"], [1, 1], tokenizer_pre="qwen2")
-    with GGUFCheckpoint.open(path) as ckpt, pytest.raises(CheckpointError, match="'qwen2'.*--tokenizer DIR"):
+    path = _tokenizer_gguf(tmp_path / "pre.gguf", "gpt2", ["a", "b"], [1, 1], tokenizer_pre="no-such-pre")
+    with GGUFCheckpoint.open(path) as ckpt, pytest.raises(CheckpointError, match="'no-such-pre'.*--tokenizer DIR"):
         ckpt.tokenizer_files()
 
 
@@ -398,7 +445,7 @@ def test_unsupported_tensor_type(tmp_path, tiny, capsys):
 def test_unsupported_architecture(tmp_path, tiny, capsys):
     path = _write_gguf(tmp_path / "q.gguf", tiny[0], Q.F16, arch="falcon")
     err = _cli_error(capsys, "convert", str(path), str(tmp_path / "out"))
-    assert "q.gguf: GGUF architecture 'falcon' is not supported (supported: llama, qwen2)" in err
+    assert "q.gguf: GGUF architecture 'falcon' is not supported (supported: llama, qwen2, gemma3)" in err
     _assert_nothing_written(tmp_path / "out")
 
 

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from flashinfer.arch import llama, opt, qwen2
+from flashinfer.arch import gemma3, llama, opt, qwen2
 from flashinfer.errors import UnsupportedArchitectureError
 
-FAMILIES: dict[str, ModuleType] = {"llama": llama, "opt": opt, "qwen2": qwen2}
+FAMILIES: dict[str, ModuleType] = {"llama": llama, "opt": opt, "qwen2": qwen2, "gemma3": gemma3}
 _BY_MODEL_TYPE = {mt: mod for mod in FAMILIES.values() for mt in mod.MODEL_TYPES}
 
 

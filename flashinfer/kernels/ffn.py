@@ -21,6 +21,8 @@ from .matmul import _dot, linear, matmul2, unpacks_rows
 
 ACT_SILU = 0
 ACT_RELU = 1
+ACT_GELU_TANH = 2  # GELU, tanh approximation (Gemma's gelu_pytorch_tanh)
+ACTS = {"silu": ACT_SILU, "relu": ACT_RELU, "gelu_tanh": ACT_GELU_TANH}  # ModelArgs.act -> kernel code
 EMPTY_BIAS = np.zeros(0, np.float32)  # the gate bias, once added by the caller
 # Neurons ahead whose bundle rows are prefetched (flashinfer/kernels/simd.py, prefetch_lines):
 # the dot over strided rows went 1.9 -> 1.2 ms for 2867 q8 rows of 4096 with 4 ahead.
@@ -31,7 +33,19 @@ PREFETCH_AHEAD = 2
 def _activate(v, act):
     if act == ACT_SILU:
         return silu(v)
+    if act == ACT_GELU_TANH:
+        return gelu_tanh(v)
     return max(v, np.float32(0.0))
+
+
+@njit(fastmath=FAST)
+def gelu_tanh(v):
+    """0.5 v (1 + tanh(sqrt(2/pi) (v + 0.044715 v^3))), torch's approximate="tanh"; tanh through
+    exp of -2|y| in (0, 1] (attention.exp_nonpositive), as silu."""
+    y = np.float32(0.7978845608028654) * (v + np.float32(0.044715) * v * v * v)
+    e = exp_nonpositive(np.float32(-2.0) * abs(y))
+    t = (np.float32(1.0) - e) / (np.float32(1.0) + e)
+    return np.float32(0.5) * v * (np.float32(1.0) + (t if y >= 0 else -t))
 
 
 @njit(fastmath=FAST)
@@ -104,7 +118,7 @@ def _ffn_rows_int(prep, lo, hi, up, up_s, up_m, gate, gate_s, gate_m, down, down
     n_queued = np.zeros(n_tokens, np.int64)
     decider, dec_s, dec_m = (gate, gate_s, gate_m) if gated else (up, up_s, up_m)
     dec_ws, dec_wm = (gate_ws, gate_wm) if gated else (up_ws, up_wm)
-    every_neuron = act == ACT_SILU  # SiLU: every neuron is active, its whole bundle is read
+    every_neuron = act != ACT_RELU  # SiLU, GELU: every neuron is active, its whole bundle is read
     zeros4 = (np.float32(0.0), np.float32(0.0), np.float32(0.0), np.float32(0.0))
     # a chunk's dots of the group with every token (int_rows_dots), for the tokens' loop below
     dec_vals = np.empty((n_tokens if n_tokens > 1 else 0, ROWS_PER_PASS), np.float32)
@@ -294,15 +308,10 @@ def ffn_down_rows(x, up, up_b, gate, gate_b, down, act, u, h, out):
 
 @njit(cache=True, nogil=True, fastmath=FAST)
 def gated_act(gate, up, act):
-    """gate <- act(gate) * up (SwiGLU-style FFN), act ACT_SILU or ACT_RELU."""
+    """gate <- act(gate) * up (SwiGLU / GeGLU FFN), act one of ACTS."""
     for t in range(gate.shape[0]):
         for i in range(gate.shape[1]):
-            g = gate[t, i]
-            if act == ACT_SILU:
-                g = silu(g)
-            else:
-                g = max(g, np.float32(0.0))
-            gate[t, i] = g * up[t, i]
+            gate[t, i] = _activate(gate[t, i], act) * up[t, i]
 
 
 @njit(cache=True, nogil=True, fastmath=FAST)
