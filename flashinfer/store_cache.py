@@ -109,7 +109,8 @@ def store_for(source: str | Path, store: str | Path | None = None, options: Conv
     from storage.format import MANIFEST
 
     if (target / MANIFEST).is_file():
-        _check_same_source(target, source)
+        if store is not None:  # a cache entry is keyed by its source already
+            _check_same_source(target, source)
         return target
     _check_writable(target.parent, explicit=store is not None)
     with _lock(target):
@@ -123,7 +124,7 @@ def store_for(source: str | Path, store: str | Path | None = None, options: Conv
         from flashinfer.convert import convert_checkpoint
 
         t0 = time.perf_counter()
-        convert_checkpoint(source, target, quant=options.quant, resident_quant=options.resident_quant,
+        convert_checkpoint(source.resolve(), target, quant=options.quant, resident_quant=options.resident_quant,
                            group_size=options.group_size, compression=options.compression,
                            ffn_down=options.ffn_down, progress=progress)
         if notify is not None:
@@ -139,7 +140,13 @@ def _check_same_source(store: Path, source: Path) -> None:
         recorded = json.loads((store / MANIFEST).read_text()).get("source")
     except (OSError, ValueError, AttributeError):
         return  # the reader says what is wrong with the manifest when it opens the store
-    if isinstance(recorded, str) and Path(recorded).resolve() != source.resolve():
+    if not isinstance(recorded, str):
+        return
+    recorded_path = Path(recorded)
+    # the manifest holds the path as the converting command was given it: relative to a cwd we do not know
+    same = recorded_path.resolve() == source.resolve() if recorded_path.is_absolute() else \
+        recorded_path.name == source.resolve().name
+    if not same:
         raise ModelPathError(f"{store}: holds the store of {recorded}, not of {source}; pass another --store DIR "
                              "(or remove that one)")
 

@@ -26,6 +26,7 @@ def child(cfg: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # ~24 s cold: a child process compiling its own kernels; the suite's 10-minute bound
 def test_child_reports_what_the_table_needs_and_oracle_agrees_with_dense(store):
     base = {"store": str(store), "prompt_ids": [1, 5, 9, 13, 17], "tokens": 6, "ctx": 32, "dram": "2GB"}
     dense = child(base | {"predictor": "dense", "stream_ffn": True})

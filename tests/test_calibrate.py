@@ -45,6 +45,7 @@ def _decode_logits(engine, ids) -> np.ndarray:
     return np.stack([engine.model.forward(np.array([t])).copy() for t in ids])
 
 
+@pytest.mark.slow  # ~37 s cold, mostly compiling the sparse q8 path; the suite's 10-minute bound
 def test_lowrank_engine_close_to_dense(calibrated):
     store, _, text = calibrated
     with Engine.open(store) as dense, Engine.open(store, predictor="lowrank", window=3) as sparse:

@@ -36,7 +36,7 @@ def test_oracle_equals_dense_for_relu_models(stores, name, window, threads, pref
             assert 0 < ffn.stats.prefetch_used <= ffn.stats.prefetched
 
 
-@pytest.mark.parametrize("name", ["relu_llama", "opt"])
+@pytest.mark.parametrize("name", ["relu_llama", pytest.param("opt", marks=pytest.mark.slow)])  # opt: ~25 s cold
 def test_oracle_tracks_dense_on_q8(stores, name):  # noqa: F811
     ids = load_golden(name)["prompt_ids"].tolist()
     store = stores(name, "q8", "q8")

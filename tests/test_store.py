@@ -280,7 +280,7 @@ def test_cli_convert_check_run(tmp_path, capsys):
 @pytest.mark.parametrize("name,down,ffn,resident", [
     ("mistral", "rows", "q4a", "q4"), ("mistral", "columns", "q4a", "q4"),
     ("relu_llama", "auto", "q8", "q8"), ("relu_llama", "auto", "q4a", "q4"), ("opt", "auto", "q8", "q8"),
-    ("opt", "auto", "q4a", "q4")])
+    pytest.param("opt", "auto", "q4a", "q4", marks=pytest.mark.slow)])  # ~34 s cold compile; opt q8 stays
 def test_fused_decode_step_equals_the_per_kernel_path(stores, name, down, ffn, resident):
     # kernels.decode_layer (a decode step of a block as one compiled call, used once a block's
     # FFN is resident) gives the logits of model.py's per-kernel path, token by token

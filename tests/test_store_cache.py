@@ -60,6 +60,14 @@ def test_store_dir_is_used_and_another_models_store_is_refused(tiny_gguf, tmp_pa
         store_for(out, tmp_path / "other")
 
 
+def test_a_store_made_from_a_relative_path_is_found_from_another_directory(tiny_gguf, tmp_path, monkeypatch):
+    monkeypatch.chdir(tiny_gguf.parent)
+    out = store_for(tiny_gguf.name, tmp_path / "st")
+    assert json.loads((out / "manifest.json").read_text())["source"] == str(tiny_gguf.resolve())
+    monkeypatch.chdir(tmp_path)
+    assert store_for(tiny_gguf, "st") == out.relative_to(tmp_path)  # the same model: reused, not refused
+
+
 def test_an_unwritable_cache_is_one_clear_line(tiny_gguf, tmp_path, monkeypatch, capsys):
     (tmp_path / "file").write_text("not a directory")
     monkeypatch.setenv("FLASHINFER_CACHE", str(tmp_path / "file" / "cache"))
