@@ -49,12 +49,8 @@ def _logits(path: Path) -> list[np.ndarray]:
         return [engine.logits(ids) for ids in SEQS]
 
 
-def _write_gguf(path: Path, hf_dir: Path, qtype=Q.Q8_0, *, arch: str = "llama", odd: dict | None = None,
-                rope_freqs: np.ndarray | None = None, act_key: bool = True, skip: tuple = ()) -> Path:
-    """hf_dir's weights as a GGUF without tokenizer metadata: matrices in `qtype`, norms F32,
-    `odd` = {gguf tensor name: (type, raw uint8 rows)} replacing some tensors' data, the
-    HF names in `skip` left out, flashinfer.hidden_act written if `act_key`."""
-    cfg = json.loads((hf_dir / "config.json").read_text())
+def _gguf_writer(path: Path, arch: str, cfg: dict):
+    """A GGUFWriter with an HF config's shape keys (as convert_hf_to_gguf.py writes them)."""
     w = gguf.GGUFWriter(path, arch)
     w.add_context_length(cfg["max_position_embeddings"])
     w.add_embedding_length(cfg["hidden_size"])
@@ -62,8 +58,18 @@ def _write_gguf(path: Path, hf_dir: Path, qtype=Q.Q8_0, *, arch: str = "llama", 
     w.add_feed_forward_length(cfg["intermediate_size"])
     w.add_head_count(cfg["num_attention_heads"])
     w.add_head_count_kv(cfg["num_key_value_heads"])
-    w.add_rope_freq_base(cfg.get("rope_theta") or cfg["rope_parameters"]["rope_theta"])
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    return w
+
+
+def _write_gguf(path: Path, hf_dir: Path, qtype=Q.Q8_0, *, arch: str = "llama", odd: dict | None = None,
+                rope_freqs: np.ndarray | None = None, act_key: bool = True, skip: tuple = ()) -> Path:
+    """hf_dir's weights as a GGUF without tokenizer metadata: matrices in `qtype`, norms F32,
+    `odd` = {gguf tensor name: (type, raw uint8 rows)} replacing some tensors' data, the
+    HF names in `skip` left out, flashinfer.hidden_act written if `act_key`."""
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    w = _gguf_writer(path, arch, cfg)
+    w.add_rope_freq_base(cfg.get("rope_theta") or cfg["rope_parameters"]["rope_theta"])
     if act_key:
         w.add_string(FLASHINFER_ACT_KEY, cfg["hidden_act"])
     ckpt = Checkpoint.open(hf_dir)
@@ -210,17 +216,10 @@ def test_a_qwen2_gguf_makes_the_store_of_its_hf_checkpoint(tmp_path):
 def _gemma3_gguf(path: Path, hf_dir: Path) -> Path:
     """hf_dir's Gemma 3 weights as llama.cpp's converter writes them: its names, every norm + 1."""
     cfg = json.loads((hf_dir / "config.json").read_text())
-    w = gguf.GGUFWriter(path, "gemma3")
-    w.add_context_length(cfg["max_position_embeddings"])
-    w.add_embedding_length(cfg["hidden_size"])
-    w.add_block_count(cfg["num_hidden_layers"])
-    w.add_feed_forward_length(cfg["intermediate_size"])
-    w.add_head_count(cfg["num_attention_heads"])
-    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w = _gguf_writer(path, "gemma3", cfg)
     w.add_key_length(cfg["head_dim"])
     w.add_value_length(cfg["head_dim"])
     w.add_rope_freq_base(cfg["rope_parameters"]["full_attention"]["rope_theta"])
-    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     w.add_sliding_window(cfg["sliding_window"])
     w.add_uint32("gemma3.attention.sliding_window_pattern", 2)  # the fixture: sliding, then global
     with Checkpoint.open(hf_dir) as ckpt:

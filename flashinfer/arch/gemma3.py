@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 
+from flashinfer.arch import llama
 from flashinfer.errors import UnsupportedArchitectureError
 
 MODEL_TYPES = ("gemma3_text",)
@@ -104,18 +105,8 @@ def args_from_hf_config(cfg: dict, source: str) -> dict:
 
 
 def weight_names(args) -> dict[str, str]:
-    names = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
-    if not args.tie_embeddings:
-        names["lm_head.weight"] = "lm_head.weight"
-    for i in range(args.n_layers):
-        for ours, theirs in _LAYER_MAP.items():
-            names[f"layers.{i}.{ours}"] = f"model.layers.{i}.{theirs}"
-    return names
+    return llama.names_with_layers(args, _LAYER_MAP)
 
 
-def normalize_hf_name(name: str) -> str:
-    return name
-
-
-def ignored_names(args, hf_names: set[str]) -> set[str]:
-    return {"lm_head.weight"} & hf_names if args.tie_embeddings else set()
+normalize_hf_name = llama.normalize_hf_name
+ignored_names = llama.ignored_names

@@ -96,14 +96,20 @@ def args_from_hf_config(cfg: dict, source: str) -> dict:
 
 
 def weight_names(args) -> dict[str, str]:
-    names = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
-    if not args.tie_embeddings:
-        names["lm_head.weight"] = "lm_head.weight"
     layer_map = dict(_LAYER_MAP)
     if args.attn_bias:
         layer_map |= _ATTN_BIAS
     if args.ffn_bias:
         layer_map |= _FFN_BIAS
+    return names_with_layers(args, layer_map)
+
+
+def names_with_layers(args, layer_map: dict[str, str]) -> dict[str, str]:
+    """Canonical -> HF names of a `model.layers.{i}.` checkpoint (Llama's layout, which Qwen2 and
+    Gemma 3 share): embeddings, final norm, lm_head unless tied, and `layer_map` per layer."""
+    names = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
+    if not args.tie_embeddings:
+        names["lm_head.weight"] = "lm_head.weight"
     for i in range(args.n_layers):
         for ours, theirs in layer_map.items():
             names[f"layers.{i}.{ours}"] = f"model.layers.{i}.{theirs}"
