@@ -101,4 +101,3 @@ def _listed_sha256(wheel: Path, name: str) -> str:
         if listed.strip() == name:
             return digest
     raise FlashinferError(f"{wheel}: lists no SHA256 for {name}")
-
