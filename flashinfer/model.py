@@ -78,8 +78,6 @@ class Model:
         self.weights = weights
         self.ctx = ctx
         self.state = RunState(args, ctx, chunk)
-        self.inv_freq = args.rope_inv_freq()
-        self.window = args.sliding_window or 0
         # per layer (Gemma 3 interleaves sliding-window layers, with their own RoPE base, between global ones)
         self.layer_windows = [args.layer_window(i) for i in range(args.n_layers)]
         self.layer_inv_freq = [args.layer_inv_freq(i) for i in range(args.n_layers)]
@@ -94,8 +92,8 @@ class Model:
         # FFN is resident: pre-norm blocks whose attention matrices the numba kernels take
         # (float32 ones go through BLAS, which compiled code cannot call without SciPy).
         # Gemma 3's extra norms, scales and per-layer windows are not in that call: its blocks take the path below
-        gemma = args.qk_norm or args.sandwich_norm or bool(args.layer_windows) or args.query_scale != 1.0
-        self.fused_decode = args.norm_before and hasattr(flash_ffn, "resident_views") and not gemma
+        beyond_the_call = args.qk_norm or args.sandwich_norm or bool(args.layer_windows) or args.query_scale != 1.0
+        self.fused_decode = args.norm_before and hasattr(flash_ffn, "resident_views") and not beyond_the_call
         self._fusable = [self.fused_decode and all(m.data.dtype != np.float32 for m in (l.wq, l.wk, l.wv, l.wo))
                          for l in weights.layers]
         self._fused_operands: list[tuple | None] = [None] * args.n_layers  # _block_operands, once resident
@@ -214,9 +212,9 @@ class Model:
         most of the 13 us of Python a block cost."""
         a, s, ffn = self.args, self.state, self.flash_ffn
         before = (s.x[:1], s.xb[:1], s.q[:1], s.k[:1], s.attn[:1], s.block_out[:1], s.k_cache_t[i], s.v_cache[i])
-        after = (s.positions, self.inv_freq, a.norm == "rms", a.norm_eps, layer.attn_norm_w, layer.attn_norm_b,
+        after = (s.positions, self.layer_inv_freq[i], a.norm == "rms", a.norm_eps, layer.attn_norm_w, layer.attn_norm_b,
                  layer.ffn_norm_w, layer.ffn_norm_b, layer.wq, layer.bq, layer.wk, layer.bk, layer.wv, layer.bv,
-                 layer.wo, layer.bo, a.positional == "rope", a.head_dim, a.n_kv_heads, self.window, s.scores, views,
+                 layer.wo, layer.bo, a.positional == "rope", a.head_dim, a.n_kv_heads, self.layer_windows[i], s.scores, views,
                  ffn.layers[i].n_neurons, self.act, ffn.runs_parallel(i, a.dim), ffn.partial.get(1), layer.b_down,
                  self._shared_qkv[i], s.up, s.hidden)
         return before, after
