@@ -152,7 +152,7 @@ def convert_checkpoint(model_path: str | Path, out_dir: str | Path, *, quant: st
     """Write the store for the model at `model_path` to `out_dir`; returns out_dir.
 
     `model_path` is a Hugging Face model directory or a llama.cpp GGUF file (architecture
-    "llama" or "qwen2"; see convert_gguf). `quant` / `resident_quant`: a scheme of storage/quant.py, or
+    "llama", "qwen2" or "gemma3"; see convert_gguf). `quant` / `resident_quant`: a scheme of storage/quant.py, or
     "auto" (see AUTO: a GGUF's exact blocks kept, else q4 FFN / q8 resident). `tokenizer_dir`,
     if given, holds the tokenizer.json (and optionally tokenizer_config.json) to store instead
     of the model's own. `ffn_down`: where W_down goes (FFN_DOWN_LAYOUTS)."""
@@ -178,15 +178,15 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, quant: str = AUT
                  resident_quant: str = AUTO, group_size: int = DEFAULT_GROUP_SIZE,
                  compression: str = "none", overwrite: bool = False, progress=None,
                  tokenizer_dir: str | Path | None = None, ffn_down: str = AUTO) -> Path:
-    """Write the store for a llama.cpp GGUF file (architecture "llama" or "qwen2", tensors F32, F16,
+    """Write the store for a llama.cpp GGUF file (architecture "llama", "qwen2" or "gemma3", tensors F32, F16,
     BF16, Q8_0 or another type in storage.gguf.SUPPORTED_TYPES) to `out_dir`.
 
     Q8_0, Q4_0, Q4_1, Q4_K, F16 and F32 tensors keep their exact blocks when their store scheme
     is the one asked for ("auto", the default, asks for it; see AUTO); other tensors are
     dequantized to float32 a block at a time and quantized to `quant` / `resident_quant`
     (for "auto": q8 for Q5/Q6 blocks, else q4 FFN, q8 resident). The config comes
-    from the llama.* metadata (FFN activation SiLU, as llama.cpp runs every llama model,
-    unless the file says `flashinfer.hidden_act`); the tokenizer from `tokenizer_dir` if
+    from the <architecture>.* metadata (storage.gguf.GGUFCheckpoint.hf_config; a llama file's
+    FFN is SiLU, as llama.cpp runs it, unless it says `flashinfer.hidden_act`); the tokenizer from `tokenizer_dir` if
     given, else rebuilt from tokenizer.ggml.* (storage.gguf.GGUFCheckpoint.tokenizer_files).
     """
     from storage.gguf import GGUFCheckpoint

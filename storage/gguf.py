@@ -1,4 +1,4 @@
-"""Reading a llama.cpp GGUF file (architecture "llama" or "qwen2") as a Hugging Face checkpoint.
+"""Reading a llama.cpp GGUF file (architecture "llama", "qwen2" or "gemma3") as a Hugging Face checkpoint.
 
 The converter (flashinfer/convert.py) needs three things from a model file: its config,
 its tensors under HF names as float32 blocks, and its tokenizer. `GGUFCheckpoint` gives
@@ -557,7 +557,8 @@ class GGUFCheckpoint:
         return {
             "architectures": [HF_ARCHITECTURES[a]], "model_type": "gemma3_text", "hidden_size": dim,
             "num_hidden_layers": n_layers, "intermediate_size": int(self._need(f"{a}.feed_forward_length")),
-            "num_attention_heads": n_heads, "num_key_value_heads": int(self.meta(f"{a}.attention.head_count_kv", n_heads)),
+            "num_attention_heads": n_heads,
+            "num_key_value_heads": int(self.meta(f"{a}.attention.head_count_kv", n_heads)),
             "head_dim": self.head_dim, "max_position_embeddings": int(self.meta(f"{a}.context_length", 131_072)),
             "rms_norm_eps": _f32(self.meta(f"{a}.attention.layer_norm_rms_epsilon", 1e-6)),
             "rope_parameters": {"full_attention": full,
