@@ -508,9 +508,7 @@ class GGUFCheckpoint:
             vocab = self.tensors["model.embed_tokens.weight"].shape[0]
         else:
             raise CheckpointError(f"{self.path}: no token list and no token_embd.weight: cannot tell the vocab size")
-        # llama.cpp ends generation at any of these (Llama 3 instruct: <|eot_id|>)
-        eos = [self.meta(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
-        eos = list(dict.fromkeys(i for i in eos if i is not None))
+        eos = self._end_token_ids()
         act = self.meta(FLASHINFER_ACT_KEY, "silu")  # llama.cpp's llama graph: always SiLU
         if a == "gemma3":
             return self._gemma3_config(vocab, eos)
@@ -536,6 +534,12 @@ class GGUFCheckpoint:
             "bos_token_id": self.meta("tokenizer.ggml.bos_token_id"),
             "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
         }
+
+    def _end_token_ids(self) -> list:
+        """The EOS, EOT and EOM ids the metadata names, in that order, once each: llama.cpp ends
+        generation at any of them (Llama 3 instruct: <|eot_id|>)."""
+        ids = [self.meta(f"tokenizer.ggml.{key}_token_id") for key in ("eos", "eot", "eom")]
+        return list(dict.fromkeys(i for i in ids if i is not None))
 
     def _gemma3_config(self, vocab: int, eos: list[int]) -> dict:
         """Gemma3ForCausalLM's config.json (model_type gemma3_text) from gemma3.* metadata, with what
@@ -746,8 +750,7 @@ class GGUFCheckpoint:
         (a chat model's <|im_end|> ends its turn while its EOS may be <|endoftext|>)."""
         tokens = self.meta("tokenizer.ggml.tokens") or []
         types = self.meta("tokenizer.ggml.token_type") or []
-        ids = {self.meta(f"tokenizer.ggml.{key}_token_id") for key in ("eos", "eot", "eom")}
-        ids = {i for i in ids if isinstance(i, int) and 0 <= i < len(tokens)}
+        ids = {i for i in self._end_token_ids() if isinstance(i, int) and 0 <= i < len(tokens)}
         ids |= {i for i, (text, kind) in enumerate(zip(tokens, types)) if kind == TOKEN_CONTROL and text in END_OF_TURN}
         return {"eos_token_id": sorted(ids)} if ids else {}
 
