@@ -43,9 +43,9 @@ class GenerationConfig:
 
 
 def _eos_ids(value, file: Path) -> tuple[int, ...]:
-    ids = [value] if is_int(value) else value
     if value is None:
         return ()
+    ids = [value] if is_int(value) else value
     if not isinstance(ids, list) or not all(is_int(i) and i >= 0 for i in ids):
         raise ConfigError(f"{file}: eos_token_id must be a token id or a list of them, got {value!r}")
     return tuple(int(i) for i in ids)
