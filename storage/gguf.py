@@ -55,8 +55,10 @@ SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
 SUPPORTED_TOKENIZERS = ("gpt2", "llama")
 # GGUF tensor types whose values a store scheme holds exactly (storage/quant.py: the same
 # dequantization formula on the same codes and f16 scales, only the nibble order differs):
-# converting keeps their codes instead of rounding the dequantized weights a second time
-KEPT_SCHEMES = {"F32": "f32", "F16": "f16", "Q8_0": "q8", "Q4_0": "q4", "Q4_1": "q4a", "Q4_K": "q4k"}
+# converting keeps their codes instead of rounding the dequantized weights a second time.
+# Q5_0 ((q - 16) * d, q of 5 bits, one f16 d per 32) is q8's formula with codes in -16..15: exact
+# in q8 (8.5 bits a weight against the file's 5.5), no second rounding
+KEPT_SCHEMES = {"F32": "f32", "F16": "f16", "Q8_0": "q8", "Q5_0": "q8", "Q4_0": "q4", "Q4_1": "q4a", "Q4_K": "q4k"}
 MORE_THAN_4_BITS = ("Q5_0", "Q5_1", "Q5_K", "Q6_K")
 Q4_K_BLOCK_BYTES = 144  # d, dmin (f16), 12 bytes of 6-bit scales and mins, 128 bytes of nibbles
 
@@ -308,6 +310,15 @@ def q4k_from_ggml_blocks(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np
     values = np.concatenate([qs & 0x0F, qs >> 4], axis=3).reshape(rows, n_super * quant.SUPER_BLOCK)
     return (quant.pack_nibbles(values), np.concatenate([sc.reshape(rows, -1), d.reshape(rows, -1)], axis=1),
             np.concatenate([m.reshape(rows, -1), dmin.reshape(rows, -1)], axis=1))
+
+
+def q5_0_codes(blocks: np.ndarray) -> np.ndarray:
+    """The signed codes q - 16 (int8, -16..15) of ggml Q5_0 blocks [..., 22 bytes]: f16 d, 4 bytes
+    of high bits (bit j of element j, little-endian), 16 bytes of low nibbles (element j in byte j's
+    low nibble, element j + 16 in its high one), as ggml's dequantize_row_q5_0 reads them."""
+    high = np.unpackbits(blocks[..., 2:6], axis=-1, bitorder="little")  # [..., 32]: bit j = element j
+    low = np.concatenate([blocks[..., 6:22] & 0x0F, blocks[..., 6:22] >> 4], axis=-1)
+    return ((low | (high << 4)).astype(np.int16) - 16).astype(np.int8)
 
 
 def q4k_to_ggml_blocks(qt) -> np.ndarray:
@@ -634,9 +645,9 @@ class GGUFCheckpoint:
     def rows_quantized(self, name: str, rows: slice | None = None):
         """Rows of 2-D tensor `name` (HF orientation, q/k un-permuted) as a storage.quant
         QuantizedTensor in kept_scheme(name), bit for bit the file's values: Q8_0 blocks are q8
-        (the same int8 codes and f16 scale), Q4_K blocks q4k (q4k_from_ggml_blocks), Q4_0 blocks
-        q4 and Q4_1 blocks q4a (the same nibbles,
-        scales and mins; ggml puts element j and j+16 in byte j, the store 2j and 2j+1)."""
+        (the same int8 codes and f16 scale), Q5_0 blocks q8 too (q5_0_codes), Q4_K blocks q4k
+        (q4k_from_ggml_blocks), Q4_0 blocks q4 and Q4_1 blocks q4a (the same nibbles, scales and
+        mins; ggml puts element j and j+16 in byte j, the store 2j and 2j+1)."""
         from storage import quant
 
         t = self.tensors[name]
@@ -655,6 +666,8 @@ class GGUFCheckpoint:
             return quant.QuantizedTensor("q4k", 32, (n, n_cols), data, scales, mins)
         blocks = np.ascontiguousarray(picked).reshape(n, n_cols // 32, t.block_bytes)
         scales = blocks[:, :, 0:2].copy().view("<f2")[:, :, 0]
+        if t.type_name == "Q5_0":
+            return quant.QuantizedTensor("q8", 32, (n, n_cols), q5_0_codes(blocks).reshape(n, n_cols), scales, None)
         if scheme == "q8":
             codes = blocks[:, :, 2:].copy().view(np.int8).reshape(n, n_cols)
             return quant.QuantizedTensor("q8", 32, (n, n_cols), codes, scales, None)

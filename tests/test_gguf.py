@@ -562,6 +562,27 @@ def test_q4k_dequantizes_as_gguf_py_and_round_trips_ggml_blocks():
         quant.quantize(w[:, :320], "q4k")
 
 
+def test_q5_0_blocks_are_kept_exactly_as_q8_codes(tmp_path, tiny):
+    """Q5_0 is (q - 16) * d with one f16 d per 32 (a Q4_K_M file's 640-wide Gemma rows): q8
+    holds it with codes -16..15 and the same d, so every weight equals gguf-py's dequantization."""
+    hf_dir = tiny[0]
+    path = _write_gguf(tmp_path / "q5.gguf", hf_dir, Q.Q5_0)
+    store = convert_checkpoint(path, tmp_path / "store", tokenizer_dir=hf_dir)
+    with GGUFCheckpoint.open(path) as ckpt, StoreReader(store) as reader:
+        for name, t in ckpt.tensors.items():
+            if len(t.shape) == 2:
+                assert ckpt.kept_scheme(name) == "q8"
+                qt = ckpt.rows_quantized(name, slice(1, 7))
+                assert np.abs(qt.data).max() <= 16
+                np.testing.assert_array_equal(quant.dequantize(qt), ckpt.rows_f32(name, rows=slice(1, 7)), err_msg=name)
+        spec = reader.manifest.ffn_layers[0]
+        bundles = reader.read_bundles(0, np.arange(spec.n_neurons))
+        c = spec.component("up")
+        qt = quant.rows_from_records(bundles[:, c.offset:c.offset + c.nbytes], c.scheme, c.length, c.group_size)
+        assert c.scheme == "q8"
+        np.testing.assert_array_equal(quant.dequantize(qt), ckpt.rows_f32("model.layers.0.mlp.up_proj.weight"))
+
+
 def test_blocks_of_more_than_4_bits_fall_back_to_q8_not_q4(tmp_path, tiny):
     # a Q4_K_M file keeps some ffn_down / attn_v in Q6_K, which no scheme holds exactly: --quant
     # auto rounds them onto q8's finer grid, not q4's coarser one
