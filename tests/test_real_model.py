@@ -14,7 +14,9 @@ Greedy agreement is checked teacher-forced: the model runs over llama.cpp's own 
 at every position its logits are compared with llama.cpp's five best. Both runtimes round
 activations to 8-bit blocks, but llama.cpp keeps its KV cache in f16 and rounds in another
 order; measured (2026-12-02), flashinfer's argmax differs from llama.cpp's only where llama.cpp's
-two best are within 0.15 of each other (SmolLM2: 0.11, Gemma: 0.14). A free-running comparison
+two best are close: within 0.15 on an Intel Xeon (SmolLM2: 0.11, Gemma: 0.14), within 0.31 on an
+AMD EPYC (SmolLM2; the same code: float sums in another order turn a last bit into another int8
+code of the next layer's activations now and then). A free-running comparison
 would diverge for good at the first such near-tie, so the test checks: the argmax is llama.cpp's
 wherever its margin exceeds NEAR_TIE, and the logits stay within the measured gaps (with room).
 """
@@ -33,7 +35,8 @@ from flashinfer.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCES = ROOT / "tests" / "fixtures" / "real_models"
-NEAR_TIE = 0.25  # logits between llama.cpp's two best below which the argmax may differ (measured: <= 0.15)
+NEAR_TIE = 0.4  # logits between llama.cpp's two best below which the argmax may differ (measured: <= 0.31)
+AGREE = 0.85  # share of positions whose argmax is llama.cpp's (measured: >= 0.875 per sequence)
 # |our logit - llama.cpp's| over its top 5, mean and max per sequence: measured SmolLM2 <= 0.18 and 1.02
 # (the file's own blocks), Gemma <= 0.36 and 0.96 (Q5_0 kept exactly, Q6_K re-quantized to q8; 0.33 and
 # 1.26 with Q5_0 re-quantized too)
@@ -113,7 +116,7 @@ def test_greedy_tokens_follow_llama_cpp_on_the_same_file(engine, name, case):
     mean_gap, max_gap = GAPS[name]
     assert np.mean(gaps) < mean_gap and max(gaps) < max_gap, (np.mean(gaps), max(gaps))
     agree = np.mean([int(np.argmax(logits[i])) == top[0][0] for i, top in enumerate(case["top"])])
-    assert agree >= 0.9
+    assert agree >= AGREE
 
 
 def test_the_capital_of_france(engine):
