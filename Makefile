@@ -56,7 +56,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q -m "slow or not slow"
+	FLASHINFER_HYPOTHESIS_PROFILE=thorough $(PY) -m pytest -q -m "slow or not slow"
 
 # The end-to-end benchmark (bench/run.py): llama-cpp-python compiles llama.cpp on first
 # install (~12 min on 2 cores). `bench` builds the 7B store once (~30 min) and measures (~30 min);

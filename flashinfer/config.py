@@ -16,8 +16,13 @@ from pathlib import Path
 import numpy as np
 
 from flashinfer.errors import ConfigError, ModelPathError, UnsupportedArchitectureError
+from storage import schema
 
 ACTIVATIONS = ("silu", "relu", "gelu_tanh")  # gelu_tanh: GELU with the tanh approximation (Gemma)
+# Upper bounds no real model comes near (the largest open models: ~130 layers, dim 16-25k, vocab
+# 262k, 128k-token contexts): a damaged config is refused here, before arrays are sized from it
+LIMITS = {"vocab_size": 1 << 24, "dim": 1 << 17, "n_layers": 1 << 12, "n_heads": 1 << 12, "n_kv_heads": 1 << 12,
+          "head_dim": 1 << 12, "ffn_dim": 1 << 20, "max_seq_len": 1 << 24}
 
 
 def read_json_object(path: Path) -> dict:
@@ -99,6 +104,8 @@ class ModelArgs:
         from flashinfer.arch import arch_for_model_type
 
         model_type = cfg.get("model_type")
+        if model_type is not None and not isinstance(model_type, str):
+            raise ConfigError(f"{source}: model_type must be a string, got {model_type!r}")
         if not model_type:
             raise ConfigError(f"{source}: no 'model_type' key; is this a Hugging Face config.json?")
         arch = arch_for_model_type(model_type, source)
@@ -134,11 +141,18 @@ class ModelArgs:
         return cls(**d)
 
     def validate(self, source: str = "config") -> None:
+        try:
+            self._check_types()
+        except schema.SchemaError as e:
+            raise ConfigError(f"{source}: {e}") from None
         positive = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "max_seq_len")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{source}: {name} must be a positive integer, got {value!r}")
+            if value > LIMITS[name]:
+                raise ConfigError(f"{source}: {name} = {value} is beyond any model flashinfer runs (at most "
+                                  f"{LIMITS[name]}); the config is damaged")
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(
                 f"{source}: num_attention_heads ({self.n_heads}) is not a multiple of "
@@ -156,6 +170,39 @@ class ModelArgs:
                                    or any(not isinstance(w, int) or w < 0 for w in self.layer_windows)):
             raise ConfigError(f"{source}: layer_types must give each of the {self.n_layers} layers a type, "
                               f"got windows {list(self.layer_windows)}")
+
+    def _check_types(self) -> None:
+        """Every field of the type its annotation says, finite where a float: a manifest's
+        model_config is read as it is, so a list where an int belongs stops here, not in numpy."""
+        from flashinfer.arch import FAMILIES
+
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), f.type
+            if kind.endswith(" | None"):
+                if value is None:
+                    continue
+                kind = kind[: -len(" | None")]
+            if kind == "tuple[int, ...]":
+                for i, v in enumerate(value):
+                    schema.integer(v, f"{f.name}[{i}]")
+            elif kind == "RopeScaling":
+                if not isinstance(value, RopeScaling):
+                    raise schema.SchemaError(f.name, f"must be a rope scaling object, got {value!r}")
+                schema.string(value.kind, f"{f.name}.kind")
+                for g in dataclasses.fields(value)[1:]:
+                    schema.number(getattr(value, g.name), f"{f.name}.{g.name}", positive=True)
+            else:
+                check = {"str": schema.string, "bool": schema.boolean, "float": schema.number,
+                         "int": lambda v, name: schema.integer(v, name, None)}[kind]
+                check(value, f.name)
+        schema.string(self.family, "family", tuple(FAMILIES))
+        schema.string(self.norm, "norm", ("rms", "layer"))
+        schema.string(self.positional, "positional", ("rope", "learned"))
+        schema.number(self.norm_eps, "norm_eps", positive=True)
+        schema.number(self.rope_theta, "rope_theta", positive=True)
+        if self.rope_local_theta is not None:
+            schema.number(self.rope_local_theta, "rope_local_theta", positive=True)
+        schema.integer(self.learned_pos_offset, "learned_pos_offset")
 
     def layer_window(self, layer: int) -> int:
         """The sliding window of `layer` in tokens, 0 for global attention."""

@@ -33,7 +33,7 @@ import psutil
 
 from flashinfer.config import ModelArgs
 from flashinfer.chat import Message
-from flashinfer.errors import EngineBusyError, EngineClosedError, GenerationError, ModelPathError
+from flashinfer.errors import EngineBusyError, EngineClosedError, FormatError, GenerationError, ModelPathError
 from flashinfer.generation_config import GenerationConfig
 from flashinfer.model import Model, RunState
 from flashinfer.sampling import check_seed, is_int, sample
@@ -186,7 +186,7 @@ class Engine:
     def _open_store(cls, path: Path, ctx, flash_bw, flash_latency, verify: bool, predictor: str,
                     window: int, dram, prefetch: bool, stream_ffn: bool = False) -> "Engine":
         from flashinfer.errors import ConfigError
-        from flashinfer.weights import load_store_weights
+        from flashinfer.weights import check_store_layout, load_store_weights
         from storage.reader import StoreReader
         from storage.throttle import Throttle
 
@@ -198,6 +198,7 @@ class Engine:
                 args.validate(str(path / "manifest.json"))
             except (TypeError, ValueError) as e:
                 raise ConfigError(f"{path / 'manifest.json'}: model_config does not describe a model ({e})") from None
+            check_store_layout(args, reader.manifest, str(path / "manifest.json"))
             tokenizer = cls._tokenizer_for(path, args)
             ctx = cls._check_ctx(args, ctx)
             flash_ffn, plan = cls._flash_ffn(reader, args, predictor, window, dram, ctx, prefetch, stream_ffn)
@@ -618,8 +619,6 @@ def _texts(responses: Iterator[Response]) -> Iterator[str]:
 def _load_calibrated(reader, kind: str):
     """The calibrated predictor `kind` ("lowrank" | "static") of a store, and the largest
     share of a layer's neurons it selects per token (what the DRAM planner sizes for)."""
-    import json
-
     from flashinfer.calibrate import LOWRANK_FILE, PREDICTOR_DIR, REPORT_FILE, STATIC_FILE
     from predictors.sparsity import LowRankPredictor, StaticPredictor
 
@@ -627,19 +626,33 @@ def _load_calibrated(reader, kind: str):
     if not path.is_file():
         raise GenerationError(f"{reader.dir}: no calibrated {kind} predictor ({PREDICTOR_DIR}/{path.name}); "
                               f"run `flashinfer calibrate {reader.dir} --text FILE` first")
+    neurons = [spec.n_neurons for spec in reader.manifest.ffn_layers]
     if kind == "static":
-        static = StaticPredictor.load(path)
-        neurons = [spec.n_neurons for spec in reader.manifest.ffn_layers]
+        static = StaticPredictor.load(path, layers=neurons)
         return static, max(len(h) / n for h, n in zip(static.hot_sets, neurons))
-    report_path = path.with_name(REPORT_FILE)
-    share = None
-    if report_path.is_file():
-        layers = json.loads(report_path.read_text())["layers"]
-        share = max(layer["fraction"] for layer in layers)
     from flashinfer.weights import kernel_product, q8_matrix
 
     # B in q8 (predictors/sparsity.py says why), multiplied by the engine's own kernels
-    return LowRankPredictor.load(path, quantize=q8_matrix, product=kernel_product), share
+    dim = reader.manifest.ffn_layers[0].component("up").length if neurons else None
+    predictor = LowRankPredictor.load(path, quantize=q8_matrix, product=kernel_product, layers=neurons, dim=dim)
+    return predictor, _calibrated_share(path.with_name(REPORT_FILE))
+
+
+def _calibrated_share(report_path):
+    """The largest share of a layer's neurons the calibration report measured, or None."""
+    import json
+
+    if not report_path.is_file():
+        return None
+    try:
+        layers = json.loads(report_path.read_text())["layers"]
+        shares = [float(layer["fraction"]) for layer in layers]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise FormatError(f"{report_path}: not a calibration report ({type(e).__name__}: {e}); "
+                          f"calibrate again (`flashinfer calibrate STORE --text FILE`)") from None
+    if not shares or not all(0.0 <= s <= 1.0 for s in shares):
+        raise FormatError(f"{report_path}: layer fractions must lie in 0..1, got {shares[:4]}; calibrate again")
+    return max(shares)
 
 
 def _split_at_stop(text: str, stops: list[str], final: bool = False) -> tuple[str, str, bool]:

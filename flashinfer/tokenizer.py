@@ -23,7 +23,7 @@ class Tokenizer:
             self._tok = HFTokenizer.from_str(tokenizer_json)
         except Exception as e:  # tokenizers raises plain Exception subclasses from Rust
             raise TokenizerError(f"{source}: cannot load tokenizer ({e})") from None
-        self.config = config
+        self.config = _checked_config(config, source)
         self.source = source
         self.bos_id = self._special_id(config.get("bos_token"))
         self.eos_id = self._special_id(config.get("eos_token"))
@@ -71,8 +71,7 @@ class Tokenizer:
     @property
     def special_tokens(self) -> dict[str, str]:
         """bos_token, eos_token, ... as strings: the variables chat templates refer to."""
-        names = ("bos_token", "eos_token", "unk_token", "pad_token")
-        tokens = {name: self.config.get(name) for name in names}
+        tokens = {name: self.config.get(name) for name in SPECIAL_TOKENS}
         tokens = {name: t.get("content") if isinstance(t, dict) else t for name, t in tokens.items()}
         return {name: t for name, t in tokens.items() if isinstance(t, str)}
 
@@ -95,6 +94,25 @@ class Tokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+
+SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+def _checked_config(config, source: str) -> dict:
+    """tokenizer_config.json's fields this module reads, of the types it reads them as: a
+    special token is a string, {"content": string} (older configs) or null; add_bos_token a bool."""
+    where = str(Path(source).with_name("tokenizer_config.json"))
+    if not isinstance(config, dict):
+        raise TokenizerError(f"{where}: expected a JSON object, got {type(config).__name__}")
+    for name in SPECIAL_TOKENS:
+        token = config.get(name)
+        content = token.get("content") if isinstance(token, dict) else token
+        if content is not None and not isinstance(content, str):
+            raise TokenizerError(f"{where}: {name} must be a string, {{\"content\": string}} or null, got {token!r}")
+    if config.get("add_bos_token") is not None and not isinstance(config["add_bos_token"], bool):
+        raise TokenizerError(f"{where}: add_bos_token must be true or false, got {config['add_bos_token']!r}")
+    return config
 
 
 class StreamDecoder:

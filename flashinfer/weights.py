@@ -23,7 +23,7 @@ from typing import NamedTuple
 import numpy as np
 
 from flashinfer.config import ModelArgs
-from storage.errors import CheckpointError
+from storage.errors import CheckpointError, FormatError
 from storage.safetensors import Checkpoint, bf16_to_float32
 
 EMPTY = np.zeros(0, np.float32)  # stands for "no bias" so kernels keep one signature
@@ -99,6 +99,43 @@ def weight_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
             if args.ffn_bias:
                 shapes[f"{p}ffn.{name}.bias"] = (shape[0],)
     return shapes
+
+
+# canonical FFN tensors a store keeps in each layer's bundles (or as a layer matrix), not resident
+IN_FFN_FILES = ("ffn.w_up.weight", "ffn.w_gate.weight", "ffn.w_down.weight", "ffn.w_up.bias", "ffn.w_gate.bias")
+
+
+def check_store_layout(args: ModelArgs, manifest, where: str) -> None:
+    """FormatError unless the store's tensors are exactly the ones `args` (its model_config)
+    describes, with the shapes the kernels will index them by: a manifest whose model_config
+    and tensors disagree would otherwise run kernels past the ends of their arrays."""
+    def refuse(what: str):
+        raise FormatError(f"{where}: {what}; model_config and the tensors disagree (the manifest is damaged), "
+                          "convert the model again")
+
+    shapes = {name: shape for name, shape in weight_shapes(args).items() if not name.endswith(IN_FFN_FILES)}
+    for name, shape in shapes.items():
+        t = manifest.resident.get(name)
+        if t is None:
+            refuse(f"resident tensor {name!r} is missing")
+        if tuple(t.shape) != shape:
+            refuse(f"resident tensor {name!r} is {list(t.shape)}, not {list(shape)}")
+    extra = sorted(set(manifest.resident) - set(shapes))
+    if extra:
+        refuse(f"resident tensor {extra[0]!r} is not part of the model")
+    if len(manifest.ffn_layers) != args.n_layers:
+        refuse(f"{len(manifest.ffn_layers)} FFN layers for {args.n_layers} layers")
+    want = {"up": args.dim} | ({"gate": args.dim} if args.gated_ffn else {})
+    want |= {f"{c}_bias": 1 for c in want} if args.ffn_bias else {}
+    for i, layer in enumerate(manifest.ffn_layers):
+        if layer.n_neurons != args.ffn_dim:
+            refuse(f"FFN layer {i} has {layer.n_neurons} neurons, not ffn_dim = {args.ffn_dim}")
+        got = {c.name: c.length for c in layer.components if c.name != "down"}
+        down = [c.length == args.dim for c in layer.components if c.name == "down"]
+        down += [m.shape == (args.dim, args.ffn_dim) for m in layer.matrices if m.name == "down"]
+        if got != want or down != [True]:
+            refuse(f"FFN layer {i} holds {sorted(got) + ['down'] * len(down)} of lengths {got}, not {sorted(want)} "
+                   f"and one down of {args.dim} x {args.ffn_dim}")
 
 
 @dataclass

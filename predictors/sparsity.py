@@ -20,10 +20,13 @@ as the FFN kernels compute the pre-activations it predicts); by default, numpy's
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+
+from storage.errors import FormatError
 
 # (x float32 [T, K], weights, bias float32 [N] or empty) -> float32 [T, N] = x @ weights.T + bias
 Product = Callable[[np.ndarray, object, np.ndarray], np.ndarray]
@@ -33,6 +36,59 @@ NO_BIAS = np.zeros(0, np.float32)
 def float_product(x: np.ndarray, w: np.ndarray, bias: np.ndarray) -> np.ndarray:
     z = x @ w.T
     return z + bias if bias.size else z
+
+
+class _PredictorFile:
+    """A predictor .npz opened for reading, each array checked before use: a damaged or
+    foreign file raises FormatError naming it and the fix, never numpy's or zipfile's errors.
+    `layers` (the store's neurons per layer) and `dim` bound every shape it may hold."""
+
+    def __init__(self, path, layers: list[int] | None, dim: int | None):
+        self.path, self.layers, self.dim = path, layers, dim
+        try:
+            self.z = np.load(path, allow_pickle=False)
+            self.n_layers = int(self.array("n_layers", (), np.integer))
+        except FormatError:
+            self.close()
+            raise
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+            raise self.damaged(f"not a predictor file ({e})") from None
+        if layers is not None and self.n_layers != len(layers):
+            self.close()
+            raise self.damaged(f"{self.n_layers} layers, the store has {len(layers)}")
+
+    def damaged(self, what: str) -> FormatError:
+        return FormatError(f"{self.path}: {what}; calibrate again (`flashinfer calibrate STORE --text FILE`)")
+
+    def array(self, key: str, shape: tuple, kind=np.floating) -> np.ndarray:
+        """z[key], of `shape` (None: any length there) and dtype kind, finite if float."""
+        try:
+            a = self.z[key]
+        except KeyError:
+            raise self.damaged(f"array {key!r} is missing") from None
+        except Exception as e:  # zipfile/zlib errors of a damaged member
+            raise self.damaged(f"array {key!r} does not read ({type(e).__name__}: {e})") from None
+        if (a.ndim != len(shape) or any(want is not None and got != want for got, want in zip(a.shape, shape))
+                or not np.issubdtype(a.dtype, kind)):
+            raise self.damaged(f"array {key!r} is {a.dtype} {list(a.shape)}, expected {kind.__name__} "
+                               f"{['any' if d is None else d for d in shape]}")
+        if kind is np.floating and not np.isfinite(a).all():
+            raise self.damaged(f"array {key!r} holds NaN or infinity")
+        return a
+
+    def neurons(self, layer: int) -> int | None:
+        return None if self.layers is None else self.layers[layer]
+
+    def close(self) -> None:
+        z = getattr(self, "z", None)
+        if z is not None:
+            z.close()
+
+    def __enter__(self) -> "_PredictorFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _rows(x: np.ndarray) -> np.ndarray:
@@ -98,9 +154,18 @@ class StaticPredictor:
         np.savez(path, n_layers=len(self.hot_sets), **{f"hot{i}": h for i, h in enumerate(self.hot_sets)})
 
     @classmethod
-    def load(cls, path) -> "StaticPredictor":
-        with np.load(path) as z:
-            return cls([z[f"hot{i}"] for i in range(int(z["n_layers"]))])
+    def load(cls, path, layers: list[int] | None = None) -> "StaticPredictor":
+        """`layers`: the store's neurons per layer, which the file must match."""
+        hot_sets = []
+        with _PredictorFile(path, layers, None) as f:
+            for i in range(f.n_layers):
+                hot = f.array(f"hot{i}", (None,), np.integer)
+                n = f.neurons(i)
+                outside = hot.size and (hot.min() < 0 or (n is not None and hot.max() >= n))
+                if outside or np.unique(hot).size != hot.size:
+                    raise f.damaged(f"hot set {i} holds neuron ids outside the layer's {n} or twice")
+                hot_sets.append(hot.astype(np.int64))
+        return cls(hot_sets)
 
 
 @dataclass
@@ -160,22 +225,26 @@ class LowRankPredictor:
 
     @classmethod
     def load(cls, path, quantize: Callable[[np.ndarray], object] | None = None,
-             product: Product = float_product) -> "LowRankPredictor":
+             product: Product = float_product, layers: list[int] | None = None,
+             dim: int | None = None) -> "LowRankPredictor":
         """quantize None: float32 as fitted; else B transposed ([n_neurons, rank] float32) is
         passed to `quantize` layer by layer as it is read (one layer's float32 copy at a time,
         never all of them), which returns what `product` multiplies, or None to keep that
         layer float32 (e.g. a rank its scheme's groups do not divide)."""
-        layers, b_quantized = [], [] if quantize else None
-        with np.load(path) as z:
-            for i in range(int(z["n_layers"])):
-                b = z[f"b{i}"]
+        fitted, b_quantized = [], [] if quantize else None
+        with _PredictorFile(path, layers, dim) as f:
+            for i in range(f.n_layers):
+                a = f.array(f"a{i}", (dim, None)).astype(np.float32, copy=False)
+                b = f.array(f"b{i}", (a.shape[1], f.neurons(i))).astype(np.float32, copy=False)
+                c = f.array(f"c{i}", (b.shape[1],)).astype(np.float32, copy=False)
+                threshold = float(f.array(f"t{i}", ()))
                 m = quantize(np.ascontiguousarray(b.T)) if quantize else None
                 if quantize:
                     b_quantized.append(m)
                 if m is not None:
                     b = np.zeros((0, b.shape[1]), np.float32)
-                layers.append(LowRankLayer(z[f"a{i}"], b, z[f"c{i}"], float(z[f"t{i}"])))
-        return cls(layers, b_quantized, product)
+                fitted.append(LowRankLayer(a, b, c, threshold))
+        return cls(fitted, b_quantized, product)
 
 
 def recall_report(predicted: np.ndarray, mask: np.ndarray, magnitude: np.ndarray) -> dict:

@@ -60,7 +60,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from storage.errors import FormatError
+from storage import quant, schema
+from storage.errors import FormatError, QuantError
 
 FORMAT_NAME = "flashinfer-store"
 FORMAT_VERSION = 2  # the newest this code reads; writers write 1 when no version-2 feature is used
@@ -73,6 +74,8 @@ COMPONENT_ALIGN = 4  # so f16 scales and f32 values inside a bundle are aligned
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
 SCHEMES = ("f32", "f16", "q8", "q4", "q4a", "q4k")
 COMPRESSIONS = ("none", "zstd")
+COMPONENTS = ("up", "gate", "down", "up_bias", "gate_bias")
+MATRICES = ("down",)
 
 
 def ffn_file(layer: int) -> str:
@@ -186,32 +189,164 @@ class Manifest:
         if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
             raise FormatError(f"{path}: not a {FORMAT_NAME} manifest")
         version = raw.get("version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise FormatError(f"{path}: version: must be a positive integer, got {version!r}; the manifest is "
+                              "damaged, convert the model again")
+        if version > FORMAT_VERSION:
             raise FormatError(
                 f"{path}: store format version {version} is newer than this flashinfer reads "
                 f"({FORMAT_VERSION}); upgrade flashinfer or convert the model again with this version"
             )
         try:
-            return cls(
-                model_config=raw["model_config"],
-                hf_config=raw["hf_config"],
-                resident={k: ResidentTensor(**{**v, "shape": tuple(v["shape"])}) for k, v in raw["resident"].items()},
-                resident_bytes=raw["resident_bytes"],
-                ffn_layers=tuple(
-                    FFNLayer(**{
-                        **layer,
-                        "components": tuple(BundleComponent(**c) for c in layer["components"]),
-                        "chunks": tuple(Chunk(**c) for c in layer["chunks"]),
-                        "matrices": tuple(FFNMatrix(**{**m, "shape": tuple(m["shape"])})
-                                          for m in layer.get("matrices", ())),
-                    })
-                    for layer in raw["ffn_layers"]
-                ),
-                quant=raw["quant"],
-                source=raw.get("source", ""),
-                format=raw["format"],
-                version=version,
-                extra=raw.get("extra", {}),
-            )
-        except (KeyError, TypeError) as e:
-            raise FormatError(f"{path}: manifest is missing or has a malformed field ({e}); convert again") from None
+            check_manifest(raw)
+        except schema.SchemaError as e:
+            raise FormatError(f"{path}: {e}; the manifest is damaged, convert the model again") from None
+        return cls(
+            model_config=raw["model_config"],
+            hf_config=raw["hf_config"],
+            resident={k: ResidentTensor(**{**v, "shape": tuple(v["shape"])}) for k, v in raw["resident"].items()},
+            resident_bytes=raw["resident_bytes"],
+            ffn_layers=tuple(
+                FFNLayer(**{
+                    **layer,
+                    "components": tuple(BundleComponent(**c) for c in layer["components"]),
+                    "chunks": tuple(Chunk(**c) for c in layer["chunks"]),
+                    "matrices": tuple(FFNMatrix(**{**m, "shape": tuple(m["shape"])}) for m in layer.get("matrices", ())),
+                })
+                for layer in raw["ffn_layers"]
+            ),
+            quant=raw["quant"],
+            source=raw.get("source", ""),
+            format=raw["format"],
+            version=version,
+            extra=raw.get("extra", {}),
+        )
+
+
+# ---- the manifest's schema, checked before any field is used ------------------------------
+
+def _fields(obj: dict, field: str, cls) -> None:
+    """obj has exactly the fields of dataclass `cls` (those with defaults may be absent)."""
+    from dataclasses import MISSING, fields
+
+    known = {f.name: f for f in fields(cls)}
+    for name, f in known.items():
+        if f.default is MISSING and f.default_factory is MISSING:
+            schema.member(obj, name, field)
+    unknown = sorted(set(obj) - set(known))
+    if unknown:
+        raise schema.SchemaError(f"{field}.{unknown[0]}" if field else unknown[0], "is not a field of this format")
+
+
+def _checksum(value, field: str) -> str:
+    digest = schema.string(value, field)
+    if len(digest) != 32 or any(c not in "0123456789abcdef" for c in digest):
+        raise schema.SchemaError(field, f"must be a blake2b digest (32 hex digits), got {digest!r}")
+    return digest
+
+
+def _planar_bytes(scheme: str, group_size: int, dims: tuple[int, ...], field: str) -> int:
+    """Bytes of a tensor of `dims` in the planar layout: f32 for 1-D, rows of `scheme` for 2-D."""
+    if len(dims) == 1:
+        if scheme != "f32" or group_size != 0:
+            raise schema.SchemaError(field, f"a 1-D tensor is f32 with group_size 0, got {scheme} / {group_size}")
+        return 4 * dims[0]
+    if scheme not in quant.GROUPED_SCHEMES and group_size != 0:
+        raise schema.SchemaError(f"{field}.group_size", f"{scheme} is not grouped: 0, not {group_size}")
+    try:
+        return dims[0] * quant.scheme_bytes_per_row(scheme, dims[1], group_size or quant.DEFAULT_GROUP_SIZE)
+    except QuantError as e:
+        raise schema.SchemaError(field, str(e)) from None
+
+
+def _check_placed(obj: dict, field: str, cls, file_bytes: int, what: str) -> None:
+    """A ResidentTensor / FFNMatrix entry: types, its byte count from scheme and shape, inside its file."""
+    _fields(obj, field, cls)
+    scheme = schema.string(obj["scheme"], f"{field}.scheme", SCHEMES)
+    group = schema.integer(obj["group_size"], f"{field}.group_size")
+    dims = schema.shape(obj["shape"], f"{field}.shape", (2,) if cls is FFNMatrix else (1, 2))
+    offset = schema.integer(obj["offset"], f"{field}.offset")
+    nbytes = schema.integer(obj["nbytes"], f"{field}.nbytes")
+    _checksum(obj["checksum"], f"{field}.checksum")
+    expected = _planar_bytes(scheme, group, dims, field)
+    if nbytes != expected:
+        raise schema.SchemaError(f"{field}.nbytes", f"{scheme} {list(dims)} takes {expected} bytes, not {nbytes}")
+    if offset % PAGE or offset + nbytes > file_bytes:
+        raise schema.SchemaError(f"{field}.offset", f"bytes {offset}..{offset + nbytes} are not a page-aligned "
+                                                    f"range inside {what} ({file_bytes} bytes)")
+
+
+def _check_components(values, field: str, bundle_bytes: int) -> None:
+    seen = set()
+    for j, c in enumerate(schema.array(values, field)):
+        f = f"{field}[{j}]"
+        _fields(schema.mapping(c, f), f, BundleComponent)
+        name = schema.string(c["name"], f"{f}.name", COMPONENTS)
+        if name in seen:
+            raise schema.SchemaError(f"{f}.name", f"{name!r} appears twice")
+        seen.add(name)
+        scheme = schema.string(c["scheme"], f"{f}.scheme", SCHEMES)
+        group = schema.integer(c["group_size"], f"{f}.group_size")
+        length = schema.integer(c["length"], f"{f}.length", 1)
+        offset = schema.integer(c["offset"], f"{f}.offset")
+        nbytes = schema.integer(c["nbytes"], f"{f}.nbytes")
+        expected = 4 if name.endswith("bias") else _planar_bytes(scheme, group, (1, length), f)
+        if name.endswith("bias") and (scheme, length) != ("f32", 1):
+            raise schema.SchemaError(f, "a bias is one f32 value")
+        if nbytes != expected or offset % COMPONENT_ALIGN or offset + nbytes > bundle_bytes:
+            raise schema.SchemaError(f, f"{scheme} x {length} at byte {offset} ({nbytes} bytes) does not fit an "
+                                        f"aligned place in a bundle of {bundle_bytes} bytes")
+    if "up" not in seen:
+        raise schema.SchemaError(field, "has no 'up' component")
+
+
+def _check_ffn_layer(layer, i: int) -> None:
+    field = f"ffn_layers[{i}]"
+    _fields(schema.mapping(layer, field), field, FFNLayer)
+    schema.string(layer["file"], f"{field}.file", (ffn_file(i),))
+    n = schema.integer(layer["n_neurons"], f"{field}.n_neurons", 1)
+    bundle_bytes = schema.integer(layer["bundle_bytes"], f"{field}.bundle_bytes", 1)
+    per_chunk = schema.integer(layer["bundles_per_chunk"], f"{field}.bundles_per_chunk", 1)
+    compression = schema.string(layer["compression"], f"{field}.compression", COMPRESSIONS)
+    file_bytes = schema.integer(layer["file_bytes"], f"{field}.file_bytes")
+    _check_components(layer["components"], f"{field}.components", bundle_bytes)
+    if compression == "none" and n * bundle_bytes > file_bytes:
+        raise schema.SchemaError(f"{field}.file_bytes", f"{file_bytes} bytes cannot hold {n} bundles of {bundle_bytes}")
+    chunks = schema.array(layer["chunks"], f"{field}.chunks", -(-n // per_chunk))
+    for j, chunk in enumerate(chunks):
+        f = f"{field}.chunks[{j}]"
+        _fields(schema.mapping(chunk, f), f, Chunk)
+        offset = schema.integer(chunk["offset"], f"{f}.offset")
+        stored = schema.integer(chunk["stored_bytes"], f"{f}.stored_bytes", 1)
+        _checksum(chunk["checksum"], f"{f}.checksum")
+        bundles = min(per_chunk, n - j * per_chunk)
+        if compression == "none" and (offset != j * per_chunk * bundle_bytes or stored != bundles * bundle_bytes):
+            raise schema.SchemaError(f, f"must hold bundles {j * per_chunk}..{j * per_chunk + bundles} at byte "
+                                        f"{j * per_chunk * bundle_bytes}, got {stored} bytes at {offset}")
+        if offset % PAGE or offset + stored > file_bytes:
+            raise schema.SchemaError(f, f"bytes {offset}..{offset + stored} are not a page-aligned range inside "
+                                        f"the file ({file_bytes} bytes)")
+    names = set()
+    for j, m in enumerate(schema.array(layer.get("matrices", []), f"{field}.matrices")):
+        f = f"{field}.matrices[{j}]"
+        _check_placed(schema.mapping(m, f), f, FFNMatrix, file_bytes, "the layer file")
+        name = schema.string(m["name"], f"{f}.name", MATRICES)
+        if name in names or any(c["name"] == name for c in layer["components"]):
+            raise schema.SchemaError(f"{f}.name", f"component {name!r} is given twice")
+        names.add(name)
+
+
+def check_manifest(raw: dict) -> None:
+    """Raise schema.SchemaError at the first field of a parsed manifest.json (format and version
+    already checked) whose type, range or size does not hold; the reader then checks the files'
+    sizes against it (StoreReader._check_sizes)."""
+    _fields(raw, "", Manifest)
+    for key in ("model_config", "hf_config", "quant", "extra"):
+        schema.mapping(raw.get(key, {}), key)
+    schema.string(raw.get("source", ""), "source")
+    resident_bytes = schema.integer(raw["resident_bytes"], "resident_bytes")
+    for name, t in schema.mapping(raw["resident"], "resident").items():
+        field = f"resident[{name!r}]"
+        _check_placed(schema.mapping(t, field), field, ResidentTensor, resident_bytes, RESIDENT_FILE)
+    for i, layer in enumerate(schema.array(raw["ffn_layers"], "ffn_layers")):
+        _check_ffn_layer(layer, i)

@@ -723,12 +723,17 @@ class GGUFCheckpoint:
         embedded = self.meta("tokenizer.huggingface.json")
         kind = self.meta("tokenizer.ggml.model")
         types = self.meta("tokenizer.ggml.token_type") or [TOKEN_NORMAL] * len(tokens)
+        self._check_vocabulary(tokens, types, embedded)
         if embedded is not None:
             tokenizer_json = embedded
-        elif kind == "gpt2":
-            tokenizer_json = self._bpe_tokenizer(tokens, types)
-        elif kind == "llama":
-            tokenizer_json = self._spm_tokenizer(tokens, types)
+        elif kind in ("gpt2", "llama"):
+            try:
+                tokenizer_json = (self._bpe_tokenizer if kind == "gpt2" else self._spm_tokenizer)(tokens, types)
+            except CheckpointError:
+                raise
+            except Exception as e:  # tokenizers raises plain Exceptions from Rust
+                raise CheckpointError(f"{self.path}: its vocabulary does not make a tokenizer ({e}); the file's "
+                                      "tokenizer metadata is damaged, or pass --tokenizer DIR") from None
         else:
             raise CheckpointError(f"{self.path}: tokenizer.ggml.model {kind!r} cannot be rebuilt as tokenizer.json "
                                   f"(supported: {', '.join(SUPPORTED_TOKENIZERS)}); "
@@ -766,6 +771,27 @@ class GGUFCheckpoint:
         ids = {i for i in self._end_token_ids() if isinstance(i, int) and 0 <= i < len(tokens)}
         ids |= {i for i, (text, kind) in enumerate(zip(tokens, types)) if kind == TOKEN_CONTROL and text in END_OF_TURN}
         return {"eos_token_id": sorted(ids)} if ids else {}
+
+    def _check_vocabulary(self, tokens, types, embedded) -> None:
+        """tokenizer.ggml.* of the types the rebuilders read: a list of strings, one int type
+        per token, merges as strings, one float score per token."""
+        def bad(key: str, what: str):
+            raise CheckpointError(f"{self.path}: metadata {key} must be {what}; the file's tokenizer metadata "
+                                  "is damaged (re-download it, or pass --tokenizer DIR)")
+
+        if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+            bad("tokenizer.ggml.tokens", "a list of strings")
+        if not isinstance(types, list) or len(types) != len(tokens) or not all(isinstance(t, int) for t in types):
+            bad("tokenizer.ggml.token_type", f"{len(tokens)} integers, one per token")
+        merges = self.meta("tokenizer.ggml.merges")
+        if merges is not None and (not isinstance(merges, list) or not all(isinstance(m, str) for m in merges)):
+            bad("tokenizer.ggml.merges", "a list of strings")
+        scores = self.meta("tokenizer.ggml.scores")
+        if scores is not None and (not isinstance(scores, list) or len(scores) != len(tokens)
+                                   or not all(isinstance(v, (int, float)) for v in scores)):
+            bad("tokenizer.ggml.scores", f"{len(tokens)} numbers, one per token")
+        if embedded is not None and not isinstance(embedded, str):
+            bad("tokenizer.huggingface.json", "a string")
 
     def _bpe_tokenizer(self, tokens: list[str], types: list[int]) -> str:
         from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers

@@ -15,6 +15,7 @@ Every inconsistency (truncation, a header that lies about sizes, an unknown dtyp
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from storage import schema
 from storage.errors import CheckpointError
 
 # safetensors dtype -> numpy dtype of the stored bytes (bf16 kept as its raw bits)
@@ -61,6 +63,15 @@ def bf16_to_float32(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
+def _check_no_overlap(tensors: dict[str, TensorInfo], where: str) -> None:
+    """No two tensors share a byte (the spec's rule; a header that lies would alias weights)."""
+    spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in tensors.values() if t.nbytes)
+    for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+        if begin < end:
+            raise CheckpointError(f"{where}: tensors {first!r} and {second!r} overlap in the file (the header's "
+                                  "data_offsets are damaged; re-download or re-save it)")
+
+
 class SafetensorsFile:
     """One .safetensors file: parsed and checked header, memory-mapped data."""
 
@@ -95,19 +106,29 @@ class SafetensorsFile:
         tensors = {}
         for name, entry in header.items():
             if name == "__metadata__":
+                try:  # the spec: a map of strings to strings
+                    for key, value in schema.mapping(entry, "__metadata__").items():
+                        schema.string(value, f"__metadata__[{key!r}]")
+                except schema.SchemaError as e:
+                    raise CheckpointError(f"{where}: header field {e}") from None
                 continue
             try:
-                dtype_name, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-                shape = tuple(int(d) for d in shape)
-            except (KeyError, TypeError, ValueError):
-                raise CheckpointError(f"{where}: tensor {name!r} has a malformed header entry: {entry!r}") from None
+                schema.mapping(entry, name)
+                dtype_name = schema.string(schema.member(entry, "dtype", name), f"{name}.dtype")
+                shape = schema.shape(schema.member(entry, "shape", name), f"{name}.shape", range(9), lo=0)
+                begin, end = (schema.integer(v, f"{name}.data_offsets[{i}]") for i, v in
+                              enumerate(schema.array(schema.member(entry, "data_offsets", name),
+                                                     f"{name}.data_offsets", 2)))
+            except schema.SchemaError as e:
+                raise CheckpointError(f"{where}: tensor {name!r} has a malformed header entry ({e}): "
+                                      f"{str(entry)[:200]}") from None
             if dtype_name not in DTYPES:
                 raise CheckpointError(
                     f"{where}: tensor {name!r} has dtype {dtype_name!r}, which flashinfer cannot read "
                     f"(readable: {', '.join(DTYPES)})"
                 )
-            expected = int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype_name].itemsize
-            if not (0 <= begin <= end) or end - begin != expected:
+            expected = math.prod(shape) * DTYPES[dtype_name].itemsize  # Python ints: no overflow
+            if not (begin <= end) or end - begin != expected:
                 raise CheckpointError(
                     f"{where}: tensor {name!r} header says shape {list(shape)} {dtype_name} "
                     f"({expected} bytes) but data_offsets [{begin}, {end}] span {end - begin} bytes"
@@ -118,6 +139,7 @@ class SafetensorsFile:
                     f"{file_size} bytes; the file is truncated (re-download or re-save it)"
                 )
             tensors[name] = TensorInfo(name, dtype_name, shape, data_start + begin, end - begin, self.path)
+        _check_no_overlap(tensors, where)
         return tensors
 
     def raw(self, name: str) -> np.ndarray:

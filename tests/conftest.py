@@ -3,6 +3,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import settings
+
+# tests/test_fuzz.py: a bounded, deterministic run in `make test`; many more examples in `make test-all`
+settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True, print_blob=True)
+settings.register_profile("thorough", max_examples=600, deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("FLASHINFER_HYPOTHESIS_PROFILE", "ci"))
 
 FIXTURES = Path(__file__).parent / "fixtures"
 GOLDEN_MODELS = ["llama", "mistral", "relu_llama", "qwen2", "gemma3", "opt", "opt_postln", "llama_bf16", "llama_f16_sharded"]

@@ -63,12 +63,20 @@ def _gguf_writer(path: Path, arch: str, cfg: dict):
 
 
 def _write_gguf(path: Path, hf_dir: Path, qtype=Q.Q8_0, *, arch: str = "llama", odd: dict | None = None,
-                rope_freqs: np.ndarray | None = None, act_key: bool = True, skip: tuple = ()) -> Path:
-    """hf_dir's weights as a GGUF without tokenizer metadata: matrices in `qtype`, norms F32,
-    `odd` = {gguf tensor name: (type, raw uint8 rows)} replacing some tensors' data, the
-    HF names in `skip` left out, flashinfer.hidden_act written if `act_key`."""
+                rope_freqs: np.ndarray | None = None, act_key: bool = True, skip: tuple = (),
+                tokenizer: tuple[list[str], list[str]] | None = None) -> Path:
+    """hf_dir's weights as a GGUF: matrices in `qtype`, norms F32, `odd` = {gguf tensor name:
+    (type, raw uint8 rows)} replacing some tensors' data, the HF names in `skip` left out,
+    flashinfer.hidden_act written if `act_key`; no tokenizer metadata unless `tokenizer` =
+    (tokens, merges) of a byte-level BPE vocabulary."""
     cfg = json.loads((hf_dir / "config.json").read_text())
     w = _gguf_writer(path, arch, cfg)
+    if tokenizer is not None:
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(tokenizer[0])
+        w.add_token_types([1] * len(tokenizer[0]))
+        w.add_token_merges(tokenizer[1])
     w.add_rope_freq_base(cfg.get("rope_theta") or cfg["rope_parameters"]["rope_theta"])
     if act_key:
         w.add_string(FLASHINFER_ACT_KEY, cfg["hidden_act"])

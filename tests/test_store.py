@@ -345,7 +345,7 @@ def test_down_matrix_outside_its_file(tmp_path, capsys):
     manifest["ffn_layers"][0]["matrices"][0]["offset"] += manifest["ffn_layers"][0]["file_bytes"]
     (store / fmt.MANIFEST).write_text(json.dumps(manifest))
     err = _cli_error(capsys, "run", str(store), "--prompt", "hi")
-    assert "matrix 'down'" in err and "not a page-aligned range after the bundles" in err
+    assert "ffn_layers[0].matrices[0].offset" in err and "not a page-aligned range inside the layer file" in err
 
 
 def test_sparse_predictor_on_down_rows_names_the_reconversion(tmp_path):

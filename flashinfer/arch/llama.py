@@ -3,7 +3,7 @@ ProSparse, TurboSparse-Mistral). RMSNorm, RoPE, SwiGLU-style gated FFN with SiLU
 
 from __future__ import annotations
 
-from flashinfer.errors import UnsupportedArchitectureError
+from flashinfer.errors import ConfigError, UnsupportedArchitectureError
 
 MODEL_TYPES = ("llama", "mistral")
 
@@ -33,6 +33,8 @@ def _rope(cfg: dict, source: str):
 
     # transformers >= 5 writes `rope_parameters` (incl. rope_theta); older, `rope_scaling`.
     params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"{source}: rope_parameters / rope_scaling must be a JSON object, got {params!r}")
     theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
     kind = params.get("rope_type", params.get("type", "default"))
     if cfg.get("partial_rotary_factor", 1.0) != 1.0:
