@@ -31,9 +31,9 @@ DEFAULT_FFN_QUANT = "q4"
 DEFAULT_RESIDENT_QUANT = "q8"
 DEFAULT_GROUP_SIZE = 32
 # --quant / --resident-quant auto (the default): a GGUF tensor whose blocks a store scheme holds
-# exactly (storage.gguf.KEPT_SCHEMES: Q8_0, Q4_0, Q4_1, Q4_K, F16, F32) keeps them, bit for bit,
-# so flashinfer and llama.cpp compute with the same weights; a GGUF tensor of more than 4 bits
-# (Q5_x, Q6_K) becomes q8; every other tensor gets the default scheme above. One exception: a
+# exactly (storage.gguf.KEPT_SCHEMES: Q8_0, Q5_0 as q8 codes, Q4_0, Q4_1, Q4_K, F16, F32) keeps
+# them, bit for bit, so flashinfer and llama.cpp compute with the same weights; another GGUF tensor
+# of more than 4 bits (Q5_1, Q5_K, Q6_K) becomes q8; every other tensor gets the default scheme above. One exception: a
 # bundle's down column runs across the file's blocks (they follow W_down's rows), so kept 4-bit
 # up/gate rows come with a q8 down column — 8 bits on top of 4-bit values rounds far less than
 # a second 4-bit rounding would.

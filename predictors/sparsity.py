@@ -41,10 +41,10 @@ def float_product(x: np.ndarray, w: np.ndarray, bias: np.ndarray) -> np.ndarray:
 class _PredictorFile:
     """A predictor .npz opened for reading, each array checked before use: a damaged or
     foreign file raises FormatError naming it and the fix, never numpy's or zipfile's errors.
-    `layers` (the store's neurons per layer) and `dim` bound every shape it may hold."""
+    `layers`: the store's neurons per layer, which the file must match (None: any)."""
 
-    def __init__(self, path, layers: list[int] | None, dim: int | None):
-        self.path, self.layers, self.dim = path, layers, dim
+    def __init__(self, path, layers: list[int] | None):
+        self.path, self.layers = path, layers
         try:
             self.z = np.load(path, allow_pickle=False)
             self.n_layers = int(self.array("n_layers", (), np.integer))
@@ -157,7 +157,7 @@ class StaticPredictor:
     def load(cls, path, layers: list[int] | None = None) -> "StaticPredictor":
         """`layers`: the store's neurons per layer, which the file must match."""
         hot_sets = []
-        with _PredictorFile(path, layers, None) as f:
+        with _PredictorFile(path, layers) as f:
             for i in range(f.n_layers):
                 hot = f.array(f"hot{i}", (None,), np.integer)
                 n = f.neurons(i)
@@ -232,7 +232,7 @@ class LowRankPredictor:
         never all of them), which returns what `product` multiplies, or None to keep that
         layer float32 (e.g. a rank its scheme's groups do not divide)."""
         fitted, b_quantized = [], [] if quantize else None
-        with _PredictorFile(path, layers, dim) as f:
+        with _PredictorFile(path, layers) as f:
             for i in range(f.n_layers):
                 a = f.array(f"a{i}", (dim, None)).astype(np.float32, copy=False)
                 b = f.array(f"b{i}", (a.shape[1], f.neurons(i))).astype(np.float32, copy=False)

@@ -57,7 +57,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from storage import quant, schema
@@ -227,8 +227,6 @@ class Manifest:
 
 def _fields(obj: dict, field: str, cls) -> None:
     """obj has exactly the fields of dataclass `cls` (those with defaults may be absent)."""
-    from dataclasses import MISSING, fields
-
     known = {f.name: f for f in fields(cls)}
     for name, f in known.items():
         if f.default is MISSING and f.default_factory is MISSING:
@@ -330,6 +328,9 @@ def _check_ffn_layer(layer, i: int) -> None:
     for j, m in enumerate(schema.array(layer.get("matrices", []), f"{field}.matrices")):
         f = f"{field}.matrices[{j}]"
         _check_placed(schema.mapping(m, f), f, FFNMatrix, file_bytes, "the layer file")
+        if m["offset"] < n * bundle_bytes:
+            raise schema.SchemaError(f"{f}.offset", f"byte {m['offset']} is not after the layer's {n} bundles of "
+                                                    f"{bundle_bytes} bytes")
         name = schema.string(m["name"], f"{f}.name", MATRICES)
         if name in names or any(c["name"] == name for c in layer["components"]):
             raise schema.SchemaError(f"{f}.name", f"component {name!r} is given twice")

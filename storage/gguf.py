@@ -59,7 +59,7 @@ SUPPORTED_TOKENIZERS = ("gpt2", "llama")
 # Q5_0 ((q - 16) * d, q of 5 bits, one f16 d per 32) is q8's formula with codes in -16..15: exact
 # in q8 (8.5 bits a weight against the file's 5.5), no second rounding
 KEPT_SCHEMES = {"F32": "f32", "F16": "f16", "Q8_0": "q8", "Q5_0": "q8", "Q4_0": "q4", "Q4_1": "q4a", "Q4_K": "q4k"}
-MORE_THAN_4_BITS = ("Q5_0", "Q5_1", "Q5_K", "Q6_K")
+MORE_THAN_4_BITS = ("Q5_1", "Q5_K", "Q6_K")  # and Q5_0, which KEPT_SCHEMES holds exactly
 Q4_K_BLOCK_BYTES = 144  # d, dmin (f16), 12 bytes of 6-bit scales and mins, 128 bytes of nibbles
 
 # ---- BPE pre-tokenizers: tokenizer.ggml.pre -------------------------------------------------
@@ -638,7 +638,7 @@ class GGUFCheckpoint:
 
     def fallback_scheme(self, name: str) -> str | None:
         """For a tensor no scheme keeps exactly: q8 where the file spends more than 4 bits a
-        weight (Q5_x, Q6_K: a Q4_K_M file's attn_v and ffn_down), so --quant auto rounds it onto
+        weight (Q5_1, Q5_K, Q6_K: a Q4_K_M file's attn_v and ffn_down), so --quant auto rounds it onto
         a finer grid than its own instead of a coarser one; None otherwise (the caller's default)."""
         return "q8" if self.tensors[name].type_name in MORE_THAN_4_BITS else None
 

@@ -120,6 +120,8 @@ class StoreReader:
 
     # ---- opening and checking -----------------------------------------------------
     def _check_sizes(self) -> None:
+        """The files are the sizes the manifest gives (Manifest.load has checked that every
+        tensor, chunk and matrix lies inside those sizes)."""
         m = self.manifest
         expected = [(fmt.RESIDENT_FILE, m.resident_bytes)] + [(layer.file, layer.file_bytes) for layer in m.ffn_layers]
         for rel, size in expected:
@@ -132,16 +134,6 @@ class StoreReader:
                     f"{path}: {actual} bytes but the manifest says {size}; the file is "
                     f"{'truncated' if actual < size else 'not the one the manifest describes'} (convert again)"
                 )
-        for name, t in m.resident.items():
-            if t.offset + t.nbytes > m.resident_bytes:
-                raise FormatError(f"{self.dir / fmt.RESIDENT_FILE}: tensor {name!r} lies outside the file")
-        for layer in m.ffn_layers:
-            for mat in layer.matrices:
-                if mat.offset % fmt.PAGE or mat.offset < layer.n_neurons * layer.bundle_bytes \
-                        or mat.offset + mat.nbytes > layer.file_bytes:
-                    raise FormatError(f"{self.dir / layer.file}: matrix {mat.name!r} at bytes {mat.offset}.."
-                                      f"{mat.offset + mat.nbytes} is not a page-aligned range after the bundles; "
-                                      "the manifest is damaged, convert again")
 
     def _open_layer(self, layer: fmt.FFNLayer) -> int:
         path = str(self.dir / layer.file)
