@@ -184,12 +184,10 @@ def test_calibration_report(tmp_path, calibrated, data):
 
 # ---- predictor arrays ---------------------------------------------------------------------
 
-ARRAYS = st.one_of(
-    st.sampled_from([np.zeros(0, np.float32), np.float32(np.nan), np.full((64, 8), np.inf, np.float32),
-                     np.zeros((3, 3), np.float32), np.arange(5), np.array([-1, 2]), np.array([1, 1]),
-                     np.array([10**6]), np.array(["x"]), np.zeros((64, 9), np.float64), np.int64(10**6),
-                     np.int64(-1), np.int64(0), np.bool_(True)]),
-)
+ARRAYS = st.sampled_from([np.zeros(0, np.float32), np.float32(np.nan), np.full((64, 8), np.inf, np.float32),
+                          np.zeros((3, 3), np.float32), np.arange(5), np.array([-1, 2]), np.array([1, 1]),
+                          np.array([10**6]), np.array(["x"]), np.zeros((64, 9), np.float64), np.int64(10**6),
+                          np.int64(-1), np.int64(0), np.bool_(True)])
 
 
 @pytest.mark.parametrize("file, predictor", [(LOWRANK_FILE, "lowrank"), (STATIC_FILE, "static")])
@@ -274,3 +272,91 @@ def test_gguf_header(tmp_path, gguf_file, data):
                     ckpt.rows_quantized(name, slice(0, 2))
 
     _clean(use)
+
+
+# ---- what the errors say ------------------------------------------------------------------
+
+def _error(open_and_use) -> str:
+    with pytest.raises(FlashinferError) as e:
+        open_and_use()
+    return str(e.value)
+
+
+def _edit_json(path: Path, edit) -> None:
+    obj = json.loads(path.read_text())
+    edit(obj)
+    path.write_text(json.dumps(obj))
+
+
+def test_manifest_errors_name_the_field(tmp_path, store):
+    case = _case(store, tmp_path)
+    _edit_json(case / "manifest.json", lambda m: m["resident"]["tok_embeddings.weight"].update(shape="384x64"))
+    err = _error(lambda: _generate(case))
+    assert "manifest.json: resident['tok_embeddings.weight'].shape: must be a JSON list, got '384x64'" in err
+    assert "the manifest is damaged, convert the model again" in err
+
+    case = _case(store, tmp_path)
+    _edit_json(case / "manifest.json", lambda m: m["ffn_layers"][0]["matrices"][0].update(offset=0))
+    assert "ffn_layers[0].matrices[0].offset: byte 0 is not after the layer's 192 bundles" in _error(lambda: _generate(case))
+
+
+def test_a_model_config_that_disagrees_with_the_tensors_is_refused(tmp_path, store):
+    case = _case(store, tmp_path)
+    _edit_json(case / "manifest.json", lambda m: m["model_config"].update(dim=128))
+    err = _error(lambda: _generate(case))
+    assert "resident tensor 'tok_embeddings.weight' is [384, 64], not [384, 128]" in err
+    assert "model_config and the tensors disagree" in err
+
+
+def test_config_sizes_beyond_any_model_are_refused(tmp_path):
+    case = _case(FIXTURES / "llama", tmp_path)
+    _edit_json(case / "config.json", lambda c: c.update(num_hidden_layers=10**30))
+    assert f"config.json: n_layers = {10**30} is beyond any model flashinfer runs" in _error(lambda: _generate(case))
+
+
+def test_overlapping_safetensors_are_refused(tmp_path):
+    case = _case(FIXTURES / "llama", tmp_path)
+    raw = (case / "model.safetensors").read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    a, b = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])[:2]
+    size = header[a]["data_offsets"][1] - header[a]["data_offsets"][0]
+    header[b] = {**header[b], "dtype": header[a]["dtype"], "shape": header[a]["shape"],
+                 "data_offsets": [header[a]["data_offsets"][0], header[a]["data_offsets"][0] + size]}
+    text = json.dumps(header).encode()
+    (case / "model.safetensors").write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n:])
+    assert f"tensors {a!r} and {b!r} overlap in the file" in _error(lambda: _generate(case))
+
+
+def test_a_special_token_of_the_wrong_type_is_named(tmp_path):
+    case = _case(FIXTURES / "llama", tmp_path)
+    _edit_json(case / "tokenizer_config.json", lambda c: c.update(bos_token=[1, 2]))
+    assert 'tokenizer_config.json: bos_token must be a string, {"content": string} or null, got [1, 2]' in _error(
+        lambda: _generate(case))
+
+
+def test_damaged_predictor_files_ask_for_calibration(tmp_path, calibrated):
+    case = _case(calibrated, tmp_path)
+    path = case / PREDICTOR_DIR / LOWRANK_FILE
+    path.write_bytes(path.read_bytes()[:100])
+    err = _error(lambda: _generate(case, predictor="lowrank"))
+    assert f"{path}: not a predictor file" in err and "calibrate again (`flashinfer calibrate STORE --text FILE`)" in err
+
+    case = _case(calibrated, tmp_path)
+    path = case / PREDICTOR_DIR / STATIC_FILE
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["hot0"] = np.array([0, 10**6])
+    np.savez(path, **arrays)
+    assert "hot set 0 holds neuron ids outside the layer's" in _error(lambda: _generate(case, predictor="static"))
+
+
+def test_a_gguf_vocabulary_that_makes_no_tokenizer_is_named(tmp_path):
+    pytest.importorskip("gguf")
+    from storage.gguf import GGUFCheckpoint
+    from tests.test_gguf import _write_gguf
+
+    path = _write_gguf(tmp_path / "m.gguf", FIXTURES / "llama", tokenizer=(["a", "c"], ["a b"]))
+    with GGUFCheckpoint.open(path) as ckpt:
+        err = _error(ckpt.tokenizer_files)
+    assert "m.gguf: its vocabulary does not make a tokenizer" in err and "--tokenizer DIR" in err
