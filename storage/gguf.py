@@ -24,7 +24,8 @@ Where GGUF differs from an HF checkpoint:
 - the FFN activation is not recorded: llama.cpp's llama graph is always SiLU-gated. Files
   written by storage/synth.py carry `flashinfer.hidden_act` ("relu"); llama.cpp ignores it.
 
-GGUFReader parses the header (metadata and tensor table); its values are copied out and the
+storage/gguf_header.py walks the header first with every count bounded by the file's size; then
+GGUFReader parses it (metadata and tensor table); its values are copied out and the
 reader dropped (it holds a numpy view per array element). Tensor data is read through our own
 read-only mmap, so `release(name)` can drop a tensor's pages from RSS and the page cache as
 storage/safetensors.py does: converting streams one tensor (or block of neurons) at a time.
@@ -42,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from storage.errors import CheckpointError
+from storage.gguf_header import check_header
 
 # the GGUF architectures this module maps: Qwen2 is llama's graph with q/k/v biases, its q/k rows
 # not permuted (llama.cpp runs it with NEOX rope, HF's rotate_half)
@@ -411,6 +413,10 @@ class GGUFCheckpoint:
             raise CheckpointError(f"{path}: not a GGUF file (it does not start with the GGUF magic); "
                                   "expected a llama.cpp .gguf file or a Hugging Face model directory")
         try:
+            check_header(path)  # bounds first: GGUFReader sizes its loops from the header's counts
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+        try:
             # GGUFReader keeps a numpy view per array element (~1 KB each, 0.5 GB for Llama 3's
             # 128k tokens and 280k merges): take plain values and let it go before any tensor is read
             reader = gguf.GGUFReader(path)
@@ -461,7 +467,10 @@ class GGUFCheckpoint:
             raise CheckpointError(f"{self.path}: {a}.embedding_length, .attention.head_count and head_count_kv "
                                   f"must be positive integers, got {dim!r}, {n_heads!r}, {n_kv_heads!r} "
                                   "(per-layer head counts are not supported)")
-        self.head_dim = int(self.meta(f"{a}.attention.key_length", dim // n_heads))
+        self.head_dim = self.meta(f"{a}.attention.key_length", dim // n_heads)
+        if not isinstance(self.head_dim, int) or self.head_dim <= 0 or self.head_dim % 2:
+            raise CheckpointError(f"{self.path}: {a}.attention.key_length (the head size) must be a positive even "
+                                  f"integer, got {self.head_dim!r}")
         if int(self.meta(f"{a}.attention.value_length", self.head_dim)) != self.head_dim:
             raise CheckpointError(f"{self.path}: {a}.attention.value_length != key_length is not supported")
         rope_dims = int(self.meta(f"{a}.rope.dimension_count", self.head_dim))

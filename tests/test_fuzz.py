@@ -360,3 +360,17 @@ def test_a_gguf_vocabulary_that_makes_no_tokenizer_is_named(tmp_path):
     with GGUFCheckpoint.open(path) as ckpt:
         err = _error(ckpt.tokenizer_files)
     assert "m.gguf: its vocabulary does not make a tokenizer" in err and "--tokenizer DIR" in err
+
+
+def test_a_gguf_count_past_the_file_is_named_before_gguf_py_loops_on_it(tmp_path, gguf_file):
+    """GGUFReader sizes its loops from the header's counts: 2**60 tensors ran it out of memory."""
+    from storage.gguf import GGUFCheckpoint
+
+    raw = bytearray(gguf_file[0].read_bytes())
+    path = tmp_path / "m.gguf"
+    path.write_bytes(raw[:8] + struct.pack("<Q", 2**60) + raw[16:])
+    err = _error(lambda: GGUFCheckpoint.open(path))
+    assert f"m.gguf: damaged or truncated GGUF file ({len(raw)} bytes): the tensor count is 1152921504606846976, " \
+           f"more than the {len(raw) - 16} bytes left can hold; re-download or re-export it" in err
+    path.write_bytes(raw[:24] + struct.pack("<Q", 2**40) + raw[32:])  # the first metadata key's length
+    assert "metadata key 0 (length) is 1099511627776, more than the" in _error(lambda: GGUFCheckpoint.open(path))
