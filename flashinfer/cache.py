@@ -81,7 +81,8 @@ class NeuronCache:
         overflow = self.n - stale.size + to_load.size - self.capacity
         if overflow > 0:  # pressure: evict the least recently predicted that are not needed now
             keep = np.setdiff1d(live, stale, assume_unique=True)
-            keep = keep[self.last_active[keep] < t]
+            # not by recency: read-ahead rows of a 1-token window are stamped t too (commit_prefetched)
+            keep = keep[~np.isin(keep, predicted, assume_unique=True)]
             lru = keep[np.argsort(self.last_active[keep], kind="stable")[:overflow]]
             stale = np.concatenate([stale, lru])
         self.n = _delete_rows(self.rows, self.row_to_id, self.id_to_row, self.n, stale.astype(np.int32))
@@ -126,6 +127,16 @@ class NeuronCache:
         """Append bundles (uint8 [len(ids), bundle_bytes]) for ids not yet resident."""
         self.free_rows(ids.size)[:] = bundles
         self.commit(ids)
+
+    def check(self) -> None:
+        """Assert the maps agree with each other and with `n` (tests run it after injected read
+        faults): rows 0..n-1 hold distinct ids whose id_to_row points back, no other id has a row."""
+        live = self.row_to_id[: self.n]
+        assert 0 <= self.n <= self.capacity, (self.n, self.capacity)
+        assert (live >= 0).all() and np.unique(live).size == live.size, "a row holds no id, or an id twice"
+        assert (self.id_to_row[live] == np.arange(self.n)).all(), "id_to_row disagrees with row_to_id"
+        assert (self.row_to_id[self.n :] == -1).all(), "a row past n holds an id"
+        assert int((self.id_to_row >= 0).sum()) == self.n, "an id points at a row it does not hold"
 
     def clear(self) -> None:
         """Drop every row (keeps the token count and recency)."""

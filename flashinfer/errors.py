@@ -15,6 +15,7 @@ from storage.errors import (  # noqa: F401  (re-exported)
     FlashinferError,
     FormatError,
     QuantError,
+    ReadError,
     StorageError,
 )
 

@@ -21,7 +21,7 @@ numba kernels release the GIL, so the read really overlaps. `stats` counts both.
 from __future__ import annotations
 
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import numpy as np
@@ -171,8 +171,8 @@ class SparseFFN:
 
     def reset(self) -> None:
         """Forget everything resident (a new sequence starts cold)."""
-        for layer in list(self._pending):
-            self._pending.pop(layer)[0].result()
+        for layer in list(self._pending):  # wait for reads still writing into free rows; uncommitted, so
+            wait([self._pending.pop(layer)[0]])  # a failed one (its error was not ours to raise) loses nothing
         for cache in self.caches:
             cache.reset()
         self.stats = SparseStats()

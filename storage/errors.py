@@ -18,6 +18,11 @@ class StorageError(FlashinferError):
     """Something on disk (a checkpoint, a store) or about reading it is wrong."""
 
 
+class ReadError(StorageError):
+    """Reading a store's data failed mid-generation (an I/O error, a short read): the disk or
+    the file is failing, not the request."""
+
+
 class CheckpointError(StorageError):
     """A weight file is damaged, truncated, lies about its sizes, or lacks a tensor."""
 

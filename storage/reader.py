@@ -19,14 +19,14 @@ import mmap
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from storage import format as fmt
-from storage.errors import FormatError, StorageError
+from storage.errors import FormatError, ReadError, StorageError
 from storage.quant import QuantizedTensor
 
 DEFAULT_IO_THREADS = 4  # bench/io.py: what this disk likes; the paper used 32 on a phone
@@ -76,6 +76,13 @@ def open_direct(path: str | os.PathLike) -> tuple[int, bool]:
     return os.open(path, os.O_RDONLY), False
 
 
+def _all_done(futures) -> int:
+    """The sum of the futures' results, once every one has ended: on a failed read the others
+    still write into the caller's buffer, which must not be reused before they stop."""
+    wait(futures)
+    return sum(f.result() for f in futures)
+
+
 class StoreReader:
     def __init__(self, store_dir: str | Path, *, verify: bool = False, direct: bool = True, throttle=None,
                  io_threads: int = DEFAULT_IO_THREADS, max_read_bytes: int = DEFAULT_MAX_READ_BYTES,
@@ -98,6 +105,9 @@ class StoreReader:
         self.stats = ReadStats()
         self._stats_lock = threading.Lock()
         self.direct = direct
+        # the positioned read every flash read goes through: tests/test_read_faults.py injects
+        # I/O errors and short reads by replacing it
+        self.preadv = os.preadv
         self._fds = [self._open_layer(layer) for layer in self.manifest.ffn_layers]
         self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="flash-read")
         self._buffers = threading.local()  # one staging buffer per reader thread, made once
@@ -144,6 +154,13 @@ class StoreReader:
 
     def verify(self) -> None:
         """Check every checksum; raise FormatError naming the first damaged tensor or chunk."""
+        try:
+            self._verify()
+        except OSError as e:
+            raise ReadError(f"{e.filename or self.dir}: cannot read ({e.strerror or e}); the disk or the file is "
+                            "failing") from None
+
+    def _verify(self) -> None:
         for name, t in self.manifest.resident.items():
             if fmt.checksum(self._resident[t.offset : t.offset + t.nbytes]) != t.checksum:
                 raise FormatError(f"{self.dir / fmt.RESIDENT_FILE}: checksum mismatch in tensor {name!r}; "
@@ -206,8 +223,7 @@ class StoreReader:
         if len(jobs) == 1:  # no hand-off to the pool for a single read
             nbytes = self._read_job(layer, spec, ids, jobs[0], out)
         else:
-            nbytes = sum(f.result() for f in [self._pool.submit(self._read_job, layer, spec, ids, job, out)
-                                                for job in jobs])
+            nbytes = _all_done([self._pool.submit(self._read_job, layer, spec, ids, job, out) for job in jobs])
         with self._stats_lock:
             self.stats.bytes_wanted += ids.size * spec.bundle_bytes
         if counter is not None:
@@ -268,7 +284,7 @@ class StoreReader:
         if len(starts) == 1:
             total = piece(0)
         else:  # long sequential reads, several in flight (the pool's threads)
-            total = sum(f.result() for f in [self._pool.submit(piece, start) for start in starts])
+            total = _all_done([self._pool.submit(piece, start) for start in starts])
         if counter is not None:
             counter.bytes_read += total
             counter.bytes_wanted += mat.nbytes
@@ -312,10 +328,17 @@ class StoreReader:
         done = 0
         view = memoryview(buf)
         while done < length:
-            n = os.preadv(fd, [view[done:length]], offset + done)
+            try:
+                n = self.preadv(fd, [view[done:length]], offset + done)
+            except OSError as e:
+                raise ReadError(f"{self.dir / self.manifest.ffn_layers[layer].file}: reading bytes {offset + done}.."
+                                f"{offset + length} failed ({e.strerror or e}); the disk or the file is failing: "
+                                f"run `flashinfer check {self.dir}`, and convert again if it reports damage"
+                                ) from None
             if n <= 0:
-                raise StorageError(f"{self.dir / self.manifest.ffn_layers[layer].file}: short read at byte "
-                                   f"{offset + done} (file changed or truncated since it was opened)")
+                raise ReadError(f"{self.dir / self.manifest.ffn_layers[layer].file}: short read at byte "
+                                f"{offset + done} (file changed or truncated since it was opened); "
+                                f"run `flashinfer check {self.dir}`")
             done += n
         if not self.direct:
             os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
