@@ -8,8 +8,10 @@
    hand (x, z > 0) to predictors.lowrank to fit (rank `rank`, `last_rank` for the last
    `last_layers` layers, where the paper too spends more); report recall on held-out tokens.
    The static hot set (predictors.sparsity.StaticPredictor) is fitted on the same masks.
-3. Save predictors/lowrank.npz, predictors/static.npz and a JSON report into the store,
-   atomically (each file is written aside and renamed).
+3. Save predictors/lowrank.npz, predictors/static.npz, a JSON report and checksums.json (each
+   file's size and blake2b) into the store as one directory, written aside and swapped in
+   (storage/atomic.py): a calibration killed at any instant leaves the old predictors or the new
+   ones, never a mix. `flashinfer check` verifies them (verify_predictors).
 
 Only ReLU-family models have exact zeros to predict; SiLU models are refused.
 """
@@ -17,19 +19,21 @@ Only ReLU-family models have exact zeros to predict; SiLU models are refused.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from flashinfer.errors import FlashinferError
+from flashinfer.errors import FlashinferError, FormatError
+from storage import atomic
+from storage.format import file_checksum
 
 PREDICTOR_DIR = "predictors"
 LOWRANK_FILE = "lowrank.npz"
 REPORT_FILE = "lowrank.json"
 STATIC_FILE = "static.npz"
+CHECKSUMS_FILE = "checksums.json"
 STATIC_COVERAGE = 0.9  # the hot set keeps the most frequent neurons until they carry 90% of firings
 HELD_OUT_SHARE = 0.2  # last 20% of the calibration tokens measure recall on text the fit did not see
 THRESHOLD_SHARE = 0.15  # the 15% before them pick each layer's threshold (predictors/lowrank.py says why)
@@ -113,8 +117,8 @@ def calibrate_store(store: str | Path, text: str, *, max_tokens: int = 2048, ran
         token_ids = engine.tokenize(text)[:max_tokens]
         if len(token_ids) < 64:
             raise FlashinferError(f"calibration text gives {len(token_ids)} tokens; give at least 64 (ideally 1000+)")
-        out_dir.mkdir(exist_ok=True)
-        scratch = out_dir / f".calibration-{os.getpid()}"
+        atomic.remove_stale(out_dir)  # what a killed calibration left (its scratch and staged predictors)
+        scratch = atomic.scratch_dir(out_dir)
         shutil.rmtree(scratch, ignore_errors=True)
         scratch.mkdir()
         try:
@@ -146,20 +150,61 @@ def calibrate_store(store: str | Path, text: str, *, max_tokens: int = 2048, ran
                     progress(i + 1, n_layers)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-    _save_atomically(out_dir / LOWRANK_FILE, LowRankPredictor(layers).save)
-    _save_atomically(out_dir / STATIC_FILE, StaticPredictor(hot_sets).save)
     report = {"tokens": len(token_ids), "held_out_tokens": len(token_ids) - split, "rank": rank,
               "last_rank": last_rank, "last_layers": last_layers, "target_recall": target_recall,
               "static_coverage": STATIC_COVERAGE, "layers": [asdict(r) for r in reports]}
-    _save_atomically(out_dir / REPORT_FILE, lambda p: Path(p).write_text(json.dumps(report, indent=1)))
+    save_predictors(store, {LOWRANK_FILE: LowRankPredictor(layers).save, STATIC_FILE: StaticPredictor(hot_sets).save,
+                            REPORT_FILE: lambda p: Path(p).write_text(json.dumps(report, indent=1))})
     return reports
 
 
-def _save_atomically(path: Path, write) -> None:
-    """write(tmp) then rename over `path`: a crash leaves the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
+def save_predictors(store: Path, writers: dict) -> Path:
+    """Make store/predictors hold exactly the files `writers` write ({name: write(path)}) plus
+    checksums.json, in one step (see the module docstring)."""
+    target = Path(store) / PREDICTOR_DIR
+    staging = atomic.staging_dir(target)
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
     try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        for name, write in writers.items():
+            write(staging / name)
+        sums = {name: {"bytes": (staging / name).stat().st_size, "blake2b": file_checksum(staging / name)}
+                for name in writers}
+        (staging / CHECKSUMS_FILE).write_text(json.dumps({"files": sums}, indent=1))
+        atomic.fsync_tree(staging)
+        atomic.replace_dir(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def verify_predictors(store: Path) -> str | None:
+    """Check store/predictors against its checksums.json: a line for `flashinfer check`, None
+    without predictors; FormatError naming the first file missing, of another size or damaged."""
+    from storage import schema
+
+    folder = Path(store) / PREDICTOR_DIR
+    if not folder.is_dir():
+        return None
+    sums_path = folder / CHECKSUMS_FILE
+    fix = f"calibrate again (`flashinfer calibrate {store} --text FILE`)"
+    if not sums_path.is_file():
+        return (f"predictors: {', '.join(sorted(p.name for p in folder.iterdir()))} without checksums (calibrated by "
+                f"an older flashinfer; {fix} to add them)")
+    try:
+        files = schema.mapping(schema.member(schema.mapping(json.loads(sums_path.read_text()), ""), "files", ""),
+                               "files")
+        expected = {name: (schema.member(schema.mapping(v, f"files.{name}"), "bytes", f"files.{name}"),
+                           schema.member(v, "blake2b", f"files.{name}")) for name, v in files.items()}
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError and SchemaError are ValueErrors
+        raise FormatError(f"{sums_path}: not a predictor checksum file ({e}); {fix}") from None
+    for name, (size, digest) in expected.items():
+        path = folder / name
+        if not path.is_file():
+            raise FormatError(f"{path}: missing (checksums.json lists it); {fix}")
+        if path.stat().st_size != size:
+            raise FormatError(f"{path}: {path.stat().st_size} bytes, checksums.json says {size}; {fix}")
+        if file_checksum(path) != digest:
+            raise FormatError(f"{path}: checksum mismatch, the file is damaged; {fix}")
+    return f"predictors: {', '.join(expected)} (checksums match)"

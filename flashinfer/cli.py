@@ -266,14 +266,16 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
+    from flashinfer.calibrate import verify_predictors
     from storage.reader import StoreReader
 
     with StoreReader(args.store, verify=True) as reader:
         m = reader.manifest
         ffn_bytes = sum(layer.file_bytes for layer in m.ffn_layers)
+        predictors = verify_predictors(reader.dir)
         print(f"{args.store}: ok — format v{m.version}, {len(m.resident)} resident tensors "
               f"({m.resident_bytes / 1e6:.1f} MB), {len(m.ffn_layers)} FFN layers ({ffn_bytes / 1e6:.1f} MB), "
-              f"quant {m.quant}, every checksum matches")
+              f"quant {m.quant}, every checksum matches" + (f"; {predictors}" if predictors else ""))
     return 0
 
 

@@ -98,6 +98,15 @@ def checksum(data) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
+def file_checksum(path, block: int = 1 << 20) -> str:
+    """checksum() of a whole file, read a block at a time."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while data := f.read(block):
+            digest.update(data)
+    return digest.hexdigest()
+
+
 @dataclass(frozen=True)
 class ResidentTensor:
     """A tensor in resident.bin. For 2-D quantized tensors the bytes are planar:

@@ -3,9 +3,10 @@
 A state machine over a temporary directory `<out>.partial-<pid>` next to the target:
 resident tensors and FFN layers are appended as they come (the caller streams them, so a
 7B model never sits in RAM), tokenizer files are copied, and `finish()` writes the
-manifest last and renames the directory into place. Any exception (including a full
-disk) removes the temporary directory: an interrupted conversion never leaves a directory
-that loads.
+manifest last, fsyncs, and swaps the directory into place (storage/atomic.py: an overwritten
+store is the old one until that instant). Any exception (including a full disk) removes the
+temporary directory, and a SIGKILLed conversion's is removed by the next writer of the same
+store: an interrupted conversion never leaves a directory that loads.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from storage import atomic
 from storage import format as fmt
 from storage import quant
 from storage.errors import StorageError
@@ -78,9 +80,10 @@ class StoreWriter:
         self.out_dir = Path(out_dir)
         if compression not in fmt.COMPRESSIONS:
             raise StorageError(f"compression {compression!r} is not one of {', '.join(fmt.COMPRESSIONS)}")
+        atomic.remove_stale(self.out_dir)  # what a killed conversion left (and its old store, put back)
         if self.out_dir.exists() and not overwrite:
             raise StorageError(f"{self.out_dir} already exists; choose another path or pass overwrite")
-        self.tmp_dir = self.out_dir.with_name(f"{self.out_dir.name}.partial-{os.getpid()}")
+        self.tmp_dir = atomic.staging_dir(self.out_dir)
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
         (self.tmp_dir / "ffn").mkdir(parents=True)
         self.model_config, self.hf_config, self.quant_config = model_config, hf_config, quant_config
@@ -251,16 +254,7 @@ class StoreWriter:
         manifest_path = self.tmp_dir / fmt.MANIFEST
         with open(manifest_path, "wb") as f:
             self._write(f, manifest.to_json().encode(), fmt.MANIFEST)
-        for path in [*self.tmp_dir.rglob("*")]:
-            if path.is_file():
-                with open(path, "rb") as fh:
-                    os.fsync(fh.fileno())
-        if self.out_dir.exists():  # overwrite: move the old store aside first, delete it after
-            trash = self.out_dir.with_name(f"{self.out_dir.name}.old-{os.getpid()}")
-            os.rename(self.out_dir, trash)
-            os.rename(self.tmp_dir, self.out_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(self.tmp_dir, self.out_dir)
+        atomic.fsync_tree(self.tmp_dir)
+        atomic.replace_dir(self.tmp_dir, self.out_dir)  # overwrite: the old store until this instant
         self.state = "finished"
         return self.out_dir

@@ -36,7 +36,8 @@ def test_reports_recall_on_held_out_tokens(calibrated):
         assert 0.8 <= r.static_recall <= 0.97 and r.static_fraction < 0.8
     assert [r.rank for r in reports] == [16, 32]  # the last layer (an eighth of 2, at least 1) gets 2x
     store = calibrated[0]
-    assert {p.name for p in (store / "predictors").iterdir()} == {"lowrank.npz", "static.npz", "lowrank.json"}
+    assert {p.name for p in (store / "predictors").iterdir()} == {"lowrank.npz", "static.npz", "lowrank.json",
+                                                                  "checksums.json"}
 
 
 def _decode_logits(engine, ids) -> np.ndarray:
@@ -91,7 +92,18 @@ def test_calibrate_cli_and_errors(calibrated, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "mass recall" in out and "static hot set" in out and "saved" in out
     assert [line.split()[1] for line in out.splitlines()[2:4]] == ["12", "12"]
-    assert not list((store / "predictors").glob(".calibration-*"))  # the scratch inputs are gone
+    assert not list(store.glob("predictors.*"))  # the scratch inputs and the staged predictors are gone
+    assert main(["check", str(store)]) == 0
+    assert "; predictors: lowrank.npz, static.npz, lowrank.json (checksums match)" in capsys.readouterr().out
+    static = store / "predictors" / "static.npz"
+    raw = static.read_bytes()
+    static.write_bytes(raw[:40] + bytes([raw[40] ^ 1]) + raw[41:])  # a byte of a zip header: np.load may not see it
+    try:
+        assert main(["check", str(store)]) == 2
+        assert "predictors/static.npz: checksum mismatch, the file is damaged; calibrate again" in \
+            capsys.readouterr().err
+    finally:
+        static.write_bytes(raw)  # the module's later tests share the store
     path.write_text("too short")
     assert main(["calibrate", str(store), "--text", str(path)]) == 2
     assert "give at least 64" in capsys.readouterr().err
