@@ -178,6 +178,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise FlashinferError(f"flashinfer serve needs the server extra ({e.name} is not installed): "
                               "pip install 'flashinfer[server]'") from None
+    from storage.units import parse_size
+
+    max_body_bytes = parse_size(args.max_body)  # as --dram is parsed: one clear line on a typo
+    if max_body_bytes < 1:
+        raise FlashinferError(f"--max-body must be at least 1 byte, got {args.max_body!r}")
     sock = bind(args.host, args.port)  # before loading the model: a busy port fails at once
     try:
         t0 = time.perf_counter()
@@ -191,7 +196,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             print(f"serving {name} at http://{host}:{sock.getsockname()[1]}/v1 (context {engine.ctx} tokens, "
                   f"1 request at a time and up to {args.max_queue} waiting; loaded in {load_s:.2f} s)",
                   file=sys.stderr)
-            serve(engine, name, sock, args.max_queue)
+            serve(engine, name, sock, args.max_queue, max_body_bytes)
     finally:
         sock.close()
     return 0
@@ -412,6 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-queue", type=_non_negative_int, default=8,
                        help="requests that may wait while one runs; more get 503 (default 8)")
     serve.add_argument("--model-name", default=None, help="the model's id in the API (default: the directory name)")
+    serve.add_argument("--max-body", default="1MB", metavar="SIZE",
+                       help="largest request body, e.g. 1MB or 256KiB; larger ones get 413 (default 1MB)")
     serve.set_defaults(func=_cmd_serve)
 
     profile = sub.add_parser(

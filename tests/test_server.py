@@ -3,13 +3,16 @@
 
 import http.client
 import json
+import socket
 import threading
 import time
+from contextlib import closing
 
 import openai
 import pytest
 
 from flashinfer.server.serve import bind, make_server
+from storage.errors import StorageError
 from tests.conftest import FIXTURES
 
 PROMPT = "The river ran past the old mill"
@@ -19,11 +22,11 @@ HI = [{"role": "user", "content": "hi"}]
 class ServerThread:
     """uvicorn serving an engine from a thread of this process, on a free port."""
 
-    def __init__(self, engine, max_queue: int = 8, model_name: str = "llama"):
+    def __init__(self, engine, max_queue: int = 8, model_name: str = "llama", **options):
         self.sock = bind("127.0.0.1", 0)
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = make_server(engine, model_name, max_queue, log_level="warning")
+        self.server = make_server(engine, model_name, max_queue, log_level="warning", **options)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 10
@@ -246,6 +249,144 @@ def test_hanging_up_on_a_whole_response_stops_it_too(slow_engine):
         running.stop()
 
 
+# ---- read faults -------------------------------------------------------------------------
+READ_FAULT = "ffn/L0.bin: read of 4096 bytes at offset 8192 failed ([Errno 5] Input/output error)"
+
+
+class FailingEngine:
+    """The engine, but its next `faults` generations raise a StorageError after their first
+    token, as a read from a failing disk would."""
+
+    def __init__(self, engine, faults: int):
+        self.engine, self.faults = engine, faults
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def stream(self, *args, **kwargs):
+        steps = self.engine.stream(*args, **kwargs)  # the arguments are checked as ever
+        if self.faults == 0:
+            return steps
+        self.faults -= 1
+        return self._fail_after_one(steps)
+
+    @staticmethod
+    def _fail_after_one(steps):
+        with closing(steps):  # the engine's own generator is closed by the error it raises: it frees the engine
+            yield next(steps)
+            raise StorageError(READ_FAULT)
+
+
+def test_an_engine_failure_is_a_500_or_an_error_event_and_the_next_request_runs(engines):
+    running = ServerThread(FailingEngine(engines("llama"), faults=2))
+    failure = {"message": f"generation failed: StorageError: {READ_FAULT}", "type": "server_error", "param": None,
+               "code": None}
+    try:
+        status, body = running.request("POST", "/v1/completions", {"model": "llama", "prompt": PROMPT,
+                                                                   "max_tokens": 8})
+        assert (status, body) == (500, {"error": failure})
+        assert running.health()["running"] == 0
+
+        conn = http.client.HTTPConnection("127.0.0.1", running.port, timeout=30)
+        body = {"model": "llama", "messages": HI, "max_tokens": 8, "stream": True}
+        conn.request("POST", "/v1/chat/completions", body=json.dumps(body),
+                     headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert response.status == 200
+        events = response.read().decode().split("\n\n")
+        conn.close()
+        assert events[-2:] == ["data: [DONE]", ""]
+        assert json.loads(events[-3].removeprefix("data: ")) == {"error": failure}
+        assert all("choices" in json.loads(e.removeprefix("data: ")) for e in events[:-3])  # the role, a token
+
+        result = running.client().completions.create(model="llama", prompt="hi", max_tokens=3)
+        assert result.usage.completion_tokens == 3 and result.choices[0].finish_reason == "length"
+        health = running.health()
+        assert (health["failed"], health["served"], health["disconnected"], health["running"], health["waiting"]) == \
+            (2, 1, 0, 0, 0)
+    finally:
+        running.stop()
+
+
+# ---- the body limit ----------------------------------------------------------------------
+TOO_LARGE = {"type": "invalid_request_error", "param": None, "code": "request_too_large"}
+
+
+def test_a_body_over_the_limit_by_its_length_gets_413_before_it_is_sent(server):
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn.putrequest("POST", "/v1/completions")
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader("Content-Length", "1000001")
+    conn.endheaders()  # and not a byte of the body: the answer must not wait for it
+    response = conn.getresponse()
+    assert response.status == 413 and response.getheader("connection") == "close"
+    assert json.loads(response.read())["error"] == {
+        "message": "the request body is over the server's limit of 1000000 bytes (--max-body)", **TOO_LARGE}
+    conn.close()
+    body = {"model": "llama", "prompt": "hi", "max_tokens": 2, "padding": ""}  # a field we ignore
+    body["padding"] = "x" * (1_000_000 - len(json.dumps(body)))
+    assert len(json.dumps(body)) == 1_000_000  # exactly the limit: read and served
+    status, result = server.request("POST", "/v1/completions", body)
+    assert status == 200 and result["usage"]["completion_tokens"] == 2
+
+
+def _read_until_closed(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def test_a_chunked_body_over_the_limit_gets_413_at_the_limit(engines):
+    running = ServerThread(engines("llama"), max_body_bytes=50_000)
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", running.port, timeout=30)
+        body = json.dumps({"model": "llama", "prompt": "hi", "max_tokens": 2}).encode()
+        conn.request("POST", "/v1/completions", body=iter([body[:10], body[10:]]), encode_chunked=True,
+                     headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert response.status == 200 and json.loads(response.read())["usage"]["completion_tokens"] == 2
+        conn.close()
+
+        with socket.create_connection(("127.0.0.1", running.port), timeout=10) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n")
+            for _ in range(5):
+                sock.sendall(b"2710\r\n" + b" " * 10_000 + b"\r\n")  # 10 000 bytes a chunk
+            sock.sendall(b"1\r\n \r\n")  # byte 50 001, and nothing after it: the 413 must come now
+            head, _, reply = _read_until_closed(sock).partition(b"\r\n\r\n")  # and the server hangs up
+        assert head.startswith(b"HTTP/1.1 413 ") and b"\r\nconnection: close" in head.lower()
+        assert json.loads(reply)["error"] == {
+            "message": "the request body is over the server's limit of 50000 bytes (--max-body)", **TOO_LARGE}
+
+        result = running.client().completions.create(model="llama", prompt="hi", max_tokens=2)
+        assert result.usage.completion_tokens == 2
+        health = running.health()
+        assert (health["served"], health["running"], health["waiting"]) == (2, 0, 0)
+    finally:
+        running.stop()
+
+
+def test_a_client_gone_mid_body_is_no_server_error(server):
+    import logging
+
+    errors: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = errors.append
+    uvicorn_log = logging.getLogger("uvicorn.error")  # where uvicorn reports an app's exception
+    uvicorn_log.addHandler(handler)
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 1000\r\n\r\n{\"model\": ")
+            _wait_for(lambda: server.server.server_state.tasks)  # the app is reading the body
+        _wait_for(lambda: not server.server.server_state.tasks)
+        assert server.health()["running"] == 0
+    finally:
+        uvicorn_log.removeHandler(handler)
+    assert [r.getMessage() for r in errors] == []
+
+
 # ---- the command ----------------------------------------------------------------------
 def test_serve_takes_the_engine_knobs_of_run():
     from flashinfer.cli import build_parser
@@ -266,7 +407,7 @@ def test_flashinfer_serve_command(tmp_path):
     import sys
 
     proc = subprocess.Popen([sys.executable, "-m", "flashinfer.cli", "serve", str(FIXTURES / "llama"), "--port", "0",
-                             "--model-name", "tiny-llama"], stderr=subprocess.PIPE, text=True)
+                             "--model-name", "tiny-llama", "--max-body", "2KB"], stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stderr.readline()
         while line.startswith(("converting ", "converted in ")):  # the HF dir becomes a store in the cache first
@@ -276,6 +417,9 @@ def test_flashinfer_serve_command(tmp_path):
         client = openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=30)
         result = client.completions.create(model="tiny-llama", prompt="hi", max_tokens=4)
         assert result.usage.completion_tokens == 4
+        with pytest.raises(openai.APIStatusError, match="over the server's limit of 2000 bytes") as e:  # --max-body
+            client.completions.create(model="tiny-llama", prompt="x" * 2000, max_tokens=4)
+        assert e.value.status_code == 413
         port = int(url.rsplit(":", 1)[1].split("/")[0])
         busy = subprocess.run([sys.executable, "-m", "flashinfer.cli", "serve", str(FIXTURES / "llama"),
                                "--port", str(port)], capture_output=True, text=True, timeout=60)
@@ -300,3 +444,13 @@ def test_serve_without_the_server_extra(monkeypatch, capsys):
     assert main(["serve", str(FIXTURES / "llama")]) == 2
     assert capsys.readouterr().err == ("error: flashinfer serve needs the server extra (uvicorn is not installed): "
                                        "pip install 'flashinfer[server]'\n")
+
+
+def test_serve_max_body_is_a_size(capsys):
+    from flashinfer.cli import build_parser, main
+
+    assert build_parser().parse_args(["serve", "STORE"]).max_body == "1MB"
+    assert main(["serve", str(FIXTURES / "llama"), "--max-body", "64Kb"]) == 2  # before binding a port
+    assert capsys.readouterr().err.startswith("error: cannot parse size '64Kb': a lower-case 'b' means bits")
+    assert main(["serve", str(FIXTURES / "llama"), "--max-body", "0"]) == 2
+    assert capsys.readouterr().err == "error: --max-body must be at least 1 byte, got '0'\n"

@@ -7,6 +7,15 @@ is tokenized in Starlette's thread pool. Queue: the engine runs one generation a
 and past that the server answers 503 at once rather than let waits grow without bound.
 Disconnects: a client that goes away cancels its generation between two tokens, which frees
 the engine and its queue place for the next request.
+Bodies: past `max_body_bytes` (default 1 MB, `--max-body`) a request gets 413 without being
+read whole: a Content-Length over the limit is refused before a byte of the body is read, a
+chunked body is counted as it arrives and refused at the limit; the connection is then
+closed rather than drained.
+Faults: when the engine raises mid-generation (a StorageError from a failing disk, say), a
+whole response becomes a 500 in OpenAI's shape naming the error, a stream gets an error event
+and `data: [DONE]`; either way the queue place is given back and the next request runs.
+/health counts every request that passed its checks exactly once, as served, rejected (503),
+disconnected or failed; one refused by them (400, 404, 413) never takes a queue place.
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ import anyio
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -46,6 +55,10 @@ from flashinfer.server.protocol import (
 
 log = logging.getLogger("flashinfer.server")
 
+# A request holds one prompt that fits the context: 4096 tokens are ~20 KB of text or ~30 KB
+# of token ids, so 1 MB leaves room for long messages while no client makes us buffer more
+DEFAULT_MAX_BODY_BYTES = 1_000_000
+
 
 @dataclass
 class Stats:
@@ -54,6 +67,7 @@ class Stats:
     served: int = 0  # generations that ran to their end
     rejected: int = 0  # 503: the queue was full
     disconnected: int = 0  # the client left before the end; generation stopped
+    failed: int = 0  # the engine raised mid-generation: a 500, or an error event in the stream
     completion_tokens: int = 0  # tokens generated, for all of them
 
 
@@ -81,6 +95,7 @@ class Ticket:
         self.queue = queue
         self.tokens = 0  # generated so far
         self.finish_reason: str | None = None  # set when generation reached its end
+        self.error: Exception | None = None  # set when the engine raised
         self.released = False
 
     def release(self) -> None:
@@ -90,7 +105,9 @@ class Ticket:
         self.queue.admitted -= 1
         stats = self.queue.stats
         stats.completion_tokens += self.tokens
-        if self.finish_reason is None:
+        if self.error is not None:
+            stats.failed += 1
+        elif self.finish_reason is None:
             stats.disconnected += 1
             log.info("client left after %d tokens: generation stopped", self.tokens)
         else:
@@ -121,11 +138,12 @@ class EngineQueue:
 
 
 class Server:
-    """What the routes share: the engine, its thread, the queue and the model's name."""
+    """What the routes share: the engine, its thread, the queue, the model's name, the body limit."""
 
-    def __init__(self, engine: Engine, model_name: str, max_queue: int):
+    def __init__(self, engine: Engine, model_name: str, max_queue: int, max_body_bytes: int):
         self.engine = engine
         self.model_name = model_name
+        self.max_body_bytes = max_body_bytes
         self.queue = EngineQueue(max_queue)
         self.thread = EngineThread()
         self.created = int(time.time())
@@ -139,15 +157,21 @@ class Server:
                     ticket.tokens += step.token_id is not None
                     ticket.finish_reason = step.finish_reason
                     yield step
+        except Exception as e:  # from the engine thread: counted as failed, answered by the caller
+            ticket.error = e
+            raise
         finally:
             self.thread.close_later(steps)  # frees the engine; never awaits, so safe when cancelled
 
 
-def create_app(engine: Engine, model_name: str, max_queue: int = 8) -> Starlette:
+def create_app(engine: Engine, model_name: str, max_queue: int = 8,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> Starlette:
     """The ASGI app serving `engine` as `model_name`. It does not close the engine."""
     if max_queue < 0:
         raise FlashinferError(f"max_queue must be >= 0, got {max_queue}")
-    server = Server(engine, model_name, max_queue)
+    if max_body_bytes < 1:
+        raise FlashinferError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
+    server = Server(engine, model_name, max_queue, max_body_bytes)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -200,7 +224,10 @@ async def chat_completions(request: Request) -> Response:
 
 async def _generation(request: Request, parse: Callable) -> Response:
     server: Server = request.app.state.server
-    body = await _json_body(request)
+    try:
+        body = await _json_body(request, server.max_body_bytes)
+    except ClientDisconnect:  # gone while sending the body: an ordinary hang-up, not a server error
+        return Response(status_code=499)
     req: GenerationRequest = await run_in_threadpool(parse, body, server.engine, server.model_name)
     try:  # checks the sampling values; nothing runs until the first step
         steps = server.engine.stream(req.prompt_ids, req.max_tokens, req.temperature, req.top_k, req.top_p,
@@ -212,6 +239,10 @@ async def _generation(request: Request, parse: Callable) -> Response:
         return EventStream(_events(server, req, server.generate(ticket, steps)), on_close=ticket.release)
     try:
         return await _whole(request, server, req, server.generate(ticket, steps))
+    except Exception as e:  # the engine failed (a read fault, ...): this request ends, the server goes on
+        ticket.error = e
+        log.exception("generation failed")
+        raise _generation_failed(e) from None
     finally:
         ticket.release()
 
@@ -249,8 +280,12 @@ async def _events(server: Server, req: GenerationRequest, steps: AsyncIterator[S
                         yield _sse(usage_chunk(req, model_name, usage))
         except Exception as e:  # the status line is long gone: report in the stream, as OpenAI does
             log.exception("generation failed mid-stream")
-            yield _sse(APIError(500, f"generation failed: {e}", type="server_error").body())
+            yield _sse(_generation_failed(e).body())
         yield "data: [DONE]\n\n"
+
+
+def _generation_failed(e: Exception) -> APIError:
+    return APIError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error")
 
 
 def _sse(obj: dict) -> str:
@@ -295,23 +330,51 @@ async def _unless_disconnected(receive: Callable, work: Callable[[], Awaitable[N
             pass
         scope.cancel()
 
-    async with anyio.create_task_group() as group:
-        group.start_soon(run, group.cancel_scope)
-        group.start_soon(watch, group.cancel_scope)
+    try:
+        async with anyio.create_task_group() as group:
+            group.start_soon(run, group.cancel_scope)
+            group.start_soon(watch, group.cancel_scope)
+    except BaseExceptionGroup as group:  # anyio wraps even one error; callers catch it by its own type
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
     return finished
 
 
-async def _json_body(request: Request) -> object:
-    raw = await request.body()
+async def _json_body(request: Request, max_bytes: int) -> object:
+    raw = await _body(request, max_bytes)
     try:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise APIError(400, f"the request body is not valid JSON ({e})") from None
 
 
+async def _body(request: Request, max_bytes: int) -> bytes:
+    """The request body, or 413 as soon as it is known to be over `max_bytes`: from its
+    Content-Length before reading any of it, or while counting a chunked one."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > max_bytes:
+        raise _body_too_large(max_bytes)
+    chunks: list[bytes] = []
+    size = 0
+    async with aclosing(request.stream()) as stream:
+        async for chunk in stream:
+            size += len(chunk)
+            if size > max_bytes:
+                raise _body_too_large(max_bytes)
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _body_too_large(max_bytes: int) -> APIError:
+    return APIError(413, f"the request body is over the server's limit of {max_bytes} bytes (--max-body)",
+                    code="request_too_large")
+
+
 # ---- errors, in OpenAI's shape ------------------------------------------------------
 async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-    headers = {"Retry-After": "1"} if exc.status == 503 else None
+    # 413: close the connection rather than read the rest of the body to reach the next request
+    headers = {503: {"Retry-After": "1"}, 413: {"Connection": "close"}}.get(exc.status)
     return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
 

@@ -10,7 +10,7 @@ import uvicorn
 
 from flashinfer.engine import Engine
 from flashinfer.errors import FlashinferError
-from flashinfer.server.app import create_app
+from flashinfer.server.app import DEFAULT_MAX_BODY_BYTES, create_app
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -30,19 +30,21 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def make_server(engine: Engine, model_name: str, max_queue: int, log_level: str = "info") -> uvicorn.Server:
-    app = create_app(engine, model_name, max_queue)
+def make_server(engine: Engine, model_name: str, max_queue: int, log_level: str = "info",
+                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> uvicorn.Server:
+    app = create_app(engine, model_name, max_queue, max_body_bytes)
     # timeout_graceful_shutdown: on Ctrl-C an open stream is cut after this, not waited for
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5, lifespan="on")
     return uvicorn.Server(config)
 
 
-def serve(engine: Engine, model_name: str, sock: socket.socket, max_queue: int) -> None:
+def serve(engine: Engine, model_name: str, sock: socket.socket, max_queue: int,
+          max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
     """Serve until Ctrl-C or SIGTERM, then shut down gracefully and return. The caller closes
     the engine and the socket."""
     _log_like_uvicorn(logging.getLogger("flashinfer.server"))
     try:
-        make_server(engine, model_name, max_queue).run(sockets=[sock])
+        make_server(engine, model_name, max_queue, max_body_bytes=max_body_bytes).run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it already shut down for
         pass
 
