@@ -222,6 +222,13 @@ class Engine:
 
         if not isinstance(window, int) or window < 1:
             raise GenerationError(f"window must be a positive number of tokens, got {window!r}")
+        if predictor in ("oracle", "lowrank", "static") and args.act != "relu":
+            # they select neurons whose activation is exactly zero otherwise; silu(g) and gelu(g) are
+            # zero nowhere, so skipping any neuron changes the output (issue 15: a gate threshold)
+            raise GenerationError(
+                f"{reader.dir}: the {predictor} predictor skips neurons whose activation is exactly zero, which "
+                f"only ReLU-family FFNs have; this model's FFN uses {args.act}, non-zero for every neuron: run it "
+                "with --predictor dense")
         layers = reader.manifest.ffn_layers
         if predictor != "dense" and any(spec.matrix("down") for spec in layers):
             raise GenerationError(

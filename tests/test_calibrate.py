@@ -115,8 +115,12 @@ def test_silu_model_is_refused(tmp_path):
     store = convert_checkpoint(FIXTURES / "llama", tmp_path / "s", quant="q8", resident_quant="q8", ffn_down="columns")
     with pytest.raises(FlashinferError, match="only ReLU-family FFNs have"):
         calibrate_store(store, "word " * 200)
-    with pytest.raises(GenerationError, match="no calibrated lowrank predictor .* run `flashinfer calibrate"):
-        Engine.open(store, predictor="lowrank")
+    for predictor in ("lowrank", "static", "oracle"):  # none is exact where no activation is ever zero
+        with pytest.raises(GenerationError) as e:
+            Engine.open(store, predictor=predictor)
+        assert f"the {predictor} predictor skips neurons whose activation is exactly zero, which only ReLU-family " \
+               "FFNs have; this model's FFN uses silu, non-zero for every neuron: run it with --predictor dense" \
+               in str(e.value)
 
 
 def test_run_under_a_dram_cap_prints_the_plan_and_refuses_what_cannot_fit(calibrated, capsys):

@@ -349,9 +349,12 @@ def test_down_matrix_outside_its_file(tmp_path, capsys):
 
 
 def test_sparse_predictor_on_down_rows_names_the_reconversion(tmp_path):
-    store = _down_rows_store(tmp_path)
+    store = convert_checkpoint(FIXTURES / "relu_llama", tmp_path / "relu-rows", quant="q8", resident_quant="q8",
+                               ffn_down="rows")
     with pytest.raises(GenerationError, match="--ffn-down columns"):
         Engine.open(store, predictor="oracle")
+    with pytest.raises(GenerationError, match="uses silu, non-zero for every neuron"):  # SiLU: no sparse predictor
+        Engine.open(_down_rows_store(tmp_path), predictor="oracle")
 
 
 def test_down_rows_stream_under_a_cap_like_resident(tmp_path):
