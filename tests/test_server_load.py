@@ -87,6 +87,17 @@ def _call(port: int, kind: str, max_tokens: int) -> str:
 KINDS = ["whole", "stream", "chat stream hang-up", "chat", "stream hang-up", "bad", "chat stream"]
 
 
+def _run_clients(threads: list[threading.Thread], timeout_s: float) -> float:
+    """Start the client threads, wait for them all; the seconds it took. Fails if one hangs."""
+    t0 = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout_s)
+    assert not any(thread.is_alive() for thread in threads), "a client hung"
+    return time.monotonic() - t0
+
+
 def test_32_clients_at_once_all_end_and_health_accounts_for_every_request(engines):
     """32 clients start together, 4 requests each, one after another; after a 503 a client
     waits a moment (not the whole Retry-After, to keep the test short) before its next one."""
@@ -109,14 +120,8 @@ def test_32_clients_at_once_all_end_and_health_accounts_for_every_request(engine
                 time.sleep(0.05 * (1 + i % 4))
 
     try:
-        t0 = time.monotonic()
-        threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(60)
-        elapsed_s = time.monotonic() - t0
-        assert not any(thread.is_alive() for thread in threads), "a client hung"
+        elapsed_s = _run_clients([threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)],
+                                 timeout_s=60)
         assert elapsed_s < 30  # ~2 s measured on 2 cores; hung requests would take CLIENT_TIMEOUT_S each
 
         endings = [ending for _, ending, _ in outcomes]
@@ -186,14 +191,7 @@ def test_rss_stays_steady_over_many_requests(engines, n_requests, warmup, bound_
                 endings.append(ending)
 
     try:
-        t0 = time.monotonic()
-        threads = [threading.Thread(target=client, daemon=True) for _ in range(3)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(120)
-        elapsed_s = time.monotonic() - t0
-        assert not any(thread.is_alive() for thread in threads), "a client hung"
+        elapsed_s = _run_clients([threading.Thread(target=client, daemon=True) for _ in range(3)], timeout_s=120)
         state = running.server.server_state
         _wait_for(lambda: not state.tasks and not state.connections)  # each connection and its task ended
         samples["at the end"] = _rss_bytes()
