@@ -5,6 +5,7 @@ read-ahead, and with tracing on (what `flashinfer profile` costs), side by side 
 its peak RSS is its own.
 
     python -m bench.sparse --store out/1b-relu-q8 --dram 600MB --tokens 64
+    python -m bench.sparse ... --against HEAD~1   # also the sparse rows with the code of a git revision
 
 The store needs a calibrated predictor (flashinfer calibrate STORE --text FILE) for
 `lowrank`. Reads use O_DIRECT, so every byte counted came from the disk.
@@ -14,6 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import subprocess
@@ -66,11 +70,25 @@ with Engine.open(cfg["store"], ctx=256, predictor=cfg["predictor"], window=cfg["
 """
 
 
-def run(cfg: dict) -> dict:
-    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cfg)], capture_output=True, text=True)
+def run(cfg: dict, code_dir: str | None = None) -> dict:
+    """One configuration in a child process; `code_dir`: a checkout whose flashinfer it imports
+    (PYTHONPATH comes before the editable install's finder)."""
+    env = None if code_dir is None else {**os.environ, "PYTHONPATH": code_dir}
+    # cwd too: `python -c` puts the working directory first on sys.path (paths in cfg are absolute)
+    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cfg)], capture_output=True, text=True, env=env,
+                          cwd=code_dir)
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def worktree_at(rev: str) -> str:
+    """A detached git worktree of `rev` (made once, under /tmp) for --against."""
+    sha = subprocess.run(["git", "rev-parse", "--short", rev], capture_output=True, text=True, check=True).stdout.strip()
+    path = Path(tempfile.gettempdir()) / f"flashinfer-{sha}"
+    if not path.exists():
+        subprocess.run(["git", "worktree", "add", "--detach", str(path), sha], capture_output=True, check=True)
+    return str(path)
 
 
 def main() -> None:
@@ -85,9 +103,11 @@ def main() -> None:
                         help="text not used for calibration: perplexity and greedy agreement with dense over it")
     parser.add_argument("--heldout-tokens", type=int, default=128)
     parser.add_argument("--no-dense", action="store_true", help="skip the dense baseline (slow on 7B stores)")
+    parser.add_argument("--against", metavar="REV", help="also run the sparse rows with the code at this git revision")
     opts = parser.parse_args()
-    base = {"store": opts.store, "prompt": PROMPT, "tokens": opts.tokens, "window": opts.window,
-            "flash_bw": opts.flash_bw, "heldout": opts.heldout, "heldout_tokens": opts.heldout_tokens}
+    base = {"store": os.path.abspath(opts.store), "prompt": PROMPT, "tokens": opts.tokens, "window": opts.window,
+            "flash_bw": opts.flash_bw, "heldout": opts.heldout and os.path.abspath(opts.heldout),
+            "heldout_tokens": opts.heldout_tokens}
     sparse = base | {"predictor": opts.predictor, "dram": opts.dram, "prefetch": False}
     configs = [] if opts.no_dense else [("dense (naive baseline)", base | {"predictor": "dense", "dram": opts.dram,
                                                                             "prefetch": False})]
@@ -97,17 +117,24 @@ def main() -> None:
                 (f"{opts.predictor}, parallel FFN", sparse | {"parallel_ffn": True}),
                 (f"{opts.predictor} + prefetch", sparse | {"prefetch": True}),
                 (f"{opts.predictor}, traced (profile)", sparse | {"trace": True})]
+    if opts.against:  # each sparse row once more with the revision's code, next to this tree's
+        old = worktree_at(opts.against)
+        configs = [c for name, cfg in configs for c in
+                   ([(name, cfg)] + ([(f"{name} @{opts.against}", cfg | {"code_dir": old})]
+                                     if cfg["predictor"] != "dense" and "serial" not in name and "parallel" not in name
+                                     else []))]
     command = (f"python -m bench.sparse --store {opts.store} --dram {opts.dram} --tokens {opts.tokens} "
                f"--window {opts.window} --predictor {opts.predictor}"
                + (f" --flash-bw {opts.flash_bw}" if opts.flash_bw else "") + (" --no-dense" if opts.no_dense else "")
-               + (f" --heldout {opts.heldout} --heldout-tokens {opts.heldout_tokens}" if opts.heldout else ""))
+               + (f" --heldout {opts.heldout} --heldout-tokens {opts.heldout_tokens}" if opts.heldout else "")
+               + (f" --against {opts.against}" if opts.against else ""))
     print("command:", command)
     print("machine:", machine_line())
     print(f"{'configuration':34} {'tok/s':>6} {'ratio':>6} {'hit rate':>8} {'MB/token':>8} {'wait ms/tok':>11} "
           f"{'prefetch used':>13} {'agreement':>9} {'ppl':>8} {'peak RSS MiB':>12} {'cap MiB':>7}")
     first, reference = None, None
     for name, cfg in configs:
-        r = run(cfg)
+        r = run({k: v for k, v in cfg.items() if k != "code_dir"}, cfg.get("code_dir"))
         if "error" in r:
             print(f"{name:34} error: {r['error']}")
             continue

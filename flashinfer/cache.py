@@ -68,16 +68,17 @@ class NeuronCache:
 
         Marks them used, evicts neurons that fell out of the window, and, if the predicted
         set still does not fit, the least recently predicted others. Returns (ids to load,
-        ids evicted). If `predicted` alone exceeds the capacity, only the first `capacity`
-        of it can be resident: the caller must size the cache for its predictor."""
+        ids evicted). If `predicted` is larger than the capacity, its resident ids (hits) stay
+        and only as many missing ones as the other rows make room for are to load: the rest,
+        `missing(predicted)` once those are committed, are the caller's to compute from a
+        scratch read (SparseFFN does). The cache is never emptied for an oversized set."""
         t = self.token
         self.token += 1
-        if predicted.size > self.capacity:
-            predicted = predicted[: self.capacity]
         self.last_active[predicted] = t
         live = self.row_to_id[: self.n]
         stale = self._out_of_window(t)
-        to_load = self.missing(predicted)
+        missing = self.missing(predicted)
+        to_load = missing[: self.capacity - (predicted.size - missing.size)]  # room beside the hits
         overflow = self.n - stale.size + to_load.size - self.capacity
         if overflow > 0:  # pressure: evict the least recently predicted that are not needed now
             keep = np.setdiff1d(live, stale, assume_unique=True)

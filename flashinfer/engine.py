@@ -217,7 +217,7 @@ class Engine:
         """The FFN source for a store, and the memory plan when a DRAM cap is given."""
         from flashinfer.flash_ffn import FlashFFN
         from flashinfer.memory import free_memory_budget, plan_memory, resident_layers_within
-        from flashinfer.sparse_ffn import SparseFFN, oracle_from_store
+        from flashinfer.sparse_ffn import OVERFLOW_SCRATCH_BYTES, SparseFFN, oracle_from_store
         from storage.units import parse_size
 
         if not isinstance(window, int) or window < 1:
@@ -249,9 +249,11 @@ class Engine:
         plan = None
         capacities = [spec.n_neurons for spec in layers]
         if dram is not None:
+            # a sparse path also reads what its caches cannot hold into a scratch area (sparse_ffn.py)
+            io_bytes = reader.io_buffer_bytes + (OVERFLOW_SCRATCH_BYTES if predictor_obj is not None else 0)
             plan = plan_memory(parse_size(dram), args, reader.manifest, ctx, sparse=predictor_obj is not None,
                                predictor_bytes=getattr(predictor_obj, "nbytes", 0),
-                               io_buffer_bytes=reader.io_buffer_bytes, scratch_bytes=RunState.scratch_bytes(args, ctx),
+                               io_buffer_bytes=io_bytes, scratch_bytes=RunState.scratch_bytes(args, ctx),
                                sparse_share=sparse_share, runtime_bytes=runtime_bytes, stream_ffn=stream_ffn)
             capacities = plan.capacities or capacities
         if stream_ffn and predictor_obj is not None:

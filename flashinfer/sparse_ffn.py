@@ -7,9 +7,13 @@ Per layer and chunk of tokens:
     reader.read_bundles(layer, to_load, out=cache.free_rows(len(to_load))); cache.commit(to_load)
     out = FFN over cache rows 0..n-1           rows not active cost no down-projection (ReLU)
 
-When the predicted set is larger than the cache (a prefill chunk of many tokens under a tight
-cap), it streams through the cache in capacity-sized pieces and the FFN sums over them:
-slower, never wrong. Truncating the set would silently drop active neurons.
+When the predicted set is larger than the cache (a prefill chunk of many tokens, or a token
+above the mean share the planner sized for, under a tight cap), the cache keeps its hits and
+takes as many misses as its other rows make room for; the rest (the overflow) is read into a
+scratch area of OVERFLOW_SCRATCH_BYTES, a piece at a time, and its FFN added to the output:
+exact, and the cache stays warm. (It used to empty the cache and stream the whole set through
+it in pieces, so every token above the mean re-read its layer's hits.) Truncating the set
+would silently drop active neurons.
 
 With `prefetch`, layer l also guesses layer l+1's neurons from its own input (PowerInfer-2's
 trick: the residual stream changes little from one layer to the next) and a background
@@ -34,6 +38,10 @@ from storage.reader import ReadStats
 
 
 KEEP = 1 << 40  # a window no token count reaches
+# where a predicted set's overflow (what the cache cannot hold) is read and computed, a piece
+# at a time; the planner counts it with the read buffers. 4 MiB: ~600 bundles of a 7B q4 layer,
+# reads long enough for the disk's sequential rate
+OVERFLOW_SCRATCH_BYTES = 4 << 20
 
 
 @dataclass
@@ -42,6 +50,7 @@ class SparseStats:
 
     predicted: int = 0  # neurons the predictor selected
     loaded: int = 0  # neurons read from flash on the critical path (the layer waited for them)
+    overflow: int = 0  # ... of which read into the scratch area, past what the cache could hold
     prefetched: int = 0  # neurons read ahead for the next layer
     prefetch_used: int = 0  # ... of which that layer's predictor then selected
     wait_seconds: float = 0.0  # time layers spent waiting for flash (reads and unfinished read-aheads)
@@ -69,7 +78,10 @@ class SparseFFN:
         self.prefetch = prefetch
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") if prefetch else None
         self._pending: dict[int, tuple[Future, np.ndarray]] = {}  # layer -> read-ahead in flight
-        self._piece_out: np.ndarray | None = None  # partial FFN output when the predicted set exceeds the cache
+        self._piece_out: np.ndarray | None = None  # the overflow's FFN output, added to the layer's
+        bundle_bytes = max((spec.bundle_bytes for spec in self.layers), default=1)
+        self._scratch = np.empty((max(1, OVERFLOW_SCRATCH_BYTES // bundle_bytes), bundle_bytes), np.uint8)
+        self._scratch_views: dict[int, object] = {}  # layer -> bundle_views of the scratch rows, made once
         self.tracer = None  # flashinfer.profile.Tracer while a traced generation runs
 
     @property
@@ -84,10 +96,6 @@ class SparseFFN:
         t1 = clock()
         ids = self.predictor.predict(layer, x)
         t2 = clock()
-        if ids.size > cache.capacity:
-            self._forward_in_pieces(layer, x, ids, out)
-            stats.wait_seconds += clock() - t2  # mostly reads; the pieces' compute is small
-            return
         to_load, evicted = cache.step(ids)
         t3 = clock()
         counter = None if tr is None else ReadStats()
@@ -95,8 +103,10 @@ class SparseFFN:
             self.reader.read_bundles(layer, to_load, out=cache.free_rows(to_load.size), counter=counter)
             cache.commit(to_load)
         t4 = clock()
+        overflow = cache.missing(ids) if ids.size > cache.capacity else ids[:0]
         stats.wait_seconds += (t1 - t0) + (t4 - t3)
-        stats.loaded += int(to_load.size)
+        stats.loaded += int(to_load.size + overflow.size)
+        stats.overflow += int(overflow.size)
         stats.predicted += int(ids.size)
         if prefetched is not None:
             stats.prefetch_used += int(np.intersect1d(prefetched, ids, assume_unique=True).size)
@@ -104,6 +114,8 @@ class SparseFFN:
             self._start_prefetch(layer + 1, x)
         t5 = clock()
         ffn_over_bundles(x, cache.n, self.views[layer], self.act, out, self.partial)
+        if overflow.size:
+            self._add_overflow(layer, x, overflow, out, counter)
         if tr is not None:
             t6 = clock()
             if prefetched is not None:
@@ -113,31 +125,28 @@ class SparseFFN:
             tr.ffn_part(layer, "read", t3, t4, neurons=int(to_load.size), bytes=counter.bytes_read)
             if t5 > t4:  # guessing the next layer's neurons and queueing the read-ahead
                 tr.ffn_part(layer, "predict", t4, t5, read_ahead_for=layer + 1)
-            tr.ffn_part(layer, "ffn", t5, t6, rows=cache.n)
-            tr.neurons(layer, int(ids.size), int(to_load.size), int(evicted.size), cache.n, cache.capacity,
-                       counter.bytes_read)
+            # the overflow's reads and kernels interleave: they count in "ffn", its neurons as loaded
+            tr.ffn_part(layer, "ffn", t5, t6, rows=cache.n, overflow=int(overflow.size))
+            tr.neurons(layer, int(ids.size), int(to_load.size + overflow.size), int(evicted.size), cache.n,
+                       cache.capacity, counter.bytes_read)
 
-    def _forward_in_pieces(self, layer: int, x: np.ndarray, ids: np.ndarray, out: np.ndarray) -> None:
-        cache, tr = self.caches[layer], self.tracer
-        counter = None if tr is None else ReadStats()
+    def _add_overflow(self, layer: int, x: np.ndarray, overflow: np.ndarray, out: np.ndarray, counter) -> None:
+        """out += the FFN of the `overflow` neurons, read into the scratch area a piece at a time."""
         t0 = time.perf_counter()
         if self._piece_out is None or self._piece_out.shape[0] < x.shape[0]:
             self._piece_out = np.empty((x.shape[0], out.shape[1]), np.float32)
         piece_out = self._piece_out[: x.shape[0]]
-        out[:] = 0.0
-        for start in range(0, ids.size, cache.capacity):
-            piece = ids[start : start + cache.capacity]
-            cache.clear()
-            self.reader.read_bundles(layer, piece, out=cache.free_rows(piece.size), counter=counter)
-            cache.commit(piece)
-            ffn_over_bundles(x, cache.n, self.views[layer], self.act, piece_out, self.partial)
+        spec = self.layers[layer]
+        scratch = self._scratch[:, : spec.bundle_bytes]
+        views = self._scratch_views.get(layer)
+        if views is None:
+            views = self._scratch_views[layer] = bundle_views(scratch, spec)
+        for start in range(0, overflow.size, scratch.shape[0]):
+            piece = overflow[start : start + scratch.shape[0]]
+            self.reader.read_bundles(layer, piece, out=scratch, counter=counter)
+            ffn_over_bundles(x, piece.size, views, self.act, piece_out, self.partial)
             out += piece_out
-        cache.step(piece)  # the last piece stays resident, as recently used
-        self.stats.loaded += int(ids.size)
-        self.stats.predicted += int(ids.size)
-        if tr is not None:  # reads and kernels interleave: all of it counts as reading
-            tr.ffn_part(layer, "read", t0, time.perf_counter(), neurons=int(ids.size), pieces=True)
-            tr.neurons(layer, int(ids.size), int(ids.size), 0, cache.n, cache.capacity, counter.bytes_read)
+        self.stats.wait_seconds += time.perf_counter() - t0  # mostly reads
 
     def _start_prefetch(self, layer: int, x: np.ndarray) -> None:
         cache = self.caches[layer]

@@ -50,9 +50,14 @@ def test_oracle_tracks_dense_on_q8(stores, name):  # noqa: F811
 
 
 @pytest.mark.parametrize("capacity", [3, 10])
-def test_predicted_set_larger_than_the_cache_streams_in_pieces(stores, capacity):  # noqa: F811
-    """A prefill chunk predicts the union of its tokens' neurons, which can exceed a cache
-    sized for one token under a tight cap: the FFN must still be exact, not truncated."""
+@pytest.mark.parametrize("scratch_bundles", [2, None])  # None: the default scratch, one piece
+def test_a_predicted_set_larger_than_the_cache_keeps_its_hits(stores, capacity, scratch_bundles,  # noqa: F811
+                                                              monkeypatch):
+    """A prefill chunk predicts the union of its tokens' neurons, and a decode token may predict
+    more than the mean the planner sized for: either can exceed the cache. The FFN must still be
+    exact (not truncated), the cache keep its hits (not be emptied for the set), and only the
+    overflow go through the scratch area."""
+    from flashinfer import sparse_ffn
     from flashinfer.sparse_ffn import SparseFFN
 
     golden = load_golden("relu_llama")
@@ -60,10 +65,23 @@ def test_predicted_set_larger_than_the_cache_streams_in_pieces(stores, capacity)
     store = stores("relu_llama", "q8", "q8")
     with Engine.open(store) as dense, Engine.open(store, predictor="oracle") as sparse:
         old = sparse.model.flash_ffn
+        if scratch_bundles:  # several pieces of overflow per layer
+            monkeypatch.setattr(sparse_ffn, "OVERFLOW_SCRATCH_BYTES", scratch_bundles * old.layers[0].bundle_bytes)
         tight = SparseFFN(old.reader, sparse.args, old.predictor, [capacity] * len(old.layers), window=2)
         sparse.model.flash_ffn = tight
         np.testing.assert_allclose(sparse.logits(ids), dense.logits(ids), atol=1e-4, rtol=0)
-        assert tight.stats.loaded >= tight.stats.predicted > capacity * len(old.layers)
+        assert tight.stats.loaded == tight.stats.predicted > capacity * len(old.layers)  # a cold prefill
+        assert all(cache.n == capacity for cache in tight.caches)  # filled, then kept
+        dense.model.reset()
+        sparse.model.reset()
+        stats = tight.stats
+        for t in ids:
+            expected = dense.model.forward(np.array([t])).copy()
+            np.testing.assert_allclose(sparse.model.forward(np.array([t])), expected, atol=1e-4, rtol=0)
+            for cache in tight.caches:
+                cache.check()
+        assert stats.overflow > 0  # tokens above the capacity: their overflow streamed...
+        assert stats.loaded < stats.predicted  # ...beside the hits the cache kept
 
 
 def test_predictor_knob_errors(stores):  # noqa: F811
