@@ -51,8 +51,9 @@ class _PredictorFile:
         except FormatError:
             self.close()
             raise
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-            raise self.damaged(f"not a predictor file ({e})") from None
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, NotImplementedError, RuntimeError) as e:
+            # zipfile: NotImplementedError for a version or method it lacks, RuntimeError if encrypted
+            raise self.damaged(f"not a predictor file ({type(e).__name__}: {e})") from None
         if layers is not None and self.n_layers != len(layers):
             self.close()
             raise self.damaged(f"{self.n_layers} layers, the store has {len(layers)}")
@@ -68,6 +69,8 @@ class _PredictorFile:
             raise self.damaged(f"array {key!r} is missing") from None
         except Exception as e:  # zipfile/zlib errors of a damaged member
             raise self.damaged(f"array {key!r} does not read ({type(e).__name__}: {e})") from None
+        if not isinstance(a, np.ndarray):  # np.load hands out a member without the .npy magic as its bytes
+            raise self.damaged(f"member {key!r} is not a numpy array")
         if (a.ndim != len(shape) or any(want is not None and got != want for got, want in zip(a.shape, shape))
                 or not np.issubdtype(a.dtype, kind)):
             raise self.damaged(f"array {key!r} is {a.dtype} {list(a.shape)}, expected {kind.__name__} "

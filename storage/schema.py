@@ -45,10 +45,15 @@ def array(value, field: str, length: int | None = None) -> list:
     return value
 
 
+INT64 = 1 << 63  # every integer field reaches numpy or numba as an int64
+
+
 def integer(value, field: str, lo: int | None = 0, hi: int | None = None) -> int:
-    """An int (not a bool, not a float) in [lo, hi]."""
+    """An int (not a bool, not a float) in [lo, hi], and in int64's range whatever the bounds."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise SchemaError(field, f"must be an integer, got {_show(value)}")
+    if not -INT64 <= value < INT64:
+        raise SchemaError(field, f"must fit in 64 bits, got {value}")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         bounds = f">= {lo}" if hi is None else f"in {lo}..{hi}"
         raise SchemaError(field, f"must be {bounds}, got {value}")

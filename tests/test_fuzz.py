@@ -310,8 +310,8 @@ def test_a_model_config_that_disagrees_with_the_tensors_is_refused(tmp_path, sto
 
 def test_config_sizes_beyond_any_model_are_refused(tmp_path):
     case = _case(FIXTURES / "llama", tmp_path)
-    _edit_json(case / "config.json", lambda c: c.update(num_hidden_layers=10**30))
-    assert f"config.json: n_layers = {10**30} is beyond any model flashinfer runs" in _error(lambda: _generate(case))
+    _edit_json(case / "config.json", lambda c: c.update(num_hidden_layers=10**15))  # 10**30: "must fit in 64 bits"
+    assert f"config.json: n_layers = {10**15} is beyond any model flashinfer runs" in _error(lambda: _generate(case))
 
 
 def test_overlapping_safetensors_are_refused(tmp_path):
@@ -374,3 +374,11 @@ def test_a_gguf_count_past_the_file_is_named_before_gguf_py_loops_on_it(tmp_path
            f"more than the {len(raw) - 16} bytes left can hold; re-download or re-export it" in err
     path.write_bytes(raw[:24] + struct.pack("<Q", 2**40) + raw[32:])  # the first metadata key's length
     assert "metadata key 0 (length) is 1099511627776, more than the" in _error(lambda: GGUFCheckpoint.open(path))
+
+
+def test_an_integer_beyond_64_bits_is_named(tmp_path, store):
+    """The thorough profile found a model_config sliding_window of 2**63, which reached a numba
+    kernel ('OverflowError: int too big to convert')."""
+    case = _case(store, tmp_path)
+    _edit_json(case / "manifest.json", lambda m: m["model_config"].update(sliding_window=2**63))
+    assert "sliding_window: must fit in 64 bits, got 9223372036854775808" in _error(lambda: _generate(case))
