@@ -435,7 +435,9 @@ def test_flashinfer_serve_command(tmp_path):
             line = proc.stderr.readline()
         assert line.startswith("serving tiny-llama at http://127.0.0.1:"), line
         url = line.split()[3]
-        client = openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=30)
+        # the server's first request may compile kernels the load did not (prefill's): from a fresh clone,
+        # beside a second test process compiling too, that took over 30 s once
+        client = openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=300)
         result = client.completions.create(model="tiny-llama", prompt="hi", max_tokens=4)
         assert result.usage.completion_tokens == 4
         with pytest.raises(openai.APIStatusError, match="over the server's limit of 2000 bytes") as e:  # --max-body
