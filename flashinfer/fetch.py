@@ -10,13 +10,11 @@ checked against the SHA256 its main wheel lists; a fetch cut short leaves no GGU
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import subprocess
 import sys
 import zipfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,20 +50,13 @@ def fetch(name: str, dest: str | Path = DEFAULT_DIR, log=None) -> Path:
     if gguf.is_file():
         return gguf
     dest.mkdir(parents=True, exist_ok=True)
-    with _locked(dest / f".{model.gguf}.lock"):  # two fetches at once (two test processes): one downloads
+    from flashinfer.store_cache import _lock
+
+    # two fetches at once (two test processes): one downloads; the lock .<gguf>.lock stays hidden
+    with _lock(dest / f".{model.gguf}", "download"):
         if gguf.is_file():
             return gguf
         return _download(model, dest, gguf, log)
-
-
-@contextmanager
-def _locked(path: Path):
-    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock; the empty file stays (unlinking it would race a waiter)
 
 
 def _download(model, dest: Path, gguf: Path, log) -> Path:

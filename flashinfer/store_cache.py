@@ -162,16 +162,18 @@ def _check_writable(parent: Path, explicit: bool) -> None:
 
 
 class _lock:
-    """An exclusive flock on `<entry>.lock` for the conversion of one entry."""
+    """An exclusive flock on `<target>.lock` while one process makes `target` (the conversion of
+    a cache entry; flashinfer/fetch.py's download of a model)."""
 
-    def __init__(self, target: Path):
+    def __init__(self, target: Path, what: str = "conversion"):
         self.path = target.with_name(target.name + ".lock")
+        self.what = what
 
     def __enter__(self):
         try:
             self.fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
         except OSError as e:
-            raise ModelPathError(f"{self.path}: cannot create the conversion lock: {e.strerror}") from None
+            raise ModelPathError(f"{self.path}: cannot create the {self.what} lock: {e.strerror}") from None
         fcntl.flock(self.fd, fcntl.LOCK_EX)
         return self
 

@@ -354,8 +354,8 @@ async def _json_body(request: Request, max_bytes: int) -> object:
 async def _body(request: Request, max_bytes: int) -> bytes:
     """The request body, or 413 as soon as it is known to be over `max_bytes`: from its
     Content-Length before reading any of it, or while counting a chunked one."""
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > max_bytes:
+    length = _declared_length(request)
+    if length is not None and length > max_bytes:
         raise _body_too_large(max_bytes)
     chunks: list[bytes] = []
     size = 0
@@ -387,8 +387,14 @@ def _drained_by_the_server(request: Request) -> bool:
     DRAIN_LIMIT_BYTES. Closing instead, on bytes still unread, makes the kernel reset the
     connection, and the client often loses the 413 with it (seen in 1-2% of tries). A body of
     unknown (chunked) or larger length gets Connection: close: its drain has no bound."""
+    length = _declared_length(request)
+    return length is not None and length <= DRAIN_LIMIT_BYTES
+
+
+def _declared_length(request: Request) -> int | None:
+    """The body's Content-Length, None for a chunked body (or a header that is not a number)."""
     length = request.headers.get("content-length", "")
-    return length.isdigit() and int(length) <= DRAIN_LIMIT_BYTES
+    return int(length) if length.isdigit() else None
 
 
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
