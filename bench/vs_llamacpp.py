@@ -36,8 +36,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib
-import inspect
 import json
 import os
 import shlex
@@ -52,6 +50,7 @@ import numpy as np
 from bench import run
 from bench.llamacpp import llamacpp_argv
 from bench.machine import machine_line
+from bench.texts import stdlib_docstrings
 from flashinfer.cli import SCHEMES, build_parser
 from flashinfer.fetch import fetch
 
@@ -75,12 +74,7 @@ def english_text() -> tuple[str, str]:
     """(real English text, where it came from): the GPL-3, else docstrings of stdlib modules."""
     if GPL3.is_file():
         return GPL3.read_text(), str(GPL3)
-    docs = []
-    for name in FALLBACK_MODULES:
-        module = importlib.import_module(name)
-        members = [m for m in vars(module).values() if getattr(m, "__module__", None) == name]
-        docs += [d for d in map(inspect.getdoc, [module, *members]) if d]
-    return "\n\n".join(docs), "docstrings of the Python stdlib modules " + ", ".join(FALLBACK_MODULES)
+    return stdlib_docstrings(FALLBACK_MODULES), "docstrings of the Python stdlib modules " + ", ".join(FALLBACK_MODULES)
 
 
 def converter_defaults() -> tuple[str, str]:

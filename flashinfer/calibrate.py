@@ -13,7 +13,11 @@
    (storage/atomic.py): a calibration killed at any instant leaves the old predictors or the new
    ones, never a mix. `flashinfer check` verifies them (verify_predictors).
 
-Only ReLU-family models have exact zeros to predict; SiLU models are refused.
+Only ReLU-family models have exact zeros to predict. SiLU/GELU models get the gate predictor
+instead (`calibrate_gate`, `--sparsity S`): per neuron, a threshold on |act(gate . x)| such that
+a share S of the calibration tokens' neurons fall under theirs (CATS, scaled per neuron by its
+typical contribution: predictors.sparsity.GatePredictor); the report gives, on held-out tokens,
+the share really skipped and the share of the FFN's output mass |act(gate.x) (up.x)| |down| kept. The store must keep W_gate apart (`flashinfer convert --ffn-gate rows`).
 """
 
 from __future__ import annotations
@@ -34,6 +38,9 @@ LOWRANK_FILE = "lowrank.npz"
 REPORT_FILE = "lowrank.json"
 STATIC_FILE = "static.npz"
 CHECKSUMS_FILE = "checksums.json"
+GATE_FILE = "gate.npz"  # the gate predictor's per-layer thresholds (SiLU/GELU models)
+GATE_REPORT_FILE = "gate.json"
+DEFAULT_GATE_SPARSITY = 0.4  # share of FFN neurons skipped (CATS' operating point: ~+1% perplexity on 7B models)
 STATIC_COVERAGE = 0.9  # the hot set keeps the most frequent neurons until they carry 90% of firings
 HELD_OUT_SHARE = 0.2  # last 20% of the calibration tokens measure recall on text the fit did not see
 THRESHOLD_SHARE = 0.15  # the 15% before them pick each layer's threshold (predictors/lowrank.py says why)
@@ -108,7 +115,8 @@ def calibrate_store(store: str | Path, text: str, *, max_tokens: int = 2048, ran
         if engine.args.act != "relu":
             raise FlashinferError(
                 f"{store}: calibration fits predictors of exact zeros, which only ReLU-family FFNs have "
-                f"(this model uses {engine.args.act}); run it with --predictor dense"
+                f"(this model uses {engine.args.act}); calibrate its gate thresholds instead "
+                f"(`flashinfer calibrate {store} --text FILE --sparsity 0.4`) or run it with --predictor dense"
             )
         last_layers = max(1, n_layers // 8) if last_layers is None else last_layers
         last_rank = 2 * rank if last_rank is None else last_rank
@@ -155,6 +163,105 @@ def calibrate_store(store: str | Path, text: str, *, max_tokens: int = 2048, ran
               "static_coverage": STATIC_COVERAGE, "layers": [asdict(r) for r in reports]}
     save_predictors(store, {LOWRANK_FILE: LowRankPredictor(layers).save, STATIC_FILE: StaticPredictor(hot_sets).save,
                             REPORT_FILE: lambda p: Path(p).write_text(json.dumps(report, indent=1))})
+    return reports
+
+
+@dataclass
+class GateLayerReport:
+    layer: int
+    threshold: float  # T, on |act(gate . x)| s_i (predictors.sparsity.GatePredictor)
+    skipped: float  # share of neurons under it per token (held-out tokens)
+    fraction: float  # share kept (1 - skipped): what the planner sizes the neuron caches for
+    mass_recall: float  # share of sum |act(gate.x) (up.x)| |down| the kept neurons carry (held-out tokens)
+
+
+def _gate_activation(act: str):
+    """The FFN's activation in numpy float32 (calibration only; the engine runs its kernels')."""
+    if act == "silu":
+        return lambda g: (g / (1.0 + np.exp(-g))).astype(np.float32)
+    if act == "gelu_tanh":
+        return lambda g: (0.5 * g * (1.0 + np.tanh(0.7978845608028654 * (g + 0.044715 * g ** 3)))).astype(np.float32)
+    raise FlashinferError(f"no gate activation for {act!r}")
+
+
+def gate_rows(reader, layer: int) -> np.ndarray:
+    """W_gate of a layer that keeps it whole (--ffn-gate rows) as float32 [n_neurons, dim]."""
+    from storage import quant
+    from storage.reader import planar_tensor
+
+    m = reader.manifest.ffn_layers[layer].matrix("gate")
+    return quant.dequantize(planar_tensor(reader.read_matrix(layer, "gate"), m.scheme, m.group_size, m.shape))
+
+
+def down_columns(reader, layer: int) -> np.ndarray:
+    """The down columns of a layer's bundles as float32 [n_neurons, dim]."""
+    from storage import quant
+
+    spec = reader.manifest.ffn_layers[layer]
+    c = spec.component("down")
+    bundles = reader.read_bundles(layer, np.arange(spec.n_neurons))
+    records = np.ascontiguousarray(bundles[:, c.offset : c.offset + c.nbytes])
+    return quant.dequantize(quant.rows_from_records(records, c.scheme, c.length, c.group_size or 32))
+
+
+def check_sparsity(sparsity) -> float:
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 < sparsity < 1.0:
+        raise FlashinferError(f"--sparsity {sparsity!r}: the share of FFN neurons to skip must lie strictly between "
+                              "0 and 1 (e.g. 0.4)")
+    return float(sparsity)
+
+
+def calibrate_gate(store: str | Path, text: str, *, sparsity: float = DEFAULT_GATE_SPARSITY, max_tokens: int = 2048,
+                   progress=None) -> list[GateLayerReport]:
+    """Calibrate and save the gate predictor's thresholds of a SiLU/GELU store (module docstring):
+    thresholds from the first 80% of the tokens, the report from the last 20%."""
+    from flashinfer.engine import Engine, _check_gate_store
+    from predictors.sparsity import GatePredictor
+
+    sparsity = check_sparsity(sparsity)
+    store = Path(store)
+    out_dir = store / PREDICTOR_DIR
+    with Engine.open(store) as engine:
+        args = engine.args
+        reader = engine.model.flash_ffn.reader
+        _check_gate_store(reader, args)
+        act = _gate_activation(args.act)
+        token_ids = engine.tokenize(text)[:max_tokens]
+        if len(token_ids) < 64:
+            raise FlashinferError(f"calibration text gives {len(token_ids)} tokens; give at least 64 (ideally 1000+)")
+        atomic.remove_stale(out_dir)
+        scratch = atomic.scratch_dir(out_dir)
+        shutil.rmtree(scratch, ignore_errors=True)
+        scratch.mkdir()
+        try:
+            input_paths = collect_ffn_inputs(engine, token_ids, scratch)
+            split = int(len(token_ids) * (1 - HELD_OUT_SHARE))
+            thresholds, reports = [], []
+            for i, path in enumerate(input_paths):
+                x = np.fromfile(path, np.float32).reshape(len(token_ids), args.dim)
+                c = act(x @ gate_rows(reader, i).T)
+                u = x @ activation_rows(reader, i, gated=False)[0].T
+                down_norms = np.linalg.norm(down_columns(reader, i), axis=1)
+                # s_i: neuron i's typical |up . x| times its down column's norm (predictors.sparsity.GatePredictor)
+                scale = np.maximum(np.abs(u[:split]).mean(axis=0) * down_norms, 1e-30).astype(np.float32)
+                level = float(np.quantile(np.abs(c[:split]) * scale, sparsity))
+                neuron_thresholds = (level / scale).astype(np.float32)
+                # on held-out tokens: the share skipped, and the output mass |c (up.x)| |down| kept
+                held_c = c[split:]
+                mass = np.abs(held_c * u[split:]) * down_norms
+                kept = np.abs(held_c) > neuron_thresholds
+                thresholds.append(neuron_thresholds)
+                reports.append(GateLayerReport(i, level, float(1.0 - kept.mean()), float(kept.mean()),
+                                               float((mass * kept).sum() / max(mass.sum(), 1e-30))))
+                path.unlink()
+                if progress is not None:
+                    progress(i + 1, args.n_layers)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    report = {"tokens": len(token_ids), "held_out_tokens": len(token_ids) - split, "sparsity": sparsity,
+              "layers": [asdict(r) for r in reports]}
+    save_predictors(store, {GATE_FILE: GatePredictor([], thresholds, sparsity=sparsity).save,
+                            GATE_REPORT_FILE: lambda p: Path(p).write_text(json.dumps(report, indent=1))})
     return reports
 
 

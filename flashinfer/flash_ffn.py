@@ -33,6 +33,8 @@ class BundleViews(NamedTuple):
     gate_bias: np.ndarray
     group: int
     down_rows: bool  # down is the layer's whole W_down (format.FFNMatrix), computed by kernels.ffn_down_rows
+    gate_apart: bool = False  # the layer keeps W_gate whole after its bundles (the gate predictor's layout):
+    # `gate` is that matrix when the layer's matrices were given (the dense path, all rows in order), else empty
 
 
 def _component_matrix(bundles: np.ndarray, c: BundleComponent) -> Matrix:
@@ -62,14 +64,16 @@ def bundle_views(bundles: np.ndarray, layer: FFNLayer, matrices: np.ndarray | No
         c = layer.component(name)
         return EMPTY if c is None else bundles[:, c.offset : c.offset + 4].view(np.float32)[:, 0]
 
-    rows = layer.matrix("down")
-    if rows is None:
-        down = _component_matrix(bundles, layer.component("down"))
-    else:
-        at = rows.offset - layer.n_neurons * layer.bundle_bytes
-        down = matrix_from_quantized(planar_tensor(matrices[at : at + rows.nbytes], rows.scheme, rows.group_size,
-                                                   rows.shape))
-    return BundleViews(up, gate, down, bias("up_bias"), bias("gate_bias"), up.group, rows is not None)
+    def whole(m) -> Matrix:
+        at = m.offset - layer.n_neurons * layer.bundle_bytes
+        return matrix_from_quantized(planar_tensor(matrices[at : at + m.nbytes], m.scheme, m.group_size, m.shape))
+
+    rows, gate_rows = layer.matrix("down"), layer.matrix("gate")
+    down = _component_matrix(bundles, layer.component("down")) if rows is None else whole(rows)
+    if gate_rows is not None and matrices is not None:
+        gate = whole(gate_rows)
+    return BundleViews(up, gate, down, bias("up_bias"), bias("gate_bias"), up.group, rows is not None,
+                       gate_rows is not None)
 
 
 def layer_matrix_bytes(layer: FFNLayer) -> int:
@@ -133,6 +137,21 @@ def ffn_over_bundles(x: np.ndarray, n_rows: int, views: BundleViews, act: int, o
         K.ffn_rows_parallel(*operands, partial.get(x.shape[0]), out)
     else:
         K.ffn_rows(*operands, out)
+
+
+def ffn_over_selected(x: np.ndarray, n_rows: int, ids: np.ndarray, coefs: np.ndarray, threshold: np.ndarray,
+                      views: BundleViews, out: np.ndarray, partial: PartialSums | None = None) -> None:
+    """The gate-threshold FFN over bundle rows 0..n_rows-1 (up rows and down columns; row r holds
+    neuron ids[r]): kernels.ffn_rows_coef with coefs = act(gate.x) [T, n_neurons] and each neuron's
+    threshold on |coef| (float32 [n_neurons]), split over
+    threads from FFN_PARALLEL_MIN_ELEMENTS rows x dim on, as ffn_over_bundles is."""
+    v = views
+    operands = (x, n_rows, ids, coefs, threshold, v.up.data, v.up.scales, v.up.mins, v.down.data,
+                v.down.scales, v.down.mins, v.up_bias, v.group)
+    if partial is not None and n_rows * x.shape[1] >= FFN_PARALLEL_MIN_ELEMENTS:
+        K.ffn_rows_coef_parallel(*operands, partial.get(x.shape[0]), out)
+    else:
+        K.ffn_rows_coef(*operands, out)
 
 
 class FlashFFN:

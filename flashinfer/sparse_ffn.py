@@ -7,6 +7,11 @@ Per layer and chunk of tokens:
     reader.read_bundles(layer, to_load, out=cache.free_rows(len(to_load))); cache.commit(to_load)
     out = FFN over cache rows 0..n-1           rows not active cost no down-projection (ReLU)
 
+With the gate predictor (SiLU/GELU models, predictors.sparsity.GatePredictor) the prediction is
+the exact gate of every neuron, thresholded; the bundles hold up rows and down columns only, and
+the FFN over the cache multiplies each resident neuron whose |act(gate.x)| clears the threshold
+(flash_ffn.ffn_over_selected): a resident neuron under it costs nothing, as a missing one does.
+
 When the predicted set is larger than the cache (a prefill chunk of many tokens, or a token
 above the mean share the planner sized for, under a tight cap), the cache keeps its hits and
 takes as many misses as its other rows make room for; the rest (the overflow) is read into a
@@ -33,7 +38,7 @@ import numpy as np
 from flashinfer import kernels as K
 from flashinfer.cache import NeuronCache
 from flashinfer.config import ModelArgs
-from flashinfer.flash_ffn import PartialSums, bundle_views, ffn_over_bundles
+from flashinfer.flash_ffn import PartialSums, bundle_views, ffn_over_bundles, ffn_over_selected
 from storage.reader import ReadStats
 
 
@@ -68,6 +73,10 @@ class SparseFFN:
         self.predictor = predictor
         self.layers = reader.manifest.ffn_layers
         self.act = K.ACTS[args.act]
+        # the gate predictor hands over act(gate.x) of every neuron, which the FFN kernel multiplies
+        # by up.x (its bundles hold no gate rows); the others' neurons compute their own activation
+        self.gated_by_coefficients = hasattr(predictor, "coefficients")
+        self.thresholds = getattr(predictor, "thresholds", None)
         # a cache that can hold its whole layer never drops a neuron: once read, it stays (the
         # window only saves DRAM, which such a layer does not need)
         self.caches = [NeuronCache(spec.n_neurons, spec.bundle_bytes, cap, window if cap < spec.n_neurons else KEEP)
@@ -95,6 +104,7 @@ class SparseFFN:
         prefetched = self._finish_prefetch(layer)
         t1 = clock()
         ids = self.predictor.predict(layer, x)
+        coefs = self.predictor.coefficients(layer) if self.gated_by_coefficients else None
         t2 = clock()
         to_load, evicted = cache.step(ids)
         t3 = clock()
@@ -113,9 +123,13 @@ class SparseFFN:
         if self.prefetch and layer + 1 < len(self.caches):
             self._start_prefetch(layer + 1, x)
         t5 = clock()
-        ffn_over_bundles(x, cache.n, self.views[layer], self.act, out, self.partial)
+        if coefs is None:
+            ffn_over_bundles(x, cache.n, self.views[layer], self.act, out, self.partial)
+        else:
+            ffn_over_selected(x, cache.n, cache.row_to_id, coefs, self.thresholds[layer], self.views[layer], out,
+                              self.partial)
         if overflow.size:
-            self._add_overflow(layer, x, overflow, out, counter)
+            self._add_overflow(layer, x, overflow, out, counter, coefs)
         if tr is not None:
             t6 = clock()
             if prefetched is not None:
@@ -130,7 +144,8 @@ class SparseFFN:
             tr.neurons(layer, int(ids.size), int(to_load.size + overflow.size), int(evicted.size), cache.n,
                        cache.capacity, counter.bytes_read)
 
-    def _add_overflow(self, layer: int, x: np.ndarray, overflow: np.ndarray, out: np.ndarray, counter) -> None:
+    def _add_overflow(self, layer: int, x: np.ndarray, overflow: np.ndarray, out: np.ndarray, counter,
+                      coefs: np.ndarray | None = None) -> None:
         """out += the FFN of the `overflow` neurons, read into the scratch area a piece at a time."""
         t0 = time.perf_counter()
         if self._piece_out is None or self._piece_out.shape[0] < x.shape[0]:
@@ -144,7 +159,10 @@ class SparseFFN:
         for start in range(0, overflow.size, scratch.shape[0]):
             piece = overflow[start : start + scratch.shape[0]]
             self.reader.read_bundles(layer, piece, out=scratch, counter=counter)
-            ffn_over_bundles(x, piece.size, views, self.act, piece_out, self.partial)
+            if coefs is None:
+                ffn_over_bundles(x, piece.size, views, self.act, piece_out, self.partial)
+            else:
+                ffn_over_selected(x, piece.size, piece, coefs, self.thresholds[layer], views, piece_out, self.partial)
             out += piece_out
         self.stats.wait_seconds += time.perf_counter() - t0  # mostly reads
 

@@ -131,6 +131,7 @@ def check_store_layout(args: ModelArgs, manifest, where: str) -> None:
         if layer.n_neurons != args.ffn_dim:
             refuse(f"FFN layer {i} has {layer.n_neurons} neurons, not ffn_dim = {args.ffn_dim}")
         got = {c.name: c.length for c in layer.components if c.name != "down"}
+        got |= {m.name: m.shape[1] for m in layer.matrices if m.name == "gate" and m.shape == (args.ffn_dim, args.dim)}
         down = [c.length == args.dim for c in layer.components if c.name == "down"]
         down += [m.shape == (args.dim, args.ffn_dim) for m in layer.matrices if m.name == "down"]
         if got != want or down != [True]:

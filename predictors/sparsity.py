@@ -11,6 +11,9 @@ otherwise, plus bias) is > 0.
 - StaticPredictor: the neurons most often active on calibration data (a fixed hot set).
 - LowRankPredictor: score = (x A) B + c with rank r (LLM in a flash, section 3.1; Deja Vu),
   active when score > threshold; fitted in predictors/lowrank.py.
+- GatePredictor: for SiLU/GELU FFNs, which have no exact zeros: the exact gate of every neuron,
+  selected when |act(gate . x)| exceeds its calibrated threshold (CATS). Not exact by design:
+  the skipped neurons' small contributions are dropped.
 
 Knows nothing of the cache or the engine: everything here is built from arrays. Products
 with weight matrices go through a `Product` the caller passes (the engine passes its
@@ -248,6 +251,74 @@ class LowRankPredictor:
                     b = np.zeros((0, b.shape[1]), np.float32)
                 fitted.append(LowRankLayer(a, b, c, threshold))
         return cls(fitted, b_quantized, product)
+
+
+def silu(g: np.ndarray) -> np.ndarray:
+    """g * sigmoid(g), float32 (the gate predictor's default activation; the engine passes its kernel's)."""
+    return (g / (1.0 + np.exp(-g))).astype(np.float32)
+
+
+class GatePredictor:
+    """Gate thresholding for SwiGLU/GeGLU FFNs (CATS, Lee et al. 2024, with a per-neuron scale as
+    in CHESS): the gate of every neuron is computed exactly, c = act(gate . x), and neuron i is
+    selected when |c| > its threshold t_i. Calibration sets t_i = T / s_i with s_i the neuron's
+    typical |up_i . x| times the norm of its down column, so the test ranks neurons by the size of
+    their contribution to the output, |c| s_i > T, and T makes a target share of neurons fall
+    under it (s_i = 1: plain CATS). A skipped neuron's up row and down column are neither read
+    nor multiplied, so the FFN output loses the skipped neurons' c (up . x) down: small, not zero
+    (the method trades that error for I/O and compute; `flashinfer calibrate --sparsity` chooses
+    how much, and its report measures it).
+
+    `predict` keeps the coefficients it computed (per layer, until `coefficients(layer)` takes
+    them), which the FFN kernel multiplies by up . x: the gate is computed once."""
+
+    name = "gate"
+
+    def __init__(self, gates: list, thresholds: list[np.ndarray], product: Product = float_product,
+                 activation: Callable[[np.ndarray], np.ndarray] = None, sparsity: float = float("nan")):
+        """gates[l]: layer l's gate rows [n_neurons, dim] as `product` takes them; thresholds[l]:
+        float32 [n_neurons]; `activation` maps the gate products [T, n] to coefficients."""
+        self.gates = gates
+        self.thresholds = [np.ascontiguousarray(t, np.float32) for t in thresholds]
+        self.product = product
+        self.activation = activation or silu
+        self.sparsity = sparsity
+        self._coefficients: dict[int, np.ndarray] = {}
+
+    def predict(self, layer: int, x: np.ndarray) -> np.ndarray:
+        c = self.activation(self.product(np.ascontiguousarray(_rows(x), np.float32), self.gates[layer], NO_BIAS))
+        self._coefficients[layer] = c
+        return np.flatnonzero((np.abs(c) > self.thresholds[layer]).any(axis=0))
+
+    def coefficients(self, layer: int) -> np.ndarray:
+        """act(gate . x) [T, n_neurons] of the last predict(layer, x), handed over once."""
+        return self._coefficients.pop(layer)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(getattr(g, "nbytes", 0) for g in self.gates) + sum(t.nbytes for t in self.thresholds)
+
+    def save(self, path) -> None:
+        """The thresholds only: the gate rows are the store's."""
+        np.savez(path, n_layers=len(self.thresholds), sparsity=np.float32(self.sparsity),
+                 **{f"t{i}": t for i, t in enumerate(self.thresholds)})
+
+    @staticmethod
+    def load_thresholds(path, layers: list[int] | None = None) -> tuple[list[np.ndarray], float]:
+        """(per layer the neurons' thresholds float32 [n_neurons], the sparsity they were calibrated
+        for) of a gate.npz; `layers`: the store's neurons per layer, which the file must match."""
+        thresholds = []
+        with _PredictorFile(path, layers) as f:
+            sparsity = float(f.array("sparsity", ()))
+            for i in range(f.n_layers):
+                t = f.array(f"t{i}", (f.neurons(i),)).astype(np.float32)
+                if (t < 0).any():
+                    raise f.damaged(f"layer {i} has a negative threshold")
+                thresholds.append(t)
+        if not 0.0 < sparsity < 1.0:
+            raise FormatError(f"{path}: sparsity {sparsity} is not in (0, 1); calibrate again "
+                              "(`flashinfer calibrate STORE --text FILE --sparsity S`)")
+        return thresholds, sparsity
 
 
 def recall_report(predicted: np.ndarray, mask: np.ndarray, magnitude: np.ndarray) -> dict:

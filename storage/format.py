@@ -38,10 +38,13 @@ With compression "zstd" each chunk is stored as one zstd frame at `Chunk.offset`
 (4 KiB-aligned) and a read must fetch and decompress the whole chunk.
 
 FFN matrices (version 2): a layer may keep a component as a whole matrix after its bundles
-instead of inside them (`FFNLayer.matrices`). Today: "down", W_down's rows [dim, n_neurons]
-in the planar layout of a resident tensor, for models whose FFN runs densely (SiLU): a GGUF's
+instead of inside them (`FFNLayer.matrices`), in the planar layout of a resident tensor:
+"down", W_down's rows [dim, n_neurons], for models whose FFN runs densely (SiLU): a GGUF's
 down blocks run along the neurons, so only rows keep them exactly, and a dense down-projection
-over rows is an integer matmul where columns were a float scatter. Each matrix starts 4 KiB-
+over rows is an integer matmul where columns were a float scatter; "gate", W_gate's rows
+[n_neurons, dim], for the gate-threshold sparse FFN of a SiLU model (`--predictor gate`): the
+gate is computed for every neuron, so it is read whole (or kept resident) in one long run,
+while only the selected neurons' up|down bundles are fetched. Each matrix starts 4 KiB-
 aligned and has its own checksum; its bundles then lack that component. Stores without
 matrices are written as version 1 (what older readers load).
 
@@ -75,7 +78,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 SCHEMES = ("f32", "f16", "q8", "q4", "q4a", "q4k")
 COMPRESSIONS = ("none", "zstd")
 COMPONENTS = ("up", "gate", "down", "up_bias", "gate_bias")
-MATRICES = ("down",)
+MATRICES = ("down", "gate")
 
 
 def ffn_file(layer: int) -> str:
@@ -142,7 +145,7 @@ class FFNMatrix:
     """A whole FFN matrix in its layer file, after the bundles: rows in the planar layout of
     a ResidentTensor (all data, then scales, then mins), at a 4 KiB-aligned `offset`."""
 
-    name: str  # "down": W_down [dim, n_neurons]
+    name: str  # "down": W_down [dim, n_neurons]; "gate": W_gate [n_neurons, dim]
     scheme: str
     group_size: int  # 0 for f32/f16
     shape: tuple[int, int]

@@ -75,3 +75,16 @@ def silu(x):
 def gated_act(gate, up, act):
     g = silu(gate.astype(np.float64)) if act == 0 else np.maximum(gate, 0)
     return (g * up).astype(np.float32)
+
+
+def ffn_coef(x, ids, coefs, thresholds, up, up_bias, down):
+    """The gate-threshold FFN (kernels.ffn_rows_coef): out[t] = sum over rows r whose neuron
+    n = ids[r] has |coefs[t, n]| > thresholds[n] of coefs[t, n] (up[r] . x[t] + b[r]) down[r]."""
+    out = np.zeros((x.shape[0], down.shape[1]), np.float64)
+    for r, n in enumerate(ids):
+        for t in range(x.shape[0]):
+            c = float(coefs[t, n])
+            if abs(c) > thresholds[n]:
+                u = float(up[r].astype(np.float64) @ x[t]) + (float(up_bias[r]) if up_bias.size else 0.0)
+                out[t] += c * u * down[r]
+    return out.astype(np.float32)

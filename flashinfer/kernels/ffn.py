@@ -330,3 +330,76 @@ def relu_(h):
     for t in range(h.shape[0]):
         for i in range(h.shape[1]):
             h[t, i] = max(h[t, i], np.float32(0.0))
+
+
+# ---- the gate-threshold FFN (SiLU/GELU models, --predictor gate) ----------------------------
+
+@njit(cache=True, nogil=True, fastmath=FAST)
+def activate_(g, act):
+    """g <- act(g) in place (the gate predictor's coefficients: act(gate.x) of every neuron)."""
+    for t in range(g.shape[0]):
+        for i in range(g.shape[1]):
+            v = g[t, i]
+            if act == ACT_SILU:
+                v = silu(v)
+            elif act == ACT_GELU_TANH:
+                v = gelu_tanh(v)
+            else:
+                v = max(v, np.float32(0.0))
+            g[t, i] = v
+
+
+@njit(cache=True, nogil=True, fastmath=FAST)
+def _ffn_coef_range(x, lo, hi, ids, coefs, threshold, up, up_s, up_m, down, down_s, down_m, up_b, group, out):
+    """out[t] += sum over rows lo..hi-1 whose |coefs[t, ids[r]]| > threshold[ids[r]] of c (up_r.x + b_r) down_r."""
+    prep = prepare_input(up, x, group)
+    n_tokens, dim = x.shape[0], x.shape[1]
+    ints = uses_int_dots(up, group)
+    up_ws, up_wm = row_scratch(up, up_m, group, dim)
+    for r in range(lo, hi):
+        neuron = ids[r]
+        scaled = False
+        for t in range(n_tokens):
+            c = coefs[t, neuron]
+            if abs(c) <= threshold[neuron]:
+                continue  # skipped: neither its up row nor its down column is touched
+            if ints:
+                if not scaled:
+                    row_scales(up_s, up_m, r, up_ws, up_wm)
+                    scaled = True
+                u = int_row_dot(up, r, up_ws, up_wm, prep, t)
+            else:
+                u = row_dot(up, up_s, up_m, group, r, prep[0], prep[1], t)
+            if up_b.shape[0]:
+                u += up_b[r]
+            row_axpy(down, down_s, down_m, group, r, c * u, out, t)
+
+
+@njit(cache=True, nogil=True, fastmath=FAST)
+def ffn_rows_coef(x, n_rows, ids, coefs, threshold, up, up_s, up_m, down, down_s, down_m, up_b, group, out):
+    """The gate-threshold FFN (CATS) over rows 0..n_rows-1 of bundles that hold up rows and down
+    columns only (the gate lives apart, format.FFNLayer.matrices): row r holds neuron ids[r], and
+    coefs[t, neuron] = act(gate.x_t) was computed densely by the caller (predictors.sparsity.
+    GatePredictor). out[t] = sum over rows with |c| > threshold[neuron] (float32 [n_neurons]) of
+    c (up.x_t + b) down; a neuron at or under its threshold costs no work. `out` is overwritten."""
+    out[:, :] = 0.0
+    _ffn_coef_range(x, 0, n_rows, ids, coefs, threshold, up, up_s, up_m, down, down_s, down_m, up_b, group, out)
+
+
+@njit(cache=True, nogil=True, fastmath=FAST, parallel=True)
+def ffn_rows_coef_parallel(x, n_rows, ids, coefs, threshold, up, up_s, up_m, down, down_s, down_m, up_b, group,
+                           partial, out):
+    """ffn_rows_coef with the rows split over threads (partial: [n_slices, >= T, dim] scratch)."""
+    n_slices = partial.shape[0]
+    step = (n_rows + n_slices - 1) // n_slices
+    for c in prange(n_slices):
+        part = partial[c, : x.shape[0]]
+        part[:, :] = 0.0
+        _ffn_coef_range(x, c * step, min(n_rows, (c + 1) * step), ids, coefs, threshold, up, up_s, up_m, down,
+                        down_s, down_m, up_b, group, part)
+    for t in range(out.shape[0]):
+        for k in range(out.shape[1]):
+            acc = np.float32(0.0)
+            for c in range(n_slices):
+                acc += partial[c, t, k]
+            out[t, k] = acc
