@@ -11,7 +11,9 @@ share S of the calibration tokens' neurons fall under it; then, on held-out text
     (each position fed the dense run's tokens, the share of positions where the argmax is the same)
     and free-running (how many tokens the two greedy continuations share before they part);
   - the share of FFN neurons really skipped per decode token (the SparseFFN's counts).
-Row "dense" is the same store with every neuron (S = 0). llama.cpp's perplexity on the same token
+Row "dense" is the same store with every neuron (S = 0). Rows "oracle" are a ceiling, not a method:
+each neuron's exact contribution |act(gate.x) (up.x)| |down| decides (ContributionOracle), which
+tells how much of the loss is the gate's fault as a proxy. llama.cpp's perplexity on the same token
 ids is the anchor (the GGUF's own weights; the store's down columns are q8, see flashinfer/convert.py).
 
 Calibration text: docstrings of Python stdlib modules (CALIBRATION_MODULES); evaluation text: the
@@ -51,11 +53,56 @@ def gate_store(store: Path | None) -> tuple[Path, Path]:
     return store, gguf
 
 
+class ContributionOracle:
+    """Not a method, a ceiling: the gate predictor's engine path with each neuron's exact output
+    contribution |act(gate.x) (up.x)| |down| as the test (which needs up.x of every neuron, the
+    reads the predictor exists to skip). Per layer a level from the calibration tokens' inputs at
+    the same sparsity. Installed over an engine's GatePredictor: it zeroes the coefficients of the
+    neurons under the level and sets every threshold to 0, so the kernel skips exactly those."""
+
+    def __init__(self, engine, calibration_ids: list[int], sparsity: float):
+        import tempfile
+
+        from flashinfer.calibrate import collect_ffn_inputs, down_columns
+        from flashinfer.flash_ffn import bundle_views
+        from flashinfer.weights import kernel_product
+
+        ffn = engine.model.flash_ffn
+        self.predictor, reader = ffn.predictor, ffn.reader
+        self.product = kernel_product
+        self.ups = [bundle_views(reader.read_bundles(i, np.arange(spec.n_neurons)), spec).up
+                    for i, spec in enumerate(ffn.layers)]
+        self.down_norms = [np.linalg.norm(down_columns(reader, i), axis=1).astype(np.float32)
+                           for i in range(len(ffn.layers))]
+        with tempfile.TemporaryDirectory() as tmp:
+            paths = collect_ffn_inputs(engine, calibration_ids, Path(tmp))
+            self.levels = [float(np.quantile(self.contribution(i, np.fromfile(p, np.float32).reshape(
+                len(calibration_ids), -1))[1], sparsity)) for i, p in enumerate(paths)]
+        for t in self.predictor.thresholds:
+            t[:] = 0.0
+        self.gate_predict = self.predictor.predict
+        self.predictor.predict = self.predict
+
+    def contribution(self, layer: int, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        x = np.ascontiguousarray(x.reshape(-1, x.shape[-1]), np.float32)
+        c = self.predictor.activation(self.product(x, self.predictor.gates[layer], np.zeros(0, np.float32)))
+        return c, np.abs(c * self.product(x, self.ups[layer], np.zeros(0, np.float32))) * self.down_norms[layer]
+
+    def predict(self, layer: int, x: np.ndarray) -> np.ndarray:
+        c, score = self.contribution(layer, x)
+        c[score <= self.levels[layer]] = 0.0
+        self.predictor._coefficients[layer] = c
+        return np.flatnonzero((c != 0).any(axis=0))
+
+
 def measure(store: Path, predictor: str, eval_ids: list[int], prompt: list[int], reference: list[int] | None,
-            n_agree: int) -> dict:
+            n_agree: int, oracle: tuple[list[int], float] | None = None) -> dict:
+    """`oracle`: (calibration ids, sparsity) to measure the ContributionOracle instead."""
     from flashinfer import Engine
 
     with Engine.open(store, predictor=predictor, ctx=max(len(eval_ids), len(prompt) + n_agree) + 8) as engine:
+        if oracle is not None:
+            ContributionOracle(engine, *oracle)
         ppl = perplexity(engine.logits(eval_ids), eval_ids)
         greedy = engine.generate(prompt, max_tokens=n_agree, temperature=0).token_ids
         row = {"perplexity": ppl, "greedy": greedy}
@@ -84,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--agree-tokens", type=int, default=128)
     parser.add_argument("--keep", type=float, default=0.4, help="the sparsity the store is left calibrated at")
     parser.add_argument("--no-llamacpp", action="store_true")
+    parser.add_argument("--no-oracle", dest="oracle", action="store_false",
+                        help="skip the ceiling rows (ContributionOracle: each neuron's exact contribution decides)")
     parser.add_argument("--json", type=Path, default=None, help="write the rows here too")
     opts = parser.parse_args(argv)
     from flashinfer import Engine
@@ -110,6 +159,13 @@ def main(argv: list[str] | None = None) -> int:
         calibrate_gate(store, calibration, sparsity=s, max_tokens=opts.cal_tokens)
         row = measure(store, "gate", eval_ids, prompt, dense["greedy"], opts.agree_tokens)
         rows.append({"config": f"gate {s:.0%}", "sparsity": s, **row})
+    oracle_ids = None
+    if opts.oracle:
+        with Engine.open(store) as engine:
+            oracle_ids = engine.tokenize(calibration)[: opts.cal_tokens]
+    for s in sparsities if opts.oracle else ():
+        row = measure(store, "gate", eval_ids, prompt, dense["greedy"], opts.agree_tokens, (oracle_ids, s))
+        rows.append({"config": f"oracle {s:.0%} (ceiling: exact contributions)", "sparsity": s, **row})
     if opts.keep not in sparsities[-1:]:
         calibrate_gate(store, calibration, sparsity=opts.keep, max_tokens=opts.cal_tokens)
     anchor = None

@@ -124,6 +124,13 @@ class NeuronCache:
         self.commit(ids)
         self.last_active[ids] = np.maximum(self.last_active[ids], self.token - self.window + 1)
 
+    def commit_unpredicted(self, ids: np.ndarray) -> None:
+        """Register rows read without a prediction (SparseFFN reads a layer its cache holds whole up
+        front): stamped as predicted at the current token, so the window keeps them as long as it
+        keeps a neuron predicted now; with the initial stamp, the next step evicted them at once."""
+        self.commit(ids)
+        self.last_active[ids] = np.maximum(self.last_active[ids], self.token)
+
     def insert(self, ids: np.ndarray, bundles: np.ndarray) -> None:
         """Append bundles (uint8 [len(ids), bundle_bytes]) for ids not yet resident."""
         self.free_rows(ids.size)[:] = bundles

@@ -150,7 +150,7 @@ class Engine:
             paper's naive baseline). By default a dense run keeps as many FFN layers resident
             after their first read as the cap (or, with no cap, the machine's free memory) holds.
         """
-        from flashinfer.store_cache import source_kind, store_for
+        from flashinfer.store_cache import ConvertOptions, source_kind, store_for
 
         path = Path(path)
         kind = source_kind(path)
@@ -165,7 +165,9 @@ class Engine:
             raise ModelPathError(f"{path}: flash_bw, flash_latency, predictor, dram, prefetch, stream_ffn and store "
                                  "apply to a flash store; open with convert=True (or convert the model first: "
                                  "flashinfer convert)")
-        path = store_for(path, store, progress=progress, notify=notify)
+        # the gate predictor reads W_gate whole: a GGUF or HF model converts into that layout for it
+        options = ConvertOptions(ffn_gate="rows") if predictor == "gate" else ConvertOptions()
+        path = store_for(path, store, options, progress=progress, notify=notify)
         return cls._open_store(path, ctx, flash_bw, flash_latency, verify, predictor, window, dram, prefetch,
                                stream_ffn)
 

@@ -82,6 +82,14 @@ class SparseFFN:
         self.caches = [NeuronCache(spec.n_neurons, spec.bundle_bytes, cap, window if cap < spec.n_neurons else KEEP)
                        for spec, cap in zip(self.layers, capacities)]
         self.views = [bundle_views(cache.rows, spec) for cache, spec in zip(self.caches, self.layers)]
+        # With the gate predictor, a layer whose cache holds it whole is read whole the first time it
+        # runs, in long reads (its neurons one by one, as first selected, cost a 4 KiB request each:
+        # 8 ms of a 30 ms SmolLM2 token), and keeps its rows across sequences: the gate path's output
+        # never depends on what is resident (every selected neuron is loaded, every other skipped).
+        # The ReLU predictors still load neuron by neuron from cold, which the tests and `profile`
+        # measure; whether they should read whole layers too belongs to the cache-policy work (issue 14).
+        self.whole_layer = [self.gated_by_coefficients and cap >= spec.n_neurons
+                            for spec, cap in zip(self.layers, capacities)]
         self.partial = PartialSums(args.dim)
         self.stats = SparseStats()
         self.prefetch = prefetch
@@ -102,6 +110,13 @@ class SparseFFN:
         clock = time.perf_counter
         t0 = clock()
         prefetched = self._finish_prefetch(layer)
+        whole = cache.missing(np.arange(cache.capacity)) if self.whole_layer[layer] and cache.n < cache.capacity \
+            else None
+        if whole is not None:  # the first use of a layer the cache holds whole: read it all, once
+            whole_counter = None if tr is None else ReadStats()
+            self.reader.read_bundles(layer, whole, out=cache.free_rows(whole.size), counter=whole_counter)
+            cache.commit_unpredicted(whole)
+            stats.loaded += int(whole.size)
         t1 = clock()
         ids = self.predictor.predict(layer, x)
         coefs = self.predictor.coefficients(layer) if self.gated_by_coefficients else None
@@ -132,7 +147,11 @@ class SparseFFN:
             self._add_overflow(layer, x, overflow, out, counter, coefs)
         if tr is not None:
             t6 = clock()
-            if prefetched is not None:
+            if whole is not None:
+                tr.ffn_part(layer, "read", t0, t1, neurons=int(whole.size), bytes=whole_counter.bytes_read,
+                            whole_layer=True)
+                counter.bytes_read += whole_counter.bytes_read
+            elif prefetched is not None:
                 tr.ffn_part(layer, "read", t0, t1, waited_for="read-ahead")
             tr.ffn_part(layer, "predict", t1, t2, neurons=int(ids.size))
             tr.ffn_part(layer, "mm", t2, t3, evicted=int(evicted.size))
@@ -197,11 +216,13 @@ class SparseFFN:
         return ids
 
     def reset(self) -> None:
-        """Forget everything resident (a new sequence starts cold)."""
+        """Forget what is resident (a new sequence starts cold), except in caches that hold their
+        whole layer (whole_layer)."""
         for layer in list(self._pending):  # wait for reads still writing into free rows; uncommitted, so
             wait([self._pending.pop(layer)[0]])  # a failed one (its error was not ours to raise) loses nothing
-        for cache in self.caches:
-            cache.reset()
+        for cache, whole in zip(self.caches, self.whole_layer):
+            if not whole:  # a cache that holds its whole layer keeps it: it is full, whatever ran before
+                cache.reset()
         self.stats = SparseStats()
 
     def close(self) -> None:

@@ -39,6 +39,7 @@ class ConvertOptions:
     group_size: int = 32
     ffn_down: str = "auto"
     compression: str = "none"
+    ffn_gate: str = "bundles"  # "rows" for the gate predictor (Engine.open(..., predictor="gate"))
 
 
 def cache_root() -> Path:
@@ -80,7 +81,10 @@ def cache_key(source: Path, options: ConvertOptions) -> str:
     source = source.resolve()
     files = [source] if source.is_file() else sorted(p for p in source.iterdir() if p.is_file()
                                                       and not p.name.startswith("."))
-    identity = {"source": str(source), "format": MATRICES_VERSION, "options": asdict(options),
+    chosen = asdict(options)
+    if chosen["ffn_gate"] == ConvertOptions.ffn_gate:  # added later: entries made before keep their key
+        del chosen["ffn_gate"]
+    identity = {"source": str(source), "format": MATRICES_VERSION, "options": chosen,
                 "files": [(p.name, (st := p.stat()).st_size, st.st_mtime_ns) for p in files]}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -126,7 +130,7 @@ def store_for(source: str | Path, store: str | Path | None = None, options: Conv
         t0 = time.perf_counter()
         convert_checkpoint(source.resolve(), target, quant=options.quant, resident_quant=options.resident_quant,
                            group_size=options.group_size, compression=options.compression,
-                           ffn_down=options.ffn_down, progress=progress)
+                           ffn_down=options.ffn_down, ffn_gate=options.ffn_gate, progress=progress)
         if notify is not None:
             notify(f"converted in {time.perf_counter() - t0:.1f} s")
     return target

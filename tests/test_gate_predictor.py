@@ -3,6 +3,7 @@
 engine's path, and every refusal."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -175,3 +176,46 @@ def test_damaged_thresholds_are_refused(calibrated, tmp_path):
     np.savez(tmp_path / "bad.npz", n_layers=1, sparsity=np.float32(1.5), t0=np.zeros(3, np.float32))
     with pytest.raises(FormatError, match=r"sparsity 1.5 is not in \(0, 1\)"):
         GatePredictor.load_thresholds(tmp_path / "bad.npz", [3])
+
+
+def test_a_model_opened_for_the_gate_predictor_converts_into_its_layout():
+    # an HF dir (or a GGUF) with predictor="gate" converts once into the cache with --ffn-gate rows,
+    # then names the calibration that store needs
+    with pytest.raises(GenerationError) as e:
+        Engine.open(FIXTURES / "llama", predictor="gate")
+    message = str(e.value)
+    assert "no calibrated gate thresholds" in message and "--sparsity 0.4` first" in message
+    store = message.split(": no calibrated")[0]
+    assert Manifest.load(store).quant["ffn_gate"] == "rows"
+    calibrate_gate(store, TEXT, sparsity=0.4, max_tokens=600)
+    with Engine.open(FIXTURES / "llama", predictor="gate") as engine:  # found in the cache, calibrated
+        assert engine.source == Path(store) and engine.model.flash_ffn.predictor.name == "gate"
+    with Engine.open(FIXTURES / "llama", convert=True) as engine:  # the default layout is its own entry
+        assert engine.source != Path(store)
+
+
+def test_with_room_for_every_neuron_the_gate_path_reads_each_layer_once(calibrated):
+    # no cap: each layer is read whole on first use (long reads, not one request per neuron) and
+    # kept across sequences, so a second generation reads nothing and computes what the first did
+    store, _ = calibrated
+    with Engine.open(store, predictor="gate") as engine:
+        ffn = engine.model.flash_ffn
+        assert all(ffn.whole_layer) and all(c.n == c.capacity for c in ffn.caches)  # the warm-up read them
+        first = engine.generate("the fox", max_tokens=8, temperature=0)
+        assert ffn.stats.loaded == 0 and ffn.stats.hit_rate == 1.0
+        assert engine.generate("the fox", max_tokens=8, temperature=0).token_ids == first.token_ids
+        assert ffn.stats.loaded == 0 and all(c.n == c.capacity for c in ffn.caches)
+
+
+def test_rows_committed_without_a_prediction_stay_in_the_window():
+    from flashinfer.cache import NeuronCache
+
+    cache = NeuronCache(8, 4, 8, window=3)
+    cache.step(np.array([1, 2]))
+    cache.commit(np.array([1, 2]))
+    cache.commit_unpredicted(np.array([0, 5]))  # read up front, never predicted
+    _, evicted = cache.step(np.array([1]))
+    assert evicted.size == 0  # the initial stamp would have put 0 and 5 out of the window here
+    for _ in range(3):
+        _, evicted = cache.step(np.array([1]))
+    assert set(cache.resident_ids()) == {1} and cache.check() is None

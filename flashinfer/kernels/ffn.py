@@ -354,6 +354,9 @@ def _ffn_coef_range(x, lo, hi, ids, coefs, threshold, up, up_s, up_m, down, down
     """out[t] += sum over rows lo..hi-1 whose |coefs[t, ids[r]]| > threshold[ids[r]] of c (up_r.x + b_r) down_r."""
     prep = prepare_input(up, x, group)
     n_tokens, dim = x.shape[0], x.shape[1]
+    if uses_int_dots(up, group) and uses_int_dots(down, group):
+        _ffn_coef_int(prep, lo, hi, ids, coefs, threshold, up, up_s, up_m, down, down_s, down_m, up_b, group, out)
+        return
     ints = uses_int_dots(up, group)
     up_ws, up_wm = row_scratch(up, up_m, group, dim)
     for r in range(lo, hi):
@@ -373,6 +376,72 @@ def _ffn_coef_range(x, lo, hi, ids, coefs, threshold, up, up_s, up_m, down, down
             if up_b.shape[0]:
                 u += up_b[r]
             row_axpy(down, down_s, down_m, group, r, c * u, out, t)
+
+
+@njit(cache=True, nogil=True, fastmath=FAST)
+def _ffn_coef_int(prep, lo, hi, ids, coefs, threshold, up, up_s, up_m, down, down_s, down_m, up_b, group, out):
+    """_ffn_coef_range for q8/q4/q4a bundles in groups of 32, as _ffn_rows_int computes its ReLU
+    neurons: rows in groups of four, the up dots of a group with a token in one pass over its
+    activation blocks (int_rows_dot4) once any of the four is selected, and each token's selected
+    down columns queued and added four at a time (flush_axpy4). A plain row at a time (dot, then a
+    float axpy) ran 0.57 ms a SmolLM2 layer against the dense FFN's 0.07."""
+    n_tokens, dim = prep[0].shape[0], prep[0].shape[1]
+    n_blocks = dim // 32
+    up_ws, up_wm = row_scratch(up, up_m, group, dim)
+    down_wm = row_scratch(down, down_m, group, dim)[1]
+    down_ws4 = np.empty((ROWS_PER_PASS, n_blocks), np.float32)
+    down_wm4 = np.empty((ROWS_PER_PASS, down_wm.shape[0]), np.float32)
+    acc = np.zeros((n_tokens, dim), np.float32)
+    queued_rows = np.zeros((n_tokens, 4), np.int64)
+    coef4 = np.zeros((n_tokens, 4, n_blocks), np.float32)
+    offset = np.zeros((n_tokens, n_blocks), np.float32)
+    n_queued = np.zeros(n_tokens, np.int64)
+    first = lo
+    while first < hi:
+        n_rows = min(ROWS_PER_PASS, hi - first)
+        for i in range(ROWS_PER_PASS, 2 * ROWS_PER_PASS):  # the next group's bundles (strided rows)
+            if first + i < hi:
+                prefetch_lines(up.ctypes.data + (first + i) * up.strides[0], up.shape[1])
+                prefetch_lines(down.ctypes.data + (first + i) * down.strides[0], down.shape[1])
+        down_ready = False
+        for t in range(n_tokens):
+            selected = 0
+            for i in range(n_rows):
+                if abs(coefs[t, ids[first + i]]) > threshold[ids[first + i]]:
+                    selected += 1
+            if selected == 0:
+                continue
+            u4 = (np.float32(0.0), np.float32(0.0), np.float32(0.0), np.float32(0.0))
+            if n_rows == ROWS_PER_PASS and selected > 1:
+                u4 = int_rows_dot4(up, first, up_s, up_m, prep, t)
+            for i in range(n_rows):
+                r = first + i
+                c = coefs[t, ids[r]]
+                if abs(c) <= threshold[ids[r]]:
+                    continue
+                if n_rows == ROWS_PER_PASS and selected > 1:
+                    u = u4[i]
+                else:
+                    row_scales(up_s, up_m, r, up_ws, up_wm)
+                    u = int_row_dot(up, r, up_ws, up_wm, prep, t)
+                if up_b.shape[0]:
+                    u += up_b[r]
+                if not down_ready:
+                    for k in range(n_rows):
+                        row_scales_into(down_s, down_m, first + k, down_ws4, down_wm4, k)
+                    down_ready = True
+                slot = n_queued[t]
+                queue_axpy(down, down_ws4, down_wm4, i, c * u, t, slot, coef4, offset)
+                queued_rows[t, slot] = r
+                if slot == 3:
+                    flush_axpy4(down, queued_rows, 4, coef4, offset, acc, t)
+                    n_queued[t] = 0
+                else:
+                    n_queued[t] = slot + 1
+        first += n_rows
+    for t in range(n_tokens):
+        flush_axpy4(down, queued_rows, n_queued[t], coef4, offset, acc, t)
+    add_unprepared(down, acc, group, out)
 
 
 @njit(cache=True, nogil=True, fastmath=FAST)
