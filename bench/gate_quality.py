@@ -129,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cal-tokens", type=int, default=2048)
     parser.add_argument("--ppl-tokens", type=int, default=1024)
     parser.add_argument("--agree-tokens", type=int, default=128)
+    parser.add_argument("--allocations", default="global,uniform",
+                        help="how calibrate_gate shares the skipped neurons among layers (global, uniform)")
     parser.add_argument("--keep", type=float, default=0.4, help="the sparsity the store is left calibrated at")
     parser.add_argument("--no-llamacpp", action="store_true")
     parser.add_argument("--no-oracle", dest="oracle", action="store_false",
@@ -156,9 +158,10 @@ def main(argv: list[str] | None = None) -> int:
              "skipped": 0.0}]
     sparsities = [float(s) for s in opts.sparsities.split(",") if s]
     for s in sparsities:
-        calibrate_gate(store, calibration, sparsity=s, max_tokens=opts.cal_tokens)
-        row = measure(store, "gate", eval_ids, prompt, dense["greedy"], opts.agree_tokens)
-        rows.append({"config": f"gate {s:.0%}", "sparsity": s, **row})
+        for allocation in opts.allocations.split(","):
+            calibrate_gate(store, calibration, sparsity=s, max_tokens=opts.cal_tokens, allocation=allocation)
+            row = measure(store, "gate", eval_ids, prompt, dense["greedy"], opts.agree_tokens)
+            rows.append({"config": f"gate {s:.0%}, {allocation}", "sparsity": s, **row})
     oracle_ids = None
     if opts.oracle:
         with Engine.open(store) as engine:

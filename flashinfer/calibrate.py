@@ -40,6 +40,8 @@ STATIC_FILE = "static.npz"
 CHECKSUMS_FILE = "checksums.json"
 GATE_FILE = "gate.npz"  # the gate predictor's per-layer thresholds (SiLU/GELU models)
 GATE_REPORT_FILE = "gate.json"
+GATE_ALLOCATIONS = ("global", "uniform")
+GATE_LEVEL_SAMPLE = 256  # calibration tokens per layer pooled for the global level (memory: 7B, 32 x 256 x 14336 floats)
 DEFAULT_GATE_SPARSITY = 0.4  # share of FFN neurons skipped (CATS' operating point: ~+1% perplexity on 7B models)
 STATIC_COVERAGE = 0.9  # the hot set keeps the most frequent neurons until they carry 90% of firings
 HELD_OUT_SHARE = 0.2  # last 20% of the calibration tokens measure recall on text the fit did not see
@@ -212,13 +214,17 @@ def check_sparsity(sparsity) -> float:
 
 
 def calibrate_gate(store: str | Path, text: str, *, sparsity: float = DEFAULT_GATE_SPARSITY, max_tokens: int = 2048,
-                   progress=None) -> list[GateLayerReport]:
+                   allocation: str = "global", progress=None) -> list[GateLayerReport]:
     """Calibrate and save the gate predictor's thresholds of a SiLU/GELU store (module docstring):
-    thresholds from the first 80% of the tokens, the report from the last 20%."""
+    thresholds from the first 80% of the tokens, the report from the last 20%. `allocation`: "global"
+    (one level over every layer's scores relative to the layer's output mass: the layers' skipped
+    shares differ, their mean is `sparsity`) or "uniform" (each layer skips `sparsity`)."""
     from flashinfer.engine import Engine, _check_gate_store
     from predictors.sparsity import GatePredictor
 
     sparsity = check_sparsity(sparsity)
+    if allocation not in GATE_ALLOCATIONS:
+        raise FlashinferError(f"allocation {allocation!r} is not one of {', '.join(GATE_ALLOCATIONS)}")
     store = Path(store)
     out_dir = store / PREDICTOR_DIR
     with Engine.open(store) as engine:
@@ -236,30 +242,51 @@ def calibrate_gate(store: str | Path, text: str, *, sparsity: float = DEFAULT_GA
         try:
             input_paths = collect_ffn_inputs(engine, token_ids, scratch)
             split = int(len(token_ids) * (1 - HELD_OUT_SHARE))
-            thresholds, reports = [], []
-            for i, path in enumerate(input_paths):
-                x = np.fromfile(path, np.float32).reshape(len(token_ids), args.dim)
+            sample = np.linspace(0, split - 1, min(split, GATE_LEVEL_SAMPLE)).astype(np.int64)
+
+            def layer_terms(i: int):
+                x = np.fromfile(input_paths[i], np.float32).reshape(len(token_ids), args.dim)
                 c = act(x @ gate_rows(reader, i).T)
                 u = x @ activation_rows(reader, i, gated=False)[0].T
                 down_norms = np.linalg.norm(down_columns(reader, i), axis=1)
                 # s_i: neuron i's typical |up . x| times its down column's norm (predictors.sparsity.GatePredictor)
                 scale = np.maximum(np.abs(u[:split]).mean(axis=0) * down_norms, 1e-30).astype(np.float32)
-                level = float(np.quantile(np.abs(c[:split]) * scale, sparsity))
+                return c, u, down_norms, scale
+
+            # pass 1: each layer's scores |c| s_i relative to its mean output mass per token, so that one
+            # level over all layers skips most where a layer's mass is concentrated in few neurons
+            masses, levels, pooled = [], [], []  # levels: relative to the layer's mass
+            for i in range(args.n_layers):
+                c, u, down_norms, scale = layer_terms(i)
+                mass = float((np.abs(c[:split] * u[:split]) * down_norms).sum(axis=1).mean()) or 1e-30
+                masses.append(mass)
+                if allocation == "global":
+                    pooled.append((np.abs(c[sample]) * scale / mass).reshape(-1))
+                else:
+                    levels.append(float(np.quantile(np.abs(c[:split]) * scale / mass, sparsity)))
+                if progress is not None:
+                    progress(i + 1, 2 * args.n_layers)
+            if allocation == "global":
+                levels = [float(np.quantile(np.concatenate(pooled), sparsity))] * args.n_layers
+                pooled.clear()
+            thresholds, reports = [], []
+            for i in range(args.n_layers):  # pass 2: the thresholds, and what they do on held-out tokens
+                c, u, down_norms, scale = layer_terms(i)
+                level = levels[i] * masses[i]
                 neuron_thresholds = (level / scale).astype(np.float32)
-                # on held-out tokens: the share skipped, and the output mass |c (up.x)| |down| kept
                 held_c = c[split:]
                 mass = np.abs(held_c * u[split:]) * down_norms
                 kept = np.abs(held_c) > neuron_thresholds
                 thresholds.append(neuron_thresholds)
                 reports.append(GateLayerReport(i, level, float(1.0 - kept.mean()), float(kept.mean()),
                                                float((mass * kept).sum() / max(mass.sum(), 1e-30))))
-                path.unlink()
+                input_paths[i].unlink()
                 if progress is not None:
-                    progress(i + 1, args.n_layers)
+                    progress(args.n_layers + i + 1, 2 * args.n_layers)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
     report = {"tokens": len(token_ids), "held_out_tokens": len(token_ids) - split, "sparsity": sparsity,
-              "layers": [asdict(r) for r in reports]}
+              "allocation": allocation, "layers": [asdict(r) for r in reports]}
     save_predictors(store, {GATE_FILE: GatePredictor([], thresholds, sparsity=sparsity).save,
                             GATE_REPORT_FILE: lambda p: Path(p).write_text(json.dumps(report, indent=1))})
     return reports

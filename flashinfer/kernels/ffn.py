@@ -396,6 +396,10 @@ def _ffn_coef_int(prep, lo, hi, ids, coefs, threshold, up, up_s, up_m, down, dow
     coef4 = np.zeros((n_tokens, 4, n_blocks), np.float32)
     offset = np.zeros((n_tokens, n_blocks), np.float32)
     n_queued = np.zeros(n_tokens, np.int64)
+    chunk = n_tokens > 1  # prefill: a group's up dots with every token in tiles, its down columns unpacked once
+    up_vals = np.empty((n_tokens if chunk else 0, ROWS_PER_PASS), np.float32)
+    h_vals = np.empty((n_tokens if chunk else 0, ROWS_PER_PASS), np.float32)
+    down_v = np.empty((ROWS_PER_PASS if chunk else 0, dim), np.float32)
     first = lo
     while first < hi:
         n_rows = min(ROWS_PER_PASS, hi - first)
@@ -403,6 +407,29 @@ def _ffn_coef_int(prep, lo, hi, ids, coefs, threshold, up, up_s, up_m, down, dow
             if first + i < hi:
                 prefetch_lines(up.ctypes.data + (first + i) * up.strides[0], up.shape[1])
                 prefetch_lines(down.ctypes.data + (first + i) * down.strides[0], down.shape[1])
+        if chunk and n_rows == ROWS_PER_PASS:
+            # as _ffn_rows_int's SiLU chunk, with h = c (up.x) where |c| clears the threshold, else 0;
+            # a group no token selects costs nothing
+            selected = False
+            for i in range(ROWS_PER_PASS):
+                neuron = ids[first + i]
+                for t in range(n_tokens):
+                    if abs(coefs[t, neuron]) > threshold[neuron]:
+                        selected = True
+                        break
+            if selected:
+                int_rows_dots(up, first, up_s, up_m, prep, up_vals)
+                for i in range(ROWS_PER_PASS):
+                    r = first + i
+                    neuron = ids[r]
+                    for t in range(n_tokens):
+                        c = coefs[t, neuron]
+                        u = up_vals[t, i] + (up_b[r] if up_b.shape[0] else np.float32(0.0))
+                        h_vals[t, i] = c * u if abs(c) > threshold[neuron] else np.float32(0.0)
+                    row_values(down, down_s, down_m, group, r, down_v[i])
+                _add_columns4(h_vals, down_v, acc)
+            first += n_rows
+            continue
         down_ready = False
         for t in range(n_tokens):
             selected = 0
