@@ -82,6 +82,19 @@ def collect_ffn_inputs(engine, token_ids: list[int], scratch: Path) -> list[Path
     return paths
 
 
+def _start_calibration(engine, text: str, max_tokens: int, out_dir: Path) -> tuple[list[int], Path]:
+    """(the calibration's token ids, an empty scratch directory for its FFN inputs), after clearing
+    what a killed calibration left (its scratch and staged predictors)."""
+    token_ids = engine.tokenize(text)[:max_tokens]
+    if len(token_ids) < 64:
+        raise FlashinferError(f"calibration text gives {len(token_ids)} tokens; give at least 64 (ideally 1000+)")
+    atomic.remove_stale(out_dir)
+    scratch = atomic.scratch_dir(out_dir)
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
+    return token_ids, scratch
+
+
 def layer_rank(layer: int, n_layers: int, rank: int, last_rank: int | None, last_layers: int) -> int:
     """The predictor rank of `layer`: `last_rank` for the last `last_layers` layers."""
     return last_rank if last_rank is not None and layer >= n_layers - last_layers else rank
@@ -124,13 +137,7 @@ def calibrate_store(store: str | Path, text: str, *, max_tokens: int = 2048, ran
         last_rank = 2 * rank if last_rank is None else last_rank
         if not 0 <= last_layers <= n_layers:
             raise FlashinferError(f"last_layers {last_layers}: this model has {n_layers} layers")
-        token_ids = engine.tokenize(text)[:max_tokens]
-        if len(token_ids) < 64:
-            raise FlashinferError(f"calibration text gives {len(token_ids)} tokens; give at least 64 (ideally 1000+)")
-        atomic.remove_stale(out_dir)  # what a killed calibration left (its scratch and staged predictors)
-        scratch = atomic.scratch_dir(out_dir)
-        shutil.rmtree(scratch, ignore_errors=True)
-        scratch.mkdir()
+        token_ids, scratch = _start_calibration(engine, text, max_tokens, out_dir)
         try:
             input_paths = collect_ffn_inputs(engine, token_ids, scratch)
             split = int(len(token_ids) * (1 - HELD_OUT_SHARE))
@@ -232,13 +239,7 @@ def calibrate_gate(store: str | Path, text: str, *, sparsity: float = DEFAULT_GA
         reader = engine.model.flash_ffn.reader
         _check_gate_store(reader, args)
         act = _gate_activation(args.act)
-        token_ids = engine.tokenize(text)[:max_tokens]
-        if len(token_ids) < 64:
-            raise FlashinferError(f"calibration text gives {len(token_ids)} tokens; give at least 64 (ideally 1000+)")
-        atomic.remove_stale(out_dir)
-        scratch = atomic.scratch_dir(out_dir)
-        shutil.rmtree(scratch, ignore_errors=True)
-        scratch.mkdir()
+        token_ids, scratch = _start_calibration(engine, text, max_tokens, out_dir)
         try:
             input_paths = collect_ffn_inputs(engine, token_ids, scratch)
             split = int(len(token_ids) * (1 - HELD_OUT_SHARE))

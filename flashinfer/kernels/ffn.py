@@ -384,7 +384,10 @@ def _ffn_coef_int(prep, lo, hi, ids, coefs, threshold, up, up_s, up_m, down, dow
     neurons: rows in groups of four, the up dots of a group with a token in one pass over its
     activation blocks (int_rows_dot4) once any of the four is selected, and each token's selected
     down columns queued and added four at a time (flush_axpy4). A plain row at a time (dot, then a
-    float axpy) ran 0.57 ms a SmolLM2 layer against the dense FFN's 0.07."""
+    float axpy) ran 0.57 ms a SmolLM2 layer against the dense FFN's 0.07. The queueing of a down
+    column is written out here and in _ffn_rows_int: as a shared @njit helper it was not inlined,
+    and _ffn_rows_int lost 6-27% (bench.kernels --against, 2026-12-03: SmolLM2 SiLU layer, one
+    token, 0.23 -> 0.30 ms)."""
     n_tokens, dim = prep[0].shape[0], prep[0].shape[1]
     n_blocks = dim // 32
     up_ws, up_wm = row_scratch(up, up_m, group, dim)
