@@ -100,18 +100,28 @@ def layer_rank(layer: int, n_layers: int, rank: int, last_rank: int | None, last
     return last_rank if last_rank is not None and layer >= n_layers - last_layers else rank
 
 
-def activation_rows(reader, layer: int, gated: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """The rows deciding activity (gate or up) as float32 [n_neurons, dim], and their bias."""
+def layer_bundles(reader, layer: int) -> np.ndarray:
+    """Every bundle of a layer, uint8 [n_neurons, bundle_bytes]."""
+    return reader.read_bundles(layer, np.arange(reader.manifest.ffn_layers[layer].n_neurons))
+
+
+def component_values(bundles: np.ndarray, spec, name: str) -> np.ndarray:
+    """Component `name` (up, gate, down) of a layer's bundles as float32 [n_neurons, dim]."""
     from storage import quant
 
-    spec = reader.manifest.ffn_layers[layer]
-    bundles = reader.read_bundles(layer, np.arange(spec.n_neurons))
-    c = spec.component("gate" if gated else "up")
+    c = spec.component(name)
     rows = quant.rows_from_records(np.ascontiguousarray(bundles[:, c.offset : c.offset + c.nbytes]),
                                    c.scheme, c.length, c.group_size or 32)
+    return quant.dequantize(rows)
+
+
+def activation_rows(reader, layer: int, gated: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """The rows deciding activity (gate or up) as float32 [n_neurons, dim], and their bias."""
+    spec = reader.manifest.ffn_layers[layer]
+    bundles = layer_bundles(reader, layer)
     b = spec.component("gate_bias" if gated else "up_bias")
     bias = None if b is None else np.ascontiguousarray(bundles[:, b.offset : b.offset + 4]).view(np.float32)[:, 0].copy()
-    return quant.dequantize(rows), bias
+    return component_values(bundles, spec, "gate" if gated else "up"), bias
 
 
 def calibrate_store(store: str | Path, text: str, *, max_tokens: int = 2048, rank: int = 128,
@@ -186,8 +196,10 @@ class GateLayerReport:
 
 def _gate_activation(act: str):
     """The FFN's activation in numpy float32 (calibration only; the engine runs its kernels')."""
+    from predictors.sparsity import silu
+
     if act == "silu":
-        return lambda g: (g / (1.0 + np.exp(-g))).astype(np.float32)
+        return silu
     if act == "gelu_tanh":
         return lambda g: (0.5 * g * (1.0 + np.tanh(0.7978845608028654 * (g + 0.044715 * g ** 3)))).astype(np.float32)
     raise FlashinferError(f"no gate activation for {act!r}")
@@ -196,21 +208,13 @@ def _gate_activation(act: str):
 def gate_rows(reader, layer: int) -> np.ndarray:
     """W_gate of a layer that keeps it whole (--ffn-gate rows) as float32 [n_neurons, dim]."""
     from storage import quant
-    from storage.reader import planar_tensor
 
-    m = reader.manifest.ffn_layers[layer].matrix("gate")
-    return quant.dequantize(planar_tensor(reader.read_matrix(layer, "gate"), m.scheme, m.group_size, m.shape))
+    return quant.dequantize(reader.matrix_tensor(layer, "gate"))
 
 
 def down_columns(reader, layer: int) -> np.ndarray:
     """The down columns of a layer's bundles as float32 [n_neurons, dim]."""
-    from storage import quant
-
-    spec = reader.manifest.ffn_layers[layer]
-    c = spec.component("down")
-    bundles = reader.read_bundles(layer, np.arange(spec.n_neurons))
-    records = np.ascontiguousarray(bundles[:, c.offset : c.offset + c.nbytes])
-    return quant.dequantize(quant.rows_from_records(records, c.scheme, c.length, c.group_size or 32))
+    return component_values(layer_bundles(reader, layer), reader.manifest.ffn_layers[layer], "down")
 
 
 def check_sparsity(sparsity) -> float:
@@ -245,11 +249,14 @@ def calibrate_gate(store: str | Path, text: str, *, sparsity: float = DEFAULT_GA
             split = int(len(token_ids) * (1 - HELD_OUT_SHARE))
             sample = np.linspace(0, split - 1, min(split, GATE_LEVEL_SAMPLE)).astype(np.int64)
 
+            # Each pass computes a layer's products again rather than keeping them: a 7B's held-out
+            # c and up.x alone would take 1.5 GB.
             def layer_terms(i: int):
                 x = np.fromfile(input_paths[i], np.float32).reshape(len(token_ids), args.dim)
                 c = act(x @ gate_rows(reader, i).T)
-                u = x @ activation_rows(reader, i, gated=False)[0].T
-                down_norms = np.linalg.norm(down_columns(reader, i), axis=1)
+                spec, bundles = reader.manifest.ffn_layers[i], layer_bundles(reader, i)  # read once for up and down
+                u = x @ component_values(bundles, spec, "up").T
+                down_norms = np.linalg.norm(component_values(bundles, spec, "down"), axis=1)
                 # s_i: neuron i's typical |up . x| times its down column's norm (predictors.sparsity.GatePredictor)
                 scale = np.maximum(np.abs(u[:split]).mean(axis=0) * down_norms, 1e-30).astype(np.float32)
                 return c, u, down_norms, scale

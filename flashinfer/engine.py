@@ -678,18 +678,13 @@ def _load_gate_predictor(reader, args: ModelArgs):
     from flashinfer.calibrate import GATE_FILE, GATE_REPORT_FILE, PREDICTOR_DIR
     from flashinfer.weights import kernel_product, matrix_from_quantized
     from predictors.sparsity import GatePredictor
-    from storage.reader import planar_tensor
 
     path = reader.dir / PREDICTOR_DIR / GATE_FILE
     if not path.is_file():
         raise GenerationError(f"{reader.dir}: no calibrated gate thresholds ({PREDICTOR_DIR}/{GATE_FILE}); run "
                               f"`flashinfer calibrate {reader.dir} --text FILE --sparsity 0.4` first")
     thresholds, sparsity = GatePredictor.load_thresholds(path, [spec.n_neurons for spec in reader.manifest.ffn_layers])
-    gates = []
-    for layer, spec in enumerate(reader.manifest.ffn_layers):
-        m = spec.matrix("gate")
-        gates.append(matrix_from_quantized(planar_tensor(reader.read_matrix(layer, "gate"), m.scheme, m.group_size,
-                                                         m.shape)))
+    gates = [matrix_from_quantized(reader.matrix_tensor(layer, "gate")) for layer in range(args.n_layers)]
     act = K.ACTS[args.act]
 
     def activation(g):

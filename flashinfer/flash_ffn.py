@@ -27,14 +27,13 @@ _DATA_DTYPE = {"f32": np.float32, "f16": np.uint16, "q8": np.int8, "q4": np.uint
 
 class BundleViews(NamedTuple):
     up: Matrix
-    gate: Matrix  # zero rows for ungated FFNs
+    gate: Matrix  # zero rows for ungated FFNs; a layer keeping W_gate whole (--ffn-gate rows): that
+    # matrix when the layer's matrices were given (the dense path, rows in neuron order), else zero rows
     down: Matrix  # the bundles' down columns [n, dim], or W_down's rows [dim, n] (down_rows)
     up_bias: np.ndarray  # EMPTY without biases
     gate_bias: np.ndarray
     group: int
     down_rows: bool  # down is the layer's whole W_down (format.FFNMatrix), computed by kernels.ffn_down_rows
-    gate_apart: bool = False  # the layer keeps W_gate whole after its bundles (the gate predictor's layout):
-    # `gate` is that matrix when the layer's matrices were given (the dense path, all rows in order), else empty
 
 
 def _component_matrix(bundles: np.ndarray, c: BundleComponent) -> Matrix:
@@ -72,8 +71,7 @@ def bundle_views(bundles: np.ndarray, layer: FFNLayer, matrices: np.ndarray | No
     down = _component_matrix(bundles, layer.component("down")) if rows is None else whole(rows)
     if gate_rows is not None and matrices is not None:
         gate = whole(gate_rows)
-    return BundleViews(up, gate, down, bias("up_bias"), bias("gate_bias"), up.group, rows is not None,
-                       gate_rows is not None)
+    return BundleViews(up, gate, down, bias("up_bias"), bias("gate_bias"), up.group, rows is not None)
 
 
 def layer_matrix_bytes(layer: FFNLayer) -> int:

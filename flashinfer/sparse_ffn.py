@@ -76,7 +76,6 @@ class SparseFFN:
         # the gate predictor hands over act(gate.x) of every neuron, which the FFN kernel multiplies
         # by up.x (its bundles hold no gate rows); the others' neurons compute their own activation
         self.gated_by_coefficients = hasattr(predictor, "coefficients")
-        self.thresholds = getattr(predictor, "thresholds", None)
         # a cache that can hold its whole layer never drops a neuron: once read, it stays (the
         # window only saves DRAM, which such a layer does not need)
         self.caches = [NeuronCache(spec.n_neurons, spec.bundle_bytes, cap, window if cap < spec.n_neurons else KEEP)
@@ -141,8 +140,8 @@ class SparseFFN:
         if coefs is None:
             ffn_over_bundles(x, cache.n, self.views[layer], self.act, out, self.partial)
         else:
-            ffn_over_selected(x, cache.n, cache.row_to_id, coefs, self.thresholds[layer], self.views[layer], out,
-                              self.partial)
+            ffn_over_selected(x, cache.n, cache.row_to_id, coefs, self.predictor.thresholds[layer], self.views[layer],
+                              out, self.partial)
         if overflow.size:
             self._add_overflow(layer, x, overflow, out, counter, coefs)
         if tr is not None:
@@ -181,7 +180,8 @@ class SparseFFN:
             if coefs is None:
                 ffn_over_bundles(x, piece.size, views, self.act, piece_out, self.partial)
             else:
-                ffn_over_selected(x, piece.size, piece, coefs, self.thresholds[layer], views, piece_out, self.partial)
+                ffn_over_selected(x, piece.size, piece, coefs, self.predictor.thresholds[layer], views, piece_out,
+                                  self.partial)
             out += piece_out
         self.stats.wait_seconds += time.perf_counter() - t0  # mostly reads
 

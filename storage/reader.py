@@ -261,6 +261,13 @@ class StoreReader:
             buf = self._buffers.buf = aligned_buffer(max(nbytes, self.max_read_bytes))
         return buf
 
+    def matrix_tensor(self, layer: int, name: str) -> QuantizedTensor:
+        """Layer `layer`'s whole matrix `name` read from flash (read_matrix), as a QuantizedTensor of
+        views into the bytes read."""
+        raw = self.read_matrix(layer, name)
+        m = self.manifest.ffn_layers[layer].matrix(name)
+        return planar_tensor(raw, m.scheme, m.group_size, m.shape)
+
     def read_matrix(self, layer: int, name: str, out: np.ndarray | None = None, counter: ReadStats | None = None
                     ) -> np.ndarray:
         """The bytes of layer `layer`'s whole matrix `name` (format.FFNMatrix) as uint8 [nbytes],
