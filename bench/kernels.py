@@ -205,27 +205,40 @@ def serial_vs_parallel() -> None:
             print(f"{dtype:8} {n_tokens:>6} {t_serial * 1e3:>10.2f} {t_parallel * 1e3:>12.2f} "
                   f"{t_serial / t_parallel:>7.2f}x {nbytes / t_parallel / 1e9:>14.1f}")
     four_bit_schemes(rng)
+    six_bit_scheme(rng)
     sparse_ffn_rows(rng)
 
 
 def four_bit_schemes(rng) -> None:
     """q4k (ggml's Q4_K, scales decoded in the block loop) against q4a (f16 scale and min per 32)
     on the same weights, alternating, both kernels: what keeping a Q4_K file's blocks costs."""
+    scheme_pair(rng, "q4a", "q4k")
+
+
+def six_bit_scheme(rng) -> None:
+    """q6k (ggml's Q6_K: int8 codes, an int8 scale per 16 applied in integers) against q8 (f16
+    scale per 32) on the same weights: what keeping a Q6_K file's W_down and attn_v costs."""
+    scheme_pair(rng, "q8", "q6k")
+
+
+def scheme_pair(rng, base: str, other: str) -> None:
+    """matmul [11008, 4096] in two schemes of the same weights, alternating, both kernels."""
     from flashinfer.weights import matrix_from_quantized
 
-    print("\nmatmul [11008, 4096], the same weights as q4a and q4k, alternating")
-    print(f"{'kernel':14} {'tokens':>6} {'q4a ms':>9} {'q4k ms':>9} {'q4k/q4a':>8} {'q4k GB/s':>9}")
+    print(f"\nmatmul [11008, 4096], the same weights as {base} and {other}, alternating")
+    print(f"{'kernel':14} {'tokens':>6} {base + ' ms':>9} {other + ' ms':>9} {other + '/' + base:>8} "
+          f"{other + ' GB/s':>9}")
     w = rng.standard_normal((11008, 4096), dtype=np.float32)
-    q4a, q4k = (quant.quantize(w, scheme, 32) for scheme in ("q4a", "q4k"))
-    m_a, m_k = matrix_from_quantized(q4a), matrix_from_quantized(q4k)
-    nbytes = q4k.data.nbytes + q4k.scales.nbytes + q4k.mins.nbytes
+    q_base, q_other = (quant.quantize(w, scheme) for scheme in (base, other))
+    m_base, m_other = matrix_from_quantized(q_base), matrix_from_quantized(q_other)
+    nbytes = m_other.nbytes
     for n_tokens in (1, 16):
         x = rng.standard_normal((n_tokens, 4096)).astype(np.float32)
         out = np.empty((n_tokens, 11008), np.float32)
         no_bias = np.zeros(0, np.float32)
         for name in ("matmul_serial", "matmul"):
             kernel = getattr(K, name)
-            t_a, t_k = best_pair(kernel, kernel, (x, *m_a, no_bias, out), (x, *m_k, no_bias, out))
+            t_a, t_k = best_pair(kernel, kernel, (x, *m_base, no_bias, out), (x, *m_other, no_bias, out))
             print(f"{name:14} {n_tokens:>6} {t_a * 1e3:>9.2f} {t_k * 1e3:>9.2f} {t_k / t_a:>7.2f}x "
                   f"{nbytes / t_k / 1e9:>9.1f}")
 

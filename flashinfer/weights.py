@@ -33,8 +33,9 @@ NO_SCALES.flags.writeable = False
 
 
 class Matrix(NamedTuple):
-    """A weight matrix as the kernels take it: data float32 / f16 bits (uint16) / int8 (q8) /
-    uint8 nibbles (q4, q4a), and f16-bit scales and mins [rows, K/group] (empty when unused)."""
+    """A weight matrix as the kernels take it: data float32 / f16 bits (uint16) / int8 (q8, q6k) /
+    uint8 nibbles (q4, q4a, q4k), and f16-bit scales and mins [rows, K/group] (empty when unused;
+    q4k's and q6k's packed scale bytes as storage/quant.py has them, uint8 / int8)."""
 
     data: np.ndarray
     scales: np.ndarray = NO_SCALES
@@ -291,6 +292,8 @@ def matrix_from_quantized(qt) -> Matrix:
         return Matrix(qt.data.view(np.uint16))
     if qt.scheme == "q4k":  # packed 6-bit scales and mins with their f16 multipliers, as bytes
         return Matrix(qt.data, qt.scales, qt.mins, qt.group_size)
+    if qt.scheme == "q6k":  # int8 scales with their f16 multipliers as bytes (the kernels tell q6k by them)
+        return Matrix(qt.data, qt.scales, NO_SCALES, qt.group_size)
     mins = NO_SCALES if qt.mins is None else qt.mins.view(np.uint16)
     return Matrix(qt.data, qt.scales.view(np.uint16), mins, qt.group_size)
 

@@ -18,6 +18,8 @@ Quantized rows (see storage/quant.py for the arithmetic): a row of K values in s
     q4a   K/2 bytes (unsigned 0..15), K/G float16 scales, K/G float16 mins
     q4k   K/2 bytes (unsigned 0..15), then scales and mins of K/G + K/128 bytes each: the
           groups' 6-bit values, then each 256-weight super-block's float16 multiplier (ggml's Q4_K)
+    q6k   K int8 (codes -32..31), then K/16 int8 scales (groups of 16) and each 256-weight
+          super-block's float16 multiplier (ggml's Q6_K)
 A 2-D resident tensor [rows, K] is its rows one after another in that layout's planar
 form: all data [rows, data_bytes], then all scales [rows, K/G], then all mins (see
 `ResidentTensor`); 1-D tensors (norms, biases) are always f32.
@@ -75,7 +77,7 @@ PAGE = 4096  # alignment of chunks and files: O_DIRECT and 4 KiB flash pages
 COMPONENT_ALIGN = 4  # so f16 scales and f32 values inside a bundle are aligned
 # copied from the model dir into a store as they are (generation_config.json: end-of-turn ids, sampling defaults)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
-SCHEMES = ("f32", "f16", "q8", "q4", "q4a", "q4k")
+SCHEMES = ("f32", "f16", "q8", "q4", "q4a", "q4k", "q6k")
 COMPRESSIONS = ("none", "zstd")
 COMPONENTS = ("up", "gate", "down", "up_bias", "gate_bias")
 MATRICES = ("down", "gate")

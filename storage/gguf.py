@@ -60,9 +60,12 @@ SUPPORTED_TOKENIZERS = ("gpt2", "llama")
 # converting keeps their codes instead of rounding the dequantized weights a second time.
 # Q5_0 ((q - 16) * d, q of 5 bits, one f16 d per 32) is q8's formula with codes in -16..15: exact
 # in q8 (8.5 bits a weight against the file's 5.5), no second rounding
-KEPT_SCHEMES = {"F32": "f32", "F16": "f16", "Q8_0": "q8", "Q5_0": "q8", "Q4_0": "q4", "Q4_1": "q4a", "Q4_K": "q4k"}
-MORE_THAN_4_BITS = ("Q5_1", "Q5_K", "Q6_K")  # and Q5_0, which KEPT_SCHEMES holds exactly
+# Q6_K ((q - 32) * d * sc, 16 weights per int8 sc, one f16 d per 256) is q6k's (codes one per byte)
+KEPT_SCHEMES = {"F32": "f32", "F16": "f16", "Q8_0": "q8", "Q5_0": "q8", "Q4_0": "q4", "Q4_1": "q4a", "Q4_K": "q4k",
+                "Q6_K": "q6k"}
+MORE_THAN_4_BITS = ("Q5_1", "Q5_K")  # and Q5_0 and Q6_K, which KEPT_SCHEMES holds exactly
 Q4_K_BLOCK_BYTES = 144  # d, dmin (f16), 12 bytes of 6-bit scales and mins, 128 bytes of nibbles
+Q6_K_BLOCK_BYTES = 210  # 128 bytes of low nibbles, 64 of high bit pairs, 16 int8 scales, f16 d
 
 # ---- BPE pre-tokenizers: tokenizer.ggml.pre -------------------------------------------------
 # llama.cpp splits text before byte-level BPE with a list of regexes per pre-tokenizer type
@@ -321,6 +324,39 @@ def q5_0_codes(blocks: np.ndarray) -> np.ndarray:
     high = np.unpackbits(blocks[..., 2:6], axis=-1, bitorder="little")  # [..., 32]: bit j = element j
     low = np.concatenate([blocks[..., 6:22] & 0x0F, blocks[..., 6:22] >> 4], axis=-1)
     return ((low | (high << 4)).astype(np.int16) - 16).astype(np.int8)
+
+
+def q6k_from_ggml_blocks(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ggml Q6_K blocks uint8 [rows, super-blocks, 210] as storage.quant's q6k arrays (data,
+    scales): the codes q - 32 one per int8, the int8 scales, then each d's f16 bytes. ggml's
+    order, per 128 weights: byte l of its 64 low-nibble bytes holds element l (low nibble) and
+    l + 64 (high); byte l of its 32 high-bit bytes holds bits 4-5 of elements l, l + 32, l + 64
+    and l + 96 (bit pairs 0-1, 2-3, 4-5, 6-7), as dequantize_row_q6_K reads them."""
+    rows, n_super, _ = blocks.shape
+    ql = blocks[:, :, 0:128].reshape(rows, n_super, 2, 64)
+    qh = blocks[:, :, 128:192].reshape(rows, n_super, 2, 1, 32)
+    low = np.concatenate([ql & 0x0F, ql >> 4], axis=3)  # [.., 2, 128]
+    high = ((qh >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 1, 4, 1)) & 0x03).reshape(rows, n_super, 2, 128)
+    codes = ((low | (high << 4)).astype(np.int16) - 32).astype(np.int8).reshape(rows, -1)
+    scales = blocks[:, :, 192:208].view(np.int8).reshape(rows, -1)
+    d = blocks[:, :, 208:210].view(np.int8).reshape(rows, -1)
+    return codes, np.concatenate([scales, d], axis=1)
+
+
+def q6k_to_ggml_blocks(qt) -> np.ndarray:
+    """A storage.quant q6k QuantizedTensor as ggml Q6_K blocks uint8 [rows, K / 256 * 210] (the
+    inverse of q6k_from_ggml_blocks: what a GGUF writer stores)."""
+    from storage import quant
+
+    rows, k = qt.shape
+    n_super, n_groups = k // quant.SUPER_BLOCK, k // quant.Q6K_GROUP
+    q = (qt.data.astype(np.int16) + 32).astype(np.uint8).reshape(rows, n_super, 2, 128)
+    low, high = q & 0x0F, (q >> 4).reshape(rows, n_super, 2, 4, 32)
+    ql = (low[..., :64] | (low[..., 64:] << 4)).reshape(rows, n_super, 128)
+    qh = (high[:, :, :, 0] | (high[:, :, :, 1] << 2) | (high[:, :, :, 2] << 4) | (high[:, :, :, 3] << 6))
+    scales = qt.scales[:, :n_groups].view(np.uint8).reshape(rows, n_super, 16)
+    d = qt.scales[:, n_groups:].view(np.uint8).reshape(rows, n_super, 2)
+    return np.concatenate([ql, qh.reshape(rows, n_super, 64), scales, d], axis=2).reshape(rows, -1)
 
 
 def q4k_to_ggml_blocks(qt) -> np.ndarray:
@@ -647,7 +683,7 @@ class GGUFCheckpoint:
 
     def fallback_scheme(self, name: str) -> str | None:
         """For a tensor no scheme keeps exactly: q8 where the file spends more than 4 bits a
-        weight (Q5_1, Q5_K, Q6_K: a Q4_K_M file's attn_v and ffn_down), so --quant auto rounds it onto
+        weight (Q5_1, Q5_K: a Q5_K_M file's), so --quant auto rounds it onto
         a finer grid than its own instead of a coarser one; None otherwise (the caller's default)."""
         return "q8" if self.tensors[name].type_name in MORE_THAN_4_BITS else None
 
@@ -655,7 +691,7 @@ class GGUFCheckpoint:
         """Rows of 2-D tensor `name` (HF orientation, q/k un-permuted) as a storage.quant
         QuantizedTensor in kept_scheme(name), bit for bit the file's values: Q8_0 blocks are q8
         (the same int8 codes and f16 scale), Q5_0 blocks q8 too (q5_0_codes), Q4_K blocks q4k
-        (q4k_from_ggml_blocks), Q4_0 blocks q4 and Q4_1 blocks q4a (the same nibbles, scales and
+        (q4k_from_ggml_blocks), Q6_K blocks q6k (q6k_from_ggml_blocks), Q4_0 blocks q4 and Q4_1 blocks q4a (the same nibbles, scales and
         mins; ggml puts element j and j+16 in byte j, the store 2j and 2j+1)."""
         from storage import quant
 
@@ -673,6 +709,9 @@ class GGUFCheckpoint:
         if scheme == "q4k":
             data, scales, mins = q4k_from_ggml_blocks(np.ascontiguousarray(picked).reshape(n, -1, Q4_K_BLOCK_BYTES))
             return quant.QuantizedTensor("q4k", 32, (n, n_cols), data, scales, mins)
+        if scheme == "q6k":
+            data, scales = q6k_from_ggml_blocks(np.ascontiguousarray(picked).reshape(n, -1, Q6_K_BLOCK_BYTES))
+            return quant.QuantizedTensor("q6k", quant.Q6K_GROUP, (n, n_cols), data, scales, None)
         blocks = np.ascontiguousarray(picked).reshape(n, n_cols // 32, t.block_bytes)
         scales = blocks[:, :, 0:2].copy().view("<f2")[:, :, 0]
         if t.type_name == "Q5_0":

@@ -11,11 +11,13 @@ Schemes
 ``q4a``  4-bit, asymmetric, one f16 scale and one f16 min per group.
 ``q4k``  ggml's Q4_K: 4-bit, asymmetric, super-blocks of 256 weights (8 groups of 32), each group
          with a 6-bit scale and min, each super-block with an f16 multiplier of each (d, dmin).
+``q6k``  ggml's Q6_K: 6-bit codes -32..31 held in int8, super-blocks of 256 weights (16 groups of
+         16), each group with an int8 scale, each super-block with an f16 multiplier d.
 
 Groups
 ------
 A weight is 2-D, ``[rows, K]``, row-major (for a linear layer ``[out, in]``). Groups are G
-consecutive elements along the LAST axis, G in {32, 64}: group ``g`` of row ``r`` is
+consecutive elements along the LAST axis, G in {32, 64} (q4k: 32; q6k: 16): group ``g`` of row ``r`` is
 ``w[r, g*G:(g+1)*G]``. K must be a positive multiple of G. (Groups run along the input
 dimension because that is what one row's dot product consumes; a kernel walks a row group by
 group with one scale in a register.) f16/f32 have no groups; their ``group_size`` is 0.
@@ -38,6 +40,14 @@ q4k (groups of 32 inside super-blocks of 256; K a multiple of 256; ggml's Q4_K a
      quantizer searches each group's scale and min (make_qkx2_quants); this one takes the range,
      so a float checkpoint quantized here differs from llama-quantize's file, while a GGUF's Q4_K
      blocks convert to q4k exactly (its d, dmin, 6-bit scales/mins and nibbles, reordered).
+q6k (groups of 16 inside super-blocks of 256; K a multiple of 256; ggml's Q6_K arithmetic):
+     per group ``s_g = v_g / -32`` with v_g the group's value of largest magnitude (ggml aims it
+     at level -32); per super-block ``d16 = f16(t / -128)`` with t the s_g of largest magnitude,
+     ``sc_g = clip(rint(s_g / d), -128, 127)`` (0 where d is 0); then ``q = clip(rint(w / (d sc_g)), -32, 31)`` (0 where d sc_g == 0);
+     ``w' = (d sc_g) q``, products in float32 in that order (gguf-py's and ggml's). Like q4k's,
+     this quantizer takes the range where ggml's (make_qx_quants) searches the scale; a GGUF's
+     Q6_K blocks convert to q6k exactly (its d, int8 scales and 6-bit codes, the codes unpacked
+     into one int8 each: 8 bits a weight where ggml packs 6).
 Against GGML (llama.cpp): ``q8`` keeps Q8_0's scale rule (max|w| -> 127, f16 scale, 32 per
 group; Q8_0 divides by the unrounded scale and rounds half away from zero), so a Q8_0 GGUF
 converts to a q8 store exactly. ``q4`` is NOT Q4_0: Q4_0 aims the signed extreme at level -8
@@ -61,18 +71,21 @@ q4a:  data uint8   [rows, K // 2];        scales float16 [rows, n_groups];
 q4k:  data uint8   [rows, K // 2];        scales uint8 [rows, n_groups + K // 128]: the groups'
                                           6-bit scales sc_g, then each super-block's d as f16 bytes;
                                           mins uint8 likewise: the m_g, then each dmin as f16 bytes.
+q6k:  data int8    [rows, K] (q, -32..31); scales int8 [rows, K // 16 + K // 128]: the groups'
+                                          sc_g, then each super-block's d as f16 bytes;  mins None.
 4-bit packing: byte ``j`` of a row holds element ``2j`` in its LOW nibble (bits 0-3) and
 element ``2j+1`` in its HIGH nibble (bits 4-7): ``byte = e[2j] | (e[2j+1] << 4)``.
 
 Row record (the bytes of one row, contiguous, as written into the store)
 ------------------------------------------------------------------------
 ``[data][scales][mins]``, all little-endian, no padding:
-  data:   f32: 4K bytes; f16: 2K bytes; q8: K bytes (int8); q4/q4a/q4k: K/2 bytes (packed as above)
+  data:   f32: 4K bytes; f16: 2K bytes; q8/q6k: K bytes (int8); q4/q4a/q4k: K/2 bytes (packed as above)
   scales: q8/q4/q4a only, n_groups little-endian f16 (2 bytes each), group 0 first; q4k: its
-          uint8 array as above (K/32 + K/128 bytes)
+          uint8 array as above (K/32 + K/128 bytes); q6k: its int8 array (K/16 + K/128 bytes)
   mins:   q4a only, n_groups little-endian f16; q4k: its uint8 array
 so ``scheme_bytes_per_row`` is 4K, 2K, K + 2K/G, K/2 + 2K/G, K/2 + 4K/G respectively, and for
-q4k K/2 + K/16 + K/64 (4.625 bits a weight; ggml's Q4_K packs the 6-bit values into 4.5).
+q4k K/2 + K/16 + K/64 (4.625 bits a weight; ggml's Q4_K packs the 6-bit values into 4.5), and
+for q6k K + K/16 + K/128 (8.5625 bits a weight, q8's 8.5 plus the multipliers; ggml's 6.5625).
 """
 
 from __future__ import annotations
@@ -83,11 +96,15 @@ import numpy as np
 
 from storage.errors import QuantError
 
-SCHEMES = ("f32", "f16", "q8", "q4", "q4a", "q4k")
-GROUPED_SCHEMES = ("q8", "q4", "q4a", "q4k")
+SCHEMES = ("f32", "f16", "q8", "q4", "q4a", "q4k", "q6k")
+GROUPED_SCHEMES = ("q8", "q4", "q4a", "q4k", "q6k")
 NIBBLE_SCHEMES = ("q4", "q4a", "q4k")
-SUPER_BLOCK = 256  # q4k: weights per super-block (ggml's QK_K)
+SUPER_BLOCK = 256  # q4k/q6k: weights per super-block (ggml's QK_K)
+SUPER_BLOCK_SCHEMES = ("q4k", "q6k")
 Q4K_SCALE_MAX = np.float32(63.0)  # 6-bit scales and mins
+Q6K_GROUP = 16  # q6k: weights per int8 scale
+Q6K_CODE_MIN, Q6K_CODE_MAX = -32, 31
+Q6K_SCALE_MIN = -128  # q6k: the int8 scale the largest group scale is aimed at
 GROUP_SIZES = (32, 64)
 DEFAULT_GROUP_SIZE = 32
 
@@ -98,9 +115,9 @@ Q4A_LEVELS = np.float32(15.0)
 Q4_OFFSET = 8  # q4 symmetric nibble = q + 8
 
 DATA_DTYPES = {"f32": np.dtype("<f4"), "f16": np.dtype("<f2"), "q8": np.dtype("i1"),
-               "q4": np.dtype("u1"), "q4a": np.dtype("u1"), "q4k": np.dtype("u1")}
+               "q4": np.dtype("u1"), "q4a": np.dtype("u1"), "q4k": np.dtype("u1"), "q6k": np.dtype("i1")}
 SCALE_DTYPE = np.dtype("<f2")
-SCALE_DTYPES = {"q4k": np.dtype("u1")}  # the scales/mins arrays' dtype where it is not SCALE_DTYPE
+SCALE_DTYPES = {"q4k": np.dtype("u1"), "q6k": np.dtype("i1")}  # the scales/mins arrays' dtype where it is not SCALE_DTYPE
 
 
 @dataclass(frozen=True, eq=False)
@@ -127,13 +144,26 @@ def check_scheme(scheme: str) -> None:
         raise QuantError(f"unknown quantization scheme {scheme!r}; expected one of {', '.join(SCHEMES)}")
 
 
+FIXED_GROUPS = {"q4k": 32, "q6k": Q6K_GROUP}  # schemes whose group is part of the format
+
+
+def group_size_of(scheme: str, requested: int) -> int:
+    """The group a tensor stored in `scheme` gets when `requested` is asked for (a store's
+    --group-size): 0 for f32/f16, the scheme's own for q4k/q6k, else `requested`."""
+    check_scheme(scheme)
+    if scheme not in GROUPED_SCHEMES:
+        return 0
+    return FIXED_GROUPS.get(scheme, requested)
+
+
 def _group_size_for(scheme: str, group_size: int) -> int:
     """The group size a tensor of `scheme` records: the validated G, or 0 if ungrouped."""
     check_scheme(scheme)
     if scheme not in GROUPED_SCHEMES:
         return 0
-    if group_size not in GROUP_SIZES or (scheme == "q4k" and group_size != 32):
-        use = "32" if scheme == "q4k" else f"one of {', '.join(map(str, GROUP_SIZES))}"
+    fixed = FIXED_GROUPS.get(scheme)
+    if (group_size not in GROUP_SIZES and fixed is None) or (fixed is not None and group_size != fixed):
+        use = str(fixed) if fixed is not None else f"one of {', '.join(map(str, GROUP_SIZES))}"
         raise QuantError(f"group size {group_size!r} is not supported for {scheme}; use {use}")
     return group_size
 
@@ -146,9 +176,10 @@ def _check_row_length(scheme: str, shape: tuple[int, ...], group_size: int) -> N
         raise QuantError(f"cannot quantize a tensor of shape {tuple(shape)} to {scheme}: row length "
                          f"{row_length} is not a multiple of the {scheme} group size {group_size} "
                          f"(groups run along the last axis)")
-    if scheme == "q4k" and row_length % SUPER_BLOCK:
-        raise QuantError(f"cannot quantize a tensor of shape {tuple(shape)} to q4k: row length {row_length} "
-                         f"is not a multiple of its super-block of {SUPER_BLOCK}; use q4a")
+    if scheme in SUPER_BLOCK_SCHEMES and row_length % SUPER_BLOCK:
+        use = "q4a" if scheme == "q4k" else "q8"
+        raise QuantError(f"cannot quantize a tensor of shape {tuple(shape)} to {scheme}: row length {row_length} "
+                         f"is not a multiple of its super-block of {SUPER_BLOCK}; use {use}")
 
 
 def _expected_arrays(scheme: str, rows: int, row_length: int, group_size: int):
@@ -157,6 +188,8 @@ def _expected_arrays(scheme: str, rows: int, row_length: int, group_size: int):
     if scheme == "q4k":  # the 6-bit values, then the super-blocks' f16 multipliers as bytes
         group_shape = (rows, row_length // group_size + 2 * (row_length // SUPER_BLOCK))
         return (rows, data_cols), group_shape, group_shape
+    if scheme == "q6k":  # the int8 scales, then the super-blocks' f16 multipliers as bytes
+        return (rows, data_cols), (rows, row_length // group_size + 2 * (row_length // SUPER_BLOCK)), None
     group_shape = (rows, row_length // group_size) if group_size else None
     return (rows, data_cols), group_shape, group_shape if scheme == "q4a" else None
 
@@ -186,17 +219,18 @@ def scale_dtype(scheme: str) -> np.dtype:
     return SCALE_DTYPES.get(scheme, SCALE_DTYPE)
 
 
-def field_bytes(scheme: str, K: int, group_size: int = DEFAULT_GROUP_SIZE) -> tuple[int, int, int]:
+def field_bytes(scheme: str, K: int, group_size: int | None = None) -> tuple[int, int, int]:
     """Bytes of (data, scales, mins) in one row record of K weights (0 where the scheme has none):
-    the widths of a bundle component's fields and of a planar tensor's planes, per row."""
-    group_size = _group_size_for(scheme, group_size)
+    the widths of a bundle component's fields and of a planar tensor's planes, per row.
+    group_size None: the scheme's default (group_size_of)."""
+    group_size = _group_size_for(scheme, group_size_of(scheme, DEFAULT_GROUP_SIZE) if group_size is None else group_size)
     _check_row_length(scheme, (K,), group_size)
     data_shape, scales_shape, mins_shape = _expected_arrays(scheme, 1, K, group_size)
     return (data_shape[1] * DATA_DTYPES[scheme].itemsize,
             *(0 if shape is None else shape[1] * scale_dtype(scheme).itemsize for shape in (scales_shape, mins_shape)))
 
 
-def scheme_bytes_per_row(scheme: str, K: int, group_size: int = DEFAULT_GROUP_SIZE) -> int:
+def scheme_bytes_per_row(scheme: str, K: int, group_size: int | None = None) -> int:
     """Bytes of one row record (data + scales + mins) for a row of K weights."""
     return sum(field_bytes(scheme, K, group_size))
 
@@ -242,9 +276,10 @@ def _unpack_nibbles(packed: np.ndarray) -> np.ndarray:
     return values
 
 
-def quantize(w: np.ndarray, scheme: str, group_size: int = DEFAULT_GROUP_SIZE) -> QuantizedTensor:
-    """Quantize a 2-D float weight [rows, K] along its last axis (see the module docstring)."""
-    group_size = _group_size_for(scheme, group_size)
+def quantize(w: np.ndarray, scheme: str, group_size: int | None = None) -> QuantizedTensor:
+    """Quantize a 2-D float weight [rows, K] along its last axis (see the module docstring);
+    group_size None: the scheme's default (32, q6k's 16; none for f32/f16)."""
+    group_size = _group_size_for(scheme, group_size_of(scheme, DEFAULT_GROUP_SIZE) if group_size is None else group_size)
     w = _as_float32_matrix(w)
     shape = (int(w.shape[0]), int(w.shape[1]))
     _check_row_length(scheme, shape, group_size)
@@ -256,6 +291,8 @@ def quantize(w: np.ndarray, scheme: str, group_size: int = DEFAULT_GROUP_SIZE) -
     groups = w.reshape(shape[0], shape[1] // group_size, group_size)
     if scheme == "q4k":
         return _quantize_q4k(groups, shape)
+    if scheme == "q6k":
+        return _quantize_q6k(groups, shape)
     if scheme == "q4a":
         mins16 = _to_f16(groups.min(axis=2), "group mins", scheme, shape)
         group_min = mins16.astype(np.float32)
@@ -292,6 +329,32 @@ def _quantize_q4k(groups: np.ndarray, shape: tuple[int, int]) -> QuantizedTensor
                            np.concatenate([m.reshape(rows, -1), dmin16.view(np.uint8)], axis=1))
 
 
+def _quantize_q6k(groups: np.ndarray, shape: tuple[int, int]) -> QuantizedTensor:
+    rows, k = shape
+    per_super = (rows, k // SUPER_BLOCK, SUPER_BLOCK // Q6K_GROUP)
+    # ggml's signs: the value of largest magnitude goes to level -32, the largest scale to -128
+    peak = np.take_along_axis(groups, np.abs(groups).argmax(axis=2)[..., None], axis=2)[..., 0]
+    s = (peak / np.float32(Q6K_CODE_MIN)).reshape(per_super)
+    top = np.take_along_axis(s, np.abs(s).argmax(axis=2)[..., None], axis=2)[..., 0]
+    d16 = _to_f16(top / np.float32(Q6K_SCALE_MIN), "super-block scales", "q6k", shape)
+    d = d16.astype(np.float32)
+    sc = np.clip(np.rint(np.divide(s, d[..., None], out=np.zeros_like(s), where=d[..., None] != 0)), -128, 127)
+    scales = (d[..., None] * sc.astype(np.float32)).reshape(rows, -1, 1)  # float32 products, exact
+    q = np.rint(np.divide(groups, scales, out=np.zeros_like(groups), where=scales != 0))
+    q = np.clip(q, Q6K_CODE_MIN, Q6K_CODE_MAX).astype(np.int8).reshape(shape)
+    return QuantizedTensor("q6k", Q6K_GROUP, shape, q,
+                           np.concatenate([sc.astype(np.int8).reshape(rows, -1), d16.view(np.int8)], axis=1), None)
+
+
+def q6k_group_scales(qt: QuantizedTensor) -> np.ndarray:
+    """The scale d sc_g float32 [rows, K/16] of each group of a q6k tensor (float32 products)."""
+    rows, k = qt.shape
+    n_groups = k // Q6K_GROUP
+    sc = qt.scales[:, :n_groups].astype(np.float32).reshape(rows, k // SUPER_BLOCK, -1)
+    d = np.ascontiguousarray(qt.scales[:, n_groups:]).view(SCALE_DTYPE).astype(np.float32)
+    return (d[..., None] * sc).reshape(rows, n_groups)
+
+
 def q4k_group_values(qt: QuantizedTensor) -> tuple[np.ndarray, np.ndarray]:
     """(scale, min) float32 [rows, K/32] of each group of a q4k tensor: d sc_g and -dmin m_g."""
     rows, k = qt.shape
@@ -313,6 +376,10 @@ def dequantize(qt: QuantizedTensor) -> np.ndarray:
         rows, k = qt.shape
         q = _unpack_nibbles(qt.data).astype(np.float32).reshape(rows, k // 32, 32)
         return (q * scales[..., None] + mins[..., None]).reshape(rows, k)
+    if qt.scheme == "q6k":
+        rows, k = qt.shape
+        q = qt.data.astype(np.float32).reshape(rows, k // Q6K_GROUP, Q6K_GROUP)
+        return (q6k_group_scales(qt)[..., None] * q).reshape(rows, k)
     rows, row_length = qt.shape
     if qt.scheme == "q8":
         q = qt.data.astype(np.float32)
@@ -342,7 +409,7 @@ def row_records(qt: QuantizedTensor) -> np.ndarray:
 
 
 def row_bytes(qt: QuantizedTensor, i: int) -> bytes:
-    """The record of row i: [data][scales f16][mins f16 if q4a], little-endian."""
+    """The record of row i: [data][scales][mins] as in the module docstring, little-endian."""
     rows = qt.shape[0]
     if not 0 <= i < rows:
         raise IndexError(f"row {i} out of range for a {qt.scheme} tensor of shape {qt.shape}")

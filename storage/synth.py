@@ -111,13 +111,15 @@ ATTN_LOGIT_STD = 5.0
 CAL_SEQS, EVAL_SEQS, SEQ_LEN = 4, 2, 64  # random sequences for fitting / for measuring
 BOS_ID, EOS_ID, UNK_ID = 1, 2, 0
 DTYPES = {"f16": ("F16", 2, "float16"), "bf16": ("BF16", 2, "bfloat16"), "f32": ("F32", 4, "float32")}
-# GGUF matrix types (`--gguf-type`) and their bytes per 32 weights of a row: Q8_0 is one f16
-# scale + 32 int8, Q4_0 one f16 scale + 16 bytes of nibbles (ggml-common.h block_q8_0/q4_0),
-# Q4_K 144 bytes per 256 (block_q4_K; rows of a multiple of 256: the "tiny-256" preset)
-GGUF_TYPE_BYTES_PER_32 = {"f32": 128, "f16": 64, "bf16": 64, "q8_0": 34, "q4_0": 18, "q4_k": 18}
-GGUF_TYPES = tuple(GGUF_TYPE_BYTES_PER_32)
+# GGUF matrix types (`--gguf-type`) and their bytes per 256 weights of a row: Q8_0 is one f16
+# scale + 32 int8 per 32, Q4_0 one f16 scale + 16 bytes of nibbles (ggml-common.h
+# block_q8_0/q4_0), Q4_K 144 bytes per 256 and Q6_K 210 (block_q4_K/q6_K; rows of a multiple of
+# 256: the "tiny-256" preset)
+GGUF_TYPE_BYTES_PER_256 = {"f32": 1024, "f16": 512, "bf16": 512, "q8_0": 272, "q4_0": 144, "q4_k": 144, "q6_k": 210}
+GGUF_TYPES = tuple(GGUF_TYPE_BYTES_PER_256)
 GGUF_BLOCK_TYPES = ("q8_0", "q4_0")  # quantized in blocks of 32 along a row by gguf-py
-GGUF_ROW_MULTIPLE = {"q4_k": 256}  # weights a row must be a multiple of (else 32)
+GGUF_SUPER_BLOCK_TYPES = ("q4_k", "q6_k")  # quantized by storage/quant.py, written in ggml's blocks
+GGUF_ROW_MULTIPLE = {"q4_k": 256, "q6_k": 256}  # weights a row must be a multiple of (else 32)
 FFN_MATRICES = ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
 Progress = Callable[[int, int], None]
 
@@ -285,7 +287,7 @@ def _check_args(preset: str, sparsity: float, hot_skew: float, spectrum_decay: f
 
 def gguf_tensor_bytes(shape: tuple[int, int], gguf_type: str) -> int:
     """Bytes of a [rows, cols] matrix stored as `gguf_type` (cols a multiple of 32)."""
-    return shape[0] * shape[1] // 32 * GGUF_TYPE_BYTES_PER_32[gguf_type]
+    return shape[0] * (shape[1] * GGUF_TYPE_BYTES_PER_256[gguf_type] // 256)
 
 
 def _check_gguf_types(plan, ffn_type: str, resident_type: str) -> None:
@@ -927,7 +929,8 @@ class _GGUFStream:
         # general.file_type names the bulk of the bytes: the FFN matrices' type
         ftype = {"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
                  "f32": gguf.LlamaFileType.ALL_F32, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-                 "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "q4_k": gguf.LlamaFileType.MOSTLY_Q4_K_S}[ffn_type]
+                 "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "q4_k": gguf.LlamaFileType.MOSTLY_Q4_K_S,
+                 "q6_k": gguf.LlamaFileType.MOSTLY_Q6_K}[ffn_type]
         w.add_name(f"flashinfer-synth-{preset}")
         w.add_context_length(s.max_positions)
         w.add_embedding_length(s.hidden)
@@ -959,7 +962,7 @@ class _GGUFStream:
                 kind = self.type_of(name)
                 nbytes = gguf_tensor_bytes(shape, kind)
                 qtype = gguf.GGMLQuantizationType[kind.upper()]
-                if kind in GGUF_BLOCK_TYPES or kind == "q4_k":  # the writer takes a quantized shape in bytes per row
+                if kind in GGUF_BLOCK_TYPES + GGUF_SUPER_BLOCK_TYPES:  # the writer takes a quantized shape in bytes per row
                     byte_shape = (shape[0], nbytes // shape[0])
                     w.add_tensor_info(gguf_name(name), byte_shape, np.dtype(np.uint8), nbytes, raw_dtype=qtype)
                 else:
@@ -993,11 +996,12 @@ class _GGUFStream:
                 data = stored
             elif kind in GGUF_BLOCK_TYPES:  # from the stored values: the weights the checkpoint holds
                 data = self.gguf.quants.quantize(widened, self.gguf.GGMLQuantizationType[kind.upper()])
-            elif kind == "q4_k":  # gguf-py has no Q4_K quantizer: storage/quant.py's, in ggml's blocks
+            elif kind in GGUF_SUPER_BLOCK_TYPES:  # gguf-py has no K-quant quantizer: storage/quant.py's, in ggml's blocks
                 from storage import quant
-                from storage.gguf import q4k_to_ggml_blocks
+                from storage.gguf import q4k_to_ggml_blocks, q6k_to_ggml_blocks
 
-                data = q4k_to_ggml_blocks(quant.quantize(np.ascontiguousarray(widened, np.float32), "q4k"))
+                scheme, to_blocks = ("q4k", q4k_to_ggml_blocks) if kind == "q4_k" else ("q6k", q6k_to_ggml_blocks)
+                data = to_blocks(quant.quantize(np.ascontiguousarray(widened, np.float32), scheme))
             else:
                 data = _to_stored(widened, kind)[0]
         self.f.write(memoryview(np.ascontiguousarray(data)).cast("B"))

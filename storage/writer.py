@@ -45,6 +45,10 @@ def bundle_layout(names, dim: int, scheme: str | dict, group_size: int) -> tuple
         if name == "down" and c_scheme == "q4k":
             raise StorageError("a down column cannot be q4k (its super-blocks run along rows); use q8, or write "
                                "W_down as rows (convert --ffn-down rows)")
+        if c_scheme == "q6k":  # the FFN kernels take one group for a layer's up, gate and down
+            raise StorageError(f"an FFN bundle's {name} cannot be q6k (groups of 16; a bundle's components share "
+                               "groups of 32): use q8, or q6k only for whole matrices (--resident-quant q6k, or "
+                               "a GGUF's Q6_K W_down with --ffn-down rows)")
         c_group = 0 if c_scheme in ("f32", "f16") else group_size
         length = 1 if is_bias else dim
         nbytes = 4 if is_bias else quant.scheme_bytes_per_row(c_scheme, dim, c_group or 32)
@@ -142,6 +146,7 @@ class StoreWriter:
         shape = tuple(int(d) for d in tensor.shape)
         if len(shape) == 1:
             scheme, group_size = "f32", 0
+        group_size = quant.group_size_of(scheme, group_size)
         offset, nbytes, digest = self._write_planar(self._resident_file, name, tensor, scheme, group_size)
         self._resident[name] = fmt.ResidentTensor(
             scheme=scheme, group_size=group_size if scheme not in ("f32", "f16") else 0,
@@ -162,7 +167,7 @@ class StoreWriter:
 
         # the source's own blocks, not re-rounded (a GGUF's blocks are 32 weights: a store of
         # another group size re-quantizes them)
-        as_is = getattr(tensor, "kept_scheme", None) == scheme and (scheme in ("f32", "f16") or group_size == 32)
+        as_is = getattr(tensor, "kept_scheme", None) == scheme and (group_size in (0, 32) or scheme in quant.FIXED_GROUPS)
         if len(shape) == 1:
             emit(np.asarray(tensor[0 : shape[0]], dtype=np.float32))
         else:
@@ -213,7 +218,7 @@ class StoreWriter:
             for name, (tensor, m_scheme) in (matrices or {}).items():
                 if name in first and first[name] is not None:
                     raise StorageError(f"layer {layer}: FFN component {name!r} given both in bundles and as a matrix")
-                m_group = 0 if m_scheme in ("f32", "f16") else group_size
+                m_group = quant.group_size_of(m_scheme, group_size)
                 offset, nbytes, digest = self._write_planar(f, f"{rel} matrix {name}", tensor, m_scheme, m_group)
                 written.append(fmt.FFNMatrix(name, m_scheme, m_group, tuple(int(d) for d in tensor.shape), offset,
                                              nbytes, digest))

@@ -570,6 +570,73 @@ def test_q4k_dequantizes_as_gguf_py_and_round_trips_ggml_blocks():
         quant.quantize(w[:, :320], "q4k")
 
 
+def test_q6k_dequantizes_as_gguf_py_and_round_trips_ggml_blocks():
+    from storage.gguf import q6k_from_ggml_blocks, q6k_to_ggml_blocks
+
+    rng = np.random.default_rng(4)
+    w = (rng.standard_normal((5, 512)) * np.repeat(np.logspace(-2, 1, 32), 16)).astype(np.float32)
+    w[2, :16] = 0.0  # an all-zero group: scale 0
+    w[3, 256:] = 0.0  # an all-zero super-block: d 0
+    qt = quant.quantize(w, "q6k")
+    assert qt.data.min() >= -32 and qt.data.max() <= 31 and qt.group_size == 16
+    blocks = q6k_to_ggml_blocks(qt)
+    assert blocks.shape == (5, 2 * 210)
+    np.testing.assert_array_equal(gguf.quants.dequantize(blocks.reshape(-1), Q.Q6_K).reshape(5, 512),
+                                  quant.dequantize(qt))
+    for ours, back in zip((qt.data, qt.scales), q6k_from_ggml_blocks(blocks.reshape(5, 2, 210))):
+        np.testing.assert_array_equal(ours, back)
+    # the range quantizer: half a 6-bit step per weight, plus the rounding of its 8-bit scales
+    err = np.abs(quant.dequantize(qt) - w).reshape(5, 32, 16).max(axis=2)
+    step = np.abs(w).reshape(5, 32, 16).max(axis=2) / 32
+    assert (err <= step * 0.5 + np.abs(w).reshape(5, 2, 256).max(axis=2).repeat(16, axis=1) / 32 / 128 * 16).all()
+    with pytest.raises(quant.QuantError, match="not a multiple of its super-block of 256; use q8"):
+        quant.quantize(w[:, :320], "q6k")
+    with pytest.raises(quant.QuantError, match="group size 32 is not supported for q6k; use 16"):
+        quant.quantize(w, "q6k", 32)
+
+
+def test_a_q6_k_gguf_keeps_whole_matrices_exactly(tmp_path):
+    """Q6_K (a Q4_K_M file's attn_v, half its ffn_down, often its output) converts to q6k bit for
+    bit where a whole matrix is stored: W_down's rows (--ffn-down rows, SiLU's default) and the
+    resident tensors. Up and gate rows live in bundles, whose components share groups of 32, so
+    a Q6_K up/gate becomes q8 (as before), and --quant q6k is refused with the fix."""
+    report = synth.synthesize("tiny-256", tmp_path / "hf", gguf_path=tmp_path / "m.gguf", gguf_type="q6_k",
+                              gguf_resident_type="q6_k")
+    store = convert_checkpoint(report.gguf_path, tmp_path / "store", tokenizer_dir=report.out_dir, ffn_down="rows")
+    with GGUFCheckpoint.open(report.gguf_path) as ckpt, StoreReader(store) as reader:
+        assert ckpt.tensors["model.layers.0.mlp.down_proj.weight"].type_name == "Q6_K"
+        for layer, spec in enumerate(reader.manifest.ffn_layers):
+            assert spec.component("up").scheme == spec.component("gate").scheme == "q8"
+            m = spec.matrix("down")
+            assert (m.scheme, m.group_size) == ("q6k", 16)
+            from storage.reader import planar_tensor
+
+            raw = reader.read_matrix(layer, "down")
+            np.testing.assert_array_equal(quant.dequantize(planar_tensor(raw, m.scheme, m.group_size, m.shape)),
+                                          ckpt.rows_f32(f"model.layers.{layer}.mlp.down_proj.weight"))
+        for name, hf in (("layers.1.attn.wv.weight", "model.layers.1.self_attn.v_proj.weight"),
+                         ("tok_embeddings.weight", "model.embed_tokens.weight")):
+            t = reader.resident_tensor(name)
+            assert t.scheme == "q6k"
+            np.testing.assert_array_equal(quant.dequantize(t), ckpt.rows_f32(hf))
+    with pytest.raises(FlashinferError, match="--quant q6k: FFN bundles share groups of 32"):
+        convert_checkpoint(report.gguf_path, tmp_path / "refused", quant="q6k", tokenizer_dir=report.out_dir)
+    assert not (tmp_path / "refused").exists()
+
+
+@pytest.mark.slow  # ~40 s cold: the fused decode and prefill compiled for q6k matrices
+def test_a_q6_k_store_runs_as_close_to_float_as_q8(tmp_path):
+    report = synth.synthesize("tiny-256", tmp_path / "hf", gguf_path=tmp_path / "m.gguf", gguf_type="q6_k",
+                              gguf_resident_type="q6_k")
+    store = convert_checkpoint(report.gguf_path, tmp_path / "store", tokenizer_dir=report.out_dir, ffn_down="rows")
+    exact = _logits(convert_checkpoint(report.gguf_path, tmp_path / "f32", quant="f32", resident_quant="f32",
+                                       tokenizer_dir=report.out_dir))
+    q8 = _logits(convert_checkpoint(report.gguf_path, tmp_path / "q8", quant="q8", resident_quant="q8",
+                                    tokenizer_dir=report.out_dir, ffn_down="rows"))
+    kept_error = max(np.abs(got - want).max() for got, want in zip(_logits(store), exact))
+    assert kept_error <= 1.1 * max(np.abs(got - want).max() for got, want in zip(q8, exact))
+
+
 def test_q5_0_blocks_are_kept_exactly_as_q8_codes(tmp_path, tiny):
     """Q5_0 is (q - 16) * d with one f16 d per 32 (a Q4_K_M file's 640-wide Gemma rows): q8
     holds it with codes -16..15 and the same d, so every weight equals gguf-py's dequantization."""
@@ -591,21 +658,32 @@ def test_q5_0_blocks_are_kept_exactly_as_q8_codes(tmp_path, tiny):
         np.testing.assert_array_equal(quant.dequantize(qt), ckpt.rows_f32("model.layers.0.mlp.up_proj.weight"))
 
 
-def test_blocks_of_more_than_4_bits_fall_back_to_q8_not_q4(tmp_path, tiny):
-    # a Q4_K_M file keeps some ffn_down / attn_v in Q6_K, which no scheme holds exactly: --quant
-    # auto rounds them onto q8's finer grid, not q4's coarser one
+def test_blocks_of_more_than_4_bits_are_kept_or_fall_back_to_q8_not_q4(tmp_path, tiny):
+    # a Q4_K_M file keeps some ffn_down / attn_v in Q6_K, kept exactly as q6k; a Q5_K_M file's
+    # Q5_K blocks, which no scheme holds exactly, --quant auto rounds onto q8's finer grid, not q4's
     hf_dir = tiny[0]
-    q6 = np.random.default_rng(0).integers(0, 256, (64, 210), dtype=np.uint8)
-    q6[:, 192:208] = np.random.default_rng(1).integers(-20, 20, (64, 16)).astype(np.int8).view(np.uint8)  # scales
+    rng = np.random.default_rng(0)
+    q6 = rng.integers(0, 256, (64, 210), dtype=np.uint8)
+    q6[:, 192:208] = rng.integers(-20, 20, (64, 16)).astype(np.int8).view(np.uint8)  # scales
     q6[:, 208:210] = np.full((64, 1), 0.01, np.float16).view(np.uint8)  # d: a sane f16
-    path = _write_gguf(tmp_path / "q6.gguf", hf_dir, Q.Q4_0, odd={"blk.1.ffn_down.weight": (Q.Q6_K, q6)})
+    q5 = rng.integers(0, 256, (64, 176), dtype=np.uint8)
+    q5[:, 0:4] = np.full((64, 2), 0.01, np.float16).view(np.uint8)  # d, dmin
+    path = _write_gguf(tmp_path / "q6.gguf", hf_dir, Q.Q4_0, odd={"blk.1.ffn_down.weight": (Q.Q6_K, q6),
+                                                                  "blk.0.ffn_down.weight": (Q.Q5_K, q5)})
     store = convert_checkpoint(path, tmp_path / "store", tokenizer_dir=hf_dir, ffn_down="rows")
     with GGUFCheckpoint.open(path) as ckpt, StoreReader(store) as reader:
-        m = reader.manifest.ffn_layers[1].matrix("down")
-        assert m.scheme == "q8" and reader.manifest.ffn_layers[0].matrix("down").scheme == "q4"
         from storage.reader import planar_tensor
 
-        got = quant.dequantize(planar_tensor(reader.read_matrix(1, "down"), m.scheme, m.group_size, m.shape))
-        want = ckpt.rows_f32("model.layers.1.mlp.down_proj.weight")
+        def stored(layer):
+            m = reader.manifest.ffn_layers[layer].matrix("down")
+            raw = reader.read_matrix(layer, "down")
+            return m.scheme, quant.dequantize(planar_tensor(raw, m.scheme, m.group_size, m.shape))
+
+        scheme, got = stored(1)
+        assert scheme == "q6k"
+        np.testing.assert_array_equal(got, ckpt.rows_f32("model.layers.1.mlp.down_proj.weight"))
+        scheme, got = stored(0)
+        assert scheme == "q8"
+        want = ckpt.rows_f32("model.layers.0.mlp.down_proj.weight")
         groups = np.abs(want).reshape(want.shape[0], -1, 32).max(axis=2, keepdims=True)
         assert (np.abs(got - want).reshape(groups.shape[0], -1, 32) <= groups / 254 * 1.01 + 1e-7).all()

@@ -21,9 +21,11 @@ SCHEMES = ["f32", "f16", "q8", "q4", "q4a"]
 def kernel_matrix(w: np.ndarray, scheme: str, group: int = 32) -> Matrix:
     """A float32 matrix quantized by the numpy reference, in the kernels' form: read-only, as a
     store's memory-mapped resident tensors are (numba compiles a variant per array type)."""
-    qt = quant.quantize(w, scheme, group)
+    qt = quant.quantize(w, scheme, quant.group_size_of(scheme, group) or group)
     if scheme == "q4k":
         return _read_only(Matrix(qt.data, qt.scales, qt.mins, group))
+    if scheme == "q6k":  # int8 codes and int8 scales, groups of 16
+        return _read_only(Matrix(qt.data, qt.scales, NO_SCALES.copy(), qt.group_size))
     if scheme == "f32":
         return _read_only(Matrix(qt.data))
     if scheme == "f16":
@@ -40,8 +42,9 @@ def _read_only(m: Matrix) -> Matrix:
 
 def seen_input(x: np.ndarray, scheme: str, group: int = 32) -> np.ndarray:
     """x as the kernels multiply it: quantized into int8 blocks for the integer dots (q8/q4/q4a
-    in groups of 32), as it is for float dots."""
-    return ref.quantized_activations(x) if scheme in ("q8", "q4", "q4a", "q4k") and group == 32 else x
+    in groups of 32, q4k, q6k), as it is for float dots."""
+    integer = scheme in ("q4k", "q6k") or (scheme in ("q8", "q4", "q4a") and group == 32)
+    return ref.quantized_activations(x) if integer else x
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
@@ -57,7 +60,7 @@ def test_matmul_every_scheme(scheme, with_bias, n_tokens):
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("scheme", ["q8", "q4", "q4a", "q4k"])
+@pytest.mark.parametrize("scheme", ["q8", "q4", "q4a", "q4k", "q6k"])
 @pytest.mark.parametrize("kernel", ["matmul", "matmul_serial"])
 @pytest.mark.parametrize("n_tokens", [1, 3, 9])
 def test_integer_dots_on_a_realistic_width(scheme, kernel, n_tokens):
@@ -70,8 +73,8 @@ def test_integer_dots_on_a_realistic_width(scheme, kernel, n_tokens):
     padded = np.zeros((33, m.data.shape[1] + 3), m.data.dtype)
     padded[:, 3:] = m.data
     out = np.empty((n_tokens, 33), np.float32)
-    getattr(K, kernel)(x, padded[:, 3:], m.scales, m.mins, 32, np.zeros(0, np.float32), out)
-    deq = quant.dequantize(quant.quantize(w, scheme, 32))
+    getattr(K, kernel)(x, padded[:, 3:], m.scales, m.mins, m.group, np.zeros(0, np.float32), out)
+    deq = quant.dequantize(quant.quantize(w, scheme, m.group))
     np.testing.assert_allclose(out, ref.matmul(seen_input(x, scheme), deq, np.zeros(0, np.float32)),
                                rtol=1e-4, atol=1e-4 * np.abs(out).max())
     # and the activation rounding costs what int8 blocks cost: well under 1% of the output's scale
@@ -116,13 +119,16 @@ def test_add_rows_every_scheme(scheme):
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_add_rows_q4k():
-    # embedding lookups of a q4k table (a Q4_K_M file's token_embd): its packed scales decoded per group
+@pytest.mark.parametrize("scheme", ["q4k", "q6k"])
+def test_add_rows_super_block_schemes(scheme):
+    # embedding lookups of a q4k / q6k table (a Q4_K_M file's token_embd, or its tied Q6_K
+    # output): the packed scales decoded per group
     table = randn(6, 512) * np.repeat(np.logspace(-2, 1, 16, dtype=np.float32), 32)
-    m = kernel_matrix(table, "q4k")
+    m = kernel_matrix(table, scheme)
     out = np.ones((3, 512), np.float32)
     K.add_rows(out, m.data, m.scales, m.mins, m.group, np.array([5, 0, 5]))
-    np.testing.assert_allclose(out, 1.0 + quant.dequantize(quant.quantize(table, "q4k"))[[5, 0, 5]], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(out, 1.0 + quant.dequantize(quant.quantize(table, scheme))[[5, 0, 5]], rtol=1e-6,
+                               atol=1e-6)
 
 
 def test_widen_f16_bits_exact_over_all_finite_halves():
@@ -317,21 +323,21 @@ def _intrinsic_operands(monkeypatch, vnni, scheme, n_tokens):
     if not simd.NATIVE_F16:
         pytest.skip("the multi-row intrinsics need native halves (F16C)")
     monkeypatch.setattr(simd, "HAS_VNNI", vnni)
-    k = 512 if scheme == "q4k" else 320  # q4k: whole super-blocks of 256
+    k = 512 if scheme in ("q4k", "q6k") else 320  # q4k/q6k: whole super-blocks of 256
     m = kernel_matrix(randn(4, k), scheme)
     data = m.data.copy()
-    if scheme == "q8":
-        data[1, :9] = -128
+    if scheme in ("q8", "q6k"):  # the extreme codes
+        data[1, :9] = -128 if scheme == "q8" else -32
     padded = np.zeros((4, data.shape[1] + 5), data.dtype)
     padded[:, 3:-2] = data
     w = padded[:, 3:-2]
     x = randn(n_tokens, k) * np.repeat(np.logspace(-2, 1, k // 32, dtype=np.float32), 32)
     prep = njit(lambda w, x: blocks.prepare_input(w, x, 32))(w, x)
-    return w, m, prep, 4 if scheme == "q8" else 5
+    return w, m, prep, 4 if scheme in ("q8", "q6k") else 5
 
 
 @pytest.mark.parametrize("vnni", [False, True])
-@pytest.mark.parametrize("scheme", ["q8", "q4", "q4a", "q4k"])
+@pytest.mark.parametrize("scheme", ["q8", "q4", "q4a", "q4k", "q6k"])
 def test_four_row_dots_portable_vnni_and_fallback_agree(monkeypatch, vnni, scheme):
     # simd.dot4_*_blocks (four rows per pass, scales widened in the loop) against four separate
     # one-row dots (blocks._rows_one_by_one, the path of hosts without native halves)
@@ -341,7 +347,7 @@ def test_four_row_dots_portable_vnni_and_fallback_agree(monkeypatch, vnni, schem
 
     w, m, prep, aux = _intrinsic_operands(monkeypatch, vnni, scheme, 1)
     dot4 = {"q8": simd.dot4_q8_blocks, "q4": simd.dot4_q4_blocks, "q4a": simd.dot4_q4a_blocks,
-            "q4k": simd.dot4_q4k_blocks}[scheme]
+            "q4k": simd.dot4_q4k_blocks, "q6k": simd.dot4_q6k_blocks}[scheme]
 
     @njit  # not cached: compiled here, under the patched flag
     def four(w, s, m, prep):
@@ -357,7 +363,7 @@ def test_four_row_dots_portable_vnni_and_fallback_agree(monkeypatch, vnni, schem
 
 
 @pytest.mark.parametrize("vnni", [False, True])
-@pytest.mark.parametrize("scheme", ["q8", "q4", "q4a", "q4k"])
+@pytest.mark.parametrize("scheme", ["q8", "q4", "q4a", "q4k", "q6k"])
 def test_tile_dots_portable_vnni_and_fallback_agree(monkeypatch, vnni, scheme):
     # simd.dot4x4_*_blocks (four rows x four tokens per pass) against four-row dots token by
     # token (blocks._tile_by_rows4, the path of hosts without native halves)
@@ -367,7 +373,7 @@ def test_tile_dots_portable_vnni_and_fallback_agree(monkeypatch, vnni, scheme):
 
     w, m, prep, aux = _intrinsic_operands(monkeypatch, vnni, scheme, 6)
     tile = {"q8": simd.dot4x4_q8_blocks, "q4": simd.dot4x4_q4_blocks, "q4a": simd.dot4x4_q4a_blocks,
-            "q4k": simd.dot4x4_q4k_blocks}[scheme]
+            "q4k": simd.dot4x4_q4k_blocks, "q6k": simd.dot4x4_q6k_blocks}[scheme]
 
     @njit  # not cached: compiled here, under the patched flag
     def tiled(w, s, m, prep, t):

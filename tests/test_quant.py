@@ -112,12 +112,16 @@ def test_zero_and_constant_groups_have_no_nan():
 @pytest.mark.parametrize("scheme", quant.SCHEMES)
 @pytest.mark.parametrize("group", [32, 64])
 def test_row_bytes_round_trip(scheme, group):
-    k = 512 if scheme == "q4k" else 128  # q4k: whole super-blocks of 256, groups of 32 only
+    k = 512 if scheme in ("q4k", "q6k") else 128  # q4k/q6k: whole super-blocks of 256, their own groups
     w = normal_weight((5, k), seed=2)
     if scheme == "q4k" and group != 32:
         with pytest.raises(QuantError, match="group size 64 is not supported for q4k; use 32"):
             quant.quantize(w, scheme, group)
         return
+    if scheme == "q6k":
+        with pytest.raises(QuantError, match=f"group size {group} is not supported for q6k; use 16"):
+            quant.quantize(w, scheme, group)
+        group = 16
     qt = quant.quantize(w, scheme, group)
     buf = b"".join(quant.row_bytes(qt, i) for i in range(5))
     assert len(buf) == 5 * quant.scheme_bytes_per_row(scheme, k, group) == 5 * qt.bytes_per_row
@@ -131,12 +135,13 @@ def test_row_bytes_round_trip(scheme, group):
 
 @pytest.mark.parametrize("scheme", quant.SCHEMES)
 def test_row_records_round_trip(scheme):
-    k = 256 if scheme == "q4k" else 64
+    k = 256 if scheme in ("q4k", "q6k") else 64
     w = normal_weight((5, k), seed=3)
-    qt = quant.quantize(w, scheme, 32)
+    group = quant.group_size_of(scheme, 32) or 32  # f32/f16 ignore it
+    qt = quant.quantize(w, scheme, group)
     records = quant.row_records(qt)
-    assert records.shape == (5, quant.scheme_bytes_per_row(scheme, k, 32))
-    back = quant.rows_from_records(records, scheme, k, 32)
+    assert records.shape == (5, quant.scheme_bytes_per_row(scheme, k, group))
+    back = quant.rows_from_records(records, scheme, k, group)
     np.testing.assert_array_equal(quant.dequantize(back), quant.dequantize(qt))
 
 
@@ -148,6 +153,7 @@ def test_bytes_per_row():
     assert quant.scheme_bytes_per_row("f16", 4096, 32) == 8192
     assert quant.scheme_bytes_per_row("f32", 4096, 0) == 16384
     assert quant.scheme_bytes_per_row("q4k", 4096, 32) == 2048 + 2 * (128 + 32)  # 4.625 bits; ggml's Q4_K 4.5
+    assert quant.scheme_bytes_per_row("q6k", 4096) == 4096 + 256 + 32  # 8.5625 bits; ggml's Q6_K 6.5625
 
 
 def test_bad_arguments_are_named():
@@ -157,7 +163,7 @@ def test_bad_arguments_are_named():
         quant.scheme_bytes_per_row("q8", 96, 64)
     with pytest.raises(QuantError, match="group size 16 is not supported for q8; use one of 32, 64"):
         quant.quantize(np.zeros((2, 64), np.float32), "q8", 16)
-    with pytest.raises(QuantError, match="unknown quantization scheme 'q3'; expected one of f32, f16, q8, q4, q4a, q4k"):
+    with pytest.raises(QuantError, match="unknown quantization scheme 'q3'; expected one of f32, f16, q8, q4, q4a, q4k, q6k"):
         quant.quantize(np.zeros((2, 64), np.float32), "q3")
     with pytest.raises(QuantError, match=r"takes a 2-D \[rows, K\] weight, got shape \(64,\)"):
         quant.quantize(np.zeros(64, np.float32), "q8")

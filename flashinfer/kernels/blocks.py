@@ -19,14 +19,15 @@ from numba import njit, types
 from numba.extending import overload
 
 from .simd import (BLOCK, NATIVE_F16, TOKENS_PER_PASS, axpy4_i8_blocks, axpy4_u4_blocks, dot4_q4_blocks, dot4_q4a_blocks,
-                   dot4_q4k_blocks, dot4_q8_blocks, dot4x4_q4_blocks, dot4x4_q4a_blocks, dot4x4_q4k_blocks,
-                   dot4x4_q8_blocks, dot_i8_blocks, dot_u4_blocks, widen_f16)
+                   dot4_q4k_blocks, dot4_q6k_blocks, dot4_q8_blocks, dot4x4_q4_blocks, dot4x4_q4a_blocks,
+                   dot4x4_q4k_blocks, dot4x4_q6k_blocks, dot4x4_q8_blocks, dot_i8_blocks, dot_u4_blocks, widen_f16)
 
 # fastmath without 'nnan'/'ninf': reassociation lets LLVM vectorise the reductions, and
 # no kernel relies on IEEE specials (attention never builds -inf masks).
 FAST = {"nsz", "arcp", "contract", "afn", "reassoc"}
 _F16_MIN_NORMAL = np.float32(2.0**-14)  # a half's smallest normal
 Q8_ACT_MAX = np.float32(127.0)
+Q6K_GROUP = 16  # storage.quant.Q6K_GROUP: q6k's int8 codes with an int8 scale per 16 (and an f16 d per 256)
 
 
 def widen(v):
@@ -72,14 +73,14 @@ def _is_float_weight(dtype) -> bool:
 
 def uses_int_dots(w, group):
     """Whether rows of w are dotted in integer arithmetic against int8 activation blocks:
-    q8/q4/q4a codes in groups of 32 (pure-Python form)."""
-    return (w.dtype == np.int8 or w.dtype == np.uint8) and group == BLOCK
+    q8/q4/q4a/q4k codes in groups of 32, q6k's in groups of 16 (pure-Python form)."""
+    return (w.dtype == np.int8 or w.dtype == np.uint8) and (group == BLOCK or group == Q6K_GROUP)
 
 
 @overload(uses_int_dots)
 def _uses_int_dots_jit(w, group):
     quantized = w.dtype in (types.int8, types.uint8)  # decided at compile time, per dtype
-    return lambda w, group: quantized and group == BLOCK
+    return lambda w, group: quantized and (group == BLOCK or group == Q6K_GROUP)
 
 
 @njit(fastmath=FAST)
@@ -158,8 +159,8 @@ def _prepare_input_jit(w, x, group):
         return prepare_q4
     if w.dtype == types.int8:
 
-        def prepare_q8(w, x, group):
-            xq, xd, xqs, xsum = _quantized_activations(x, group == BLOCK)
+        def prepare_q8(w, x, group):  # q8 and q6k
+            xq, xd, xqs, xsum = _quantized_activations(x, uses_int_dots(w, group))
             return x, np.zeros((x.shape[0], 0), np.float32), xq, xd, xqs, xsum
 
         return prepare_q8
@@ -182,7 +183,12 @@ def _scales_by_integer_ops(scales, mins, r, ws, wm):
 
 
 def row_scales(scales, mins, r, ws, wm):
-    """ws[b] = row r's scale of block b as float32 (and wm[b] its min, for q4a/q4k) (pure-Python form)."""
+    """ws[b] = row r's scale of block b as float32 (and wm[b] its min, for q4a/q4k; q6k: of each
+    group of 16) (pure-Python form)."""
+    if scales.dtype == np.int8:
+        for g in range(ws.shape[0]):
+            ws[g] = q6k_group_scale(scales, r, g)
+        return
     if scales.dtype == np.uint8:
         for b in range(ws.shape[0]):
             ws[b], wm[b] = q4k_group(scales, mins, r, b)
@@ -207,6 +213,15 @@ def q4k_group(scales, mins, r, g):
     return s, -_q4k_multiplier(mins, r, n_groups, g) * np.float32(mins[r, g])
 
 
+@njit(fastmath=FAST)
+def q6k_group_scale(scales, r, g):
+    """d sc_g of group g (of 16) of row r of a q6k matrix (storage/quant.py), float32."""
+    n_groups = scales.shape[1] * 8 // 9  # K/16 int8 scales, then K/128 bytes of multipliers
+    at = n_groups + 2 * (g // 16)
+    low, high = np.uint32(scales[r, at]) & np.uint32(0xFF), np.uint32(scales[r, at + 1]) & np.uint32(0xFF)
+    return widen(np.uint16(low | (high << np.uint32(8)))) * np.float32(scales[r, g])
+
+
 def group_scale_min(scales, mins, r, g):
     """(scale, min) of group g of row r of a nibble matrix: q4 (min -8 scale), q4a, q4k (pure-Python form)."""
     if scales.dtype == np.uint8:
@@ -229,6 +244,13 @@ def _group_scale_min_jit(scales, mins, r, g):
 
 @overload(row_scales)
 def _row_scales_jit(scales, mins, r, ws, wm):
+    if scales.dtype == types.int8:  # q6k: a scale per group of 16
+
+        def scales_q6k(scales, mins, r, ws, wm):
+            for g in range(ws.shape[0]):
+                ws[g] = q6k_group_scale(scales, r, g)
+
+        return scales_q6k
     if scales.dtype == types.uint8:  # q4k: the packed 6-bit values times their super-block's multiplier
 
         def scales_q4k(scales, mins, r, ws, wm):
@@ -250,10 +272,11 @@ def _row_scales_jit(scales, mins, r, ws, wm):
 
 def int_row_dot(w, r, ws, wm, prep, t):
     """sum_k value(w[r, k]) * x[t, k] with x as quantized by prepare_input, ws/wm from
-    row_scales (wm empty unless q4a) (pure-Python form)."""
+    row_scales (wm empty unless q4a/q4k; ws per group of 16 for q6k) (pure-Python form)."""
     xq, xd = prep[2], prep[3]
     x_values = (xq[t].astype(np.float32).reshape(-1, BLOCK) * xd[t][:, None]).reshape(-1)
-    values = (_row_codes(w, r, wm).reshape(-1, BLOCK) * ws[:, None] + (wm[:, None] if wm.shape[0] else 0)).reshape(-1)
+    group = xq.shape[1] // ws.shape[0]
+    values = (_row_codes(w, r, wm).reshape(-1, group) * ws[:, None] + (wm[:, None] if wm.shape[0] else 0)).reshape(-1)
     return np.float32(np.dot(values, x_values))
 
 
@@ -263,8 +286,16 @@ def _int_row_dot_jit(w, r, ws, wm, prep, t):
 
         def dot_q8(w, r, ws, wm, prep, t):
             xq, xd = prep[2], prep[3]
-            return dot_i8_blocks(w.ctypes.data + r * w.strides[0], xq.ctypes.data + t * xq.strides[0],
-                                 ws.ctypes.data, xd.ctypes.data + t * xd.strides[0], ws.shape[0])
+            if ws.shape[0] == xd.shape[1]:  # q8: a scale per block of 32
+                return dot_i8_blocks(w.ctypes.data + r * w.strides[0], xq.ctypes.data + t * xq.strides[0],
+                                     ws.ctypes.data, xd.ctypes.data + t * xd.strides[0], ws.shape[0])
+            acc = np.float32(0.0)  # q6k, a row left over after the four-row passes: two groups per block
+            for g in range(ws.shape[0]):
+                isum = 0
+                for j in range(g * Q6K_GROUP, (g + 1) * Q6K_GROUP):
+                    isum += np.int32(w[r, j]) * np.int32(xq[t, j])
+                acc += np.float32(isum) * ws[g] * xd[t, g // 2]
+            return acc
 
         return dot_q8
 
@@ -295,9 +326,21 @@ def int_rows_dot4(w, r, scales, mins, prep, t):
     return _rows_one_by_one(w, r, scales, mins, prep, t)
 
 
+def int_group(scales):
+    """The group of a matrix dotted in integer arithmetic, told by its scales: q6k's (int8) 16,
+    else 32 (pure-Python form)."""
+    return Q6K_GROUP if scales.dtype == np.int8 else BLOCK
+
+
+@overload(int_group)
+def _int_group_jit(scales):
+    group = Q6K_GROUP if scales.dtype == types.int8 else BLOCK  # decided at compile time
+    return lambda scales: group
+
+
 @njit(fastmath=FAST)
 def _rows_one_by_one(w, r, scales, mins, prep, t):
-    ws, wm = row_scratch(w, mins, BLOCK, prep[0].shape[1])
+    ws, wm = row_scratch(w, mins, int_group(scales), prep[0].shape[1])
     row_scales(scales, mins, r, ws, wm)
     d0 = int_row_dot(w, r, ws, wm, prep, t)
     row_scales(scales, mins, r + 1, ws, wm)
@@ -326,6 +369,8 @@ def _int_rows_dot4_jit(w, r, scales, mins, prep, t):
     dot4, aux = (dot4_q8_blocks, 4) if w.dtype == types.int8 else (dot4_q4a_blocks, 5)
     if scales.dtype == types.uint8:
         dot4 = dot4_q4k_blocks
+    if scales.dtype == types.int8:
+        dot4 = dot4_q6k_blocks
     has_mins = w.dtype == types.uint8  # q4a/q4k; q4 (no mins) is told apart at run time
 
     def rows4(w, r, scales, mins, prep, t):
@@ -382,6 +427,8 @@ def _int_tile_dot4x4_jit(w, r, scales, mins, prep, t):
     tile, aux = (dot4x4_q8_blocks, 4) if w.dtype == types.int8 else (dot4x4_q4a_blocks, 5)
     if scales.dtype == types.uint8:
         tile = dot4x4_q4k_blocks
+    if scales.dtype == types.int8:
+        tile = dot4x4_q6k_blocks
     has_mins = w.dtype == types.uint8  # q4a/q4k; q4 (no mins) is told apart at run time
 
     def tile4x4(w, r, scales, mins, prep, t):
@@ -500,9 +547,9 @@ def _row_scales_into_jit(scales, mins, r, ws4, wm4, i):
 
 @njit(fastmath=FAST)
 def row_scratch(w, mins, group, n_features):
-    """(ws, wm) float32 scratch [K/32]: a row's scales and mins (row_scales, int_row_dot), sized
-    for w's rows (empty when unused)."""
-    n = n_features // BLOCK if uses_int_dots(w, group) else 0
+    """(ws, wm) float32 scratch [K/32] (q6k: [K/16]): a row's scales and mins (row_scales,
+    int_row_dot), sized for w's rows (empty when unused)."""
+    n = n_features // group if uses_int_dots(w, group) else 0
     return np.empty(n, np.float32), np.empty(n if mins.shape[1] else 0, np.float32)
 
 
@@ -533,10 +580,14 @@ def row_axpy(w, scales, mins, group, r, coef, out, t):
 def _dequant_row(w, scales, mins, group, r, quant):
     if w.dtype == np.float32 or w.dtype == np.uint16:
         return w[r].view(np.float16).astype(np.float32) if w.dtype == np.uint16 else w[r]
-    scheme = "q8" if w.dtype == np.int8 else ("q4k" if scales.dtype == np.uint8 else ("q4a" if mins.shape[1] else "q4"))
-    k = w.shape[1] * (1 if scheme == "q8" else 2)
-    if scheme == "q4k":  # its packed scale bytes as they are
-        qt = quant.QuantizedTensor(scheme, group, (1, k), w[r : r + 1], scales[r : r + 1], mins[r : r + 1])
+    if w.dtype == np.int8:
+        scheme = "q6k" if scales.dtype == np.int8 else "q8"
+    else:
+        scheme = "q4k" if scales.dtype == np.uint8 else ("q4a" if mins.shape[1] else "q4")
+    k = w.shape[1] * (1 if w.dtype == np.int8 else 2)
+    if scheme in ("q4k", "q6k"):  # their packed scale bytes as they are
+        qt = quant.QuantizedTensor(scheme, group, (1, k), w[r : r + 1], scales[r : r + 1],
+                                   mins[r : r + 1] if scheme == "q4k" else None)
         return quant.dequantize(qt)[0]
     qt = quant.QuantizedTensor(scheme, group, (1, k), w[r : r + 1], scales[r : r + 1].view(np.float16),
                                mins[r : r + 1].view(np.float16) if scheme == "q4a" else None)
@@ -554,6 +605,18 @@ def _row_dot_jit(w, scales, mins, group, r, x, xs, t):
             return acc
 
         return dot_float
+    if w.dtype == types.int8 and scales.dtype == types.int8:
+
+        def dot_q6k(w, scales, mins, group, r, x, xs, t):
+            acc = np.float32(0.0)
+            for g in range(w.shape[1] // Q6K_GROUP):
+                part = np.float32(0.0)
+                for j in range(g * Q6K_GROUP, (g + 1) * Q6K_GROUP):
+                    part += np.float32(w[r, j]) * x[t, j]
+                acc += part * q6k_group_scale(scales, r, g)
+            return acc
+
+        return dot_q6k
     if w.dtype == types.int8:
 
         def dot_q8(w, scales, mins, group, r, x, xs, t):
@@ -597,6 +660,15 @@ def _row_values_jit(w, scales, mins, group, r, out):
                 out[k] = widen(w[r, k])
 
         return values_float
+    if w.dtype == types.int8 and scales.dtype == types.int8:
+
+        def values_q6k(w, scales, mins, group, r, out):
+            for g in range(w.shape[1] // Q6K_GROUP):
+                s = q6k_group_scale(scales, r, g)
+                for j in range(g * Q6K_GROUP, (g + 1) * Q6K_GROUP):
+                    out[j] = s * np.float32(w[r, j])
+
+        return values_q6k
     if w.dtype == types.int8:
 
         def values_q8(w, scales, mins, group, r, out):
@@ -629,6 +701,15 @@ def _row_axpy_jit(w, scales, mins, group, r, coef, out, t):
                 out[t, k] += coef * widen(w[r, k])
 
         return axpy_float
+    if w.dtype == types.int8 and scales.dtype == types.int8:
+
+        def axpy_q6k(w, scales, mins, group, r, coef, out, t):
+            for g in range(w.shape[1] // Q6K_GROUP):
+                s = coef * q6k_group_scale(scales, r, g)
+                for j in range(g * Q6K_GROUP, (g + 1) * Q6K_GROUP):
+                    out[t, j] += s * np.float32(w[r, j])
+
+        return axpy_q6k
     if w.dtype == types.int8:
 
         def axpy_q8(w, scales, mins, group, r, coef, out, t):

@@ -399,25 +399,49 @@ def _group_values(builder, kind: str, s_rows, m_rows, b, n_blocks):
     return (lambda r, j: _lane_splat8(builder, scales[r], j), lambda r, j, w_scale8: _lane_splat8(builder, mins[r], j))
 
 
+def _q6k_super(builder, s_row, b0, n_blocks):
+    """(<8 x float> splat of d, <16 x float> the sixteen int8 group scales) of the super-block of
+    block b0 in a q6k row whose scales start at s_row (storage/quant.py: the K/16 = 2 n_blocks
+    int8 scales, then each super-block's f16 d). Decoded once per super-block."""
+    at = builder.add(s_row, builder.mul(builder.lshr(b0, ir.Constant(_I64, 3)), ir.Constant(_I64, 16)))
+    sixteen = builder.sitofp(builder.load(builder.inttoptr(at, _vec(_I8, 16).as_pointer()), align=1), _vec(_F32, 16))
+    d_at = builder.add(builder.add(s_row, builder.mul(n_blocks, ir.Constant(_I64, 2))),
+                       builder.mul(builder.lshr(b0, ir.Constant(_I64, 3)), ir.Constant(_I64, 2)))
+    return _half_splat8(builder, d_at, ir.Constant(_I64, 0)), sixteen
+
+
+def _q6k_pair(builder, sixteen, j: int):
+    """The scales of block j's two groups of 16 (j < 8 in its super-block), as _block_sum takes
+    them: VNNI's <8 x float> (lanes 0-3 the first group's, 4-7 the second's: vpdpbusd's lanes
+    follow the bytes), else a splat of each."""
+    if HAS_VNNI:
+        return _shuffle(builder, sixteen, ir.Constant(sixteen.type, None), [2 * j] * 4 + [2 * j + 1] * 4)
+    return tuple(_shuffle(builder, sixteen, ir.Constant(sixteen.type, None), [g] * 8) for g in (2 * j, 2 * j + 1))
+
+
 def _strided(builder, base, stride, i: int):
     """base + i * stride (base itself for i == 0): row i's address, or token i's."""
     return base if i == 0 else builder.add(base, builder.mul(stride, ir.Constant(_I64, i)))
 
 
 def _blocks_per_pass(kind: str) -> int:
-    """Blocks one loop iteration of the multi-row intrinsics covers: q4k a super-block's eight."""
-    return 8 if kind == "q4k" else 1
+    """Blocks one loop iteration of the multi-row intrinsics covers: q4k/q6k a super-block's eight."""
+    return 8 if kind in ("q4k", "q6k") else 1
 
 
 def _pass(builder, kind: str, s, s_stride, m, m_stride, b0, n_blocks):
-    """(scale8, min8, blocks) of one loop iteration over four rows from block b0 on: the rows'
-    group values (_group_values; scales and mins at s / m with their row strides) and the
-    block indices the iteration covers."""
+    """(scale8, min8, sub, blocks) of one loop iteration over four rows from block b0 on: the
+    rows' group values (_group_values; scales and mins at s / m with their row strides; for q6k
+    scale8 is the super-block's d and sub(r, j) the int scales of block j's two groups, else
+    sub is None) and the block indices the iteration covers."""
     s_rows = [_strided(builder, s, s_stride, r) for r in range(4)]
+    blocks = [b0] + [builder.add(b0, ir.Constant(_I64, j)) for j in range(1, _blocks_per_pass(kind))]
+    if kind == "q6k":
+        supers = [_q6k_super(builder, s_rows[r], b0, n_blocks) for r in range(4)]
+        return (lambda r, j: supers[r][0]), None, (lambda r, j: _q6k_pair(builder, supers[r][1], j)), blocks
     m_rows = [_strided(builder, m, m_stride, r) for r in range(4)]
     scale8, min8 = _group_values(builder, kind, s_rows, m_rows, b0, n_blocks)
-    blocks = [b0] + [builder.add(b0, ir.Constant(_I64, j)) for j in range(1, _blocks_per_pass(kind))]
-    return scale8, min8, blocks
+    return scale8, min8, None, blocks
 
 
 def _lane0(builder, v):
@@ -456,12 +480,34 @@ def _block_codes(builder, row, b, nibbles: bool):
 def _block_isum(builder, codes, xv, correction):
     """<8 x i32> partial sums of a block's 32 code x activation products (codes from _block_codes,
     xv the token's <32 x i8>); `correction` (q8 on VNNI: 128 x the activations' code sum, in lane
-    0) is subtracted, else None."""
+    0; q6k on VNNI: _lane_correction) is subtracted, else None."""
     if HAS_VNNI:
         isum = _vpdpbusd(builder, codes, xv)
         return isum if correction is None else builder.sub(isum, correction)
     x_lo, x_hi = _halves(builder, builder.sext(xv, _vec(_I16, 32)), 32)
     return _sum_to_i32x8(builder, builder.add(builder.mul(codes[0], x_lo), builder.mul(codes[1], x_hi)))
+
+
+def _block_sum(builder, codes, xv, correction, sub):
+    """_block_isum as <8 x float>; `sub` (q6k, from _q6k_pair): each group of 16's products times
+    its scale, in float (a vpmulld per block cost more than the multiply; |sum| <= 16 x 32 x 127
+    per group, exact in float)."""
+    if sub is None:
+        return builder.sitofp(_block_isum(builder, codes, xv, correction), _vec(_F32, 8))
+    if HAS_VNNI:
+        return builder.fmul(builder.sitofp(_block_isum(builder, codes, xv, correction), _vec(_F32, 8)), sub)
+    x_lo, x_hi = _halves(builder, builder.sext(xv, _vec(_I16, 32)), 32)  # the two groups apart (<= 32 x 127: int16)
+    lo = builder.sitofp(_sum_to_i32x8(builder, builder.mul(codes[0], x_lo)), _vec(_F32, 8))
+    hi = builder.sitofp(_sum_to_i32x8(builder, builder.mul(codes[1], x_hi)), _vec(_F32, 8))
+    return _fmuladd(builder, lo, sub[0], builder.fmul(hi, sub[1]))
+
+
+def _lane_correction(builder, xv):
+    """<8 x i32>: 128 x the sum of each four consecutive activation codes (vpdpbusd of ones), what
+    codes + 128 add to each lane of _block_isum on VNNI: q6k scales its lanes apart (_block_sum),
+    so the correction is per lane where q8's is one total."""
+    ones = _const_vec(_I8, [1] * 32)
+    return builder.shl(_vpdpbusd(builder, ones, xv), _const_vec(_I32, [7] * 8))
 
 
 def _q8_correction(builder, xaux, b):
@@ -472,9 +518,16 @@ def _q8_correction(builder, xaux, b):
     return builder.insert_element(ir.Constant(_vec(_I32, 8), [ir.Constant(_I32, 0)] * 8), c, ir.Constant(_I32, 0))
 
 
+def _correction(builder, kind: str, xv, xaux, b):
+    """What _block_isum subtracts for a block of `kind` on VNNI (None elsewhere and for nibbles)."""
+    if not HAS_VNNI or kind not in ("q8", "q6k"):
+        return None
+    return _lane_correction(builder, xv) if kind == "q6k" else _q8_correction(builder, xaux, b)
+
+
 def _rows4_codegen(kind: str):
-    """Codegen of dot4_<kind>_blocks (kind: q8, q4, q4a or q4k); see dot4_q8_blocks."""
-    nibbles = kind != "q8"
+    """Codegen of dot4_<kind>_blocks (kind: q8, q4, q4a, q4k or q6k); see dot4_q8_blocks."""
+    nibbles = kind not in ("q8", "q6k")
 
     def codegen(context, builder, signature, args):
         w, w_stride, s, s_stride, m, m_stride, x, xd, xaux, n = args
@@ -482,21 +535,21 @@ def _rows4_codegen(kind: str):
         inits = [zero8] * 4 + ([ir.Constant(_F32, 0.0)] * 4 if nibbles else [])
 
         def body(builder, b0, carried):
-            scale8, min8, blocks = _pass(builder, kind, s, s_stride, m, m_stride, b0, n)
-            for j, b in enumerate(blocks):  # q4k: a super-block's eight blocks, its scales decoded once
+            scale8, min8, sub, blocks = _pass(builder, kind, s, s_stride, m, m_stride, b0, n)
+            for j, b in enumerate(blocks):  # q4k/q6k: a super-block's eight blocks, its scales decoded once
                 off = builder.mul(b, ir.Constant(_I64, BLOCK))
                 xv = _load(builder, x, off, _vec(_I8, 32))
                 d_x8 = _splat8(builder, _f32_at(builder, xd, b))
                 if nibbles:  # the block's dequantized activation sum, for the min (q4a/q4k) or -8 * scale (q4)
                     x_sum = _f32_at(builder, xaux, b)
-                correction = _q8_correction(builder, xaux, b) if not nibbles and HAS_VNNI else None
+                correction = _correction(builder, kind, xv, xaux, b)
                 new_acc, new_off = [], []
                 for r in range(4):
-                    isum = _block_isum(builder, _block_codes(builder, _strided(builder, w, w_stride, r), b, nibbles),
-                                       xv, correction)
+                    total = _block_sum(builder, _block_codes(builder, _strided(builder, w, w_stride, r), b, nibbles),
+                                       xv, correction, None if sub is None else sub(r, j))
                     w_scale8 = scale8(r, j)
                     d = builder.fmul(w_scale8, d_x8)
-                    new_acc.append(_fmuladd(builder, builder.sitofp(isum, _vec(_F32, 8)), d, carried[r]))
+                    new_acc.append(_fmuladd(builder, total, d, carried[r]))
                     if nibbles:
                         new_off.append(_fmuladd(builder, _lane0(builder, min8(r, j, w_scale8)), x_sum, carried[4 + r]))
                 carried = new_acc + new_off
@@ -522,7 +575,8 @@ def _rows4_intrinsic(kind: str):
 # (dot of row 0, ..., dot of row 3) for the four rows at w_addr + r * w_stride against one
 # token's int8 activation blocks: codes q8 (int8) / q4, q4a (nibbles in ggml's order, x
 # deinterleaved by prepare_input); their f16 block scales at s_addr + r * s_stride (q4a's mins
-# likewise at m_addr; q4k's packed 6-bit scales and mins, storage/quant.py); x_addr the token's
+# likewise at m_addr; q4k's packed 6-bit scales and mins, q6k's int8 scales and d: storage/quant.py,
+# q6k's xaux unused); x_addr the token's
 # int8 codes, xd_addr its float32 block scales, xaux_addr
 # its int32 block code sums (q8) or float32 dequantized block sums (q4, q4a). One pass over x
 # serves four rows, each with its own accumulator (one row at a time was a chain of dependent
@@ -531,6 +585,7 @@ dot4_q8_blocks = intrinsic(_rows4_intrinsic("q8"))
 dot4_q4_blocks = intrinsic(_rows4_intrinsic("q4"))
 dot4_q4a_blocks = intrinsic(_rows4_intrinsic("q4a"))
 dot4_q4k_blocks = intrinsic(_rows4_intrinsic("q4k"))
+dot4_q6k_blocks = intrinsic(_rows4_intrinsic("q6k"))
 
 
 # ---- four rows x four tokens per pass (prefill) -------------------------------------------
@@ -548,7 +603,7 @@ def _gather4(builder, values):
 
 def _tile_codegen(kind: str):
     """Codegen of dot4x4_<kind>_blocks; see there."""
-    nibbles = kind != "q8"
+    nibbles = kind not in ("q8", "q6k")
 
     def codegen(context, builder, signature, args):
         w, w_stride, s, s_stride, m, m_stride, x, x_stride, xd, xd_stride, xaux, xaux_stride, n = args
@@ -560,25 +615,37 @@ def _tile_codegen(kind: str):
             return _strided(builder, base, stride, i)
 
         def body(builder, b0, carried):
-            scale8, min8, blocks = _pass(builder, kind, s, s_stride, m, m_stride, b0, n)
-            for j, b in enumerate(blocks):  # q4k: a super-block's eight blocks, its scales decoded once
+            scale8, min8, sub, blocks = _pass(builder, kind, s, s_stride, m, m_stride, b0, n)
+            for j, b in enumerate(blocks):  # q4k/q6k: a super-block's eight blocks, its scales decoded once
                 off = builder.mul(b, ir.Constant(_I64, BLOCK))
                 xs = [_load(builder, at(x, x_stride, t), off, _vec(_I8, 32)) for t in range(4)]
                 d_x = _gather4(builder, [_f32_at(builder, at(xd, xd_stride, t), b) for t in range(4)])
                 if nibbles:
                     x_sums = _gather4(builder, [_f32_at(builder, at(xaux, xaux_stride, t), b) for t in range(4)])
-                corrections = [_q8_correction(builder, at(xaux, xaux_stride, t), b) if not nibbles and HAS_VNNI
-                               else None for t in range(4)]
+                corrections = [_correction(builder, kind, xs[t], at(xaux, xaux_stride, t), b) for t in range(4)]
+                # q6k on VNNI: each lane's group scale folded into the row's d once for four tokens, so
+                # a token's multiplier is one fmul (as q8's is one broadcast), not a broadcast and an fmul
+                lane_scales = sub is not None and HAS_VNNI
+                if lane_scales:
+                    d_x8s = [_splat8(builder, builder.extract_element(d_x, ir.Constant(_I32, t))) for t in range(4)]
                 new = list(carried)
                 for r in range(4):
                     codes = _block_codes(builder, at(w, w_stride, r), b, nibbles)
                     w_scale8 = scale8(r, j)
-                    d_rt = builder.fmul(d_x, _shuffle(builder, w_scale8, w_scale8, range(4)))  # times each token's
+                    pair = None if sub is None else sub(r, j)
+                    if lane_scales:
+                        d_lanes = builder.fmul(pair, w_scale8)
+                    else:
+                        d_rt = builder.fmul(d_x, _shuffle(builder, w_scale8, w_scale8, range(4)))  # times each token's
                     for t in range(4):
-                        isum = _block_isum(builder, codes, xs[t], corrections[t])
-                        d = _splat8(builder, builder.extract_element(d_rt, ir.Constant(_I32, t)))
                         k = 4 * r + t
-                        new[k] = _fmuladd(builder, builder.sitofp(isum, _vec(_F32, 8)), d, carried[k])
+                        if lane_scales:
+                            total = builder.sitofp(_block_isum(builder, codes, xs[t], corrections[t]), _vec(_F32, 8))
+                            new[k] = _fmuladd(builder, total, builder.fmul(d_lanes, d_x8s[t]), carried[k])
+                            continue
+                        total = _block_sum(builder, codes, xs[t], corrections[t], pair)
+                        d = _splat8(builder, builder.extract_element(d_rt, ir.Constant(_I32, t)))
+                        new[k] = _fmuladd(builder, total, d, carried[k])
                     if nibbles:
                         w_min8 = min8(r, j, w_scale8)
                         new[16 + r] = _fmuladd(builder, _shuffle(builder, w_min8, w_min8, range(4)), x_sums,
@@ -616,3 +683,4 @@ dot4x4_q8_blocks = intrinsic(_tile_intrinsic("q8"))
 dot4x4_q4_blocks = intrinsic(_tile_intrinsic("q4"))
 dot4x4_q4a_blocks = intrinsic(_tile_intrinsic("q4a"))
 dot4x4_q4k_blocks = intrinsic(_tile_intrinsic("q4k"))
+dot4x4_q6k_blocks = intrinsic(_tile_intrinsic("q6k"))
