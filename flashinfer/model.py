@@ -194,6 +194,11 @@ class Model:
             rows = xb[: len(rows)]
         linear(rows, w.lm_head, EMPTY, logits_out)
 
+    def fuses_decode(self) -> bool:
+        """Whether the next decode token runs some block as one compiled call (_decode_fused):
+        a fusable block whose FFN is resident by now."""
+        return any(fusable and self.flash_ffn.resident_views(i) is not None for i, fusable in enumerate(self._fusable))
+
     def _decode_fused(self, i: int, layer: LayerWeights, start: int) -> bool:
         """Block i of a decode step as one compiled call, once its FFN is resident; False
         (nothing done) before: the per-kernel path below reads it first."""
