@@ -174,28 +174,3 @@ def test_package_exports():
     assert flashinfer.Engine is Engine and flashinfer.Usage is Usage
     assert flashinfer.FlashinferError is FlashinferError
 
-
-def test_the_full_warm_up_leaves_nothing_to_compile_for_the_first_turn(tmp_path, monkeypatch):
-    # Engine.open's default warm-up (the suite runs "first-token", tests/conftest.py): after it,
-    # a prompt and its decode tokens (the one-call block, once the FFN is resident) find every
-    # kernel compiled; before, the first chat turn compiled decode_layer (49 s cold on SmolLM2)
-    import gc
-
-    from numba.core.registry import CPUDispatcher
-
-    from flashinfer import Engine
-    from flashinfer.convert import convert_checkpoint
-    from tests.conftest import FIXTURES
-
-    def signatures():
-        return {id(d): len(d.signatures) for d in gc.get_objects()
-                if isinstance(d, CPUDispatcher) and d.py_func.__module__.startswith("flashinfer.kernels")}
-
-    store = convert_checkpoint(FIXTURES / "llama", tmp_path / "store", quant="q8", resident_quant="q8")
-    monkeypatch.delenv("FLASHINFER_WARM_UP", raising=False)
-    with Engine.open(store) as engine:
-        assert engine.model.fuses_decode()  # the test means something: the blocks take decode_layer
-        before = signatures()
-        engine.generate("The quick brown fox", max_tokens=4, temperature=0.0)
-        after = signatures()
-    assert {k: v for k, v in after.items() if v != before.get(k, 0)} == {}

@@ -36,6 +36,40 @@ def test_fused_decode_step_equals_the_per_kernel_path(stores, name, down, ffn, r
     np.testing.assert_allclose(runs[0], runs[1], rtol=1e-5, atol=1e-5)
 
 
+def test_the_full_warm_up_runs_what_a_first_turn_runs(stores, monkeypatch):  # noqa: F811
+    # Engine.open's default warm-up (the suite runs "first-token", tests/conftest.py): a decode
+    # token through the per-kernel path, one through the one-call block (decode_layer, which the
+    # blocks take once their FFN is resident), and a two-token prompt, so a first chat turn
+    # compiles nothing (before, its first decode token compiled decode_layer: 49 s cold on
+    # SmolLM2). The store is the first case above, whose kernels this file has compiled.
+    import gc
+
+    from numba.core.registry import CPUDispatcher
+
+    from flashinfer.model import Model
+
+    def signatures():
+        return {id(d): len(d.signatures) for d in gc.get_objects()
+                if isinstance(d, CPUDispatcher) and d.py_func.__module__.startswith("flashinfer.kernels")}
+
+    forwarded, forward = [], Model.forward
+    monkeypatch.setattr(Model, "forward", lambda self, tokens, *a: forwarded.append(len(tokens)) or forward(self, tokens, *a))
+    for mode, calls in (("first-token", [1]), (None, [1, 1, 2])):
+        if mode:
+            monkeypatch.setenv("FLASHINFER_WARM_UP", mode)
+        else:
+            monkeypatch.delenv("FLASHINFER_WARM_UP")
+        forwarded.clear()
+        with Engine.open(stores("mistral", "q4", "q8", down="rows")) as engine:
+            assert forwarded == calls
+            fused = [op is not None for op, fusable in zip(engine.model._fused_operands, engine.model._fusable) if fusable]
+            assert fused and all(fused) == (mode is None)  # the warm-up took the one-call block
+            before = signatures()
+            engine.generate("The quick brown fox", max_tokens=3, temperature=0.0)
+        if mode is None:
+            assert {k: v for k, v in signatures().items() if v != before.get(k, 0)} == {}
+
+
 # ---- W_down as rows (convert --ffn-down rows, format version 2) ---------------------------
 
 
