@@ -351,8 +351,13 @@ def q6k_group_scales(qt: QuantizedTensor) -> np.ndarray:
     rows, k = qt.shape
     n_groups = k // Q6K_GROUP
     sc = qt.scales[:, :n_groups].astype(np.float32).reshape(rows, k // SUPER_BLOCK, -1)
-    d = np.ascontiguousarray(qt.scales[:, n_groups:]).view(SCALE_DTYPE).astype(np.float32)
-    return (d[..., None] * sc).reshape(rows, n_groups)
+    return (_multipliers(qt.scales, n_groups)[..., None] * sc).reshape(rows, n_groups)
+
+
+def _multipliers(packed: np.ndarray, n_groups: int) -> np.ndarray:
+    """float32 [rows, K/256]: the f16 super-block multipliers stored as bytes after a q4k/q6k
+    row's n_groups group values."""
+    return np.ascontiguousarray(packed[:, n_groups:]).view(SCALE_DTYPE).astype(np.float32)
 
 
 def q4k_group_values(qt: QuantizedTensor) -> tuple[np.ndarray, np.ndarray]:
@@ -362,8 +367,7 @@ def q4k_group_values(qt: QuantizedTensor) -> tuple[np.ndarray, np.ndarray]:
     out = []
     for packed, sign in ((qt.scales, 1), (qt.mins, -1)):
         six_bit = packed[:, :n_groups].astype(np.float32).reshape(rows, k // SUPER_BLOCK, -1)
-        multiplier = np.ascontiguousarray(packed[:, n_groups:]).view(SCALE_DTYPE).astype(np.float32)
-        out.append((sign * multiplier[..., None] * six_bit).reshape(rows, n_groups))
+        out.append((sign * _multipliers(packed, n_groups)[..., None] * six_bit).reshape(rows, n_groups))
     return out[0], out[1]
 
 

@@ -197,29 +197,29 @@ def row_scales(scales, mins, r, ws, wm):
 
 
 @njit(fastmath=FAST)
-def _q4k_multiplier(packed, r, n_groups, g):
-    """The f16 multiplier (d or dmin) of group g's super-block in row r of a q4k scales/mins array."""
-    at = n_groups + 2 * (g // 8)
-    # np.uint16 around the whole: numba widens uint16 operands of | and << to int64, which
-    # `widen` would take for an integer value rather than half bits
-    return widen(np.uint16(np.uint32(packed[r, at]) | (np.uint32(packed[r, at + 1]) << np.uint32(8))))
+def _super_block_multiplier(packed, r, n_groups, g, groups_per_super):
+    """The f16 multiplier of group g's super-block in row r of a q4k scales/mins array (uint8) or
+    a q6k scales array (int8): the little-endian half after the rows' n_groups group values."""
+    at = n_groups + 2 * (g // groups_per_super)
+    # bytes as unsigned (a q6k array is int8), and np.uint16 around the whole: numba widens uint16
+    # operands of | and << to int64, which `widen` would take for an integer value rather than half bits
+    low, high = np.uint32(packed[r, at]) & np.uint32(0xFF), np.uint32(packed[r, at + 1]) & np.uint32(0xFF)
+    return widen(np.uint16(low | (high << np.uint32(8))))
 
 
 @njit(fastmath=FAST)
 def q4k_group(scales, mins, r, g):
     """(scale, min) of group g of row r of a q4k matrix: d sc_g and -dmin m_g (storage/quant.py)."""
     n_groups = scales.shape[1] * 4 // 5  # K/32 six-bit values, then K/128 bytes of multipliers
-    s = _q4k_multiplier(scales, r, n_groups, g) * np.float32(scales[r, g])
-    return s, -_q4k_multiplier(mins, r, n_groups, g) * np.float32(mins[r, g])
+    s = _super_block_multiplier(scales, r, n_groups, g, 8) * np.float32(scales[r, g])
+    return s, -_super_block_multiplier(mins, r, n_groups, g, 8) * np.float32(mins[r, g])
 
 
 @njit(fastmath=FAST)
 def q6k_group_scale(scales, r, g):
     """d sc_g of group g (of 16) of row r of a q6k matrix (storage/quant.py), float32."""
     n_groups = scales.shape[1] * 8 // 9  # K/16 int8 scales, then K/128 bytes of multipliers
-    at = n_groups + 2 * (g // 16)
-    low, high = np.uint32(scales[r, at]) & np.uint32(0xFF), np.uint32(scales[r, at + 1]) & np.uint32(0xFF)
-    return widen(np.uint16(low | (high << np.uint32(8)))) * np.float32(scales[r, g])
+    return _super_block_multiplier(scales, r, n_groups, g, 16) * np.float32(scales[r, g])
 
 
 def group_scale_min(scales, mins, r, g):

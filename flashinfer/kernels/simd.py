@@ -403,10 +403,11 @@ def _q6k_super(builder, s_row, b0, n_blocks):
     """(<8 x float> splat of d, <16 x float> the sixteen int8 group scales) of the super-block of
     block b0 in a q6k row whose scales start at s_row (storage/quant.py: the K/16 = 2 n_blocks
     int8 scales, then each super-block's f16 d). Decoded once per super-block."""
-    at = builder.add(s_row, builder.mul(builder.lshr(b0, ir.Constant(_I64, 3)), ir.Constant(_I64, 16)))
+    super_block = builder.lshr(b0, ir.Constant(_I64, 3))
+    at = builder.add(s_row, builder.mul(super_block, ir.Constant(_I64, 16)))
     sixteen = builder.sitofp(builder.load(builder.inttoptr(at, _vec(_I8, 16).as_pointer()), align=1), _vec(_F32, 16))
     d_at = builder.add(builder.add(s_row, builder.mul(n_blocks, ir.Constant(_I64, 2))),
-                       builder.mul(builder.lshr(b0, ir.Constant(_I64, 3)), ir.Constant(_I64, 2)))
+                       builder.mul(super_block, ir.Constant(_I64, 2)))
     return _half_splat8(builder, d_at, ir.Constant(_I64, 0)), sixteen
 
 
@@ -432,7 +433,7 @@ def _blocks_per_pass(kind: str) -> int:
 def _pass(builder, kind: str, s, s_stride, m, m_stride, b0, n_blocks):
     """(scale8, min8, sub, blocks) of one loop iteration over four rows from block b0 on: the
     rows' group values (_group_values; scales and mins at s / m with their row strides; for q6k
-    scale8 is the super-block's d and sub(r, j) the int scales of block j's two groups, else
+    scale8 is the super-block's d and sub(r, j) the scales of block j's two groups, else
     sub is None) and the block indices the iteration covers."""
     s_rows = [_strided(builder, s, s_stride, r) for r in range(4)]
     blocks = [b0] + [builder.add(b0, ir.Constant(_I64, j)) for j in range(1, _blocks_per_pass(kind))]
@@ -490,8 +491,8 @@ def _block_isum(builder, codes, xv, correction):
 
 def _block_sum(builder, codes, xv, correction, sub):
     """_block_isum as <8 x float>; `sub` (q6k, from _q6k_pair): each group of 16's products times
-    its scale, in float (a vpmulld per block cost more than the multiply; |sum| <= 16 x 32 x 127
-    per group, exact in float)."""
+    its scale, in float (|sum| <= 16 x 32 x 127 per group: exact), as _tile_codegen folds the
+    scales into its multipliers instead on VNNI."""
     if sub is None:
         return builder.sitofp(_block_isum(builder, codes, xv, correction), _vec(_F32, 8))
     if HAS_VNNI:
