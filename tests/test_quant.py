@@ -182,3 +182,15 @@ def test_quantized_tensor_checks_its_arrays():
         quant.QuantizedTensor("q8", 32, (1, 64), np.zeros((1, 64), np.int8), None, None)
     with pytest.raises(QuantError, match=r"needs data uint8 \(1, 32\), got int8 \(1, 64\)"):
         quant.QuantizedTensor("q4", 32, (1, 64), np.zeros((1, 64), np.int8), np.zeros((1, 2), np.float16), None)
+
+
+def test_bundles_refuse_what_their_kernels_cannot_run():
+    # one group size per layer's bundles (q6k's 16 is not it), and q4k's super-blocks run along rows
+    from storage.errors import StorageError
+    from storage.writer import bundle_layout
+
+    with pytest.raises(StorageError, match=r"an FFN bundle's up cannot be q6k \(groups of 16; a bundle's components "
+                                           r"share groups of 32\): use q8, or q6k only for whole matrices"):
+        bundle_layout(["up", "down"], 256, {"up": "q6k", "down": "q8"}, 32)
+    with pytest.raises(StorageError, match=r"a down column cannot be q4k \(its super-blocks run along rows\); use q8"):
+        bundle_layout(["up", "down"], 256, "q4k", 32)
