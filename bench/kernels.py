@@ -7,6 +7,7 @@
 
     python -m bench.kernels
     python -m bench.kernels --against HEAD~1   # the same cases, this tree's kernels vs a git revision's
+    python -m bench.kernels --against HEAD~1 --store out/models/smollm2-auto   # a real store's decode token
 
 `--against REV` loads the kernels as they were at REV (flashinfer/kernels.py, or the
 flashinfer/kernels/ package from its split on) into the same process and times both on the
@@ -47,8 +48,14 @@ def best_seconds(fn, *args) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--against", metavar="REV", help="compare with flashinfer/kernels.py at this git revision")
+    parser.add_argument("--store", metavar="STORE", help="with --against: only a decode token of STORE's blocks "
+                        "(resident, one compiled call each) and its head, REV's kernels vs this tree's")
     opts = parser.parse_args()
-    if opts.against:
+    if opts.store and not opts.against:
+        parser.error("--store needs --against REV")
+    if opts.store:
+        store_decode_against(opts.against, opts.store)
+    elif opts.against:
         compare_against(opts.against)
     else:
         serial_vs_parallel()
@@ -130,6 +137,18 @@ def compare_against(rev: str) -> None:
             nbytes = qt.data.nbytes + qt.scales.nbytes + (qt.mins.nbytes if qt.mins is not None else 0)
             print(f"{scheme + ' [' + str(n_rows) + ', 576]':34} {1:>6} {t_old * 1e3:>12.3f} {t_new * 1e3:>9.3f} "
                   f"{t_old / t_new:>7.2f}x {nbytes / t_new / 1e9:>9.1f}")
+    print(f"\nmatmuls streamed from DRAM, one token (distinct matrices, as a model's layers are): {rev} vs this tree")
+    print(f"{'case':34} {'kernel':>14} {rev + ' ms':>12} {'now ms':>9} {'speedup':>8} {'now GB/s':>9}")
+    for label, matrices, x, n_bytes in streamed_matmuls(rng):
+        out = np.empty((1, matrices[0][0].shape[0]), np.float32)
+        for name in ("matmul_serial", "matmul"):
+            def run_all(fn):
+                for data, scales, mins in matrices:
+                    fn(x, data, scales, mins, 32, np.zeros(0, np.float32), out)
+            t_old, t_new = best_pair(lambda: run_all(getattr(old_k, name)), lambda: run_all(getattr(K, name)), (), (),
+                                     repeats=11)
+            print(f"{label:34} {name:>14} {t_old * 1e3:>12.2f} {t_new * 1e3:>9.2f} {t_old / t_new:>7.2f}x "
+                  f"{n_bytes / t_new / 1e9:>9.1f}")
     print(f"\nFFN over bundle rows (ffn_rows, serial): {rev} vs this tree")
     print(f"{'case':34} {'tokens':>6} {rev + ' ms':>12} {'now ms':>9} {'speedup':>8} {'now GB/s':>9}")
     for label, operands, n_bytes in ffn_shapes(rng):
@@ -141,6 +160,40 @@ def compare_against(rev: str) -> None:
         t_old, t_new = best_pair(old_k.matmul_serial, K.matmul_serial, operands, operands)
         print(f"{label:34} {operands[0].shape[0]:>6} {t_old * 1e3:>12.2f} {t_new * 1e3:>9.2f} {t_old / t_new:>7.2f}x "
               f"{n_bytes / t_new / 1e9:>9.1f}")
+
+
+def store_decode_against(rev: str, store: str, repeats: int = 15) -> None:
+    """A decode token of a real store, REV's kernels vs this tree's on the same operands, alternating:
+    every block's decode_layer (the one compiled call a resident block takes) after a 16-token
+    prompt, then the final norm and the head; each pass streams the model's weights from DRAM as
+    a token does. Python around the calls (sampling, the engine loop) is left out."""
+    from flashinfer.engine import Engine
+
+    old_k = kernels_at(rev)
+    print(f"command: python -m bench.kernels --against {rev} --store {store}")
+    print("machine:", machine_line())
+    with Engine.open(store) as engine:
+        model, weights, state = engine.model, engine.model.weights, engine.model.state
+        model.reset()
+        model.forward(np.arange(100, 116))
+        if any(operands is None for operands in model._fused_operands):
+            raise SystemExit(f"{store}: not every block runs as one compiled call (a block kind decode_layer does "
+                             "not take, or an FFN that is not resident)")
+        start, head, no_bias = model.n_past, weights.lm_head, np.zeros(0, np.float32)
+
+        def blocks(k):
+            for operands in model._fused_operands:
+                k.decode_layer(*operands[0], start, *operands[1])
+
+        def token(k):
+            blocks(k)
+            model._norm(state.x[:1], weights.norm_w, weights.norm_b, state.xb[:1])
+            k.matmul(state.xb[:1], head.data, head.scales, head.mins, head.group, no_bias, state.logits)
+
+        print(f"{'part':24} {rev + ' ms':>12} {'now ms':>9} {'speedup':>8}")
+        for label, fn in (("blocks", blocks), ("token (blocks + head)", token)):
+            t_old, t_new = best_pair(fn, fn, (old_k,), (K,), repeats=repeats)
+            print(f"{label:24} {t_old * 1e3:>12.3f} {t_new * 1e3:>9.3f} {t_old / t_new:>7.2f}x")
 
 
 def _bundles(rng, dim: int, n_rows: int, scheme: str, active: float):
@@ -173,6 +226,24 @@ def ffn_shapes(rng):
                 yield (f"{scheme} {label}", (x, n_rows, v.up.data, v.up.scales, v.up.mins, v.gate.data, v.gate.scales,
                        v.gate.mins, v.down.data, v.down.scales, v.down.mins, v.up_bias, v.gate_bias, v.group, act,
                        np.empty((n_tokens, dim), np.float32)), n_bytes)
+
+
+def streamed_matmuls(rng, total_bytes: int = 100 << 20):
+    """(label, [(data, scales, mins)] of distinct matrices totalling ~total_bytes, an input row,
+    their bytes): SmolLM2-135M's gate/up and down shapes in q4a, its q8 head, a 7B-wide q4a row.
+    Each pass over the list streams it from DRAM, as a decode token streams a model's layers."""
+    for label, scheme, n_rows, k in (("q4a [1536, 576] (gate, up)", "q4a", 1536, 576),
+                                     ("q4a [576, 1536] (down)", "q4a", 576, 1536),
+                                     ("q4a [1536, 4096]", "q4a", 1536, 4096),
+                                     ("q8 [49152, 576] (head)", "q8", 49152, 576)):
+        qt = quant.quantize(rng.standard_normal((n_rows, k), dtype=np.float32), scheme, 32)
+        one = qt.data.nbytes + qt.scales.nbytes + (qt.mins.nbytes if qt.mins is not None else 0)
+        matrices = []
+        for _ in range(max(2, total_bytes // one)):  # copies: distinct memory, the same values
+            mins = qt.mins.view(np.uint16).copy() if qt.mins is not None else NO_SCALES
+            matrices.append((qt.data.copy(), qt.scales.view(np.uint16).copy(), mins))
+        x = rng.standard_normal((1, k)).astype(np.float32)
+        yield label, matrices, x, one * len(matrices)
 
 
 def strided_matmuls(rng):

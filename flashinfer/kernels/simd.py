@@ -318,16 +318,18 @@ def widen_f16(typingctx, src_addr, dst_addr, n):
 
 # ---- four rows per pass ---------------------------------------------------------------
 
-def _carried_loop(builder, limit, inits, body, step: int = 1, name: str = "rows4"):
-    """for b in range(0, limit, step): values = body(builder, b, values), starting from `inits`;
-    the final values (the inits when limit <= 0). The loop-carried values stay in registers."""
+def _carried_loop(builder, limit, inits, body, step: int = 1, name: str = "rows4", start=None):
+    """for b in range(start, limit, step): values = body(builder, b, values), starting from `inits`
+    (start an i64 value, 0 when None); the final values (the inits when start >= limit). The
+    loop-carried values stay in registers."""
+    start = ir.Constant(_I64, 0) if start is None else start
     entry = builder.block
     loop = builder.append_basic_block(name)
     done = builder.append_basic_block(name + ".done")
-    builder.cbranch(builder.icmp_signed(">", limit, ir.Constant(_I64, 0)), loop, done)
+    builder.cbranch(builder.icmp_signed("<", start, limit), loop, done)
     builder.position_at_end(loop)
     b = builder.phi(_I64)
-    b.add_incoming(ir.Constant(_I64, 0), entry)
+    b.add_incoming(start, entry)
     phis = []
     for v in inits:
         p = builder.phi(v.type)
@@ -526,9 +528,78 @@ def _correction(builder, kind: str, xv, xaux, b):
     return _lane_correction(builder, xv) if kind == "q6k" else _q8_correction(builder, xaux, b)
 
 
+# Passes of four rows ahead whose codes the multi-row dots prefetch as they go, a line at a time
+# beside the loads of the current pass (_prefetch_rows). The hardware prefetchers follow one
+# stream well but not four rows read side by side in short runs (SmolLM2's W_down, [576, 1536]
+# q4a, streamed from DRAM at 5.6-6.5 GB/s on one core, 19 GB/s from cache); a whole pass
+# prefetched at its start (matmul.py's prefetch_lines) did not help. 2 beat 1 and 4.
+PREFETCH_PASSES = 2
+
+
+def _prefetch_rows(builder, w, w_stride, offset, n_lines: int):
+    """Prefetch n_lines cache lines at `offset` bytes into each of the four rows PREFETCH_PASSES
+    passes on (llvm.prefetch: read, keep in all levels; it never faults, so rows past a
+    matrix's end cost a wasted line, not an error)."""
+    fn = builder.module.declare_intrinsic("llvm.prefetch", (), ir.FunctionType(
+        ir.VoidType(), [ir.PointerType(_I8), _I32, _I32, _I32]))
+    ahead = builder.add(builder.mul(w_stride, ir.Constant(_I64, 4 * PREFETCH_PASSES)), offset)
+    for r in range(4):
+        at = builder.add(_strided(builder, w, w_stride, r), ahead)
+        for line in range(n_lines):
+            ptr = builder.inttoptr(builder.add(at, ir.Constant(_I64, 64 * line)), ir.PointerType(_I8))
+            builder.call(fn, [ptr, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+
+
+WIDE = 8  # blocks whose f16 scales (and mins) one vcvtph2ps widens: _wide_pass
+
+
+def _halves8(builder, addr, b0):
+    """<8 x float> of the eight IEEE halves at addr + 2 b0 (one vcvtph2ps from memory)."""
+    bits = _load(builder, addr, builder.mul(b0, ir.Constant(_I64, 2)), _vec(_I16, 8))
+    return builder.fpext(builder.bitcast(bits, _vec(ir.HalfType(), 8)), _vec(_F32, 8))
+
+
+def _floats8(builder, addr, b0):
+    """<8 x float> of the eight float32 values at addr + 4 b0."""
+    return _load(builder, addr, builder.mul(b0, ir.Constant(_I64, 4)), _vec(_F32, 8))
+
+
+def _wide_pass(builder, kind: str, w, w_stride, s, s_stride, m, m_stride, x, xd, xaux, b0, carried):
+    """One iteration of dot4_<kind>_blocks's main loop (q4, q4a): blocks b0..b0+7 of four rows.
+    Each row's eight f16 scales are widened at once and multiplied by the token's eight block
+    scales (two vector ops where a block at a time took a broadcast, a conversion and a multiply per
+    block and row); a block's multiplier is then a lane splat of that. The block-sum terms (q4's -8
+    scale, q4a's mins) are one vector multiply-add per row for the eight blocks into carried[4 + r],
+    an <8 x float> summed at the end: a scalar half per block and row had been a vpinsrw into an
+    accumulator's register, a false dependency through every row's min. (q8 keeps the loop of one
+    block: this one was 1.13x faster on rows of 1536 but 0.9x on SmolLM2's rows of 512-640.)"""
+    d_x = _floats8(builder, xd, b0)
+    x_sums = _floats8(builder, xaux, b0)
+    new = list(carried)
+    d_rows = []
+    for r in range(4):
+        scales = _halves8(builder, _strided(builder, s, s_stride, r), b0)
+        d_rows.append(builder.fmul(scales, d_x))
+        if kind == "q4a":
+            term = _halves8(builder, _strided(builder, m, m_stride, r), b0)
+        else:  # q4: codes - 8
+            term = builder.fmul(scales, _splat8(builder, ir.Constant(_F32, -8.0)))
+        new[4 + r] = _fmuladd(builder, term, x_sums, carried[4 + r])
+    _prefetch_rows(builder, w, w_stride, builder.mul(b0, ir.Constant(_I64, BLOCK // 2)), 2)
+    for j in range(WIDE):
+        b = builder.add(b0, ir.Constant(_I64, j)) if j else b0
+        xv = _load(builder, x, builder.mul(b, ir.Constant(_I64, BLOCK)), _vec(_I8, 32))
+        for r in range(4):
+            codes = _block_codes(builder, _strided(builder, w, w_stride, r), b, True)
+            total = builder.sitofp(_block_isum(builder, codes, xv, None), _vec(_F32, 8))
+            new[r] = _fmuladd(builder, total, _lane_splat8(builder, d_rows[r], j), new[r])
+    return new
+
+
 def _rows4_codegen(kind: str):
     """Codegen of dot4_<kind>_blocks (kind: q8, q4, q4a, q4k or q6k); see dot4_q8_blocks."""
     nibbles = kind not in ("q8", "q6k")
+    wide = kind in ("q4", "q4a")
 
     def codegen(context, builder, signature, args):
         w, w_stride, s, s_stride, m, m_stride, x, xd, xaux, n = args
@@ -537,8 +608,13 @@ def _rows4_codegen(kind: str):
 
         def body(builder, b0, carried):
             scale8, min8, sub, blocks = _pass(builder, kind, s, s_stride, m, m_stride, b0, n)
+            code_bytes = BLOCK // 2 if nibbles else BLOCK
             for j, b in enumerate(blocks):  # q4k/q6k: a super-block's eight blocks, its scales decoded once
                 off = builder.mul(b, ir.Constant(_I64, BLOCK))
+                # a line per 64 bytes of codes (q8: each block's, half of them already asked for;
+                # q4/q4a come here for the last blocks only, whose lines _wide_pass's ran into)
+                if not wide and (j * code_bytes) % 64 == 0:
+                    _prefetch_rows(builder, w, w_stride, builder.mul(b, ir.Constant(_I64, code_bytes)), 1)
                 xv = _load(builder, x, off, _vec(_I8, 32))
                 d_x8 = _splat8(builder, _f32_at(builder, xd, b))
                 if nibbles:  # the block's dequantized activation sum, for the min (q4a/q4k) or -8 * scale (q4)
@@ -556,10 +632,21 @@ def _rows4_codegen(kind: str):
                 carried = new_acc + new_off
             return carried
 
-        final = _carried_loop(builder, n, inits, body, step=_blocks_per_pass(kind))
+        wide_sums = None
+        start = None
+        if wide:  # whole groups of WIDE blocks first (_wide_pass), the rest a block at a time below
+            n_wide = builder.and_(n, ir.Constant(_I64, -WIDE))
+            final = _carried_loop(builder, n_wide, [zero8] * 8, lambda builder, b0, carried: _wide_pass(
+                builder, kind, w, w_stride, s, s_stride, m, m_stride, x, xd, xaux, b0, carried),
+                step=WIDE, name="rows4.wide")
+            inits = final[:4] + inits[4:]
+            wide_sums = final[4:]
+            start = n_wide
+        final = _carried_loop(builder, n, inits, body, step=_blocks_per_pass(kind), start=start)
         totals = []
         for r in range(4):
-            total = _hsum(builder, final[r])
+            acc = final[r] if wide_sums is None else builder.fadd(final[r], wide_sums[r])
+            total = _hsum(builder, acc)
             totals.append(builder.fadd(total, final[4 + r]) if nibbles else total)
         return context.make_tuple(builder, signature.return_type, totals)
 
