@@ -91,9 +91,10 @@ class Model:
         # Blocks whose decode step runs as one compiled call (kernels.decode_layer) once their
         # FFN is resident: pre-norm blocks whose attention matrices the numba kernels take
         # (float32 ones go through BLAS, which compiled code cannot call without SciPy).
-        # Gemma 3's extra norms, scales and per-layer windows are not in that call: its blocks take the path below
-        beyond_the_call = args.qk_norm or args.sandwich_norm or bool(args.layer_windows) or args.query_scale != 1.0
-        self.fused_decode = args.norm_before and hasattr(flash_ffn, "resident_views") and not beyond_the_call
+        # (Gemma 3's q/k norms, query scale, sandwich norms and per-layer windows and RoPE bases
+        # included; its sandwich norms are RMSNorms there, as every model with them has)
+        self.fused_decode = (args.norm_before and hasattr(flash_ffn, "resident_views")
+                             and not (args.sandwich_norm and args.norm != "rms"))
         self._fusable = [self.fused_decode and all(m.data.dtype != np.float32 for m in (l.wq, l.wk, l.wv, l.wo))
                          for l in weights.layers]
         self._fused_operands: list[tuple | None] = [None] * args.n_layers  # _block_operands, once resident
@@ -221,7 +222,8 @@ class Model:
                  layer.ffn_norm_w, layer.ffn_norm_b, layer.wq, layer.bq, layer.wk, layer.bk, layer.wv, layer.bv,
                  layer.wo, layer.bo, a.positional == "rope", a.head_dim, a.n_kv_heads, self.layer_windows[i], s.scores, views,
                  ffn.layers[i].n_neurons, self.act, ffn.runs_parallel(i, a.dim), ffn.partial.get(1), layer.b_down,
-                 self._shared_qkv[i], s.up, s.hidden)
+                 self._shared_qkv[i], s.up, s.hidden, a.qk_norm, layer.q_norm_w, layer.k_norm_w,
+                 np.float32(a.query_scale), a.sandwich_norm, layer.attn_post_norm_w, layer.ffn_post_norm_w)
         return before, after
 
     def _attention(self, i: int, layer: LayerWeights, xb: np.ndarray, start: int, out: np.ndarray) -> None:

@@ -14,10 +14,11 @@ from tests.conftest import FIXTURES, load_golden
 from tests.test_store import QUANT_BOUNDS, _cli_error, stores  # noqa: F401  (module-scoped store fixture)
 
 
-# GQA + window (W_down as rows, and as columns); ReLU; LayerNorm + biases
+# GQA + window (W_down as rows, and as columns); Gemma 3's q/k norms, query scale, sandwich norms
+# and per-layer windows; ReLU; LayerNorm + biases
 @pytest.mark.parametrize("name,down,ffn,resident", [
     # rows at q4 / q8: what `flashinfer run HF_DIR` converts a SiLU model to (kernels compiled once per suite)
-    ("mistral", "rows", "q4", "q8"), ("mistral", "columns", "q4a", "q4"),
+    ("mistral", "rows", "q4", "q8"), ("mistral", "columns", "q4a", "q4"), ("gemma3", "rows", "q4", "q8"),
     ("relu_llama", "auto", "q8", "q8"), ("relu_llama", "auto", "q4a", "q4"), ("opt", "auto", "q8", "q8"),
     pytest.param("opt", "auto", "q4a", "q4", marks=pytest.mark.slow)])  # ~34 s cold compile; opt q8 stays
 def test_fused_decode_step_equals_the_per_kernel_path(stores, name, down, ffn, resident):  # noqa: F811

@@ -31,14 +31,18 @@ def _norm(rms, x, weight, bias, eps, out):
 def decode_layer(x, xb, q, k, attn, block_out, k_cache_t, v_cache, start, positions, inv_freq, rms, eps,
                  attn_norm_w, attn_norm_b, ffn_norm_w, ffn_norm_b, wq, bq, wk, bk, wv, bv, wo, bo, use_rope,
                  head_dim, n_kv_heads, window, scores, ffn, n_neurons, act, ffn_parallel, partial, b_down, shared_qkv,
-                 ffn_up, ffn_hidden):
+                 ffn_up, ffn_hidden, qk_norm, q_norm_w, k_norm_w, query_scale, sandwich, attn_post_norm_w,
+                 ffn_post_norm_w):
     """x [1, dim] += attn(norm(x)); then x += ffn(norm(x)), a pre-norm block (Llama, Mistral,
     Qwen2; OPT-125m's pre-LN too) at position `start`. Matrices are weights.Matrix tuples, `ffn`
     the block's resident bundles as flash_ffn.BundleViews; xb/q/k/attn/block_out [1, ...] scratch
     rows; the new value row is written straight into v_cache[start]. ffn_parallel: whether the
     FFN runs on all cores (flash_ffn.ffn_over_bundles decides it the same way), `partial` its
     per-thread sums; shared_qkv: wq, wk and wv share a scheme and group (matmul3); ffn_up /
-    ffn_hidden: scratch [>= 1, n_neurons] of a layer that keeps W_down as rows (ffn.down_rows)."""
+    ffn_hidden: scratch [>= 1, n_neurons] of a layer that keeps W_down as rows (ffn.down_rows).
+    Gemma 3's extras: qk_norm (each head of q and k RMS-normed by q_norm_w / k_norm_w), q times
+    query_scale (when not 1), sandwich (the attention and FFN outputs RMS-normed by
+    attn_post_norm_w / ffn_post_norm_w before the residual adds)."""
     _norm(rms, x, attn_norm_w, attn_norm_b, eps, xb)
     if shared_qkv:  # one scheme and group: one prepared input, one parallel region
         matmul3(xb, wq, bq, q, wk, bk, k, wv, bv, v_cache[start : start + 1])
@@ -46,6 +50,12 @@ def decode_layer(x, xb, q, k, attn, block_out, k_cache_t, v_cache, start, positi
         _linear(xb, wq, bq, q)
         _linear(xb, wk, bk, k)
         _linear(xb, wv, bv, v_cache[start : start + 1])
+    if qk_norm:
+        qh, kh = q.reshape(-1, head_dim), k.reshape(-1, head_dim)
+        rmsnorm(qh, q_norm_w, eps, qh)
+        rmsnorm(kh, k_norm_w, eps, kh)
+    if query_scale != 1.0:
+        q *= query_scale
     if use_rope:
         rope(q, positions[start : start + 1], inv_freq, head_dim)
         rope(k, positions[start : start + 1], inv_freq, head_dim)
@@ -55,6 +65,8 @@ def decode_layer(x, xb, q, k, attn, block_out, k_cache_t, v_cache, start, positi
     else:
         attention_serial(q, k_cache_t, v_cache, start, n_kv_heads, head_dim, window, scores, attn)
     _linear(attn, wo, bo, block_out)
+    if sandwich:
+        rmsnorm(block_out, attn_post_norm_w, eps, block_out)
     x += block_out
     _norm(rms, x, ffn_norm_w, ffn_norm_b, eps, xb)
     v = ffn
@@ -69,4 +81,6 @@ def decode_layer(x, xb, q, k, attn, block_out, k_cache_t, v_cache, start, positi
                  v.down.data, v.down.scales, v.down.mins, v.up_bias, v.gate_bias, v.group, act, block_out)
     if b_down.shape[0]:
         block_out += b_down
+    if sandwich:
+        rmsnorm(block_out, ffn_post_norm_w, eps, block_out)
     x += block_out
