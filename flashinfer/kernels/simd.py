@@ -531,8 +531,9 @@ def _correction(builder, kind: str, xv, xaux, b):
 # Passes of four rows ahead whose codes the multi-row dots prefetch as they go, a line at a time
 # beside the loads of the current pass (_prefetch_rows). The hardware prefetchers follow one
 # stream well but not four rows read side by side in short runs (SmolLM2's W_down, [576, 1536]
-# q4a, streamed from DRAM at 5.6-6.5 GB/s on one core, 19 GB/s from cache); a whole pass
-# prefetched at its start (matmul.py's prefetch_lines) did not help. 2 beat 1 and 4.
+# q4a, streamed from DRAM at 5.6-6.5 GB/s on one core, 19 GB/s from cache). matmul.py's
+# prefetch of the whole next pass at a pass's start stays beside this (without it q8's head
+# fell to 0.44-0.61x), but moved 3 passes ahead it did not help. 2 beat 1 and 4 here.
 PREFETCH_PASSES = 2
 
 
