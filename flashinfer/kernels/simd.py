@@ -206,6 +206,14 @@ def _counted_loop(builder, limit, body, step: int = 1, name: str = "loop"):
     _carried_loop(builder, limit, [], lambda builder, i, carried: body(builder, i) or [], step=step, name=name)
 
 
+def _prefetch_line(builder, addr):
+    """llvm.prefetch of the cache line at byte address addr: read, keep in all levels."""
+    fn = builder.module.declare_intrinsic("llvm.prefetch", (), ir.FunctionType(
+        ir.VoidType(), [ir.PointerType(_I8), _I32, _I32, _I32]))
+    ptr = builder.inttoptr(addr, ir.PointerType(_I8))
+    builder.call(fn, [ptr, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+
+
 @intrinsic
 def prefetch_lines(typingctx, addr, n_bytes):
     """Ask for the cache lines of n_bytes at addr ahead of use (llvm.prefetch, read, keep in
@@ -216,13 +224,8 @@ def prefetch_lines(typingctx, addr, n_bytes):
 
     def codegen(context, builder, signature, args):
         start, size = args
-        fn = builder.module.declare_intrinsic("llvm.prefetch", (), ir.FunctionType(
-            ir.VoidType(), [ir.PointerType(_I8), _I32, _I32, _I32]))
-        def body(builder, off):
-            ptr = builder.inttoptr(builder.add(start, off), ir.PointerType(_I8))
-            builder.call(fn, [ptr, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
-
-        _counted_loop(builder, size, body, step=64, name="prefetch")
+        _counted_loop(builder, size, lambda builder, off: _prefetch_line(builder, builder.add(start, off)), step=64,
+                      name="prefetch")
         return context.get_dummy_value()
 
     return sig, codegen
@@ -539,16 +542,13 @@ PREFETCH_PASSES = 2
 
 def _prefetch_rows(builder, w, w_stride, offset, n_lines: int):
     """Prefetch n_lines cache lines at `offset` bytes into each of the four rows PREFETCH_PASSES
-    passes on (llvm.prefetch: read, keep in all levels; it never faults, so rows past a
-    matrix's end cost a wasted line, not an error)."""
-    fn = builder.module.declare_intrinsic("llvm.prefetch", (), ir.FunctionType(
-        ir.VoidType(), [ir.PointerType(_I8), _I32, _I32, _I32]))
+    passes on (_prefetch_line; a prefetch never faults, so rows past a matrix's end cost a wasted
+    line, not an error)."""
     ahead = builder.add(builder.mul(w_stride, ir.Constant(_I64, 4 * PREFETCH_PASSES)), offset)
     for r in range(4):
         at = builder.add(_strided(builder, w, w_stride, r), ahead)
         for line in range(n_lines):
-            ptr = builder.inttoptr(builder.add(at, ir.Constant(_I64, 64 * line)), ir.PointerType(_I8))
-            builder.call(fn, [ptr, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+            _prefetch_line(builder, builder.add(at, ir.Constant(_I64, 64 * line)) if line else at)
 
 
 WIDE = 8  # blocks whose f16 scales (and mins) one vcvtph2ps widens: _wide_pass
