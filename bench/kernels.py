@@ -162,38 +162,54 @@ def compare_against(rev: str) -> None:
               f"{n_bytes / t_new / 1e9:>9.1f}")
 
 
-def store_decode_against(rev: str, store: str, repeats: int = 15) -> None:
+def store_decode_against(rev: str, store: str, repeats: int = 15, contexts: tuple[int, ...] = (16, 200, 1000)) -> None:
     """A decode token of a real store, REV's kernels vs this tree's on the same operands, alternating:
-    every block's decode_layer (the one compiled call a resident block takes) after a 16-token
-    prompt, then the final norm and the head; each pass streams the model's weights from DRAM as
-    a token does. Python around the calls (sampling, the engine loop) is left out."""
+    every block's decode_layer (the one compiled call a resident block takes) after a prompt of
+    each of `contexts` tokens, then the final norm and the head; each pass streams the model's
+    weights from DRAM as a token does. Python around the calls (sampling, the engine loop) is
+    left out; one line more says what numba's dispatcher costs a token's blocks."""
     from flashinfer.engine import Engine
 
     old_k = kernels_at(rev)
     print(f"command: python -m bench.kernels --against {rev} --store {store}")
     print("machine:", machine_line())
-    with Engine.open(store) as engine:
+    with Engine.open(store, ctx=max(contexts) + 1) as engine:
         model, weights, state = engine.model, engine.model.weights, engine.model.state
-        model.reset()
-        model.forward(np.arange(100, 116))
-        if any(operands is None for operands in model._fused_operands):
-            raise SystemExit(f"{store}: not every block runs as one compiled call (a block kind decode_layer does "
-                             "not take, or an FFN that is not resident)")
-        start, head, no_bias = model.n_past, weights.lm_head, np.zeros(0, np.float32)
+        head, no_bias = weights.lm_head, np.zeros(0, np.float32)
+        print(f"{'part':24} {'context':>7} {rev + ' ms':>12} {'now ms':>9} {'speedup':>8}")
+        for context in contexts:
+            model.reset()
+            model.forward(np.arange(context) % 1000 + 100)
+            if any(operands is None for operands in model._fused_operands):
+                raise SystemExit(f"{store}: not every block runs as one compiled call (a block kind decode_layer "
+                                 "does not take, or an FFN that is not resident)")
+            start = model.n_past
 
-        def blocks(k):
-            for operands in model._fused_operands:
-                k.decode_layer(*operands[0], start, *operands[1])
+            def blocks(k):
+                for _, before, after in model._fused_operands:
+                    k.decode_layer(*before, start, *after)
 
-        def token(k):
-            blocks(k)
-            model._norm(state.x[:1], weights.norm_w, weights.norm_b, state.xb[:1])
-            k.matmul(state.xb[:1], head.data, head.scales, head.mins, head.group, no_bias, state.logits)
+            def blocks_called(calls):  # the machine code Model.forward calls (kernels.compiled_call)
+                for call, before, after in calls:
+                    call(*before, start, *after)
 
-        print(f"{'part':24} {rev + ' ms':>12} {'now ms':>9} {'speedup':>8}")
-        for label, fn in (("blocks", blocks), ("token (blocks + head)", token)):
-            t_old, t_new = best_pair(fn, fn, (old_k,), (K,), repeats=repeats)
-            print(f"{label:24} {t_old * 1e3:>12.3f} {t_new * 1e3:>9.3f} {t_old / t_new:>7.2f}x")
+            def token(k):
+                blocks(k)
+                model._norm(state.x[:1], weights.norm_w, weights.norm_b, state.xb[:1])
+                k.matmul(state.xb[:1], head.data, head.scales, head.mins, head.group, no_bias, state.logits)
+
+            for label, fn in (("blocks", blocks), ("token (blocks + head)", token)):
+                t_old, t_new = best_pair(fn, fn, (old_k,), (K,), repeats=repeats)
+                print(f"{label:24} {context:>7} {t_old * 1e3:>12.3f} {t_new * 1e3:>9.3f} {t_old / t_new:>7.2f}x")
+            if context == contexts[0]:
+                # what a block's call costs in Python: through numba's dispatcher (it types all 46
+                # arguments each call) against the compiled call Model.forward keeps, this tree's kernels both
+                t_dispatch, t_called = best_pair(blocks_called, blocks_called,
+                                                 ([(K.decode_layer, b, a) for _, b, a in model._fused_operands],),
+                                                 (model._fused_operands,), repeats=repeats)
+                print(f"{'blocks, dispatcher':24} {context:>7} {t_dispatch * 1e3:>12.3f} {t_called * 1e3:>9.3f} "
+                      f"{t_dispatch / t_called:>7.2f}x  (this tree's kernels: through numba's dispatcher, then as "
+                      "Model.forward calls them)")
 
 
 def _bundles(rng, dim: int, n_rows: int, scheme: str, active: float):

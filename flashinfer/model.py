@@ -97,7 +97,7 @@ class Model:
                              and not (args.sandwich_norm and args.norm != "rms"))
         self._fusable = [self.fused_decode and all(m.data.dtype != np.float32 for m in (l.wq, l.wk, l.wv, l.wo))
                          for l in weights.layers]
-        self._fused_operands: list[tuple | None] = [None] * args.n_layers  # _block_operands, once resident
+        self._fused_operands: list[tuple | None] = [None] * args.n_layers  # (compiled call, _block_operands), once resident
         # q, k and v of one dtype and group take one prepared input (kernels.matmul3)
         self._shared_qkv = [l.wq.data.dtype == l.wk.data.dtype == l.wv.data.dtype and l.wq.group == l.wk.group == l.wv.group
                             for l in weights.layers]
@@ -208,8 +208,12 @@ class Model:
             views = self.flash_ffn.resident_views(i)
             if views is None:
                 return False
-            operands = self._fused_operands[i] = self._block_operands(i, layer, views)
-        K.decode_layer(*operands[0], start, *operands[1])
+            before, after = self._block_operands(i, layer, views)
+            K.decode_layer(*before, start, *after)  # compiles or loads the kernel, then its machine code is called
+            self._fused_operands[i] = (K.compiled_call(K.decode_layer, (*before, start, *after)), before, after)
+            return True
+        call, before, after = operands
+        call(*before, start, *after)
         return True
 
     def _block_operands(self, i: int, layer: LayerWeights, views) -> tuple[tuple, tuple]:

@@ -48,7 +48,7 @@ from .blocks import FAST, prepare_input, quantize_blocks, row_axpy, uses_int_dot
 from .ffn import (ACT_GELU_TANH, ACT_RELU, ACT_SILU, ACTS, activate_, ffn_down_rows, ffn_rows, ffn_rows_coef,
                   ffn_rows_coef_parallel, ffn_rows_parallel, gated_act, relu_)
 from .matmul import PARALLEL_MIN_WORK, ROW_REUSE_MIN_TOKENS, add_rows, matmul, matmul_for, matmul_serial
-from .layer import decode_layer
+from .layer import compiled_call, decode_layer
 from .norms import layernorm, rmsnorm
 
 
