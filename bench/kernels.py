@@ -167,15 +167,29 @@ def store_decode_against(rev: str, store: str, repeats: int = 15, contexts: tupl
     every block's decode_layer (the one compiled call a resident block takes) after a prompt of
     each of `contexts` tokens, then the final norm and the head; each pass streams the model's
     weights from DRAM as a token does. Python around the calls (sampling, the engine loop) is
-    left out; one line more says what numba's dispatcher costs a token's blocks."""
+    left out; one line more says what numba's dispatcher costs a token's blocks. REV's kernels get
+    plain copies of the matrices this tree's take interleaved by block, if REV's kernels predate
+    that layout (weights.interleave_rows)."""
     from flashinfer.engine import Engine
+    from flashinfer.flash_ffn import BundleViews
+    from flashinfer.weights import Matrix, plain_rows
 
     old_k = kernels_at(rev)
+    old_takes_interleaved = hasattr(getattr(old_k, "simd", None), "ROWS_INTERLEAVED")
+
+    def plain(v):
+        if isinstance(v, Matrix):
+            return plain_rows(v)
+        return v._replace(down=plain_rows(v.down)) if isinstance(v, BundleViews) else v
+
+    def for_old(values: tuple) -> tuple:
+        return values if old_takes_interleaved else tuple(plain(v) for v in values)
+
     print(f"command: python -m bench.kernels --against {rev} --store {store}")
     print("machine:", machine_line())
     with Engine.open(store, ctx=max(contexts) + 1) as engine:
         model, weights, state = engine.model, engine.model.weights, engine.model.state
-        head, no_bias = weights.lm_head, np.zeros(0, np.float32)
+        heads, no_bias = {K: weights.lm_head, old_k: for_old((weights.lm_head,))[0]}, np.zeros(0, np.float32)
         print(f"{'part':24} {'context':>7} {rev + ' ms':>12} {'now ms':>9} {'speedup':>8}")
         for context in contexts:
             model.reset()
@@ -184,9 +198,11 @@ def store_decode_against(rev: str, store: str, repeats: int = 15, contexts: tupl
                 raise SystemExit(f"{store}: not every block runs as one compiled call (a block kind decode_layer "
                                  "does not take, or an FFN that is not resident)")
             start = model.n_past
+            operands = {K: [(b, a) for _, b, a in model._fused_operands],
+                        old_k: [(for_old(b), for_old(a)) for _, b, a in model._fused_operands]}
 
             def blocks(k):
-                for _, before, after in model._fused_operands:
+                for before, after in operands[k]:
                     k.decode_layer(*before, start, *after)
 
             def blocks_called(calls):  # the machine code Model.forward calls (kernels.compiled_call)
@@ -196,6 +212,7 @@ def store_decode_against(rev: str, store: str, repeats: int = 15, contexts: tupl
             def token(k):
                 blocks(k)
                 model._norm(state.x[:1], weights.norm_w, weights.norm_b, state.xb[:1])
+                head = heads[k]
                 k.matmul(state.xb[:1], head.data, head.scales, head.mins, head.group, no_bias, state.logits)
 
             for label, fn in (("blocks", blocks), ("token (blocks + head)", token)):

@@ -26,6 +26,8 @@ from flashinfer.config import ModelArgs
 from storage.errors import CheckpointError, FormatError
 from storage.safetensors import Checkpoint, bf16_to_float32
 
+ROWS_INTERLEAVED = 4  # kernels.simd.ROWS_INTERLEAVED (not imported: `flashinfer --help` stays free of numba)
+
 EMPTY = np.zeros(0, np.float32)  # stands for "no bias" so kernels keep one signature
 EMPTY.flags.writeable = False
 NO_SCALES = np.zeros((0, 0), np.uint16)  # float matrices have no scales / mins
@@ -35,7 +37,9 @@ NO_SCALES.flags.writeable = False
 class Matrix(NamedTuple):
     """A weight matrix as the kernels take it: data float32 / f16 bits (uint16) / int8 (q8, q6k) /
     uint8 nibbles (q4, q4a, q4k), and f16-bit scales and mins [rows, K/group] (empty when unused;
-    q4k's and q6k's packed scale bytes as storage/quant.py has them, uint8 / int8)."""
+    q4k's and q6k's packed scale bytes as storage/quant.py has them, uint8 / int8). data is
+    [rows, ...], or for the engine's resident integer matrices [rows / 4, K / 32, 4 x a block's
+    code bytes], interleaved by block (interleave_rows)."""
 
     data: np.ndarray
     scales: np.ndarray = NO_SCALES
@@ -44,11 +48,46 @@ class Matrix(NamedTuple):
 
     @property
     def rows(self) -> int:
-        return self.data.shape[0]
+        return self.data.shape[0] * ROWS_INTERLEAVED if self.data.ndim == 3 else self.data.shape[0]
 
     @property
     def nbytes(self) -> int:
         return self.data.nbytes + self.scales.nbytes + self.mins.nbytes
+
+
+def interleave_rows(m: Matrix) -> Matrix:
+    """m with its codes interleaved by block, [rows / 4, blocks, 4 x a block's code bytes]: block b
+    of rows 4g..4g+3 side by side, then their block b + 1 (scales and mins stay a row each), so a
+    four-row pass of the decode kernels reads one stream (kernels/simd.py, ROWS_INTERLEAVED: 2-3x
+    the rate from DRAM on this host's short rows). A copy; m itself where the kernels would not
+    take it so: float rows, groups other than the integer dots', rows not a multiple of 4, and
+    hosts or runs without the intrinsics (no native f16 conversion, NUMBA_DISABLE_JIT)."""
+    from numba import config
+
+    from flashinfer.kernels.blocks import uses_int_dots
+    from flashinfer.kernels.simd import NATIVE_F16
+
+    data = m.data
+    if (data.ndim != 2 or not uses_int_dots(data, m.group) or data.shape[0] % ROWS_INTERLEAVED
+            or not NATIVE_F16 or config.DISABLE_JIT):
+        return m
+    n, row_bytes = data.shape
+    code_bytes = 32 if data.dtype == np.int8 else 16  # a block of 32 weights: int8 codes, or nibbles
+    n_blocks = row_bytes // code_bytes
+    codes = data.reshape(n // ROWS_INTERLEAVED, ROWS_INTERLEAVED, n_blocks, code_bytes).transpose(0, 2, 1, 3)
+    woven = np.ascontiguousarray(codes).reshape(n // ROWS_INTERLEAVED, n_blocks, ROWS_INTERLEAVED * code_bytes)
+    woven.flags.writeable = False
+    return m._replace(data=woven)
+
+
+def plain_rows(m: Matrix) -> Matrix:
+    """interleave_rows undone: codes a row each (a copy), or m itself when they are."""
+    if m.data.ndim != 3:
+        return m
+    groups, n_blocks, width = m.data.shape
+    code_bytes = width // ROWS_INTERLEAVED
+    codes = m.data.reshape(groups, n_blocks, ROWS_INTERLEAVED, code_bytes).transpose(0, 2, 1, 3)
+    return m._replace(data=np.ascontiguousarray(codes).reshape(groups * ROWS_INTERLEAVED, n_blocks * code_bytes))
 
 
 def kernel_product(x: np.ndarray, m: Matrix, bias: np.ndarray) -> np.ndarray:
@@ -306,6 +345,19 @@ def load_store_weights(args: ModelArgs, reader) -> ModelWeights:
         if canonical not in resident:
             return None
         tensor = reader.resident_tensor(canonical)
-        return tensor if isinstance(tensor, np.ndarray) else matrix_from_quantized(tensor)
+        if isinstance(tensor, np.ndarray):
+            return tensor
+        matrix = matrix_from_quantized(tensor)
+        # the matrices of matmuls, a token's whole read: attention's, and the head (the token
+        # table when tied; its lookups gather a row); an untied table is only looked up
+        if canonical.endswith(MATMUL_MATRICES) or (canonical == "tok_embeddings.weight" and args.tie_embeddings):
+            woven = interleave_rows(matrix)
+            if woven is not matrix:  # the store's pages of it would count in RSS beside the copy
+                reader.release_resident(canonical)
+            return woven
+        return matrix
 
     return ModelWeights.from_tensors(args, get)
+
+
+MATMUL_MATRICES = ("attn.wq.weight", "attn.wk.weight", "attn.wv.weight", "attn.wo.weight", "lm_head.weight")

@@ -202,6 +202,29 @@ class StoreReader:
             return raw.view(np.float32)
         return planar_tensor(raw, t.scheme, t.group_size, t.shape)
 
+    def release_resident(self, name: str) -> None:
+        """Drop resident tensor `name`'s pages from this process's RSS and from the page cache, for
+        a caller that keeps a copy of it (the engine's matrices interleaved by block): touched
+        mapped pages count in RSS, so the tensor would otherwise count twice. Views of it stay
+        valid; the pages are read again if touched (a neighbour's sharing an edge page, its scales)."""
+        t = self.manifest.resident[name]
+        mapping = getattr(self._resident, "_mmap", None)
+        if mapping is None or t.nbytes == 0:
+            return
+        start = t.offset - t.offset % mmap.PAGESIZE
+        length = t.offset + t.nbytes - start
+        try:
+            if hasattr(mmap, "MADV_DONTNEED"):
+                mapping.madvise(mmap.MADV_DONTNEED, start, length)
+            if hasattr(os, "posix_fadvise"):
+                fd = os.open(self.dir / fmt.RESIDENT_FILE, os.O_RDONLY)
+                try:
+                    os.posix_fadvise(fd, start, length, os.POSIX_FADV_DONTNEED)
+                finally:
+                    os.close(fd)
+        except (OSError, ValueError):  # advice only: a kernel that refuses it costs memory, not results
+            pass
+
     # ---- FFN bundles --------------------------------------------------------------
     def read_bundles(self, layer: int, neuron_ids, out: np.ndarray | None = None,
                      counter: ReadStats | None = None) -> np.ndarray:

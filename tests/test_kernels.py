@@ -500,3 +500,45 @@ def test_ffn_down_rows(scheme, down_scheme, gated, act, biases, n_tokens):
     # the kernel's hidden values differ from the reference's by float rounding, which can move
     # an int8 code of the hidden activations by one: atol at a small share of the output's scale
     np.testing.assert_allclose(out, expected, rtol=1e-3, atol=2e-3 * np.abs(expected).max())
+
+
+# rows interleaved by block (weights.interleave_rows: the layout of resident matrices for the
+# integer dots) give what the same rows give plain: decode (four-row passes), prefill tiles and
+# the tokens left over, embedding lookups of a tied head. q8 and q4a here (a GGUF's Q8_0 head,
+# Q4_1 attention); the super-block schemes and q4 compile their own variants (slow).
+@pytest.mark.parametrize("scheme", ["q8", "q4a", pytest.param("q4", marks=pytest.mark.slow),
+                                    pytest.param("q4k", marks=pytest.mark.slow),
+                                    pytest.param("q6k", marks=pytest.mark.slow)])
+def test_interleaved_rows_give_the_plain_rows_results(scheme):
+    from flashinfer.kernels.simd import NATIVE_F16
+    from flashinfer.weights import interleave_rows, plain_rows
+
+    if not NATIVE_F16:
+        pytest.skip("rows are interleaved only where the four-row intrinsics run (native halves)")
+    k = 512 if scheme in ("q4k", "q6k") else 320
+    plain = kernel_matrix(randn(36, k) * np.repeat(np.logspace(-2, 1, k // 32, dtype=np.float32), 32), scheme)
+    woven = interleave_rows(plain)
+    assert woven.data.shape[0] == 9 and woven.data.ndim == 3 and woven.rows == 36
+    np.testing.assert_array_equal(plain_rows(woven).data, plain.data)
+    bias = randn(36)
+    for n_tokens in (1, 9):  # 9: two tiles of four tokens and one left over
+        x = randn(n_tokens, k)
+        expected, out = np.empty((n_tokens, 36), np.float32), np.full((n_tokens, 36), np.nan, np.float32)
+        K.matmul(x, plain.data, plain.scales, plain.mins, plain.group, bias, expected)
+        K.matmul(x, woven.data, woven.scales, woven.mins, woven.group, bias, out)
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    rows = np.array([35, 0, 6, 6])
+    expected, out = np.ones((4, k), np.float32), np.ones((4, k), np.float32)
+    K.add_rows(expected, plain.data, plain.scales, plain.mins, plain.group, rows)
+    K.add_rows(out, woven.data, woven.scales, woven.mins, woven.group, rows)
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_only_integer_rows_in_fours_are_interleaved():
+    # float rows, groups the integer dots do not take, and row counts not a multiple of 4 stay
+    # as they are (the same Matrix object: no copy)
+    from flashinfer.weights import interleave_rows
+
+    for m in (kernel_matrix(randn(8, 64), "f16"), kernel_matrix(randn(8, 128), "q8", 64),
+              kernel_matrix(randn(6, 64), "q8")):
+        assert interleave_rows(m) is m

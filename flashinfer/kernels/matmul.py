@@ -14,8 +14,8 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from .blocks import (FAST, ROWS_PER_PASS, int_row_dot, int_rows_dot4, int_rows_dots, prepare_input, row_axpy, row_dot,
-                     row_scales, row_scratch, row_values, uses_int_dots)
+from .blocks import (FAST, ROWS_PER_PASS, int_row_dot, int_rows_dot4, int_rows_dots, interleaved, n_rows, prepare_input,
+                     row_axpy, row_dot, row_scales, row_scratch, row_values, uses_int_dots)
 from .simd import prefetch_lines
 
 PREFETCH_AHEAD = 4  # rows ahead whose lines are prefetched (simd.prefetch_lines)
@@ -51,9 +51,40 @@ def _dot(v, x, t):
     return acc
 
 
-@njit(cache=True, nogil=True, fastmath=FAST)
 def _matmul_rows(prep, w, scales, mins, group, bias, out, lo, hi):
-    """out[:, n] for weight rows lo..hi-1, x already laid out by prepare_input (`prep`)."""
+    """out[:, n] for weight rows lo..hi-1, x already laid out by prepare_input (`prep`): plain rows
+    (_plain_rows), or rows interleaved by block (_interleaved_rows; lo and hi multiples of 4),
+    chosen at compile time (pure-Python form: plain rows)."""
+    _plain_rows(prep, w, scales, mins, group, bias, out, lo, hi)
+
+
+@overload(_matmul_rows)
+def _matmul_rows_jit(prep, w, scales, mins, group, bias, out, lo, hi):
+    rows = _interleaved_rows if w.ndim == 3 else _plain_rows
+    return lambda prep, w, scales, mins, group, bias, out, lo, hi: rows(prep, w, scales, mins, group, bias, out, lo, hi)
+
+
+@njit(cache=True, nogil=True, fastmath=FAST)
+def _interleaved_rows(prep, w, scales, mins, group, bias, out, lo, hi):
+    """_matmul_rows over rows interleaved by block: four at a pass, integer dots only (weights.
+    interleave_rows keeps every other matrix plain), no prefetching (the passes read one stream)."""
+    n_tokens = prep[0].shape[0]
+    vals = np.empty((n_tokens if n_tokens > 1 else 0, ROWS_PER_PASS), np.float32)
+    for first in range(lo, hi, ROWS_PER_PASS):
+        if n_tokens == 1:
+            d = int_rows_dot4(w, first, scales, mins, prep, 0)
+            for i in range(ROWS_PER_PASS):
+                out[0, first + i] = d[i] + (bias[first + i] if bias.shape[0] else np.float32(0.0))
+        else:
+            int_rows_dots(w, first, scales, mins, prep, vals)
+            for t in range(n_tokens):
+                for i in range(ROWS_PER_PASS):
+                    out[t, first + i] = vals[t, i] + (bias[first + i] if bias.shape[0] else np.float32(0.0))
+
+
+@njit(cache=True, nogil=True, fastmath=FAST)
+def _plain_rows(prep, w, scales, mins, group, bias, out, lo, hi):
+    """_matmul_rows over plain rows [N, ...]."""
     xp, xs = prep[0], prep[1]
     n_tokens = xp.shape[0]
     if uses_int_dots(w, group):
@@ -103,15 +134,13 @@ def matmul(x, w, scales, mins, group, bias, out):
     """out[t, n] = sum_k x[t, k] * value(w[n, k]) (+ bias[n]).
 
     w: float32, f16 bits (uint16), q8 (int8) or q4/q4a (uint8 nibbles) [N, K or K/2], each
-    row contiguous; scales/mins: f16 bits [N, K/group] (empty [0, 0] when unused); bias may be empty."""
+    row contiguous, or integer codes interleaved by block [N / 4, K / 32, 4 x 32 or 16] (weights.
+    interleave_rows); scales/mins: f16 bits [N, K/group] (empty [0, 0] when unused); bias may be empty."""
     prep = prepare_input(w, x, group)
-    # chunks of whole passes of ROWS_PER_PASS rows
-    n_chunks = min(w.shape[0], PARALLEL_CHUNKS)
-    step = (w.shape[0] + n_chunks - 1) // n_chunks
-    step = (step + ROWS_PER_PASS - 1) // ROWS_PER_PASS * ROWS_PER_PASS
-    n_chunks = (w.shape[0] + step - 1) // step
+    rows = n_rows(w)
+    step, n_chunks = _chunking(rows, PARALLEL_CHUNKS)  # chunks of whole passes of ROWS_PER_PASS rows
     for c in prange(n_chunks):
-        _matmul_rows(prep, w, scales, mins, group, bias, out, c * step, min(w.shape[0], (c + 1) * step))
+        _matmul_rows(prep, w, scales, mins, group, bias, out, c * step, min(rows, (c + 1) * step))
 
 
 @njit(nogil=True)
@@ -131,18 +160,19 @@ def matmul3(x, a, a_bias, a_out, b, b_bias, b_out, c, c_bias, c_out):
     products each waited for their slowest thread, and prepared the input again). A c_out of
     no columns skips c (matmul2)."""
     prep = prepare_input(a.data, x, a.group)
-    total = a.data.shape[0] + b.data.shape[0] + c_out.shape[1]
+    a_rows, b_rows = n_rows(a.data), n_rows(b.data)
+    total = a_rows + b_rows + c_out.shape[1]
     step = _chunking(total, PARALLEL_CHUNKS)[0]
-    na = (a.data.shape[0] + step - 1) // step
-    nb = (b.data.shape[0] + step - 1) // step
+    na = (a_rows + step - 1) // step
+    nb = (b_rows + step - 1) // step
     nc = (c_out.shape[1] + step - 1) // step  # c's rows; none for matmul2's empty c_out
     for chunk in prange(na + nb + nc):
         if chunk < na:
             lo = chunk * step
-            _matmul_rows(prep, a.data, a.scales, a.mins, a.group, a_bias, a_out, lo, min(a.data.shape[0], lo + step))
+            _matmul_rows(prep, a.data, a.scales, a.mins, a.group, a_bias, a_out, lo, min(a_rows, lo + step))
         elif chunk < na + nb:
             lo = (chunk - na) * step
-            _matmul_rows(prep, b.data, b.scales, b.mins, b.group, b_bias, b_out, lo, min(b.data.shape[0], lo + step))
+            _matmul_rows(prep, b.data, b.scales, b.mins, b.group, b_bias, b_out, lo, min(b_rows, lo + step))
         else:
             lo = (chunk - na - nb) * step
             _matmul_rows(prep, c.data, c.scales, c.mins, c.group, c_bias, c_out, lo, min(c_out.shape[1], lo + step))
@@ -156,7 +186,7 @@ def matmul3(x, a, a_bias, a_out, b, b_bias, b_out, c, c_bias, c_out):
 # (each process recompiled, and a cached variant could be loaded as the other).
 @njit(cache=True, nogil=True, fastmath=FAST)
 def matmul_serial(x, w, scales, mins, group, bias, out):
-    _matmul_rows(prepare_input(w, x, group), w, scales, mins, group, bias, out, 0, w.shape[0])
+    _matmul_rows(prepare_input(w, x, group), w, scales, mins, group, bias, out, 0, n_rows(w))
 
 
 # Token rows x weights (multiply-adds) below which matmul_serial is used. A parallel region
@@ -176,7 +206,7 @@ def matmul_for(n_tokens: int, n_rows: int, n_features: int):
 @njit(nogil=True, fastmath=FAST)
 def linear(x, m, bias, out):
     """out = x @ value(m).T + bias (m a weights.Matrix tuple): matmul_for's choice, from compiled code."""
-    if x.shape[0] * m.data.shape[0] * x.shape[1] >= PARALLEL_MIN_WORK:
+    if x.shape[0] * n_rows(m.data) * x.shape[1] >= PARALLEL_MIN_WORK:
         matmul(x, m.data, m.scales, m.mins, m.group, bias, out)
     else:
         matmul_serial(x, m.data, m.scales, m.mins, m.group, bias, out)
@@ -191,6 +221,28 @@ def matmul2(x, a, a_bias, a_out, b, b_bias, b_out):
 @njit(cache=True, nogil=True, fastmath=FAST)
 def add_rows(out, w, scales, mins, group, rows):
     """out[t] += value(w[rows[t]]) for any store scheme: embedding lookup (into zeros) and
-    OPT's learned positions."""
+    OPT's learned positions (a tied lm_head's rows interleaved by block too: _any_row_axpy)."""
     for t in range(rows.shape[0]):
-        row_axpy(w, scales, mins, group, rows[t], np.float32(1.0), out, t)
+        _any_row_axpy(w, scales, mins, group, rows[t], np.float32(1.0), out, t)
+
+
+def _any_row_axpy(w, scales, mins, group, r, coef, out, t):
+    """row_axpy of plain rows, or of rows interleaved by block (row r gathered first), chosen at
+    compile time (pure-Python form: plain rows)."""
+    row_axpy(w, scales, mins, group, r, coef, out, t)
+
+
+@overload(_any_row_axpy)
+def _any_row_axpy_jit(w, scales, mins, group, r, coef, out, t):
+    if w.ndim != 3:
+        return lambda w, scales, mins, group, r, coef, out, t: row_axpy(w, scales, mins, group, r, coef, out, t)
+
+    def gathered(w, scales, mins, group, r, coef, out, t):
+        g, i = r // ROWS_PER_PASS, r % ROWS_PER_PASS
+        code_bytes = w.shape[2] // ROWS_PER_PASS
+        row = np.empty((1, w.shape[1] * code_bytes), w.dtype)
+        for b in range(w.shape[1]):
+            row[0, b * code_bytes : (b + 1) * code_bytes] = w[g, b, i * code_bytes : (i + 1) * code_bytes]
+        row_axpy(row, scales[r : r + 1], mins[r : r + 1], group, 0, coef, out, t)
+
+    return gathered
