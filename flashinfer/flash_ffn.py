@@ -17,7 +17,7 @@ import numpy as np
 from flashinfer import kernels as K
 from flashinfer.config import ModelArgs
 from flashinfer.memory import ffn_layer_bytes
-from flashinfer.weights import EMPTY, NO_SCALES, Matrix, matrix_from_quantized
+from flashinfer.weights import EMPTY, NO_SCALES, Matrix, interleave_rows, matrix_from_quantized
 from storage import quant
 from storage.format import BundleComponent, FFNLayer
 from storage.reader import ReadStats, planar_tensor
@@ -72,6 +72,16 @@ def bundle_views(bundles: np.ndarray, layer: FFNLayer, matrices: np.ndarray | No
     if gate_rows is not None and matrices is not None:
         gate = whole(gate_rows)
     return BundleViews(up, gate, down, bias("up_bias"), bias("gate_bias"), up.group, rows is not None)
+
+
+def interleave_in_place(m: Matrix) -> Matrix:
+    """m with its codes interleaved by block (weights.interleave_rows) in the memory they occupy (a
+    resident layer's buffer: no second copy kept), or m itself where the kernels take its rows plain."""
+    woven = interleave_rows(m)
+    if woven is m:
+        return m
+    m.data.reshape(-1)[:] = woven.data.reshape(-1)
+    return m._replace(data=m.data.reshape(woven.data.shape))
 
 
 def layer_matrix_bytes(layer: FFNLayer) -> int:
@@ -194,6 +204,9 @@ class FlashFFN:
             self.reader.read_matrix(layer, m.name, out=matrices[at : at + m.nbytes], counter=counter)
         if layer in self.resident:
             self.resident_bundles[layer] = whole
+            views = self._views[layer]
+            if views.down_rows:  # read once, then streamed from DRAM every token: interleaved by block
+                self._views[layer] = views._replace(down=interleave_in_place(views.down))
         return self._views[layer], True
 
     def resident_views(self, layer: int) -> BundleViews | None:

@@ -542,3 +542,22 @@ def test_only_integer_rows_in_fours_are_interleaved():
     for m in (kernel_matrix(randn(8, 64), "f16"), kernel_matrix(randn(8, 128), "q8", 64),
               kernel_matrix(randn(6, 64), "q8")):
         assert interleave_rows(m) is m
+
+
+def test_a_resident_layers_w_down_is_interleaved_in_its_own_buffer():
+    # flash_ffn.interleave_in_place: a resident layer's W_down rows interleaved where they lie (no
+    # second copy), giving the plain rows' products
+    from flashinfer.flash_ffn import interleave_in_place
+    from flashinfer.kernels.simd import NATIVE_F16
+
+    if not NATIVE_F16:
+        pytest.skip("rows are interleaved only where the four-row intrinsics run (native halves)")
+    plain = kernel_matrix(randn(36, 320), "q4a")
+    buffer = plain.data.copy()  # a resident layer's buffer is writable
+    woven = interleave_in_place(plain._replace(data=buffer))
+    assert woven.data.ndim == 3 and np.shares_memory(woven.data, buffer)
+    x, none = randn(1, 320), np.zeros(0, np.float32)
+    expected, out = np.empty((1, 36), np.float32), np.empty((1, 36), np.float32)
+    K.matmul(x, plain.data, plain.scales, plain.mins, plain.group, none, expected)
+    K.matmul(x, woven.data, woven.scales, woven.mins, woven.group, none, out)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())

@@ -39,8 +39,10 @@ def test_fused_decode_step_equals_the_per_kernel_path(stores, name, down, ffn, r
         # (kernels.compiled_call found the compiled signature: the per-call typing is skipped)
         calls = [operands[0] for operands in model._fused_operands if operands is not None]
         assert calls and all(call is not K.decode_layer for call in calls)
-        if K.simd.NATIVE_F16:  # attention's integer matrices ran interleaved by block (weights.interleave_rows)
-            assert model.weights.layers[0].wq.data.ndim == 3
+        if K.simd.NATIVE_F16:  # attention's integer matrices ran interleaved by block (weights.interleave_rows),
+            assert model.weights.layers[0].wq.data.ndim == 3  # and a resident W_down's rows (flash_ffn)
+            views = model.flash_ffn.resident_views(0)
+            assert not views.down_rows or views.down.data.ndim == 3
     np.testing.assert_allclose(runs[0], runs[1], rtol=1e-5, atol=1e-5)
 
 

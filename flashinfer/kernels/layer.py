@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from numba import njit, typeof
 from numba.core.typing.typeof import Purpose
+from numba.extending import overload
 
 from .attention import ATTENTION_PARALLEL_MIN_WORK, attention, attention_serial, rope, store_keys
 from .blocks import FAST
@@ -39,6 +40,29 @@ def _norm(rms, x, weight, bias, eps, out):
         rmsnorm(x, weight, eps, out)
     else:
         layernorm(x, weight, bias, eps, out)
+
+
+def _block_ffn(xb, v, n_neurons, act, ffn_parallel, partial, ffn_up, ffn_hidden, out):
+    """out = the FFN of xb over a block's resident bundles `v` (flash_ffn.BundleViews): W_down's
+    rows (v.down_rows), else the bundles' down columns on all cores or one (pure-Python form)."""
+    if v.down_rows:
+        ffn_down_rows(xb, v.up, v.up_bias, v.gate, v.gate_bias, v.down, act, ffn_up, ffn_hidden, out)
+    elif ffn_parallel:
+        ffn_rows_parallel(xb, n_neurons, v.up.data, v.up.scales, v.up.mins, v.gate.data, v.gate.scales, v.gate.mins,
+                          v.down.data, v.down.scales, v.down.mins, v.up_bias, v.gate_bias, v.group, act,
+                          partial[:, :1], out)
+    else:
+        ffn_rows(xb, n_neurons, v.up.data, v.up.scales, v.up.mins, v.gate.data, v.gate.scales, v.gate.mins,
+                 v.down.data, v.down.scales, v.down.mins, v.up_bias, v.gate_bias, v.group, act, out)
+
+
+@overload(_block_ffn)
+def _block_ffn_jit(xb, v, n_neurons, act, ffn_parallel, partial, ffn_up, ffn_hidden, out):
+    down = v.types[v.fields.index("down")]  # numba's type of the Matrix namedtuple, then of its codes
+    if down.types[down.fields.index("data")].ndim == 3:  # W_down's rows interleaved by block: rows only
+        return lambda xb, v, n_neurons, act, ffn_parallel, partial, ffn_up, ffn_hidden, out: ffn_down_rows(
+            xb, v.up, v.up_bias, v.gate, v.gate_bias, v.down, act, ffn_up, ffn_hidden, out)
+    return _block_ffn
 
 
 @njit(cache=True, nogil=True, fastmath=FAST)
@@ -83,16 +107,7 @@ def decode_layer(x, xb, q, k, attn, block_out, k_cache_t, v_cache, start, positi
         rmsnorm(block_out, attn_post_norm_w, eps, block_out)
     x += block_out
     _norm(rms, x, ffn_norm_w, ffn_norm_b, eps, xb)
-    v = ffn
-    if v.down_rows:
-        ffn_down_rows(xb, v.up, v.up_bias, v.gate, v.gate_bias, v.down, act, ffn_up, ffn_hidden, block_out)
-    elif ffn_parallel:
-        ffn_rows_parallel(xb, n_neurons, v.up.data, v.up.scales, v.up.mins, v.gate.data, v.gate.scales, v.gate.mins,
-                          v.down.data, v.down.scales, v.down.mins, v.up_bias, v.gate_bias, v.group, act,
-                          partial[:, :1], block_out)
-    else:
-        ffn_rows(xb, n_neurons, v.up.data, v.up.scales, v.up.mins, v.gate.data, v.gate.scales, v.gate.mins,
-                 v.down.data, v.down.scales, v.down.mins, v.up_bias, v.gate_bias, v.group, act, block_out)
+    _block_ffn(xb, ffn, n_neurons, act, ffn_parallel, partial, ffn_up, ffn_hidden, block_out)
     if b_down.shape[0]:
         block_out += b_down
     if sandwich:
