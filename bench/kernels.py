@@ -8,6 +8,7 @@
     python -m bench.kernels
     python -m bench.kernels --against HEAD~1   # the same cases, this tree's kernels vs a git revision's
     python -m bench.kernels --against HEAD~1 --store out/models/smollm2-auto   # a real store's decode token
+    python -m bench.kernels --store out/models/smollm2-auto --plain   # its matrices plain vs as the engine lays them out
 
 `--against REV` loads the kernels as they were at REV (flashinfer/kernels.py, or the
 flashinfer/kernels/ package from its split on) into the same process and times both on the
@@ -50,10 +51,16 @@ def main() -> None:
     parser.add_argument("--against", metavar="REV", help="compare with flashinfer/kernels.py at this git revision")
     parser.add_argument("--store", metavar="STORE", help="with --against: only a decode token of STORE's blocks "
                         "(resident, one compiled call each) and its head, REV's kernels vs this tree's")
+    parser.add_argument("--plain", action="store_true", help="with --store (no --against): a decode token of STORE "
+                        "with its matrices plain vs interleaved by block as the engine lays them out, this tree's kernels")
     opts = parser.parse_args()
-    if opts.store and not opts.against:
-        parser.error("--store needs --against REV")
-    if opts.store:
+    if opts.store and not (opts.against or opts.plain):
+        parser.error("--store needs --against REV or --plain")
+    if opts.plain:
+        if not opts.store or opts.against:
+            parser.error("--plain goes with --store and without --against")
+        store_layouts(opts.store)
+    elif opts.store:
         store_decode_against(opts.against, opts.store)
     elif opts.against:
         compare_against(opts.against)
@@ -239,6 +246,52 @@ def store_decode_against(rev: str, store: str, repeats: int = 15, contexts: tupl
                 print(f"{'blocks, dispatcher':24} {context:>7} {t_dispatch * 1e3:>12.3f} {t_called * 1e3:>9.3f} "
                       f"{t_dispatch / t_called:>7.2f}x  (this tree's kernels: through numba's dispatcher, then as "
                       "Model.forward calls them)")
+
+
+def store_layouts(store: str, repeats: int = 15, context: int = 16) -> None:
+    """A decode token of a real store (every block's one compiled call, then the final norm and the
+    head), two engines in one process, alternating: every matrix plain (weights.interleave_rows made
+    the identity while the first opens) against the layout Engine.open gives them (interleaved by
+    block where the kernels take it). This tree's kernels both."""
+    from unittest import mock
+
+    from flashinfer import flash_ffn, weights
+    from flashinfer.engine import Engine
+
+    print(f"command: python -m bench.kernels --store {store} --plain")
+    print("machine:", machine_line())
+    identity = lambda m: m  # noqa: E731
+    # open reads every resident FFN layer (its warm-up tokens): flash_ffn lays them out then
+    with mock.patch.object(weights, "interleave_rows", identity), mock.patch.object(flash_ffn, "interleave_rows", identity):
+        plain = Engine.open(store, ctx=context + 2)
+    laid_out = Engine.open(store, ctx=context + 2)
+    tokens = {}
+    with plain, laid_out:
+        for engine in (plain, laid_out):
+            model = engine.model
+            model.reset()
+            model.forward(np.arange(context) + 100)
+            model.forward(np.array([7]))  # every block's compiled call resolved
+            if any(operands is None for operands in model._fused_operands):
+                raise SystemExit(f"{store}: not every block runs as one compiled call")
+            tokens[engine] = model.n_past
+
+        def token(engine):
+            model, w, s = engine.model, engine.model.weights, engine.model.state
+            for call, before, after in model._fused_operands:
+                call(*before, tokens[engine], *after)
+            model._norm(s.x[:1], w.norm_w, w.norm_b, s.xb[:1])
+            K.matmul(s.xb[:1], w.lm_head.data, w.lm_head.scales, w.lm_head.mins, w.lm_head.group,
+                     np.zeros(0, np.float32), s.logits)
+
+        def woven(engine):  # matrices of the first block whose codes are interleaved by block
+            layer, ffn = engine.model.weights.layers[0], engine.model.flash_ffn.resident_views(0)
+            return sum(m.data.ndim == 3 for m in (layer.wq, layer.wk, layer.wv, layer.wo, ffn.up, ffn.gate, ffn.down))
+
+        t_plain, t_laid = best_pair(token, token, (plain,), (laid_out,), repeats=repeats)
+        print(f"{'token (blocks + head)':24} {'plain ms':>9} {'laid out ms':>12} {'speedup':>8}")
+        print(f"{'context ' + str(context):24} {t_plain * 1e3:>9.3f} {t_laid * 1e3:>12.3f} {t_plain / t_laid:>7.2f}x"
+              f"  (block 0's matrices interleaved by block: {woven(plain)} plain, {woven(laid_out)} laid out)")
 
 
 def _bundles(rng, dim: int, n_rows: int, scheme: str, active: float):

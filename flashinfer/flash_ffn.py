@@ -84,6 +84,38 @@ def interleave_in_place(m: Matrix) -> Matrix:
     return m._replace(data=m.data.reshape(woven.data.shape))
 
 
+def interleave_dense_layer(bundles: np.ndarray, views: BundleViews) -> BundleViews:
+    """A resident layer of the dense rows path (views.down_rows) as interleaved matrices in its own
+    buffer: W_down's rows interleaved where they lie (interleave_in_place), and the bundles' up and
+    gate rows, strided views a neuron apart, rewritten over the bundles [n, bundle_bytes] as whole
+    matrices (codes interleaved by block, then scales, mins and biases, each contiguous), which
+    the same bytes hold. The views as they were where a matrix would stay plain (weights.
+    interleave_rows) or the gate is a layer matrix of its own (--ffn-gate rows)."""
+    views = views._replace(down=interleave_in_place(views.down))
+    gated = views.gate.data.shape[0] > 0
+    rows = [views.up] + ([views.gate] if gated else [])
+    if views.down.data.ndim != 3 or not all(np.may_share_memory(m.data, bundles) for m in rows):
+        return views
+    woven = [interleave_rows(m) for m in rows]
+    if any(w is m for w, m in zip(woven, rows)):
+        return views
+    # copies first: every field below is read out of the bundles the writes overwrite
+    fields = [np.ascontiguousarray(a) for m in woven for a in (m.data, m.scales, m.mins)]
+    fields += [np.ascontiguousarray(views.up_bias), np.ascontiguousarray(views.gate_bias)]
+    region, at, placed = bundles.reshape(-1), 0, []
+    for a in fields:
+        at = -(-at // 64) * 64  # each field on a cache line
+        if at + a.nbytes > region.size:  # cannot happen: the bundles hold these bytes and more
+            return views
+        region[at : at + a.nbytes] = a.reshape(-1).view(np.uint8)
+        placed.append(region[at : at + a.nbytes].view(a.dtype).reshape(a.shape))
+        at += a.nbytes
+    matrices = [m._replace(data=placed[3 * i], scales=placed[3 * i + 1], mins=placed[3 * i + 2])
+                for i, m in enumerate(woven)]
+    return views._replace(up=matrices[0], gate=matrices[1] if gated else views.gate, up_bias=placed[-2],
+                          gate_bias=placed[-1])
+
+
 def layer_matrix_bytes(layer: FFNLayer) -> int:
     """Bytes of the layer file from the end of its bundles to the end of its last matrix."""
     return ffn_layer_bytes(layer) - layer.n_neurons * layer.bundle_bytes
@@ -204,9 +236,8 @@ class FlashFFN:
             self.reader.read_matrix(layer, m.name, out=matrices[at : at + m.nbytes], counter=counter)
         if layer in self.resident:
             self.resident_bundles[layer] = whole
-            views = self._views[layer]
-            if views.down_rows:  # read once, then streamed from DRAM every token: interleaved by block
-                self._views[layer] = views._replace(down=interleave_in_place(views.down))
+            if self._views[layer].down_rows:  # read once, then streamed from DRAM every token: interleaved by block
+                self._views[layer] = interleave_dense_layer(bundles, self._views[layer])
         return self._views[layer], True
 
     def resident_views(self, layer: int) -> BundleViews | None:

@@ -480,7 +480,8 @@ def test_ffn_down_rows(scheme, down_scheme, gated, act, biases, n_tokens):
                          bundles_per_chunk=1, compression="none", chunks=(), file_bytes=0, matrices=(down_spec,))
     matrices = np.zeros(down_spec.offset - n * bundle_bytes + planar.size, np.uint8)
     matrices[down_spec.offset - n * bundle_bytes :] = planar
-    v = bundle_views(pack_bundles(weights, components, bundle_bytes), layer, matrices)
+    bundles = pack_bundles(weights, components, bundle_bytes)
+    v = bundle_views(bundles, layer, matrices)
     assert v.down_rows and v.down.data.shape[0] == dim
     down = v.down
     x = randn(n_tokens, dim)
@@ -500,6 +501,22 @@ def test_ffn_down_rows(scheme, down_scheme, gated, act, biases, n_tokens):
     # the kernel's hidden values differ from the reference's by float rounding, which can move
     # an int8 code of the hidden activations by one: atol at a small share of the output's scale
     np.testing.assert_allclose(out, expected, rtol=1e-3, atol=2e-3 * np.abs(expected).max())
+
+    # a resident layer as the engine lays it out (flash_ffn.interleave_dense_layer: up and gate
+    # rewritten over the bundles as matrices interleaved by block, biases beside them; W_down's rows
+    # interleaved in place) gives the same FFN; two cases, each compiles its own variants
+    from flashinfer.flash_ffn import interleave_dense_layer
+    from flashinfer.kernels.simd import NATIVE_F16
+
+    if not NATIVE_F16 or (scheme, down_scheme) not in (("q4a", "q4a"), ("q8", "q4")) or (gated and biases):
+        return
+    laid_out = interleave_dense_layer(bundles, v)
+    assert laid_out.up.data.ndim == 3 and laid_out.down.data.ndim == 3 and laid_out.gate.data.ndim == (3 if gated else 2)
+    assert np.may_share_memory(laid_out.up.data, bundles) and np.may_share_memory(laid_out.down.data, matrices)
+    np.testing.assert_array_equal(laid_out.up_bias, weights["up_bias"] if biases else [])
+    again = np.full((n_tokens, dim), np.nan, np.float32)
+    K.ffn_down_rows(x, laid_out.up, laid_out.up_bias, laid_out.gate, laid_out.gate_bias, laid_out.down, act, u, h, again)
+    np.testing.assert_allclose(again, out, rtol=1e-5, atol=1e-5 * np.abs(out).max())
 
 
 # rows interleaved by block (weights.interleave_rows: the layout of resident matrices for the
