@@ -14,7 +14,7 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from .blocks import (FAST, ROWS_PER_PASS, int_row_dot, int_rows_dot4, int_rows_dots, interleaved, n_rows, prepare_input,
+from .blocks import (FAST, ROWS_PER_PASS, int_row_dot, int_rows_dot4, int_rows_dots, n_rows, prepare_input,
                      row_axpy, row_dot, row_scales, row_scratch, row_values, uses_int_dots)
 from .simd import prefetch_lines
 
