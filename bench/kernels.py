@@ -23,6 +23,7 @@ import importlib.util
 import subprocess
 import sys
 import tempfile
+import types
 import time
 from pathlib import Path
 
@@ -52,7 +53,7 @@ def main() -> None:
     parser.add_argument("--store", metavar="STORE", help="with --against: only a decode token of STORE's blocks "
                         "(resident, one compiled call each) and its head, REV's kernels vs this tree's")
     parser.add_argument("--plain", action="store_true", help="with --store (no --against): a decode token of STORE "
-                        "with its matrices plain vs interleaved by block as the engine lays them out, this tree's kernels")
+                        "with its matrices plain vs laid out as the engine lays them out (rows in lanes), this tree's kernels")
     opts = parser.parse_args()
     if opts.store and not (opts.against or opts.plain):
         parser.error("--store needs --against REV or --plain")
@@ -94,6 +95,18 @@ def kernels_at(rev: str):
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def layout_at(rev: str):
+    """weights.interleave_rows as of `rev` (the identity where it had none), run against this
+    tree's other modules: the layout REV's kernels take, for --against."""
+    source = _git_show(Path(__file__).resolve().parent.parent, rev, "flashinfer/weights.py")
+    if "def interleave_rows" not in source:
+        return lambda m: m
+    module = types.ModuleType("weights_" + "".join(c if c.isalnum() else "_" for c in rev))
+    sys.modules[module.__name__] = module  # dataclasses look their module up
+    exec(compile(source, f"{rev}:flashinfer/weights.py", "exec"), module.__dict__)
+    return module.interleave_rows
 
 
 def _git_show(root: Path, rev: str, path: str) -> str:
@@ -162,7 +175,7 @@ def compare_against(rev: str) -> None:
         t_old, t_new = best_pair(old_k.ffn_rows, K.ffn_rows, operands, operands)
         print(f"{label:34} {operands[0].shape[0]:>6} {t_old * 1e3:>12.2f} {t_new * 1e3:>9.2f} {t_old / t_new:>7.2f}x "
               f"{n_bytes / t_new / 1e9:>9.1f}")
-    print(f"\nmatmul over a strided component of bundles (the neuron cache's gate rows), serial")
+    print("\nmatmul over a strided component of bundles (the neuron cache's gate rows), serial")
     for label, operands, n_bytes in strided_matmuls(rng):
         t_old, t_new = best_pair(old_k.matmul_serial, K.matmul_serial, operands, operands)
         print(f"{label:34} {operands[0].shape[0]:>6} {t_old * 1e3:>12.2f} {t_new * 1e3:>9.2f} {t_old / t_new:>7.2f}x "
@@ -175,8 +188,9 @@ def store_decode_against(rev: str, store: str, repeats: int = 15, contexts: tupl
     each of `contexts` tokens, then the final norm and the head; each pass streams the model's
     weights from DRAM as a token does. Python around the calls (sampling, the engine loop) is
     left out; one line more says what numba's dispatcher costs a token's blocks. Where REV's
-    kernels do not take a layout this tree's engine gives its matrices (rows interleaved by
-    block: weights.interleave_rows), REV gets plain copies, and the output says so."""
+    kernels do not compute this tree's products on the layout this tree's engine gives its
+    matrices (rows in lanes: weights.interleave_rows), REV gets them laid out by its own
+    weights.interleave_rows (plain copies where it had none), and the output says so."""
     from numba.core.errors import TypingError
 
     from flashinfer.engine import Engine
@@ -185,11 +199,33 @@ def store_decode_against(rev: str, store: str, repeats: int = 15, contexts: tupl
 
     old_k = kernels_at(rev)
 
-    def plain_ffn(v):  # a resident W_down's rows plain (flash_ffn.interleave_in_place undone)
-        return v._replace(down=plain_rows(v.down)) if isinstance(v, BundleViews) else v
+    rev_layout = layout_at(rev)
+
+    def plain_ffn(v):  # a resident FFN's matrices plain (flash_ffn's layout undone)
+        if not isinstance(v, BundleViews):
+            return v
+        return v._replace(down=plain_rows(v.down), up=plain_rows(v.up), gate=plain_rows(v.gate))
 
     def plain(v):  # and the engine's resident matrices too
         return plain_rows(v) if isinstance(v, Matrix) else plain_ffn(v)
+
+    def rev_laid(v):  # every matrix as REV's own weights.interleave_rows lays it out
+        if isinstance(v, Matrix):
+            return rev_layout(plain_rows(v))
+        return plain_ffn(v)._replace(**{f: rev_layout(plain_rows(getattr(v, f))) for f in ("down", "up", "gate")}) \
+            if isinstance(v, BundleViews) else v
+
+    def takes_layout(k, m, reference=None) -> bool:  # REV's kernels on m give this tree's product on reference (m)
+        ref = m if reference is None else reference
+        width = plain_rows(ref).data.shape[1] * (2 if ref.data.dtype == np.uint8 else 1)
+        x = np.random.default_rng(0).standard_normal((1, width)).astype(np.float32)
+        got, want = (np.full((1, ref.rows), np.nan, np.float32) for _ in range(2))
+        try:
+            k.matmul(x, m.data, m.scales, m.mins, m.group, np.zeros(0, np.float32), got)
+        except TypingError:
+            return False
+        K.matmul(x, ref.data, ref.scales, ref.mins, ref.group, np.zeros(0, np.float32), want)
+        return bool(np.allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max()))
 
     print(f"command: python -m bench.kernels --against {rev} --store {store}")
     print("machine:", machine_line())
@@ -222,18 +258,14 @@ def store_decode_against(rev: str, store: str, repeats: int = 15, contexts: tupl
                 head = heads[k]
                 k.matmul(state.xb[:1], head.data, head.scales, head.mins, head.group, no_bias, state.logits)
 
-            if context == contexts[0]:  # REV may predate a layout of this tree's: the first that it takes
-                for undo, told in ((None, None), (plain_ffn, "W_down's rows"), (plain, "every matrix")):
-                    if undo is not None:
-                        operands[old_k] = [(tuple(map(undo, b)), tuple(map(undo, a))) for b, a in operands[K]]
-                        heads[old_k] = undo(weights.lm_head)
-                    try:
-                        token(old_k)
-                    except TypingError:
-                        continue
-                    if told:
-                        print(f"({rev}'s kernels take {told} plain, not interleaved by block: they run on plain copies)")
-                    break
+            if context == contexts[0] and not takes_layout(old_k, weights.lm_head):
+                # REV predates this tree's layout: its own (weights.interleave_rows at REV), else plain copies
+                undo, told = rev_laid, "its own layout (weights.interleave_rows at REV)"
+                if not takes_layout(old_k, rev_laid(weights.lm_head), weights.lm_head):
+                    undo, told = plain, "plain copies"
+                operands[old_k] = [(tuple(map(undo, b)), tuple(map(undo, a))) for b, a in operands[K]]
+                heads[old_k] = undo(weights.lm_head)
+                print(f"({rev}'s kernels do not take this tree's layout: they run on {told})")
             for label, fn in (("blocks", blocks), ("token (blocks + head)", token)):
                 t_old, t_new = best_pair(fn, fn, (old_k,), (K,), repeats=repeats)
                 print(f"{label:24} {context:>7} {t_old * 1e3:>12.3f} {t_new * 1e3:>9.3f} {t_old / t_new:>7.2f}x")
@@ -251,8 +283,8 @@ def store_decode_against(rev: str, store: str, repeats: int = 15, contexts: tupl
 def store_layouts(store: str, repeats: int = 15, context: int = 16) -> None:
     """A decode token of a real store (every block's one compiled call, then the final norm and the
     head), two engines in one process, alternating: every matrix plain (weights.interleave_rows made
-    the identity while the first opens) against the layout Engine.open gives them (interleaved by
-    block where the kernels take it). This tree's kernels both."""
+    the identity while the first opens) against the layout Engine.open gives them (rows in lanes
+    where the kernels take it). This tree's kernels both."""
     from unittest import mock
 
     from flashinfer import flash_ffn, weights
@@ -284,14 +316,14 @@ def store_layouts(store: str, repeats: int = 15, context: int = 16) -> None:
             K.matmul(s.xb[:1], w.lm_head.data, w.lm_head.scales, w.lm_head.mins, w.lm_head.group,
                      np.zeros(0, np.float32), s.logits)
 
-        def woven(engine):  # matrices of the first block whose codes are interleaved by block
+        def woven(engine):  # matrices of the first block laid out in lanes
             layer, ffn = engine.model.weights.layers[0], engine.model.flash_ffn.resident_views(0)
             return sum(m.data.ndim == 3 for m in (layer.wq, layer.wk, layer.wv, layer.wo, ffn.up, ffn.gate, ffn.down))
 
         t_plain, t_laid = best_pair(token, token, (plain,), (laid_out,), repeats=repeats)
         print(f"{'token (blocks + head)':24} {'plain ms':>9} {'laid out ms':>12} {'speedup':>8}")
         print(f"{'context ' + str(context):24} {t_plain * 1e3:>9.3f} {t_laid * 1e3:>12.3f} {t_plain / t_laid:>7.2f}x"
-              f"  (block 0's matrices interleaved by block: {woven(plain)} plain, {woven(laid_out)} laid out)")
+              f"  (block 0's matrices in lanes: {woven(plain)} plain, {woven(laid_out)} laid out)")
 
 
 def _bundles(rng, dim: int, n_rows: int, scheme: str, active: float):

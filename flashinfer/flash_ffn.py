@@ -75,20 +75,25 @@ def bundle_views(bundles: np.ndarray, layer: FFNLayer, matrices: np.ndarray | No
 
 
 def interleave_in_place(m: Matrix) -> Matrix:
-    """m with its codes interleaved by block (weights.interleave_rows) in the memory they occupy (a
-    resident layer's buffer: no second copy kept), or m itself where the kernels take its rows plain."""
+    """m with its rows in lanes (weights.interleave_rows: codes, scales and mins, the same bytes
+    each) in the memory they occupy (a resident layer's buffer: no second copy kept), or m itself
+    where the kernels take its rows plain."""
     woven = interleave_rows(m)
     if woven is m:
         return m
-    m.data.reshape(-1)[:] = woven.data.reshape(-1)
-    return m._replace(data=m.data.reshape(woven.data.shape))
+    placed = []
+    for old, new in zip((m.data, m.scales, m.mins), (woven.data, woven.scales, woven.mins)):
+        if old.size:
+            old.reshape(-1)[:] = new.reshape(-1)  # reshape(-1) of a contiguous array: a view
+        placed.append(old.reshape(new.shape))
+    return m._replace(data=placed[0], scales=placed[1], mins=placed[2])
 
 
 def interleave_dense_layer(bundles: np.ndarray, views: BundleViews) -> BundleViews:
-    """A resident layer of the dense rows path (views.down_rows) as interleaved matrices in its own
-    buffer: W_down's rows interleaved where they lie (interleave_in_place), and the bundles' up and
+    """A resident layer of the dense rows path (views.down_rows) as matrices in lanes in its own
+    buffer: W_down's rows laid out where they lie (interleave_in_place), and the bundles' up and
     gate rows, strided views a neuron apart, rewritten over the bundles [n, bundle_bytes] as whole
-    matrices (codes interleaved by block, then scales, mins and biases, each contiguous), which
+    matrices (codes in lanes, then scales, mins and biases, each contiguous), which
     the same bytes hold. The views as they were where a matrix would stay plain (weights.
     interleave_rows) or the gate is a layer matrix of its own (--ffn-gate rows)."""
     views = views._replace(down=interleave_in_place(views.down))
@@ -236,7 +241,7 @@ class FlashFFN:
             self.reader.read_matrix(layer, m.name, out=matrices[at : at + m.nbytes], counter=counter)
         if layer in self.resident:
             self.resident_bundles[layer] = whole
-            if self._views[layer].down_rows:  # read once, then streamed from DRAM every token: interleaved by block
+            if self._views[layer].down_rows:  # read once, then streamed from DRAM every token: in lanes
                 self._views[layer] = interleave_dense_layer(bundles, self._views[layer])
         return self._views[layer], True
 

@@ -98,9 +98,9 @@ class Model:
         self._fusable = [self.fused_decode and all(m.data.dtype != np.float32 for m in (l.wq, l.wk, l.wv, l.wo))
                          for l in weights.layers]
         self._fused_operands: list[tuple | None] = [None] * args.n_layers  # (compiled call, _block_operands), once resident
-        # q, k and v of one dtype and group take one prepared input (kernels.matmul3)
+        # q, k and v of one dtype, group and layout (rows or lanes) take one prepared input (kernels.matmul3)
         self._shared_qkv = [l.wq.data.dtype == l.wk.data.dtype == l.wv.data.dtype and l.wq.group == l.wk.group == l.wv.group
-                            for l in weights.layers]
+                            and l.wq.data.ndim == l.wk.data.ndim == l.wv.data.ndim for l in weights.layers]
 
     def reset(self) -> None:
         """Start a new sequence: empty KV cache and, for the sparse path, cold neuron caches
@@ -246,8 +246,7 @@ class Model:
             q *= np.float32(a.query_scale)
         if a.positional == "rope":
             positions = s.positions[start : start + n]
-            K.rope(q, positions, self.layer_inv_freq[i], a.head_dim)
-            K.rope(k, positions, self.layer_inv_freq[i], a.head_dim)
+            K.rope_qk(q, k, positions, self.layer_inv_freq[i], a.head_dim)
         K.store_keys(k, s.k_cache_t[i], start)
         attn = s.attn[:n]
         K.attention_for(n, start + n, a.q_dim)(q, s.k_cache_t[i], s.v_cache[i], start, a.n_kv_heads, a.head_dim,

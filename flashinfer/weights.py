@@ -26,7 +26,7 @@ from flashinfer.config import ModelArgs
 from storage.errors import CheckpointError, FormatError
 from storage.safetensors import Checkpoint, bf16_to_float32
 
-ROWS_INTERLEAVED = 4  # kernels.simd.ROWS_INTERLEAVED (not imported: `flashinfer --help` stays free of numba)
+ROWS_INTERLEAVED = 8  # kernels.lanes.ROWS (not imported: `flashinfer --help` stays free of numba)
 
 EMPTY = np.zeros(0, np.float32)  # stands for "no bias" so kernels keep one signature
 EMPTY.flags.writeable = False
@@ -38,8 +38,8 @@ class Matrix(NamedTuple):
     """A weight matrix as the kernels take it: data float32 / f16 bits (uint16) / int8 (q8, q6k) /
     uint8 nibbles (q4, q4a, q4k), and f16-bit scales and mins [rows, K/group] (empty when unused;
     q4k's and q6k's packed scale bytes as storage/quant.py has them, uint8 / int8). data is
-    [rows, ...], or for the engine's resident integer matrices [rows / 4, K / 32, 4 x a block's
-    code bytes], interleaved by block (interleave_rows)."""
+    [rows, ...], or for the engine's resident integer matrices [rows / 8, K / 32, 8 x a block's
+    code bytes] with scales and mins [rows / 8, ...]: rows in lanes (interleave_rows)."""
 
     data: np.ndarray
     scales: np.ndarray = NO_SCALES
@@ -56,38 +56,80 @@ class Matrix(NamedTuple):
 
 
 def interleave_rows(m: Matrix) -> Matrix:
-    """m with its codes interleaved by block, [rows / 4, blocks, 4 x a block's code bytes]: block b
-    of rows 4g..4g+3 side by side, then their block b + 1 (scales and mins stay a row each), so a
-    four-row pass of the decode kernels reads one stream (kernels/simd.py, ROWS_INTERLEAVED: 2-3x
-    the rate from DRAM on this host's short rows). A copy; m itself where the kernels would not
-    take it so: float rows, groups other than the integer dots', rows not a multiple of 4, and
-    hosts or runs without the intrinsics (no native f16 conversion, NUMBA_DISABLE_JIT)."""
+    """m with its rows in lanes (kernels/lanes.py has the layout): codes [rows / 8, blocks, 8 x a
+    block's code bytes], scales and mins [rows / 8, 8 x a row's], so that one vpdpbusd dots eight
+    rows with four broadcast activation codes (2-3x the row kernels' rate, prefill and decode). A
+    copy; m itself where the kernels would not take it so: float rows, groups other than the
+    integer dots', rows not a multiple of 8, and hosts or runs without the intrinsics (no
+    AVX512-VNNI or native f16 conversion, NUMBA_DISABLE_JIT)."""
     from numba import config
 
     from flashinfer.kernels.blocks import uses_int_dots
-    from flashinfer.kernels.simd import NATIVE_F16
+    from flashinfer.kernels.simd import HAS_VNNI, NATIVE_F16
 
     data = m.data
     if (data.ndim != 2 or not uses_int_dots(data, m.group) or data.shape[0] % ROWS_INTERLEAVED
-            or not NATIVE_F16 or config.DISABLE_JIT):
+            or not (HAS_VNNI and NATIVE_F16) or config.DISABLE_JIT):
         return m
-    n, row_bytes = data.shape
-    code_bytes = 32 if data.dtype == np.int8 else 16  # a block of 32 weights: int8 codes, or nibbles
-    n_blocks = row_bytes // code_bytes
-    codes = data.reshape(n // ROWS_INTERLEAVED, ROWS_INTERLEAVED, n_blocks, code_bytes).transpose(0, 2, 1, 3)
-    woven = np.ascontiguousarray(codes).reshape(n // ROWS_INTERLEAVED, n_blocks, ROWS_INTERLEAVED * code_bytes)
-    woven.flags.writeable = False
-    return m._replace(data=woven)
+    n, g = data.shape[0], data.shape[0] // ROWS_INTERLEAVED
+    if data.dtype == np.int8:  # q8 / q6k: codes + 128 as bytes, k-group by k-group
+        codes = (data.view(np.uint8) ^ np.uint8(0x80)).view(np.int8)
+        n_blocks = data.shape[1] // 32
+        woven = codes.reshape(g, 8, n_blocks, 8, 4).transpose(0, 2, 3, 1, 4).reshape(g, n_blocks, 256)
+    else:  # nibbles: k-groups p and p + 4 share a byte
+        n_blocks = data.shape[1] // 16
+        codes = np.empty((n, n_blocks * 32), np.uint8)
+        codes[:, 0::2], codes[:, 1::2] = data & 15, data >> 4
+        by_group = codes.reshape(g, 8, n_blocks, 8, 4).transpose(0, 2, 3, 1, 4)
+        woven = (by_group[:, :, :4] | (by_group[:, :, 4:] << 4)).reshape(g, n_blocks, 128)
+    scales, mins = (_lanes_of(a, n_blocks) for a in (m.scales, m.mins))
+    for a in (woven, scales, mins):
+        a.flags.writeable = False
+    return m._replace(data=np.ascontiguousarray(woven), scales=scales, mins=mins)
+
+
+def _units(a: np.ndarray, n_blocks: int) -> int:
+    """Leading per-row values of a scales/mins row laid out one by one: all of an f16 row; q4k's
+    6-bit values (one a block), q6k's int8 scales (two a block); the rest are f16 bytes in pairs."""
+    return a.shape[1] if a.dtype == np.uint16 else (n_blocks if a.dtype == np.uint8 else 2 * n_blocks)
+
+
+def _lanes_of(a: np.ndarray, n_blocks: int) -> np.ndarray:
+    """A scales/mins array [rows, W] as rows in lanes [rows / 8, 8 W] (kernels/lanes.py)."""
+    if a.shape[0] == 0:
+        return a
+    g, first = a.shape[0] // ROWS_INTERLEAVED, _units(a, n_blocks)
+    head = a[:, :first].reshape(g, 8, first).transpose(0, 2, 1).reshape(g, -1)
+    tail = a[:, first:].reshape(g, 8, -1, 2).transpose(0, 2, 1, 3).reshape(g, -1)
+    return np.ascontiguousarray(np.concatenate([head, tail], axis=1))
+
+
+def _rows_of(a: np.ndarray, n_blocks: int) -> np.ndarray:
+    """_lanes_of undone."""
+    if a.shape[0] == 0:
+        return a
+    g, width = a.shape[0], a.shape[1] // ROWS_INTERLEAVED
+    first = width if a.dtype == np.uint16 else (n_blocks if a.dtype == np.uint8 else 2 * n_blocks)
+    head = a[:, : first * 8].reshape(g, first, 8).transpose(0, 2, 1).reshape(g * 8, first)
+    tail = a[:, first * 8 :].reshape(g, -1, 8, 2).transpose(0, 2, 1, 3).reshape(g * 8, -1)
+    return np.ascontiguousarray(np.concatenate([head, tail], axis=1))
 
 
 def plain_rows(m: Matrix) -> Matrix:
-    """interleave_rows undone: codes a row each (a copy), or m itself when they are."""
+    """interleave_rows undone: codes, scales and mins a row each (copies), or m itself when they are."""
     if m.data.ndim != 3:
         return m
-    groups, n_blocks, width = m.data.shape
-    code_bytes = width // ROWS_INTERLEAVED
-    codes = m.data.reshape(groups, n_blocks, ROWS_INTERLEAVED, code_bytes).transpose(0, 2, 1, 3)
-    return m._replace(data=np.ascontiguousarray(codes).reshape(groups * ROWS_INTERLEAVED, n_blocks * code_bytes))
+    g, n_blocks, width = m.data.shape
+    if m.data.dtype == np.int8:
+        codes = m.data.reshape(g, n_blocks, 8, 8, 4).transpose(0, 3, 1, 2, 4).reshape(g * 8, n_blocks * 32)
+        data = (codes.view(np.uint8) ^ np.uint8(0x80)).view(np.int8)
+    else:
+        packed = m.data.reshape(g, n_blocks, 4, 8, 4)
+        by_group = np.concatenate([packed & 15, packed >> 4], axis=2)  # k-groups 0..3, then 4..7
+        codes = by_group.transpose(0, 3, 1, 2, 4).reshape(g * 8, n_blocks * 32)
+        data = codes[:, 0::2] | (codes[:, 1::2] << 4)
+    return m._replace(data=np.ascontiguousarray(data), scales=_rows_of(m.scales, n_blocks),
+                      mins=_rows_of(m.mins, n_blocks))
 
 
 def kernel_product(x: np.ndarray, m: Matrix, bias: np.ndarray) -> np.ndarray:

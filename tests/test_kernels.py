@@ -202,6 +202,13 @@ def test_rope():
     out = x.copy()
     K.rope(out, positions, inv_freq, head_dim)
     np.testing.assert_allclose(out, ref.rope(x, positions, inv_freq, head_dim), rtol=1e-5, atol=1e-5)
+    # q and k together (prefill and decode): each as rope alone gives it, bit for bit
+    q, k = x.copy(), randn(4, head_dim)
+    k_alone = k.copy()
+    K.rope_qk(q, k, positions, inv_freq, head_dim)
+    K.rope(k_alone, positions, inv_freq, head_dim)
+    np.testing.assert_array_equal(q, out)
+    np.testing.assert_array_equal(k, k_alone)
 
 
 @pytest.mark.parametrize("kernel", ["attention", "attention_serial", "attention_blas"])
@@ -503,12 +510,12 @@ def test_ffn_down_rows(scheme, down_scheme, gated, act, biases, n_tokens):
     np.testing.assert_allclose(out, expected, rtol=1e-3, atol=2e-3 * np.abs(expected).max())
 
     # a resident layer as the engine lays it out (flash_ffn.interleave_dense_layer: up and gate
-    # rewritten over the bundles as matrices interleaved by block, biases beside them; W_down's rows
-    # interleaved in place) gives the same FFN; two cases, each compiles its own variants
+    # rewritten over the bundles as matrices in lanes, biases beside them; W_down in lanes in
+    # place) gives the same FFN; two cases, each compiles its own variants
     from flashinfer.flash_ffn import interleave_dense_layer
-    from flashinfer.kernels.simd import NATIVE_F16
+    from flashinfer.kernels.simd import HAS_VNNI, NATIVE_F16
 
-    if not NATIVE_F16 or (scheme, down_scheme) not in (("q4a", "q4a"), ("q8", "q4")) or (gated and biases):
+    if not (NATIVE_F16 and HAS_VNNI) or (scheme, down_scheme) not in (("q4a", "q4a"), ("q8", "q4")) or (gated and biases):
         return
     laid_out = interleave_dense_layer(bundles, v)
     assert laid_out.up.data.ndim == 3 and laid_out.down.data.ndim == 3 and laid_out.gate.data.ndim == (3 if gated else 2)
@@ -519,62 +526,66 @@ def test_ffn_down_rows(scheme, down_scheme, gated, act, biases, n_tokens):
     np.testing.assert_allclose(again, out, rtol=1e-5, atol=1e-5 * np.abs(out).max())
 
 
-# rows interleaved by block (weights.interleave_rows: the layout of resident matrices for the
-# integer dots) give what the same rows give plain: decode (four-row passes), prefill tiles and
-# the tokens left over, embedding lookups of a tied head. q8 and q4a here (a GGUF's Q8_0 head,
-# Q4_1 attention); the super-block schemes and q4 compile their own variants (slow).
+# rows in lanes (kernels/lanes.py, weights.interleave_rows: the layout of resident matrices for
+# the integer dots on VNNI hosts) give what the same rows give plain: decode, prefill passes of
+# 8 and 4 tokens and the tokens left over, embedding lookups of a tied head; plain_rows gives
+# back the very codes, scales and mins. q8 and q4a here (a GGUF's Q8_0 head, Q4_1 attention);
+# the super-block schemes and q4 compile their own variants (slow).
 @pytest.mark.parametrize("scheme", ["q8", "q4a", pytest.param("q4", marks=pytest.mark.slow),
                                     pytest.param("q4k", marks=pytest.mark.slow),
                                     pytest.param("q6k", marks=pytest.mark.slow)])
-def test_interleaved_rows_give_the_plain_rows_results(scheme):
-    from flashinfer.kernels.simd import NATIVE_F16
+def test_rows_in_lanes_give_the_plain_rows_results(scheme):
+    from flashinfer.kernels.simd import HAS_VNNI, NATIVE_F16
     from flashinfer.weights import interleave_rows, plain_rows
 
-    if not NATIVE_F16:
-        pytest.skip("rows are interleaved only where the four-row intrinsics run (native halves)")
+    if not (NATIVE_F16 and HAS_VNNI):
+        pytest.skip("rows are laid out in lanes only where vpdpbusd and native halves run")
     k = 512 if scheme in ("q4k", "q6k") else 320
-    plain = kernel_matrix(randn(36, k) * np.repeat(np.logspace(-2, 1, k // 32, dtype=np.float32), 32), scheme)
+    plain = kernel_matrix(randn(40, k) * np.repeat(np.logspace(-2, 1, k // 32, dtype=np.float32), 32), scheme)
     woven = interleave_rows(plain)
-    assert woven.data.shape[0] == 9 and woven.data.ndim == 3 and woven.rows == 36
-    np.testing.assert_array_equal(plain_rows(woven).data, plain.data)
-    bias = randn(36)
-    for n_tokens in (1, 9):  # 9: two tiles of four tokens and one left over
+    assert woven.data.shape[0] == 5 and woven.data.ndim == 3 and woven.rows == 40
+    back = plain_rows(woven)
+    for name in ("data", "scales", "mins"):
+        a, b = getattr(back, name), getattr(plain, name)
+        assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b), name
+    bias = randn(40)
+    for n_tokens in (1, 13):  # 13: a pass of eight tokens, one of four, one left over
         x = randn(n_tokens, k)
-        expected, out = np.empty((n_tokens, 36), np.float32), np.full((n_tokens, 36), np.nan, np.float32)
+        expected, out = np.empty((n_tokens, 40), np.float32), np.full((n_tokens, 40), np.nan, np.float32)
         K.matmul(x, plain.data, plain.scales, plain.mins, plain.group, bias, expected)
         K.matmul(x, woven.data, woven.scales, woven.mins, woven.group, bias, out)
         np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
-    rows = np.array([35, 0, 6, 6])
+    rows = np.array([39, 0, 6, 6])
     expected, out = np.ones((4, k), np.float32), np.ones((4, k), np.float32)
     K.add_rows(expected, plain.data, plain.scales, plain.mins, plain.group, rows)
     K.add_rows(out, woven.data, woven.scales, woven.mins, woven.group, rows)
     np.testing.assert_array_equal(out, expected)
 
 
-def test_only_integer_rows_in_fours_are_interleaved():
-    # float rows, groups the integer dots do not take, and row counts not a multiple of 4 stay
+def test_only_integer_rows_in_eights_are_laid_out_in_lanes():
+    # float rows, groups the integer dots do not take, and row counts not a multiple of 8 stay
     # as they are (the same Matrix object: no copy)
     from flashinfer.weights import interleave_rows
 
     for m in (kernel_matrix(randn(8, 64), "f16"), kernel_matrix(randn(8, 128), "q8", 64),
-              kernel_matrix(randn(6, 64), "q8")):
+              kernel_matrix(randn(12, 64), "q8")):
         assert interleave_rows(m) is m
 
 
-def test_a_resident_layers_w_down_is_interleaved_in_its_own_buffer():
-    # flash_ffn.interleave_in_place: a resident layer's W_down rows interleaved where they lie (no
-    # second copy), giving the plain rows' products
+def test_a_resident_layers_w_down_is_laid_out_in_its_own_buffer():
+    # flash_ffn.interleave_in_place: a resident layer's W_down in lanes where it lies, codes,
+    # scales and mins each (no second copy), giving the plain rows' products
     from flashinfer.flash_ffn import interleave_in_place
-    from flashinfer.kernels.simd import NATIVE_F16
+    from flashinfer.kernels.simd import HAS_VNNI, NATIVE_F16
 
-    if not NATIVE_F16:
-        pytest.skip("rows are interleaved only where the four-row intrinsics run (native halves)")
-    plain = kernel_matrix(randn(36, 320), "q4a")
-    buffer = plain.data.copy()  # a resident layer's buffer is writable
-    woven = interleave_in_place(plain._replace(data=buffer))
-    assert woven.data.ndim == 3 and np.shares_memory(woven.data, buffer)
+    if not (NATIVE_F16 and HAS_VNNI):
+        pytest.skip("rows are laid out in lanes only where vpdpbusd and native halves run")
+    plain = kernel_matrix(randn(40, 320), "q4a")
+    buffers = [a.copy() for a in (plain.data, plain.scales, plain.mins)]  # a resident layer's buffer is writable
+    woven = interleave_in_place(plain._replace(data=buffers[0], scales=buffers[1], mins=buffers[2]))
+    assert woven.data.ndim == 3 and all(np.shares_memory(a, b) for a, b in zip(woven[:3], buffers))
     x, none = randn(1, 320), np.zeros(0, np.float32)
-    expected, out = np.empty((1, 36), np.float32), np.empty((1, 36), np.float32)
+    expected, out = np.empty((1, 40), np.float32), np.empty((1, 40), np.float32)
     K.matmul(x, plain.data, plain.scales, plain.mins, plain.group, none, expected)
     K.matmul(x, woven.data, woven.scales, woven.mins, woven.group, none, out)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())

@@ -39,7 +39,7 @@ def test_fused_decode_step_equals_the_per_kernel_path(stores, name, down, ffn, r
         # (kernels.compiled_call found the compiled signature: the per-call typing is skipped)
         calls = [operands[0] for operands in model._fused_operands if operands is not None]
         assert calls and all(call is not K.decode_layer for call in calls)
-        if K.simd.NATIVE_F16:  # attention's integer matrices ran interleaved by block (weights.interleave_rows),
+        if K.simd.NATIVE_F16 and K.simd.HAS_VNNI:  # attention's integer matrices ran in lanes (weights.interleave_rows),
             assert model.weights.layers[0].wq.data.ndim == 3  # and a resident W_down's rows (flash_ffn)
             views = model.flash_ffn.resident_views(0)
             assert not views.down_rows or views.down.data.ndim == 3

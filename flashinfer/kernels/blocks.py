@@ -18,12 +18,10 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
-from .simd import (BLOCK, NATIVE_F16, ROWS_INTERLEAVED, TOKENS_PER_PASS, axpy4_i8_blocks, axpy4_u4_blocks,
-                   dot4_q4_blocks, dot4_q4_blocks_il, dot4_q4a_blocks, dot4_q4a_blocks_il, dot4_q4k_blocks,
-                   dot4_q4k_blocks_il, dot4_q6k_blocks, dot4_q6k_blocks_il, dot4_q8_blocks, dot4_q8_blocks_il,
-                   dot4x4_q4_blocks, dot4x4_q4_blocks_il, dot4x4_q4a_blocks, dot4x4_q4a_blocks_il, dot4x4_q4k_blocks,
-                   dot4x4_q4k_blocks_il, dot4x4_q6k_blocks, dot4x4_q6k_blocks_il, dot4x4_q8_blocks, dot4x4_q8_blocks_il,
-                   dot_i8_blocks, dot_u4_blocks, widen_f16)
+from .lanes import ROWS as LANE_ROWS
+from .simd import (BLOCK, NATIVE_F16, TOKENS_PER_PASS, axpy4_i8_blocks, axpy4_u4_blocks, dot4_q4_blocks,
+                   dot4_q4a_blocks, dot4_q4k_blocks, dot4_q6k_blocks, dot4_q8_blocks, dot4x4_q4_blocks, dot4x4_q4a_blocks,
+                   dot4x4_q4k_blocks, dot4x4_q6k_blocks, dot4x4_q8_blocks, dot_i8_blocks, dot_u4_blocks, widen_f16)
 
 # fastmath without 'nnan'/'ninf': reassociation lets LLVM vectorise the reductions, and
 # no kernel relies on IEEE specials (attention never builds -inf masks).
@@ -132,7 +130,8 @@ def prepare_input(w, x, group):
     even elements, then its odd ones), so a byte's low and high nibbles meet contiguous x;
     x itself for other schemes. xs [T, groups]: per-group sums of xp (q4/q4a float dots).
     xq/xd/xqs/xsum: xp quantized into int8 blocks when uses_int_dots(w, group), else empty
-    (codes, block scales, code sums, dequantized block sums).
+    (codes, block scales, code sums, dequantized block sums). Rows in lanes (w [rows / 8, blocks,
+    ...]): x itself, xs the activation code sums per 16 (int32), the rest as above.
     Pure-Python form: x as it is (the Python row functions below read it so)."""
     empty = np.zeros((x.shape[0], 0), np.float32)
     return (x, empty) + _quantized_activations(x, uses_int_dots(w, group))
@@ -140,6 +139,21 @@ def prepare_input(w, x, group):
 
 @overload(prepare_input)
 def _prepare_input_jit(w, x, group):
+    if w.ndim == 3:  # rows in lanes (kernels/lanes.py): x in its own order, every scheme's integer dots
+
+        def prepare_lanes(w, x, group):
+            xq, xd, xqs, xsum = _quantized_activations(x, True)
+            # per 16 codes, q6k's groups (int32): lanes take 128 x them off, codes being + 128
+            sums16 = np.empty((x.shape[0], x.shape[1] // 16), np.int32)
+            for t in range(x.shape[0]):
+                for g in range(sums16.shape[1]):
+                    total = 0
+                    for j in range(16 * g, 16 * g + 16):
+                        total += xq[t, j]
+                    sums16[t, g] = total
+            return x, sums16, xq, xd, xqs, xsum
+
+        return prepare_lanes
     if w.dtype == types.uint8:
 
         def prepare_q4(w, x, group):
@@ -355,8 +369,8 @@ def _rows_one_by_one(w, r, scales, mins, prep, t):
 
 
 def interleaved(w) -> bool:
-    """Whether w holds rows interleaved by block (weights.interleave_rows: [rows / 4, blocks, 4 x
-    a block's code bytes]), told by its three dimensions (pure-Python form)."""
+    """Whether w holds rows in lanes (kernels/lanes.py, weights.interleave_rows: [rows / 8, blocks,
+    8 x a block's code bytes]), told by its three dimensions (pure-Python form)."""
     return w.ndim == 3
 
 
@@ -367,23 +381,14 @@ def _interleaved_jit(w):
 
 
 def n_rows(w):
-    """The weight rows of w, plain [rows, ...] or interleaved [rows / 4, blocks, ...]."""
-    return w.shape[0] * ROWS_INTERLEAVED if interleaved(w) else w.shape[0]
+    """The weight rows of w, plain [rows, ...] or in lanes [rows / 8, blocks, ...]."""
+    return w.shape[0] * LANE_ROWS if interleaved(w) else w.shape[0]
 
 
 @overload(n_rows)
 def _n_rows_jit(w):
-    per = ROWS_INTERLEAVED if w.ndim == 3 else 1
+    per = LANE_ROWS if w.ndim == 3 else 1
     return lambda w: w.shape[0] * per
-
-
-@njit
-def _row_address(w, r):
-    """(address of row r's first code, bytes from a row to the next in a four-row pass): plain
-    rows, or rows interleaved by block, whose group of four starts at row r (r a multiple of 4)."""
-    if interleaved(w):
-        return w.ctypes.data + (r // ROWS_INTERLEAVED) * w.strides[0], w.strides[1] // ROWS_INTERLEAVED
-    return w.ctypes.data + r * w.strides[0], w.strides[0]
 
 
 @njit
@@ -391,7 +396,7 @@ def _operands(w, r, scales, mins, xq, xd, xaux, t):
     """Addresses of row r's codes, scales and mins (0 and stride 0 when there are none) and of token
     t's activation codes, block scales and block sums: what the multi-row intrinsics take."""
     has_mins = mins.shape[0] > 0
-    return (_row_address(w, r)[0], scales.ctypes.data + r * scales.strides[0],
+    return (w.ctypes.data + r * w.strides[0], scales.ctypes.data + r * scales.strides[0],
             mins.ctypes.data + r * mins.strides[0] if has_mins else 0, mins.strides[0] if has_mins else 0,
             xq.ctypes.data + t * xq.strides[0], xd.ctypes.data + t * xd.strides[0], xaux.ctypes.data + t * xaux.strides[0])
 
@@ -401,22 +406,19 @@ def _int_rows_dot4_jit(w, r, scales, mins, prep, t):
     if not NATIVE_F16:
         return lambda w, r, scales, mins, prep, t: _rows_one_by_one(w, r, scales, mins, prep, t)
     # q8 reads the activations' int32 code sums (prep[4]), q4/q4a/q4k their dequantized block sums (prep[5])
-    il = w.ndim == 3  # rows interleaved by block: the intrinsics' _il twins
-    dot4, aux = (dot4_q8_blocks_il if il else dot4_q8_blocks, 4) if w.dtype == types.int8 else (
-        dot4_q4a_blocks_il if il else dot4_q4a_blocks, 5)
+    dot4, aux = (dot4_q8_blocks, 4) if w.dtype == types.int8 else (dot4_q4a_blocks, 5)
     if scales.dtype == types.uint8:
-        dot4 = dot4_q4k_blocks_il if il else dot4_q4k_blocks
+        dot4 = dot4_q4k_blocks
     if scales.dtype == types.int8:
-        dot4 = dot4_q6k_blocks_il if il else dot4_q6k_blocks
-    dot4_q4 = dot4_q4_blocks_il if il else dot4_q4_blocks
+        dot4 = dot4_q6k_blocks
     has_mins = w.dtype == types.uint8  # q4a/q4k; q4 (no mins) is told apart at run time
 
     def rows4(w, r, scales, mins, prep, t):
         w_addr, s_addr, m_addr, m_stride, x_addr, xd_addr, xaux_addr = _operands(w, r, scales, mins, prep[2], prep[3],
                                                                                  prep[aux], t)
-        w_stride = _row_address(w, r)[1]
+        w_stride = w.strides[0]
         if has_mins and m_addr == 0:  # q4: no mins
-            return dot4_q4(w_addr, w_stride, s_addr, scales.strides[0], 0, 0, x_addr, xd_addr, xaux_addr,
+            return dot4_q4_blocks(w_addr, w_stride, s_addr, scales.strides[0], 0, 0, x_addr, xd_addr, xaux_addr,
                            prep[3].shape[1])
         return dot4(w_addr, w_stride, s_addr, scales.strides[0], m_addr, m_stride, x_addr, xd_addr, xaux_addr,
                     prep[3].shape[1])
@@ -463,23 +465,20 @@ def _tile_by_rows4(w, r, scales, mins, prep, t):
 def _int_tile_dot4x4_jit(w, r, scales, mins, prep, t):
     if not NATIVE_F16:
         return lambda w, r, scales, mins, prep, t: _tile_by_rows4(w, r, scales, mins, prep, t)
-    il = w.ndim == 3  # rows interleaved by block: the intrinsics' _il twins
-    tile, aux = (dot4x4_q8_blocks_il if il else dot4x4_q8_blocks, 4) if w.dtype == types.int8 else (
-        dot4x4_q4a_blocks_il if il else dot4x4_q4a_blocks, 5)
+    tile, aux = (dot4x4_q8_blocks, 4) if w.dtype == types.int8 else (dot4x4_q4a_blocks, 5)
     if scales.dtype == types.uint8:
-        tile = dot4x4_q4k_blocks_il if il else dot4x4_q4k_blocks
+        tile = dot4x4_q4k_blocks
     if scales.dtype == types.int8:
-        tile = dot4x4_q6k_blocks_il if il else dot4x4_q6k_blocks
-    tile_q4 = dot4x4_q4_blocks_il if il else dot4x4_q4_blocks
+        tile = dot4x4_q6k_blocks
     has_mins = w.dtype == types.uint8  # q4a/q4k; q4 (no mins) is told apart at run time
 
     def tile4x4(w, r, scales, mins, prep, t):
         xq, xd, xaux = prep[2], prep[3], prep[aux]
         w_addr, s_addr, m_addr, m_stride, x_addr, xd_addr, xaux_addr = _operands(w, r, scales, mins, xq, xd, xaux, t)
-        w_stride = _row_address(w, r)[1]
+        w_stride = w.strides[0]
         strides = (xq.strides[0], xd.strides[0], xaux.strides[0])
         if has_mins and m_addr == 0:  # q4: no mins
-            return tile_q4(w_addr, w_stride, s_addr, scales.strides[0], 0, 0, x_addr, strides[0], xd_addr,
+            return dot4x4_q4_blocks(w_addr, w_stride, s_addr, scales.strides[0], 0, 0, x_addr, strides[0], xd_addr,
                            strides[1], xaux_addr, strides[2], xd.shape[1])
         return tile(w_addr, w_stride, s_addr, scales.strides[0], m_addr, m_stride, x_addr, strides[0], xd_addr,
                     strides[1], xaux_addr, strides[2], xd.shape[1])

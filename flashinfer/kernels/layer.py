@@ -14,7 +14,7 @@ from numba import njit, typeof
 from numba.core.typing.typeof import Purpose
 from numba.extending import overload
 
-from .attention import ATTENTION_PARALLEL_MIN_WORK, attention, attention_serial, rope, store_keys
+from .attention import ATTENTION_PARALLEL_MIN_WORK, attention, attention_serial, rope_qk, store_keys
 from .blocks import FAST
 from .ffn import ffn_down_rows, ffn_rows, ffn_rows_parallel
 from .matmul import linear as _linear, matmul3
@@ -59,7 +59,7 @@ def _block_ffn(xb, v, n_neurons, act, ffn_parallel, partial, ffn_up, ffn_hidden,
 @overload(_block_ffn)
 def _block_ffn_jit(xb, v, n_neurons, act, ffn_parallel, partial, ffn_up, ffn_hidden, out):
     down = v.types[v.fields.index("down")]  # numba's type of the Matrix namedtuple, then of its codes
-    if down.types[down.fields.index("data")].ndim == 3:  # W_down's rows interleaved by block: rows only
+    if down.types[down.fields.index("data")].ndim == 3:  # W_down in lanes: the rows path only
         return lambda xb, v, n_neurons, act, ffn_parallel, partial, ffn_up, ffn_hidden, out: ffn_down_rows(
             xb, v.up, v.up_bias, v.gate, v.gate_bias, v.down, act, ffn_up, ffn_hidden, out)
     return _block_ffn
@@ -95,8 +95,7 @@ def decode_layer(x, xb, q, k, attn, block_out, k_cache_t, v_cache, start, positi
     if query_scale != 1.0:
         q *= query_scale
     if use_rope:
-        rope(q, positions[start : start + 1], inv_freq, head_dim)
-        rope(k, positions[start : start + 1], inv_freq, head_dim)
+        rope_qk(q, k, positions[start : start + 1], inv_freq, head_dim)
     store_keys(k, k_cache_t, start)
     if (start + 1) * q.shape[1] >= ATTENTION_PARALLEL_MIN_WORK:
         attention(q, k_cache_t, v_cache, start, n_kv_heads, head_dim, window, scores, attn)

@@ -16,6 +16,7 @@ from numba.extending import overload
 
 from .blocks import (FAST, ROWS_PER_PASS, int_row_dot, int_rows_dot4, int_rows_dots, n_rows, prepare_input,
                      row_axpy, row_dot, row_scales, row_scratch, row_values, uses_int_dots)
+from .lanes import ROWS as LANE_ROWS, lanes_row, lanes_rows
 from .simd import prefetch_lines
 
 PREFETCH_AHEAD = 4  # rows ahead whose lines are prefetched (simd.prefetch_lines)
@@ -53,33 +54,16 @@ def _dot(v, x, t):
 
 def _matmul_rows(prep, w, scales, mins, group, bias, out, lo, hi):
     """out[:, n] for weight rows lo..hi-1, x already laid out by prepare_input (`prep`): plain rows
-    (_plain_rows), or rows interleaved by block (_interleaved_rows; lo and hi multiples of 4),
-    chosen at compile time (pure-Python form: plain rows)."""
+    (_plain_rows), or rows in lanes (lanes.lanes_rows; lo and hi multiples of 8), chosen at
+    compile time (pure-Python form: plain rows)."""
     _plain_rows(prep, w, scales, mins, group, bias, out, lo, hi)
 
 
 @overload(_matmul_rows)
 def _matmul_rows_jit(prep, w, scales, mins, group, bias, out, lo, hi):
-    rows = _interleaved_rows if w.ndim == 3 else _plain_rows
-    return lambda prep, w, scales, mins, group, bias, out, lo, hi: rows(prep, w, scales, mins, group, bias, out, lo, hi)
-
-
-@njit(cache=True, nogil=True, fastmath=FAST)
-def _interleaved_rows(prep, w, scales, mins, group, bias, out, lo, hi):
-    """_matmul_rows over rows interleaved by block: four at a pass, integer dots only (weights.
-    interleave_rows keeps every other matrix plain), no prefetching (the passes read one stream)."""
-    n_tokens = prep[0].shape[0]
-    vals = np.empty((n_tokens if n_tokens > 1 else 0, ROWS_PER_PASS), np.float32)
-    for first in range(lo, hi, ROWS_PER_PASS):
-        if n_tokens == 1:
-            d = int_rows_dot4(w, first, scales, mins, prep, 0)
-            for i in range(ROWS_PER_PASS):
-                out[0, first + i] = d[i] + (bias[first + i] if bias.shape[0] else np.float32(0.0))
-        else:
-            int_rows_dots(w, first, scales, mins, prep, vals)
-            for t in range(n_tokens):
-                for i in range(ROWS_PER_PASS):
-                    out[t, first + i] = vals[t, i] + (bias[first + i] if bias.shape[0] else np.float32(0.0))
+    if w.ndim == 3:
+        return lambda prep, w, scales, mins, group, bias, out, lo, hi: lanes_rows(prep, w, scales, mins, bias, out, lo, hi)
+    return lambda prep, w, scales, mins, group, bias, out, lo, hi: _plain_rows(prep, w, scales, mins, group, bias, out, lo, hi)
 
 
 @njit(cache=True, nogil=True, fastmath=FAST)
@@ -134,21 +118,23 @@ def matmul(x, w, scales, mins, group, bias, out):
     """out[t, n] = sum_k x[t, k] * value(w[n, k]) (+ bias[n]).
 
     w: float32, f16 bits (uint16), q8 (int8) or q4/q4a (uint8 nibbles) [N, K or K/2], each
-    row contiguous, or integer codes interleaved by block [N / 4, K / 32, 4 x 32 or 16] (weights.
-    interleave_rows); scales/mins: f16 bits [N, K/group] (empty [0, 0] when unused); bias may be empty."""
+    row contiguous, or integer codes in lanes [N / 8, K / 32, 8 x 32 or 16] (kernels/lanes.py, weights.
+    interleave_rows); scales/mins: f16 bits [N, K/group] (empty [0, 0] when unused; in lanes [N / 8,
+    ...]); bias may be empty."""
     prep = prepare_input(w, x, group)
     rows = n_rows(w)
-    step, n_chunks = _chunking(rows, PARALLEL_CHUNKS)  # chunks of whole passes of ROWS_PER_PASS rows
+    step, n_chunks = _chunking(rows, PARALLEL_CHUNKS)  # chunks of whole passes
     for c in prange(n_chunks):
         _matmul_rows(prep, w, scales, mins, group, bias, out, c * step, min(rows, (c + 1) * step))
 
 
 @njit(nogil=True)
 def _chunking(rows, n_chunks):
-    """(rows per chunk in whole passes of ROWS_PER_PASS, chunks) for `rows` rows in about n_chunks."""
+    """(rows per chunk in whole passes of LANE_ROWS (rows in lanes; two passes of ROWS_PER_PASS
+    plain rows), chunks) for `rows` rows in about n_chunks."""
     n_chunks = max(1, min(rows, n_chunks))
     step = (rows + n_chunks - 1) // n_chunks
-    step = (step + ROWS_PER_PASS - 1) // ROWS_PER_PASS * ROWS_PER_PASS
+    step = (step + LANE_ROWS - 1) // LANE_ROWS * LANE_ROWS
     return step, (rows + step - 1) // step
 
 
@@ -221,13 +207,13 @@ def matmul2(x, a, a_bias, a_out, b, b_bias, b_out):
 @njit(cache=True, nogil=True, fastmath=FAST)
 def add_rows(out, w, scales, mins, group, rows):
     """out[t] += value(w[rows[t]]) for any store scheme: embedding lookup (into zeros) and
-    OPT's learned positions (a tied lm_head's rows interleaved by block too: _any_row_axpy)."""
+    OPT's learned positions (a tied lm_head's rows in lanes too: _any_row_axpy)."""
     for t in range(rows.shape[0]):
         _any_row_axpy(w, scales, mins, group, rows[t], np.float32(1.0), out, t)
 
 
 def _any_row_axpy(w, scales, mins, group, r, coef, out, t):
-    """row_axpy of plain rows, or of rows interleaved by block (row r gathered first), chosen at
+    """row_axpy of plain rows, or of rows in lanes (row r gathered first), chosen at
     compile time (pure-Python form: plain rows)."""
     row_axpy(w, scales, mins, group, r, coef, out, t)
 
@@ -238,11 +224,7 @@ def _any_row_axpy_jit(w, scales, mins, group, r, coef, out, t):
         return lambda w, scales, mins, group, r, coef, out, t: row_axpy(w, scales, mins, group, r, coef, out, t)
 
     def gathered(w, scales, mins, group, r, coef, out, t):
-        g, i = r // ROWS_PER_PASS, r % ROWS_PER_PASS
-        code_bytes = w.shape[2] // ROWS_PER_PASS
-        row = np.empty((1, w.shape[1] * code_bytes), w.dtype)
-        for b in range(w.shape[1]):
-            row[0, b * code_bytes : (b + 1) * code_bytes] = w[g, b, i * code_bytes : (i + 1) * code_bytes]
-        row_axpy(row, scales[r : r + 1], mins[r : r + 1], group, 0, coef, out, t)
+        codes, row_scales, row_mins = lanes_row(w, scales, mins, r)
+        row_axpy(codes, row_scales, row_mins, group, 0, coef, out, t)
 
     return gathered

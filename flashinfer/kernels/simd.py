@@ -321,13 +321,6 @@ def widen_f16(typingctx, src_addr, dst_addr, n):
 
 # ---- four rows per pass ---------------------------------------------------------------
 
-# Rows whose codes a resident matrix keeps interleaved by block (weights.interleave_rows): block b of
-# rows 4g..4g+3 side by side, then block b + 1 of the same four rows (ggml's repacked layouts do
-# the like). A four-row pass then reads one stream from DRAM where four separate rows are four
-# short streams the hardware prefetchers follow badly, prefetch instructions or not: Gemma 3's q8
-# [262144, 640] head streamed at 9.6 GB/s on one core, 18 on two, against 34 / 58 from cache and
-# 29 GB/s for a plain one-core read of the same bytes (2026-12-07; bench/RESULTS.md has the A/B).
-ROWS_INTERLEAVED = 4
 
 def _carried_loop(builder, limit, inits, body, step: int = 1, name: str = "rows4", start=None):
     """for b in range(start, limit, step): values = body(builder, b, values), starting from `inits`
@@ -475,12 +468,9 @@ def _fmuladd(builder, a, b, c):
     return builder.call(fn, [a, b, c])
 
 
-def _block_codes(builder, row, b, nibbles: bool, spread: int = 1):
+def _block_codes(builder, row, b, nibbles: bool):
     """Block b of the weight row at `row`, as _block_isum takes it: VNNI's unsigned bytes (nibbles,
-    or q8 codes + 128), else int16 halves (low/high nibbles, or the q8 codes' two halves). `spread`:
-    a row's blocks lie that many blocks apart (ROWS_INTERLEAVED for rows interleaved by block)."""
-    if spread != 1:
-        b = builder.mul(b, ir.Constant(_I64, spread))
+    or q8 codes + 128), else int16 halves (low/high nibbles, or the q8 codes' two halves)."""
     if nibbles:
         packed = _load(builder, row, builder.mul(b, ir.Constant(_I64, BLOCK // 2)), _vec(_I8, 16))
         lo = builder.and_(packed, _const_vec(_I8, [15] * 16))
@@ -576,7 +566,7 @@ def _floats8(builder, addr, b0):
     return _load(builder, addr, builder.mul(b0, ir.Constant(_I64, 4)), _vec(_F32, 8))
 
 
-def _wide_pass(builder, kind: str, w, w_stride, s, s_stride, m, m_stride, x, xd, xaux, b0, carried, spread: int):
+def _wide_pass(builder, kind: str, w, w_stride, s, s_stride, m, m_stride, x, xd, xaux, b0, carried):
     """One iteration of dot4_<kind>_blocks's main loop (q4, q4a): blocks b0..b0+7 of four rows.
     Each row's eight f16 scales are widened at once and multiplied by the token's eight block
     scales (two vector ops where a block at a time took a broadcast, a conversion and a multiply per
@@ -597,24 +587,21 @@ def _wide_pass(builder, kind: str, w, w_stride, s, s_stride, m, m_stride, x, xd,
         else:  # q4: codes - 8
             term = builder.fmul(scales, _splat8(builder, ir.Constant(_F32, -8.0)))
         new[4 + r] = _fmuladd(builder, term, x_sums, carried[4 + r])
-    if spread == 1:  # interleaved rows are one stream, which the hardware prefetches
-        _prefetch_rows(builder, w, w_stride, builder.mul(b0, ir.Constant(_I64, BLOCK // 2)), 2)
+    _prefetch_rows(builder, w, w_stride, builder.mul(b0, ir.Constant(_I64, BLOCK // 2)), 2)
     for j in range(WIDE):
         b = builder.add(b0, ir.Constant(_I64, j)) if j else b0
         xv = _load(builder, x, builder.mul(b, ir.Constant(_I64, BLOCK)), _vec(_I8, 32))
         for r in range(4):
-            codes = _block_codes(builder, _strided(builder, w, w_stride, r), b, True, spread)
+            codes = _block_codes(builder, _strided(builder, w, w_stride, r), b, True)
             total = builder.sitofp(_block_isum(builder, codes, xv, None), _vec(_F32, 8))
             new[r] = _fmuladd(builder, total, _lane_splat8(builder, d_rows[r], j), new[r])
     return new
 
 
-def _rows4_codegen(kind: str, interleaved: bool = False):
-    """Codegen of dot4_<kind>_blocks (kind: q8, q4, q4a, q4k or q6k), or with `interleaved` of
-    dot4_<kind>_blocks_il; see dot4_q8_blocks."""
+def _rows4_codegen(kind: str):
+    """Codegen of dot4_<kind>_blocks (kind: q8, q4, q4a, q4k or q6k); see dot4_q8_blocks."""
     nibbles = kind not in ("q8", "q6k")
     wide = kind in ("q4", "q4a")
-    spread = ROWS_INTERLEAVED if interleaved else 1
 
     def codegen(context, builder, signature, args):
         w, w_stride, s, s_stride, m, m_stride, x, xd, xaux, n = args
@@ -628,7 +615,7 @@ def _rows4_codegen(kind: str, interleaved: bool = False):
                 off = builder.mul(b, ir.Constant(_I64, BLOCK))
                 # a line per 64 bytes of codes (q8: each block's, half of them already asked for;
                 # q4/q4a come here for the last blocks only, whose lines _wide_pass's ran into)
-                if not wide and not interleaved and (j * code_bytes) % 64 == 0:
+                if not wide and (j * code_bytes) % 64 == 0:
                     _prefetch_rows(builder, w, w_stride, builder.mul(b, ir.Constant(_I64, code_bytes)), 1)
                 xv = _load(builder, x, off, _vec(_I8, 32))
                 d_x8 = _splat8(builder, _f32_at(builder, xd, b))
@@ -637,7 +624,7 @@ def _rows4_codegen(kind: str, interleaved: bool = False):
                 correction = _correction(builder, kind, xv, xaux, b)
                 new_acc, new_off = [], []
                 for r in range(4):
-                    codes = _block_codes(builder, _strided(builder, w, w_stride, r), b, nibbles, spread)
+                    codes = _block_codes(builder, _strided(builder, w, w_stride, r), b, nibbles)
                     total = _block_sum(builder, codes, xv, correction, None if sub is None else sub(r, j))
                     w_scale8 = scale8(r, j)
                     d = builder.fmul(w_scale8, d_x8)
@@ -652,7 +639,7 @@ def _rows4_codegen(kind: str, interleaved: bool = False):
         if wide:  # whole groups of WIDE blocks first (_wide_pass), the rest a block at a time below
             n_wide = builder.and_(n, ir.Constant(_I64, -WIDE))
             final = _carried_loop(builder, n_wide, [zero8] * 8, lambda builder, b0, carried: _wide_pass(
-                builder, kind, w, w_stride, s, s_stride, m, m_stride, x, xd, xaux, b0, carried, spread),
+                builder, kind, w, w_stride, s, s_stride, m, m_stride, x, xd, xaux, b0, carried),
                 step=WIDE, name="rows4.wide")
             inits = final[:4] + inits[4:]
             wide_sums = final[4:]
@@ -668,9 +655,9 @@ def _rows4_codegen(kind: str, interleaved: bool = False):
     return codegen
 
 
-def _rows4_intrinsic(kind: str, interleaved: bool = False):
+def _rows4_intrinsic(kind: str):
     def dot4(typingctx, w_addr, w_stride, s_addr, s_stride, m_addr, m_stride, x_addr, xd_addr, xaux_addr, n_blocks):
-        return types.UniTuple(types.float32, 4)(*([types.intp] * 10)), _rows4_codegen(kind, interleaved)
+        return types.UniTuple(types.float32, 4)(*([types.intp] * 10)), _rows4_codegen(kind)
 
     return dot4
 
@@ -689,14 +676,6 @@ dot4_q4_blocks = intrinsic(_rows4_intrinsic("q4"))
 dot4_q4a_blocks = intrinsic(_rows4_intrinsic("q4a"))
 dot4_q4k_blocks = intrinsic(_rows4_intrinsic("q4k"))
 dot4_q6k_blocks = intrinsic(_rows4_intrinsic("q6k"))
-# The same over four rows interleaved by block (ROWS_INTERLEAVED): w_addr the group's first code,
-# w_stride the bytes of one row's block (32 for q8 / q6k codes, 16 for nibbles); scales and mins
-# stay a row each, as above.
-dot4_q8_blocks_il = intrinsic(_rows4_intrinsic("q8", True))
-dot4_q4_blocks_il = intrinsic(_rows4_intrinsic("q4", True))
-dot4_q4a_blocks_il = intrinsic(_rows4_intrinsic("q4a", True))
-dot4_q4k_blocks_il = intrinsic(_rows4_intrinsic("q4k", True))
-dot4_q6k_blocks_il = intrinsic(_rows4_intrinsic("q6k", True))
 
 
 # ---- four rows x four tokens per pass (prefill) -------------------------------------------
@@ -712,10 +691,9 @@ def _gather4(builder, values):
     return v
 
 
-def _tile_codegen(kind: str, interleaved: bool = False):
-    """Codegen of dot4x4_<kind>_blocks (dot4x4_<kind>_blocks_il with `interleaved`); see there."""
+def _tile_codegen(kind: str):
+    """Codegen of dot4x4_<kind>_blocks; see there."""
     nibbles = kind not in ("q8", "q6k")
-    spread = ROWS_INTERLEAVED if interleaved else 1
 
     def codegen(context, builder, signature, args):
         w, w_stride, s, s_stride, m, m_stride, x, x_stride, xd, xd_stride, xaux, xaux_stride, n = args
@@ -742,7 +720,7 @@ def _tile_codegen(kind: str, interleaved: bool = False):
                     d_x8s = [_splat8(builder, builder.extract_element(d_x, ir.Constant(_I32, t))) for t in range(4)]
                 new = list(carried)
                 for r in range(4):
-                    codes = _block_codes(builder, at(w, w_stride, r), b, nibbles, spread)
+                    codes = _block_codes(builder, at(w, w_stride, r), b, nibbles)
                     w_scale8 = scale8(r, j)
                     pair = None if sub is None else sub(r, j)
                     if lane_scales:
@@ -778,10 +756,10 @@ def _tile_codegen(kind: str, interleaved: bool = False):
     return codegen
 
 
-def _tile_intrinsic(kind: str, interleaved: bool = False):
+def _tile_intrinsic(kind: str):
     def dot4x4(typingctx, w_addr, w_stride, s_addr, s_stride, m_addr, m_stride, x_addr, x_stride, xd_addr,
                xd_stride, xaux_addr, xaux_stride, n_blocks):
-        return types.UniTuple(types.float32, 16)(*([types.intp] * 13)), _tile_codegen(kind, interleaved)
+        return types.UniTuple(types.float32, 16)(*([types.intp] * 13)), _tile_codegen(kind)
 
     return dot4x4
 
@@ -796,9 +774,3 @@ dot4x4_q4_blocks = intrinsic(_tile_intrinsic("q4"))
 dot4x4_q4a_blocks = intrinsic(_tile_intrinsic("q4a"))
 dot4x4_q4k_blocks = intrinsic(_tile_intrinsic("q4k"))
 dot4x4_q6k_blocks = intrinsic(_tile_intrinsic("q6k"))
-# ... over four rows interleaved by block, as dot4_*_blocks_il take them
-dot4x4_q8_blocks_il = intrinsic(_tile_intrinsic("q8", True))
-dot4x4_q4_blocks_il = intrinsic(_tile_intrinsic("q4", True))
-dot4x4_q4a_blocks_il = intrinsic(_tile_intrinsic("q4a", True))
-dot4x4_q4k_blocks_il = intrinsic(_tile_intrinsic("q4k", True))
-dot4x4_q6k_blocks_il = intrinsic(_tile_intrinsic("q6k", True))
