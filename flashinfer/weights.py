@@ -88,30 +88,29 @@ def interleave_rows(m: Matrix) -> Matrix:
     return m._replace(data=np.ascontiguousarray(woven), scales=scales, mins=mins)
 
 
-def _units(a: np.ndarray, n_blocks: int) -> int:
-    """Leading per-row values of a scales/mins row laid out one by one: all of an f16 row; q4k's
-    6-bit values (one a block), q6k's int8 scales (two a block); the rest are f16 bytes in pairs."""
-    return a.shape[1] if a.dtype == np.uint16 else (n_blocks if a.dtype == np.uint8 else 2 * n_blocks)
-
-
 def _lanes_of(a: np.ndarray, n_blocks: int) -> np.ndarray:
-    """A scales/mins array [rows, W] as rows in lanes [rows / 8, 8 W] (kernels/lanes.py)."""
+    """A scales/mins array [rows, W] as rows in lanes [rows / 8, 8 W] (kernels/lanes.py): its
+    leading values (lanes.leading_units) one by one, then its f16 multipliers' byte pairs."""
+    from flashinfer.kernels.lanes import leading_units
+
     if a.shape[0] == 0:
         return a
-    g, first = a.shape[0] // ROWS_INTERLEAVED, _units(a, n_blocks)
-    head = a[:, :first].reshape(g, 8, first).transpose(0, 2, 1).reshape(g, -1)
-    tail = a[:, first:].reshape(g, 8, -1, 2).transpose(0, 2, 1, 3).reshape(g, -1)
+    g, first, per = a.shape[0] // ROWS_INTERLEAVED, leading_units(a.dtype.name, a.shape[1], n_blocks), ROWS_INTERLEAVED
+    head = a[:, :first].reshape(g, per, first).transpose(0, 2, 1).reshape(g, -1)
+    tail = a[:, first:].reshape(g, per, -1, 2).transpose(0, 2, 1, 3).reshape(g, -1)
     return np.ascontiguousarray(np.concatenate([head, tail], axis=1))
 
 
 def _rows_of(a: np.ndarray, n_blocks: int) -> np.ndarray:
     """_lanes_of undone."""
+    from flashinfer.kernels.lanes import leading_units
+
     if a.shape[0] == 0:
         return a
-    g, width = a.shape[0], a.shape[1] // ROWS_INTERLEAVED
-    first = width if a.dtype == np.uint16 else (n_blocks if a.dtype == np.uint8 else 2 * n_blocks)
-    head = a[:, : first * 8].reshape(g, first, 8).transpose(0, 2, 1).reshape(g * 8, first)
-    tail = a[:, first * 8 :].reshape(g, -1, 8, 2).transpose(0, 2, 1, 3).reshape(g * 8, -1)
+    g, per = a.shape[0], ROWS_INTERLEAVED
+    first = leading_units(a.dtype.name, a.shape[1] // per, n_blocks)
+    head = a[:, : first * per].reshape(g, first, per).transpose(0, 2, 1).reshape(g * per, first)
+    tail = a[:, first * per :].reshape(g, -1, per, 2).transpose(0, 2, 1, 3).reshape(g * per, -1)
     return np.ascontiguousarray(np.concatenate([head, tail], axis=1))
 
 

@@ -131,7 +131,8 @@ def prepare_input(w, x, group):
     x itself for other schemes. xs [T, groups]: per-group sums of xp (q4/q4a float dots).
     xq/xd/xqs/xsum: xp quantized into int8 blocks when uses_int_dots(w, group), else empty
     (codes, block scales, code sums, dequantized block sums). Rows in lanes (w [rows / 8, blocks,
-    ...]): x itself, xs the activation code sums per 16 (int32), the rest as above.
+    ...]): x itself, xs the activation code sums per 16 for q6k (int32; none otherwise), the rest
+    as above.
     Pure-Python form: x as it is (the Python row functions below read it so)."""
     empty = np.zeros((x.shape[0], 0), np.float32)
     return (x, empty) + _quantized_activations(x, uses_int_dots(w, group))
@@ -143,12 +144,13 @@ def _prepare_input_jit(w, x, group):
 
         def prepare_lanes(w, x, group):
             xq, xd, xqs, xsum = _quantized_activations(x, True)
-            # per 16 codes, q6k's groups (int32): lanes take 128 x them off, codes being + 128
-            sums16 = np.empty((x.shape[0], x.shape[1] // 16), np.int32)
+            # per 16 codes, q6k's groups (int32; no other scheme reads them): lanes take 128 x them
+            # off, codes being + 128
+            sums16 = np.empty((x.shape[0], x.shape[1] // Q6K_GROUP if group == Q6K_GROUP else 0), np.int32)
             for t in range(x.shape[0]):
                 for g in range(sums16.shape[1]):
                     total = 0
-                    for j in range(16 * g, 16 * g + 16):
+                    for j in range(Q6K_GROUP * g, Q6K_GROUP * (g + 1)):
                         total += xq[t, j]
                     sums16[t, g] = total
             return x, sums16, xq, xd, xqs, xsum

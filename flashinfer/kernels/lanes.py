@@ -41,6 +41,13 @@ ROWS = 8  # rows a group holds side by side (weights.ROWS_INTERLEAVED)
 TOKEN_PASSES = (8, 4, 1)  # tokens one call dots with a group of rows: the widest that fits first
 
 
+def leading_units(dtype_name: str, width: int, n_blocks: int) -> int:
+    """Leading values of a scales/mins row (`width` elements of dtype_name) laid out one by one:
+    all of an f16 row (uint16); q4k's 6-bit values (uint8, one a block); q6k's int8 scales (two
+    a block). The rest are f16 multipliers, laid out as byte pairs."""
+    return {"uint16": width, "uint8": n_blocks, "int8": 2 * n_blocks}[dtype_name]
+
+
 def _vpdpbusd_acc(builder, acc, u8x32, s8x32):
     """acc + <8 x i32> sums of four u8 x s8 products each (llvm.x86.avx512.vpdpbusd.256)."""
     v8 = _vec(_I32, 8)
@@ -190,9 +197,8 @@ def lanes_rows(prep, w, scales, mins, bias, out, lo, hi):
 @overload(lanes_rows)
 def _lanes_rows_jit(prep, w, scales, mins, bias, out, lo, hi):
     kind = _kind(w.dtype, scales.dtype)
-    aux = {"q8": 4, "q6k": 1}.get(kind, 5)  # code sums per 32 / per 16, or dequantized block sums
-    rows = _rows_over(kind, aux)
-    no_mins = _rows_over("q4", aux) if kind == "q4a" else rows  # q4: q4a's dtypes without mins
+    rows = _rows_over(kind)
+    no_mins = _rows_over("q4") if kind == "q4a" else rows  # q4: q4a's dtypes without mins
 
     def lanes(prep, w, scales, mins, bias, out, lo, hi):
         if mins.shape[0] == 0:
@@ -206,12 +212,13 @@ def _lanes_rows_jit(prep, w, scales, mins, bias, out, lo, hi):
 _ROWS_OVER: dict = {}
 
 
-def _rows_over(kind: str, aux: int):
+def _rows_over(kind: str):
     """lanes_rows for one scheme: each group of eight rows against the tokens in passes of 8, 4
-    and 1 (TOKEN_PASSES), prep[aux] the activation sums the scheme takes."""
-    if (kind, aux) in _ROWS_OVER:
-        return _ROWS_OVER[(kind, aux)]
+    and 1 (TOKEN_PASSES)."""
+    if kind in _ROWS_OVER:
+        return _ROWS_OVER[kind]
     k8, k4, k1 = (_KERNELS[(kind, t)] for t in TOKEN_PASSES)
+    aux = {"q8": 4, "q6k": 1}.get(kind, 5)  # prep's code sums per 32 / per 16, or dequantized block sums
 
     @njit(nogil=True)
     def rows(prep, w, scales, mins, bias, out, lo, hi):
@@ -243,7 +250,7 @@ def _rows_over(kind: str, aux: int):
                         out[t + j, g * ROWS + i] = vals[j, i] + (bias[g * ROWS + i] if bias.shape[0] else np.float32(0.0))
                 t += step
 
-    _ROWS_OVER[(kind, aux)] = rows
+    _ROWS_OVER[kind] = rows
     return rows
 
 
@@ -256,20 +263,16 @@ def lanes_row(w, scales, mins, r):
 
 @overload(lanes_row)
 def _lanes_row_jit(w, scales, mins, r):
-    signed = w.dtype == types.int8
-    # leading per-row values laid out one by one (the rest: f16 multipliers, two bytes each)
-    units = {types.uint16: lambda n_blocks, width: width, types.uint8: lambda n_blocks, width: n_blocks,
-             types.int8: lambda n_blocks, width: 2 * n_blocks}
-    scale_units, min_units = units[scales.dtype], units.get(mins.dtype, units[types.uint16])
-    scale_units, min_units = njit(scale_units), njit(min_units)
-
-    codes_of = _signed_codes if signed else _nibble_codes
+    codes_of = _signed_codes if w.dtype == types.int8 else _nibble_codes
+    # leading_units is linear in (width, n_blocks): its two coefficients per dtype, taken from it here
+    s_row, s_block = leading_units(scales.dtype.name, 1, 0), leading_units(scales.dtype.name, 0, 1)
+    m_row, m_block = leading_units(mins.dtype.name, 1, 0), leading_units(mins.dtype.name, 0, 1)  # none: f16 [0, 0]
 
     def row(w, scales, mins, r):
         g, i = r // ROWS, r % ROWS
         n_blocks = w.shape[1]
-        s = _unlane(scales, g, i, scale_units(n_blocks, scales.shape[1] // ROWS))
-        m = _unlane(mins, g, i, min_units(n_blocks, mins.shape[1] // ROWS)) if mins.shape[0] else mins[:0]
+        s = _unlane(scales, g, i, s_row * (scales.shape[1] // ROWS) + s_block * n_blocks)
+        m = _unlane(mins, g, i, m_row * (mins.shape[1] // ROWS) + m_block * n_blocks) if mins.shape[0] else mins[:0]
         return codes_of(w, g, i), s, m
 
     return row
