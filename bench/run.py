@@ -142,8 +142,10 @@ def measure_model(preset: Preset, opts, bandwidths) -> list[dict]:
     store, gguf = build(preset, Path(opts.work), opts.calibration_tokens)
     cap = parse_size(opts.cap)
     prompt = prompt_ids(store, opts.prompt_tokens)
-    base = {"store": str(store), "prompt_ids": prompt, "tokens": opts.tokens, "ctx": opts.prompt_tokens + opts.tokens + 8,
-            "dram": opts.cap, "window": opts.window}
+    # the context the KV cache (and so the DRAM plan) is sized for: --ctx, else just the run's tokens
+    ctx = opts.ctx or opts.prompt_tokens + opts.tokens + 8
+    base = {"store": str(store), "prompt_ids": prompt, "tokens": opts.tokens, "ctx": ctx, "dram": opts.cap,
+            "window": opts.window}
     rows = []
     log(f"{preset.name}: naive baseline (dense predictor)")
     naive = run_flashinfer(base | {"predictor": "dense", "stream_ffn": True}, cap)
@@ -157,7 +159,7 @@ def measure_model(preset: Preset, opts, bandwidths) -> list[dict]:
     if gguf is not None and not opts.no_llamacpp:
         for name, limit in ((f"llama.cpp, {opts.cap} cgroup", cap), ("llama.cpp, no cap (reference)", None)):
             log(f"{preset.name}: {name}")
-            argv = llamacpp_argv(gguf, prompt, opts.tokens, threads=opts.threads)
+            argv = llamacpp_argv(gguf, prompt, opts.tokens, threads=opts.threads, ctx=ctx)
             rows.append(run_child(argv, limit) | {"model": preset.name, "config": name})
     for row in rows:  # the roofline of the sparse runs, from this run's bandwidths
         if row.get("bytes_touched_per_token") and row.get("predictor") == "lowrank" and row.get("decode_tok_s"):
@@ -209,6 +211,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=None, help="decode tokens (default 128; --quick 32)")
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--window", type=int, default=5)
+    parser.add_argument("--ctx", type=int, default=None,
+                        help="context flashinfer's KV cache and DRAM plan are sized for (default: prompt + tokens + 8); "
+                             "llama.cpp's n_ctx is the same")
     parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads (default 2, the machine's cores)")
     parser.add_argument("--calibration-tokens", type=int, default=None, help="default 1024 (--quick 512)")
     parser.add_argument("--work", default=str(ROOT / "out" / "bench"), help="where models are built and kept")
@@ -241,7 +246,8 @@ def main() -> None:
               f"Machine: {machine_line()}. Disk (O_DIRECT, this run): "
               f"{bandwidths.best_disk_bytes_per_s / 1e9:.2f} GB/s best sequential; DRAM streaming "
               f"{bandwidths.best_mem_bytes_per_s / 1e9:.1f} GB/s. cgroup v{version}, caches dropped before each run.\n"
-              f"Command: `{command}` ({opts.tokens} decode tokens after a {opts.prompt_tokens}-token prompt; "
+              f"Command: `{command}` ({opts.tokens} decode tokens after a {opts.prompt_tokens}-token prompt, "
+              f"context {opts.ctx or opts.prompt_tokens + opts.tokens + 8}; "
               f"llama.cpp {opts.threads} threads).\n")
     text = header + "\n" + table(rows) + "\n"
     print(text)

@@ -146,7 +146,7 @@ def _sweep_child_args(args: argparse.Namespace) -> list[str]:
                "--top-p": args.top_p, "--seed": args.seed, "--ctx": args.ctx, "--predictor": args.predictor,
                "--window": args.window, "--dram": args.dram, "--flash-bw": args.flash_bw,
                "--flash-latency": args.flash_latency, "--prompt": args.prompt, "--prompt-file": args.prompt_file,
-               "--store": args.store}
+               "--store": args.store, "--kv-cache": args.kv_cache}
     out = [args.model] + [item for flag, value in options.items() if value is not None for item in (flag, str(value))]
     return out + (["--prefetch"] if args.prefetch else []) + (["--stream-ffn"] if args.stream_ffn else [])
 
@@ -373,6 +373,8 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     """The knobs Engine.open takes, shared by every command that runs a model."""
     p.add_argument("--ctx", type=_positive_int, default=None, help="context length in tokens (default: model max, <= 4096)")
+    p.add_argument("--kv-cache", default="f16", choices=("f16", "f32"),
+                   help="KV cache element type (default f16: half the DRAM of f32 at a long --ctx)")
     p.add_argument("--flash-bw", default=None, help="emulate flash of this bandwidth, e.g. 1GB/s (store only)")
     p.add_argument("--flash-latency", default=None, help="extra latency per flash read, e.g. 50us (store only)")
     p.add_argument("--predictor", default="dense", choices=("dense", "oracle", "lowrank", "static", "gate"),
@@ -401,7 +403,7 @@ def _open_engine(args: argparse.Namespace, **override):
 
     knobs = {"ctx": args.ctx, "flash_bw": args.flash_bw, "flash_latency": args.flash_latency,
              "predictor": args.predictor, "window": args.window, "dram": args.dram, "prefetch": args.prefetch,
-             "stream_ffn": args.stream_ffn}
+             "stream_ffn": args.stream_ffn, "kv_cache": args.kv_cache}
     progress = Progress("converting")
     try:
         return Engine.open(args.model, **(knobs | override), store=args.store, convert=True, progress=progress,

@@ -120,7 +120,7 @@ class Engine:
              flash_latency: str | float | None = None, verify: bool = False, predictor: str = "dense",
              window: int = 5, dram: str | int | None = None, prefetch: bool = False,
              stream_ffn: bool = False, store: str | Path | None = None, convert: bool | None = None,
-             progress=None, notify=None) -> "Engine":
+             progress=None, notify=None, kv_cache: str = "f16") -> "Engine":
         """Open a flash store (made by `flashinfer convert`), a llama.cpp GGUF file or a Hugging
         Face model directory (config.json, *.safetensors, tokenizer.json).
 
@@ -134,6 +134,8 @@ class Engine:
         progress / notify: a callable(done_bytes) and a callable(message) for a conversion.
 
         ctx: KV cache length in tokens (default: the model's maximum, capped at 4096).
+        kv_cache: the KV cache's element type: "f16" (default; llama.cpp's too: half the bytes of
+            a long context, attention reads them widened) or "f32" (keys and values as computed).
         flash_bw / flash_latency: emulate slower flash for a store ("1GB/s", "50us").
         verify: check every checksum of a store before running.
         predictor: for a store, which FFN neurons to load per token: "dense" (all, read every
@@ -155,11 +157,12 @@ class Engine:
         from flashinfer.store_cache import ConvertOptions, source_kind, store_for
 
         path = Path(path)
+        _check_kv_cache(kv_cache)
         kind = source_kind(path)
         store_only = (flash_bw is not None or flash_latency is not None or predictor != "dense" or dram is not None
                       or prefetch or stream_ffn)
         if kind == "hf" and not convert and not store_only and store is None:
-            return cls._open_hf(path, ctx)
+            return cls._open_hf(path, ctx, kv_cache)
         if kind != "store" and convert is False:
             if kind == "gguf":
                 raise ModelPathError(f"{path}: a GGUF file runs from a flash store; open it with convert=True "
@@ -171,10 +174,10 @@ class Engine:
         options = ConvertOptions(ffn_gate="rows") if predictor == "gate" else ConvertOptions()
         path = store_for(path, store, options, progress=progress, notify=notify)
         return cls._open_store(path, ctx, flash_bw, flash_latency, verify, predictor, window, dram, prefetch,
-                               stream_ffn)
+                               stream_ffn, kv_cache)
 
     @classmethod
-    def _open_hf(cls, path: Path, ctx: int | None) -> "Engine":
+    def _open_hf(cls, path: Path, ctx: int | None, kv_cache: str = "f16") -> "Engine":
         from flashinfer.weights import load_hf_weights
         from storage.safetensors import Checkpoint
 
@@ -183,7 +186,7 @@ class Engine:
         ctx = cls._check_ctx(args, ctx)
         checkpoint = Checkpoint.open(path)
         try:
-            model = Model(args, load_hf_weights(args, checkpoint), ctx)
+            model = Model(args, load_hf_weights(args, checkpoint), ctx, kv_cache=kv_cache)
         except BaseException:
             checkpoint.close()
             raise
@@ -191,7 +194,7 @@ class Engine:
 
     @classmethod
     def _open_store(cls, path: Path, ctx, flash_bw, flash_latency, verify: bool, predictor: str,
-                    window: int, dram, prefetch: bool, stream_ffn: bool = False) -> "Engine":
+                    window: int, dram, prefetch: bool, stream_ffn: bool = False, kv_cache: str = "f16") -> "Engine":
         from flashinfer.errors import ConfigError
         from flashinfer.weights import check_store_layout, load_store_weights
         from storage.reader import StoreReader
@@ -208,8 +211,9 @@ class Engine:
             check_store_layout(args, reader.manifest, str(path / "manifest.json"))
             tokenizer = cls._tokenizer_for(path, args)
             ctx = cls._check_ctx(args, ctx)
-            flash_ffn, plan = cls._flash_ffn(reader, args, predictor, window, dram, ctx, prefetch, stream_ffn)
-            model = Model(args, load_store_weights(args, reader), ctx, flash_ffn=flash_ffn)
+            flash_ffn, plan = cls._flash_ffn(reader, args, predictor, window, dram, ctx, prefetch, stream_ffn,
+                                             kv_cache)
+            model = Model(args, load_store_weights(args, reader), ctx, flash_ffn=flash_ffn, kv_cache=kv_cache)
         except BaseException:
             reader.close()
             raise
@@ -220,7 +224,7 @@ class Engine:
 
     @staticmethod
     def _flash_ffn(reader, args: ModelArgs, predictor: str, window: int, dram, ctx: int, prefetch: bool = False,
-                   stream_ffn: bool = False):
+                   stream_ffn: bool = False, kv_cache: str = "f16"):
         """The FFN source for a store, and the memory plan when a DRAM cap is given."""
         from flashinfer.flash_ffn import FlashFFN
         from flashinfer.memory import free_memory_budget, plan_memory, resident_layers_within
@@ -265,7 +269,8 @@ class Engine:
             plan = plan_memory(parse_size(dram), args, reader.manifest, ctx, sparse=predictor_obj is not None,
                                predictor_bytes=getattr(predictor_obj, "nbytes", 0),
                                io_buffer_bytes=io_bytes, scratch_bytes=RunState.scratch_bytes(args, ctx),
-                               sparse_share=sparse_share, runtime_bytes=runtime_bytes, stream_ffn=stream_ffn)
+                               sparse_share=sparse_share, runtime_bytes=runtime_bytes, stream_ffn=stream_ffn,
+                               kv_cache=kv_cache)
             capacities = plan.capacities or capacities
         if stream_ffn and predictor_obj is not None:
             raise GenerationError("stream_ffn applies to the dense predictor: a sparse one reads through its neuron cache")
@@ -649,6 +654,13 @@ def _texts(responses: Iterator[Response]) -> Iterator[str]:
                 yield response.text
     finally:
         responses.close()
+
+
+def _check_kv_cache(kv_cache) -> None:
+    from flashinfer.memory import KV_ELEMENT_BYTES
+
+    if kv_cache not in KV_ELEMENT_BYTES:
+        raise GenerationError(f"kv_cache must be one of {', '.join(KV_ELEMENT_BYTES)}, got {kv_cache!r}")
 
 
 def _load_calibrated(reader, kind: str):

@@ -54,6 +54,7 @@ class MemoryPlan:
     resident_layers: list[int] = field(default_factory=list)
     ffn_resident_bytes: int = 0
     n_layers: int = 0
+    kv_cache: str = "f16"  # the KV cache's element type (KV_ELEMENT_BYTES)
 
     @property
     def total_bytes(self) -> int:
@@ -62,7 +63,7 @@ class MemoryPlan:
 
     def table(self) -> str:
         rows = [("python + numba runtime (measured)", self.runtime_bytes), ("resident weights", self.resident_bytes),
-                ("KV cache", self.kv_bytes), ("activations scratch", self.scratch_bytes),
+                (f"KV cache ({self.kv_cache})", self.kv_bytes), ("activations scratch", self.scratch_bytes),
                 ("flash read buffers", self.io_bytes), ("predictor", self.predictor_bytes),
                 ("neuron caches", self.cache_bytes),
                 (f"FFN resident ({len(self.resident_layers)} of {self.n_layers} layers)", self.ffn_resident_bytes),
@@ -76,8 +77,12 @@ class MemoryPlan:
         return "DRAM plan:\n" + "\n".join(lines)
 
 
-def kv_cache_bytes(args: ModelArgs, ctx: int) -> int:
-    return 2 * args.n_layers * ctx * args.kv_dim * 4  # float32 keys and values
+KV_ELEMENT_BYTES = {"f16": 2, "f32": 4}  # kernels.KV_DTYPES
+
+
+def kv_cache_bytes(args: ModelArgs, ctx: int, kv_cache: str = "f16") -> int:
+    """Keys and values of every layer for ctx positions, in the KV cache's element type."""
+    return 2 * args.n_layers * ctx * args.kv_dim * KV_ELEMENT_BYTES[kv_cache]
 
 
 def resident_in_dram_bytes(manifest, ctx: int) -> int:
@@ -99,19 +104,20 @@ def resident_in_dram_bytes(manifest, ctx: int) -> int:
 
 def plan_memory(cap_bytes: int, args: ModelArgs, manifest, ctx: int, *, sparse: bool, predictor_bytes: int,
                 io_buffer_bytes: int, scratch_bytes: int, sparse_share: float | None = None,
-                runtime_bytes: int | None = None, stream_ffn: bool = False) -> MemoryPlan:
+                runtime_bytes: int | None = None, stream_ffn: bool = False, kv_cache: str = "f16") -> MemoryPlan:
     """Size everything under `cap_bytes`. `sparse_share`: the mean share of a layer's neurons
     the predictor selects per token (from calibration) — the cache must hold well over that.
     `runtime_bytes`: what the process holds before the model (default: its RSS now).
-    `stream_ffn`: the dense path keeps no FFN layer resident (the naive baseline)."""
+    `stream_ffn`: the dense path keeps no FFN layer resident (the naive baseline).
+    `kv_cache`: the KV cache's element type ("f16" or "f32")."""
     runtime = psutil.Process().memory_info().rss if runtime_bytes is None else runtime_bytes
     layers = manifest.ffn_layers
     # the dense path streams each layer through one layer-sized buffer; the sparse path reads
     # straight into the neuron caches' free rows (NeuronCache.free_rows), so it needs none
     layer_buffer = 0 if sparse else max(ffn_layer_bytes(spec) for spec in layers)
     plan = MemoryPlan(cap_bytes=cap_bytes, runtime_bytes=runtime, resident_bytes=resident_in_dram_bytes(manifest, ctx),
-                      kv_bytes=kv_cache_bytes(args, ctx), scratch_bytes=scratch_bytes,
-                      io_bytes=io_buffer_bytes + layer_buffer, predictor_bytes=predictor_bytes)
+                      kv_bytes=kv_cache_bytes(args, ctx, kv_cache), scratch_bytes=scratch_bytes,
+                      io_bytes=io_buffer_bytes + layer_buffer, predictor_bytes=predictor_bytes, kv_cache=kv_cache)
     plan.n_layers = len(layers)
     left = cap_bytes - plan.total_bytes
     if not sparse:
@@ -177,8 +183,10 @@ def free_memory_budget() -> int:
 def _refusal(plan: MemoryPlan, args: ModelArgs, ctx: int, short_bytes: int, cache_share: float | None = None) -> str:
     what = f"neuron caches of {cache_share:.0%} of each layer" if cache_share else "the dense path"
     hints = []
+    if plan.kv_cache == "f32" and plan.kv_bytes // 2 >= short_bytes:
+        hints.append("--kv-cache f16")
     if plan.kv_bytes > short_bytes:
-        per_token = kv_cache_bytes(args, 1)
+        per_token = kv_cache_bytes(args, 1, plan.kv_cache)
         hints.append(f"--ctx {max(16, ctx - -(-short_bytes // per_token))}")
     hints.append(f"--dram {(plan.cap_bytes + short_bytes) / 1e9 + 0.05:.2f}GB")
     if plan.resident_bytes > short_bytes:

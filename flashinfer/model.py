@@ -33,9 +33,10 @@ def add_rows(out: np.ndarray, m: Matrix, rows: np.ndarray) -> None:
 
 
 class RunState:
-    """Scratch activations for up to `chunk` tokens, and the KV cache for `ctx` positions."""
+    """Scratch activations for up to `chunk` tokens, and the KV cache for `ctx` positions in
+    `kv_cache` elements (kernels.KV_DTYPES: "f16" or "f32")."""
 
-    def __init__(self, args: ModelArgs, ctx: int, chunk: int):
+    def __init__(self, args: ModelArgs, ctx: int, chunk: int, kv_cache: str = "f16"):
         self.chunk = chunk
         f32 = np.float32
         self.x = np.zeros((chunk, args.dim), f32)  # residual stream
@@ -43,6 +44,7 @@ class RunState:
         self.block_out = np.zeros((chunk, args.dim), f32)  # attention / FFN output
         self.q = np.zeros((chunk, args.q_dim), f32)
         self.k = np.zeros((chunk, args.kv_dim), f32)  # new keys, stored transposed into k_cache_t
+        self.v = np.zeros((chunk, args.kv_dim), f32)  # new values, stored into v_cache
         self.attn = np.zeros((chunk, args.q_dim), f32)
         self.hidden = np.zeros((chunk, args.ffn_dim), f32)  # act(gate) * up, or act(up)
         self.up = np.zeros((chunk, args.ffn_dim) if args.gated_ffn else (0, 0), f32)
@@ -52,8 +54,9 @@ class RunState:
         self.positions = np.arange(ctx, dtype=np.int64)
         self.logits = np.zeros((1, args.vocab_size), f32)
         # keys transposed ([kv_dim, ctx] per layer), so attention's scores run along positions
-        self.k_cache_t = np.zeros((args.n_layers, args.kv_dim, ctx), f32)
-        self.v_cache = np.zeros((args.n_layers, ctx, args.kv_dim), f32)
+        kv = K.KV_DTYPES[kv_cache]
+        self.k_cache_t = np.zeros((args.n_layers, args.kv_dim, ctx), kv)
+        self.v_cache = np.zeros((args.n_layers, ctx, args.kv_dim), kv)
 
     @property
     def nbytes(self) -> int:
@@ -62,22 +65,25 @@ class RunState:
     @staticmethod
     def scratch_bytes(args: ModelArgs, ctx: int, chunk: int = DEFAULT_CHUNK) -> int:
         """What __init__ allocates besides the KV cache, for the DRAM planner (tested equal)."""
-        per_token = 3 * args.dim + 2 * args.q_dim + args.kv_dim + args.ffn_dim * (2 if args.gated_ffn else 1)
+        per_token = 3 * args.dim + 2 * args.q_dim + 2 * args.kv_dim + args.ffn_dim * (2 if args.gated_ffn else 1)
         score_rows = max(args.n_heads, args.n_heads // args.n_kv_heads * chunk)
         return 4 * (chunk * per_token + args.vocab_size) + ctx * (4 * score_rows + 8)
 
 
 class Model:
-    def __init__(self, args: ModelArgs, weights: ModelWeights, ctx: int, chunk: int = DEFAULT_CHUNK, flash_ffn=None):
+    def __init__(self, args: ModelArgs, weights: ModelWeights, ctx: int, chunk: int = DEFAULT_CHUNK, flash_ffn=None,
+                 kv_cache: str = "f16"):
         """`flash_ffn`: an object whose forward(layer, x, out) computes the FFN from flash
-        (flashinfer/flash_ffn.py); None computes it from the dense matrices in `weights`."""
+        (flashinfer/flash_ffn.py); None computes it from the dense matrices in `weights`.
+        `kv_cache`: the KV cache's element type, "f16" (default, as llama.cpp's) or "f32"."""
         if ctx > args.max_seq_len and args.positional == "learned":
             raise GenerationError(f"ctx {ctx} exceeds this model's {args.max_seq_len} learned positions")
         K.one_blas_thread()  # numba's threads do the parallel work (kernels/__init__.py says why)
         self.args = args
         self.weights = weights
         self.ctx = ctx
-        self.state = RunState(args, ctx, chunk)
+        self.state = RunState(args, ctx, chunk, kv_cache)
+        self.kv_cache = kv_cache
         # per layer (Gemma 3 interleaves sliding-window layers, with their own RoPE base, between global ones)
         self.layer_windows = [args.layer_window(i) for i in range(args.n_layers)]
         self.layer_inv_freq = [args.layer_inv_freq(i) for i in range(args.n_layers)]
@@ -221,7 +227,7 @@ class Model:
         the run state's buffers, the block's weights), built once; building them per call was
         most of the 13 us of Python a block cost."""
         a, s, ffn = self.args, self.state, self.flash_ffn
-        before = (s.x[:1], s.xb[:1], s.q[:1], s.k[:1], s.attn[:1], s.block_out[:1], s.k_cache_t[i], s.v_cache[i])
+        before = (s.x[:1], s.xb[:1], s.q[:1], s.k[:1], s.v[:1], s.attn[:1], s.block_out[:1], s.k_cache_t[i], s.v_cache[i])
         after = (s.positions, self.layer_inv_freq[i], a.norm == "rms", a.norm_eps, layer.attn_norm_w, layer.attn_norm_b,
                  layer.ffn_norm_w, layer.ffn_norm_b, layer.wq, layer.bq, layer.wk, layer.bk, layer.wv, layer.bv,
                  layer.wo, layer.bo, a.positional == "rope", a.head_dim, a.n_kv_heads, self.layer_windows[i], s.scores, views,
@@ -235,7 +241,7 @@ class Model:
         n = xb.shape[0]
         q = s.q[:n]
         k = s.k[:n]
-        v = s.v_cache[i, start : start + n]  # new values go straight into the cache
+        v = s.v[:n]
         linear(xb, layer.wq, layer.bq, q)
         linear(xb, layer.wk, layer.bk, k)
         linear(xb, layer.wv, layer.bv, v)
@@ -247,7 +253,7 @@ class Model:
         if a.positional == "rope":
             positions = s.positions[start : start + n]
             K.rope_qk(q, k, positions, self.layer_inv_freq[i], a.head_dim)
-        K.store_keys(k, s.k_cache_t[i], start)
+        K.store_kv(k, v, s.k_cache_t[i], s.v_cache[i], start)
         attn = s.attn[:n]
         K.attention_for(n, start + n, a.q_dim)(q, s.k_cache_t[i], s.v_cache[i], start, a.n_kv_heads, a.head_dim,
                                                self.layer_windows[i], s.scores, attn)

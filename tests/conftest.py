@@ -46,15 +46,16 @@ def load_golden(name: str) -> dict:
 
 @pytest.fixture(scope="session")
 def engines():
-    """Engines opened once per test session, by fixture name (opening compiles nothing twice)."""
+    """Engines opened once per test session, by fixture name and KV cache element type (opening
+    compiles nothing twice)."""
     from flashinfer import Engine
 
     opened = {}
 
-    def get(name: str):
-        if name not in opened:
-            opened[name] = Engine.open(FIXTURES / name)
-        return opened[name]
+    def get(name: str, kv_cache: str = "f16"):
+        if (name, kv_cache) not in opened:
+            opened[name, kv_cache] = Engine.open(FIXTURES / name, kv_cache=kv_cache)
+        return opened[name, kv_cache]
 
     yield get
     for engine in opened.values():

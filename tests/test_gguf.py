@@ -45,7 +45,9 @@ def tiny(tmp_path_factory):
 
 
 def _logits(path: Path) -> list[np.ndarray]:
-    with Engine.open(path) as engine:
+    """Logits of SEQS with float32 keys and values: routes to the same weights compare exactly
+    (an f16 cache can round two nearly equal keys apart)."""
+    with Engine.open(path, kv_cache="f32") as engine:
         return [engine.logits(ids) for ids in SEQS]
 
 
@@ -217,7 +219,7 @@ def test_a_qwen2_gguf_makes_the_store_of_its_hf_checkpoint(tmp_path):
            {k: v for k, v in b["model_config"].items() if k not in ids_of_tokens}
     assert {k: v["checksum"] for k, v in a["resident"].items()} == {k: v["checksum"] for k, v in b["resident"].items()}
     golden = np.load(FIXTURES / "qwen2" / "golden.npz")
-    with Engine.open(from_gguf) as engine:
+    with Engine.open(from_gguf, kv_cache="f32") as engine:  # float32 throughout, as the reference
         np.testing.assert_allclose(engine.logits(golden["prompt_ids"].tolist()), golden["logits"], atol=1e-3, rtol=0)
 
 
@@ -255,7 +257,7 @@ def test_a_gemma3_gguf_runs_as_its_hf_checkpoint(tmp_path):
     assert {k: v for k, v in a["model_config"].items() if k not in differ} == \
            {k: v for k, v in b["model_config"].items() if k not in differ}
     golden = np.load(hf_dir / "golden.npz")
-    with Engine.open(store) as engine:
+    with Engine.open(store, kv_cache="f32") as engine:  # float32 throughout, as the reference
         engine.model.args = dataclasses.replace(engine.model.args, query_scale=a["model_config"]["query_scale"])
         np.testing.assert_allclose(engine.logits(golden["prompt_ids"].tolist()), golden["logits"], atol=1e-3, rtol=0)
 

@@ -211,19 +211,47 @@ def test_rope():
     np.testing.assert_array_equal(k, k_alone)
 
 
+@pytest.mark.parametrize("kv_cache", ["f32", "f16"])
 @pytest.mark.parametrize("kernel", ["attention", "attention_serial", "attention_blas"])
 @pytest.mark.parametrize("n_kv_heads,window", [(4, 0), (2, 0), (1, 3)])
-def test_attention_gqa_and_window(n_kv_heads, window, kernel):
+def test_attention_gqa_and_window(n_kv_heads, window, kernel, kv_cache):
     head_dim, n_heads, ctx, start, n_tokens = 8, 4, 16, 5, 4
     q = randn(n_tokens, n_heads * head_dim) * 3  # scores spread over several units: a real softmax
     k_cache, v_cache = randn(ctx, n_kv_heads * head_dim), randn(ctx, n_kv_heads * head_dim)
-    k_cache_t = np.zeros((n_kv_heads * head_dim, ctx), np.float32)
-    K.store_keys(k_cache, k_cache_t, 0)
-    np.testing.assert_array_equal(k_cache_t, k_cache.T)
+    kv = K.KV_DTYPES[kv_cache]
+    k_cache_t, v_stored = np.zeros((n_kv_heads * head_dim, ctx), kv), np.zeros((ctx, n_kv_heads * head_dim), kv)
+    K.store_kv(k_cache, v_cache, k_cache_t, v_stored, 0)
+    if kv_cache == "f16":  # stored rounded to the nearest half; the reference gets the same values
+        k_cache, v_cache = (c.astype(np.float16).astype(np.float32) for c in (k_cache, v_cache))
+        np.testing.assert_array_equal(k_cache_t, k_cache.T.astype(np.float16).view(np.uint16))
+        np.testing.assert_array_equal(v_stored, v_cache.astype(np.float16).view(np.uint16))
+    else:
+        np.testing.assert_array_equal(k_cache_t, k_cache.T)
+        np.testing.assert_array_equal(v_stored, v_cache)
     out, scores = np.empty_like(q), np.empty((n_heads * n_tokens, ctx), np.float32)
-    getattr(K, kernel)(q, k_cache_t, v_cache, start, n_kv_heads, head_dim, window, scores, out)
+    getattr(K, kernel)(q, k_cache_t, v_stored, start, n_kv_heads, head_dim, window, scores, out)
     expected = ref.attention(q, k_cache, v_cache, start, n_kv_heads, head_dim, window)
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_f16_bits_rounds_as_numpy():
+    """The KV cache's float32 -> half rounding (ties to even, subnormals, overflow, NaN) is
+    numpy's astype(float16), bit for bit."""
+    from numba import njit
+
+    @njit
+    def narrow(x, out):
+        for i in range(x.shape[0]):
+            out[i] = K.f16_bits(x[i])
+
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.standard_normal(20000).astype(np.float32) * s for s in (1e-8, 1e-5, 1, 1e3, 7e4)]
+                       + [np.array([0, -0.0, np.inf, -np.inf, np.nan, 65504, 65519.9, 65520, 6.1e-5, 5.96e-8,
+                                    2.98e-8, 2.99e-8, 1 + 2**-11, 1 + 3 * 2**-11], np.float32)])
+    out = np.empty(x.shape, np.uint16)
+    narrow(x, out)
+    with np.errstate(over="ignore"):
+        np.testing.assert_array_equal(out, x.astype(np.float16).view(np.uint16))
 
 
 def test_exp_nonpositive_is_exp_to_float_precision():

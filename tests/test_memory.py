@@ -19,18 +19,30 @@ MANIFEST_7B = SimpleNamespace(resident_bytes=850_000_000,
                               ffn_layers=[SimpleNamespace(n_neurons=14336, bundle_bytes=6912, matrices=())] * 32)
 
 
-def plan(cap, ctx, share=0.1, sparse=True, stream_ffn=False):
+def plan(cap, ctx, share=0.1, sparse=True, stream_ffn=False, kv_cache="f16"):
     return plan_memory(cap, MISTRAL_7B, MANIFEST_7B, ctx, sparse=sparse, predictor_bytes=40_000_000,
                        io_buffer_bytes=5 * 2**20, scratch_bytes=RunState.scratch_bytes(MISTRAL_7B, ctx),
                        sparse_share=share, runtime_bytes=150 * 2**20,  # a flashinfer process measures ~150 MB
-                       stream_ffn=stream_ffn)
+                       stream_ffn=stream_ffn, kv_cache=kv_cache)
 
 
 def test_scratch_estimate_equals_what_runstate_allocates():
     args = ModelArgs.from_hf_config(MISTRAL | {"num_hidden_layers": 2, "hidden_size": 256, "intermediate_size": 512,
                                                "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1000})
-    state = RunState(args, ctx=64, chunk=16)
-    assert state.nbytes - kv_cache_bytes(args, 64) == RunState.scratch_bytes(args, 64, chunk=16)
+    for kv_cache in ("f16", "f32"):
+        state = RunState(args, ctx=64, chunk=16, kv_cache=kv_cache)
+        assert state.nbytes - kv_cache_bytes(args, 64, kv_cache) == RunState.scratch_bytes(args, 64, chunk=16)
+
+
+def test_an_f16_kv_cache_leaves_a_long_context_room_for_neurons():
+    """Mistral-7B's KV cache at 2048 tokens: 512 MiB as float32, 256 MiB as halves (the default).
+    At 2 GB the f32 one leaves too little for the neuron caches; the refusal names --kv-cache f16."""
+    assert kv_cache_bytes(MISTRAL_7B, 2048, "f32") == 512 * 2**20 == 2 * kv_cache_bytes(MISTRAL_7B, 2048)
+    halves = plan(2_000_000_000, ctx=2048, share=0.05)
+    assert halves.kv_bytes == 256 * 2**20 and "KV cache (f16)" in halves.table()
+    with pytest.raises(BudgetError) as e:
+        plan(2_000_000_000, ctx=2048, share=0.05, kv_cache="f32")
+    assert "Would fit: --kv-cache f16 or --ctx " in str(e.value) and "KV cache (f32)" in str(e.value)
 
 
 def test_7b_fits_2gb_with_a_short_context():

@@ -40,7 +40,7 @@ def stores(tmp_path_factory):
 @pytest.mark.parametrize("name", GOLDEN_MODELS)
 def test_f32_store_matches_transformers(stores, name):
     golden = load_golden(name)
-    with Engine.open(stores(name)) as engine:
+    with Engine.open(stores(name), kv_cache="f32") as engine:  # float32 throughout, as the reference
         logits = engine.logits(golden["prompt_ids"].tolist())
         greedy = engine.generate(golden["prompt_ids"].tolist(), max_tokens=16).token_ids
     assert np.abs(logits - golden["logits"]).max() <= 1e-4
@@ -50,9 +50,9 @@ def test_f32_store_matches_transformers(stores, name):
 def test_f16_store_equals_f16_checkpoint(stores, engines):
     """Same precision, two routes: the dense HF path and the store's bundles."""
     ids = load_golden("llama_f16_sharded")["prompt_ids"].tolist()
-    with Engine.open(stores("llama_f16_sharded", "f16", "f16")) as engine:
+    with Engine.open(stores("llama_f16_sharded", "f16", "f16"), kv_cache="f32") as engine:
         from_store = engine.logits(ids)
-    assert np.abs(from_store - engines("llama_f16_sharded").logits(ids)).max() <= 1e-5
+    assert np.abs(from_store - engines("llama_f16_sharded", kv_cache="f32").logits(ids)).max() <= 1e-5
 
 
 # Error each scheme adds on the fixtures (logits of the 46-token prompt vs f32 transformers).

@@ -14,7 +14,7 @@ from numba import njit, typeof
 from numba.core.typing.typeof import Purpose
 from numba.extending import overload
 
-from .attention import ATTENTION_PARALLEL_MIN_WORK, attention, attention_serial, rope_qk, store_keys
+from .attention import ATTENTION_PARALLEL_MIN_WORK, attention, attention_serial, rope_qk, store_kv
 from .blocks import FAST
 from .ffn import ffn_down_rows, ffn_rows, ffn_rows_parallel
 from .matmul import linear as _linear, matmul3
@@ -66,15 +66,15 @@ def _block_ffn_jit(xb, v, n_neurons, act, ffn_parallel, partial, ffn_up, ffn_hid
 
 
 @njit(cache=True, nogil=True, fastmath=FAST)
-def decode_layer(x, xb, q, k, attn, block_out, k_cache_t, v_cache, start, positions, inv_freq, rms, eps,
+def decode_layer(x, xb, q, k, v, attn, block_out, k_cache_t, v_cache, start, positions, inv_freq, rms, eps,
                  attn_norm_w, attn_norm_b, ffn_norm_w, ffn_norm_b, wq, bq, wk, bk, wv, bv, wo, bo, use_rope,
                  head_dim, n_kv_heads, window, scores, ffn, n_neurons, act, ffn_parallel, partial, b_down, shared_qkv,
                  ffn_up, ffn_hidden, qk_norm, q_norm_w, k_norm_w, query_scale, sandwich, attn_post_norm_w,
                  ffn_post_norm_w):
     """x [1, dim] += attn(norm(x)); then x += ffn(norm(x)), a pre-norm block (Llama, Mistral,
     Qwen2; OPT-125m's pre-LN too) at position `start`. Matrices are weights.Matrix tuples, `ffn`
-    the block's resident bundles as flash_ffn.BundleViews; xb/q/k/attn/block_out [1, ...] scratch
-    rows; the new value row is written straight into v_cache[start]. ffn_parallel: whether the
+    the block's resident bundles as flash_ffn.BundleViews; xb/q/k/v/attn/block_out [1, ...] scratch
+    rows; the new key and value go into k_cache_t / v_cache in their element type (store_kv). ffn_parallel: whether the
     FFN runs on all cores (flash_ffn.ffn_over_bundles decides it the same way), `partial` its
     per-thread sums; shared_qkv: wq, wk and wv share a scheme and group (matmul3); ffn_up /
     ffn_hidden: scratch [>= 1, n_neurons] of a layer that keeps W_down as rows (ffn.down_rows).
@@ -83,11 +83,11 @@ def decode_layer(x, xb, q, k, attn, block_out, k_cache_t, v_cache, start, positi
     attn_post_norm_w / ffn_post_norm_w before the residual adds)."""
     _norm(rms, x, attn_norm_w, attn_norm_b, eps, xb)
     if shared_qkv:  # one scheme and group: one prepared input, one parallel region
-        matmul3(xb, wq, bq, q, wk, bk, k, wv, bv, v_cache[start : start + 1])
+        matmul3(xb, wq, bq, q, wk, bk, k, wv, bv, v)
     else:
         _linear(xb, wq, bq, q)
         _linear(xb, wk, bk, k)
-        _linear(xb, wv, bv, v_cache[start : start + 1])
+        _linear(xb, wv, bv, v)
     if qk_norm:
         qh, kh = q.reshape(-1, head_dim), k.reshape(-1, head_dim)
         rmsnorm(qh, q_norm_w, eps, qh)
@@ -96,7 +96,7 @@ def decode_layer(x, xb, q, k, attn, block_out, k_cache_t, v_cache, start, positi
         q *= query_scale
     if use_rope:
         rope_qk(q, k, positions[start : start + 1], inv_freq, head_dim)
-    store_keys(k, k_cache_t, start)
+    store_kv(k, v, k_cache_t, v_cache, start)
     if (start + 1) * q.shape[1] >= ATTENTION_PARALLEL_MIN_WORK:
         attention(q, k_cache_t, v_cache, start, n_kv_heads, head_dim, window, scores, attn)
     else:
