@@ -55,6 +55,7 @@ class MemoryPlan:
     ffn_resident_bytes: int = 0
     n_layers: int = 0
     kv_cache: str = "f16"  # the KV cache's element type (KV_ELEMENT_BYTES)
+    resident_quant: str | None = None  # the store's resident scheme (its manifest's quant["resident"])
 
     @property
     def total_bytes(self) -> int:
@@ -78,6 +79,7 @@ class MemoryPlan:
 
 
 KV_ELEMENT_BYTES = {"f16": 2, "f32": 4}  # kernels.KV_DTYPES
+FOUR_BIT_SCHEMES = ("q4", "q4a", "q4k")  # a store resident in these has no lower-bit store to suggest
 
 
 def kv_cache_bytes(args: ModelArgs, ctx: int, kv_cache: str = "f16") -> int:
@@ -117,7 +119,8 @@ def plan_memory(cap_bytes: int, args: ModelArgs, manifest, ctx: int, *, sparse: 
     layer_buffer = 0 if sparse else max(ffn_layer_bytes(spec) for spec in layers)
     plan = MemoryPlan(cap_bytes=cap_bytes, runtime_bytes=runtime, resident_bytes=resident_in_dram_bytes(manifest, ctx),
                       kv_bytes=kv_cache_bytes(args, ctx, kv_cache), scratch_bytes=scratch_bytes,
-                      io_bytes=io_buffer_bytes + layer_buffer, predictor_bytes=predictor_bytes, kv_cache=kv_cache)
+                      io_bytes=io_buffer_bytes + layer_buffer, predictor_bytes=predictor_bytes, kv_cache=kv_cache,
+                      resident_quant=(getattr(manifest, "quant", None) or {}).get("resident"))
     plan.n_layers = len(layers)
     left = cap_bytes - plan.total_bytes
     if not sparse:
@@ -189,10 +192,24 @@ def _refusal(plan: MemoryPlan, args: ModelArgs, ctx: int, short_bytes: int, cach
         per_token = kv_cache_bytes(args, 1, plan.kv_cache)
         hints.append(f"--ctx {max(16, ctx - -(-short_bytes // per_token))}")
     hints.append(f"--dram {(plan.cap_bytes + short_bytes) / 1e9 + 0.05:.2f}GB")
-    if plan.resident_bytes > short_bytes:
+    if plan.resident_bytes > short_bytes and plan.resident_quant not in FOUR_BIT_SCHEMES:
         hints.append("a store with lower-bit resident weights (flashinfer convert --resident-quant q4)")
     return (f"a DRAM cap of {plan.cap_bytes / 1e6:.0f} MB cannot hold this model with {what}: "
             f"{short_bytes / 1e6:.0f} MB short. Would fit: {' or '.join(hints)}.\n{plan.table()}")
+
+
+def release_freed_heap() -> None:
+    """Return the C heap's freed memory to the OS (glibc's malloc_trim; elsewhere nothing).
+    Laying the resident matrices out (weights.interleave_rows) frees temporaries of each matrix
+    that stay in the heap's RSS: 50 MB on the Mistral-7B shape at q4, measured 2026-12-07
+    (1170 -> 1121 MiB before its warm-up), which no plan line holds."""
+    import ctypes
+
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return
+    trim(0)
 
 
 def peak_rss_bytes() -> int:

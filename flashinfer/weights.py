@@ -380,6 +380,8 @@ def matrix_from_quantized(qt) -> Matrix:
 
 def load_store_weights(args: ModelArgs, reader) -> ModelWeights:
     """Resident tensors of a flash store as zero-copy views; the FFN stays on flash (None)."""
+    from flashinfer.memory import release_freed_heap
+
     resident = reader.manifest.resident
 
     def get(canonical: str) -> np.ndarray | Matrix | None:
@@ -398,7 +400,9 @@ def load_store_weights(args: ModelArgs, reader) -> ModelWeights:
             return woven
         return matrix
 
-    return ModelWeights.from_tensors(args, get)
+    weights = ModelWeights.from_tensors(args, get)
+    release_freed_heap()  # the layout's temporaries (flashinfer/memory.py)
+    return weights
 
 
 MATMUL_MATRICES = ("attn.wq.weight", "attn.wk.weight", "attn.wv.weight", "attn.wo.weight", "lm_head.weight")

@@ -130,6 +130,21 @@ class OraclePredictor:
         active = (self.pre_activations(layer, x) > self.threshold).any(axis=0)
         return np.flatnonzero(active)
 
+    @property
+    def nbytes(self) -> int:
+        """What the rows hold in DRAM, for the planner: each distinct array they are views of,
+        once (oracle_from_store's rows are views of whole bundles, which stay alive with them;
+        the planner counted 0 and a run whose plan filled its cap peaked over it)."""
+        held = {}
+        for w in self.weights:
+            for a in (w if isinstance(w, tuple) else (w,)):
+                if isinstance(a, np.ndarray):
+                    base = a
+                    while isinstance(base.base, np.ndarray):
+                        base = base.base
+                    held[id(base)] = base.nbytes
+        return sum(held.values())
+
 
 class StaticPredictor:
     name = "static"

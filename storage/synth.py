@@ -153,6 +153,7 @@ PRESETS: dict[str, SynthShape] = {
     "tiny": SynthShape("llama", 64, 2, 4, 4, 256, 512, 512),
     "tiny-opt": SynthShape("opt", 64, 2, 4, 4, 256, 512, 512),  # the OPT path, for fast tests
     "tiny-256": SynthShape("llama", 256, 2, 4, 2, 512, 512, 512),  # rows of 256: Q4_K's super-blocks
+    "small": SynthShape("llama", 512, 4, 8, 4, 4096, 1024, 512),  # FFN of ~20 MB at q8: plans whose caches matter
     "1b": SynthShape("llama", 2048, 16, 16, 4, 5632, 32000, 2048),  # TinyLlama-like
     "opt-6.7b": SynthShape("opt", 4096, 32, 32, 32, 16384, 50272, 2048),
     "llama-2-7b-relu": SynthShape("llama", 4096, 32, 32, 32, 11008, 32000, 4096),  # ReluLLaMA / ProSparse

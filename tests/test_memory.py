@@ -45,6 +45,17 @@ def test_an_f16_kv_cache_leaves_a_long_context_room_for_neurons():
     assert "Would fit: --kv-cache f16 or --ctx " in str(e.value) and "KV cache (f32)" in str(e.value)
 
 
+def test_a_refusal_suggests_lower_bit_resident_weights_only_where_there_are_some():
+    """A store resident in q4 already has no lower-bit store to convert to (the 7B's refusal said so)."""
+    for resident, suggested in (("q8", True), ("q4", False)):
+        manifest = SimpleNamespace(**vars(MANIFEST_7B), quant={"ffn": "q4", "resident": resident})
+        with pytest.raises(BudgetError) as e:
+            plan_memory(1_200_000_000, MISTRAL_7B, manifest, 512, sparse=True, predictor_bytes=40_000_000,
+                        io_buffer_bytes=5 * 2**20, scratch_bytes=RunState.scratch_bytes(MISTRAL_7B, 512),
+                        sparse_share=0.1, runtime_bytes=150 * 2**20)
+        assert ("--resident-quant q4" in str(e.value)) == suggested
+
+
 def test_7b_fits_2gb_with_a_short_context():
     p = plan(2_000_000_000, ctx=512)
     assert p.total_bytes <= p.cap_bytes
@@ -127,3 +138,32 @@ with Engine.open(store, predictor="oracle", dram="400MB", window=3) as engine:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     cap, planned, peak = map(int, out.split())
     assert planned <= cap and peak <= cap
+
+
+def test_a_plan_that_fills_the_cap_holds_in_a_child_process(tmp_path):
+    """A cap at which the neuron caches get about half of each layer: the plan then fills the
+    cap to within 2% (the caches take what is left), and the process's measured peak RSS after
+    32 tokens stays under it. A part of the process the plan does not count (beyond its 64 MiB
+    headroom) would show here as a peak over the cap."""
+    synthesize("small", tmp_path / "m", sparsity=0.9)  # an FFN of ~20 MB: well above the runtime's jitter
+    store = tmp_path / "s"
+    code = f"""
+import sys
+from flashinfer import Engine
+from flashinfer.memory import peak_rss_bytes
+with Engine.open({str(store)!r}, predictor="oracle", dram=sys.argv[1], window=3) as engine:
+    engine.generate("hello there", max_tokens=32)
+    p = engine.memory_plan
+    full = sum(s.n_neurons * (s.bundle_bytes + 4) + s.n_neurons * 12 for s in engine.model.flash_ffn.reader.manifest.ffn_layers)
+    print(p.cap_bytes, p.total_bytes, p.cache_bytes, full, peak_rss_bytes())
+"""
+    from flashinfer.convert import convert_checkpoint
+
+    convert_checkpoint(tmp_path / "m", store, quant="q8", resident_quant="q8")
+    run = lambda cap: list(map(int, subprocess.run([sys.executable, "-c", code, cap], capture_output=True, text=True,
+                                                     check=True).stdout.split()))
+    _, total, caches, full, _ = run("400MB")  # loose: caches hold whole layers; also fills numba's disk cache
+    cap = total - caches + full // 2
+    cap, planned, caches, full, peak = run(str(cap))
+    assert 0.98 * cap <= planned <= cap and caches < full  # the caches got what was left, not whole layers
+    assert peak <= cap
