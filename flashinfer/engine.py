@@ -120,7 +120,7 @@ class Engine:
              flash_latency: str | float | None = None, verify: bool = False, predictor: str = "dense",
              window: int = 5, dram: str | int | None = None, prefetch: bool = False,
              stream_ffn: bool = False, store: str | Path | None = None, convert: bool | None = None,
-             progress=None, notify=None, kv_cache: str = "f16") -> "Engine":
+             progress=None, notify=None, kv_cache: str = "f16", _footprint: bool = False) -> "Engine":
         """Open a flash store (made by `flashinfer convert`), a llama.cpp GGUF file or a Hugging
         Face model directory (config.json, *.safetensors, tokenizer.json).
 
@@ -173,8 +173,13 @@ class Engine:
         # the gate predictor reads W_gate whole: a GGUF or HF model converts into that layout for it
         options = ConvertOptions(ffn_gate="rows") if predictor == "gate" else ConvertOptions()
         path = store_for(path, store, options, progress=progress, notify=notify)
+        if dram is not None and not _footprint:  # compile outside the cap, before the plan (flashinfer/precompile.py)
+            from flashinfer.precompile import compile_in_child
+
+            compile_in_child(path, {"predictor": predictor, "window": window, "prefetch": prefetch,
+                                    "stream_ffn": stream_ffn, "kv_cache": kv_cache}, notify)
         return cls._open_store(path, ctx, flash_bw, flash_latency, verify, predictor, window, dram, prefetch,
-                               stream_ffn, kv_cache)
+                               stream_ffn, kv_cache, _footprint)
 
     @classmethod
     def _open_hf(cls, path: Path, ctx: int | None, kv_cache: str = "f16") -> "Engine":
@@ -194,7 +199,8 @@ class Engine:
 
     @classmethod
     def _open_store(cls, path: Path, ctx, flash_bw, flash_latency, verify: bool, predictor: str,
-                    window: int, dram, prefetch: bool, stream_ffn: bool = False, kv_cache: str = "f16") -> "Engine":
+                    window: int, dram, prefetch: bool, stream_ffn: bool = False, kv_cache: str = "f16",
+                    footprint: bool = False) -> "Engine":
         from flashinfer.errors import ConfigError
         from flashinfer.weights import check_store_layout, load_store_weights
         from storage.reader import StoreReader
@@ -212,7 +218,7 @@ class Engine:
             tokenizer = cls._tokenizer_for(path, args)
             ctx = cls._check_ctx(args, ctx)
             flash_ffn, plan = cls._flash_ffn(reader, args, predictor, window, dram, ctx, prefetch, stream_ffn,
-                                             kv_cache)
+                                             kv_cache, footprint)
             model = Model(args, load_store_weights(args, reader), ctx, flash_ffn=flash_ffn, kv_cache=kv_cache)
         except BaseException:
             reader.close()
@@ -224,8 +230,10 @@ class Engine:
 
     @staticmethod
     def _flash_ffn(reader, args: ModelArgs, predictor: str, window: int, dram, ctx: int, prefetch: bool = False,
-                   stream_ffn: bool = False, kv_cache: str = "f16"):
-        """The FFN source for a store, and the memory plan when a DRAM cap is given."""
+                   stream_ffn: bool = False, kv_cache: str = "f16", footprint: bool = False):
+        """The FFN source for a store, and the memory plan when a DRAM cap is given. footprint:
+        the kernels' types at a small size (flashinfer/precompile.py's child): footprint_rows
+        cache rows a layer, or the first FFN layer resident and the others streamed."""
         from flashinfer.flash_ffn import FlashFFN
         from flashinfer.memory import free_memory_budget, plan_memory, resident_layers_within
         from flashinfer.sparse_ffn import OVERFLOW_SCRATCH_BYTES, SparseFFN, oracle_from_store
@@ -280,11 +288,17 @@ class Engine:
                                       "reads every neuron anyway")
             if stream_ffn:
                 resident = []
+            elif footprint:  # a resident layer's one-call block and a streamed layer's kernels both compile
+                resident = [0]
             elif plan is not None:
                 resident = plan.resident_layers
             else:  # no cap: keep what the machine has room for (flashinfer/memory.py)
                 resident = resident_layers_within(layers, free_memory_budget())
             return FlashFFN(reader, args, frozenset(resident)), plan
+        if footprint:
+            from flashinfer.precompile import footprint_rows
+
+            capacities = [footprint_rows(spec.n_neurons, args.dim) for spec in layers]
         return SparseFFN(reader, args, predictor_obj, capacities, window, prefetch=prefetch), plan
 
     @staticmethod
@@ -319,17 +333,32 @@ class Engine:
         to the first set (the default test suite: most of its engines never decode twice, and each
         model type's decode_layer is a compile of its own)."""
         t0 = time.perf_counter()
+        mode = os.environ.get(WARM_UP_ENV)
         self.model.reset()
         self.model.forward(np.zeros(1, np.int64))
-        if os.environ.get(WARM_UP_ENV) == "first-token":
+        if mode == "first-token":
             self.model.reset()
             return time.perf_counter() - t0
         if self.model.fuses_decode():
             self.model.forward(np.zeros(1, np.int64))
         self.model.reset()
         self.model.forward(np.zeros(2, np.int64))
+        if mode == "all-paths":  # flashinfer/precompile.py's child: every kernel a prompt of any length picks
+            self._warm_up_prompt_paths()
         self.model.reset()
         return time.perf_counter() - t0
+
+    def _warm_up_prompt_paths(self) -> None:
+        """Prompts of 4, 8 and a whole chunk of tokens: the kernels chosen by a prompt's length
+        (serial or parallel matmuls by work, rows reused from 4 tokens on, attention through BLAS
+        from 8) are monotone in it, so these and the 1- and 2-token passes cover every length
+        (a 16-token prompt compiled 144 more numba functions after the standard warm-up)."""
+        from flashinfer import kernels as K
+
+        for n in (K.ROW_REUSE_MIN_TOKENS, K.ATTENTION_BLAS_MIN_TOKENS, self.model.state.chunk):
+            if n <= self.model.ctx:  # distinct tokens: a sparse layer's selection is their union, as a prompt's
+                self.model.reset()
+                self.model.forward(np.arange(n, dtype=np.int64) % self.args.vocab_size)
 
     @property
     def ctx(self) -> int:

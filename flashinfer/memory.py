@@ -10,8 +10,9 @@ from flash every token). It refuses
 a configuration that cannot fit and says what would (a shorter context, a lower-bit
 store, a larger cap). After generation, the process's peak RSS is compared with the cap.
 
-Not counted: the first-ever run's JIT compilation (LLVM peaks near 550 MB). It happens once
-per machine; numba caches the compiled kernels on disk (`@njit(cache=True)`).
+Not counted: JIT compilation (LLVM peaks near 550 MB). A capped run compiles its kernels in a
+child process before it plans (flashinfer/precompile.py), once per configuration; the parent
+loads the machine code from numba's on-disk cache (`@njit(cache=True)`).
 """
 
 from __future__ import annotations
