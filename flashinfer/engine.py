@@ -224,6 +224,11 @@ class Engine:
             reader.close()
             raise
         resources = [r for r in (flash_ffn, reader) if hasattr(r, "close")]  # the read-ahead thread first
+        if plan is not None:  # the plan counts a context's rows of each lookup table (memory.resident_in_dram_bytes)
+            from storage.format import lookup_tables
+
+            tables = lookup_tables(reader.manifest.resident)
+            model.release_lookup_pages = lambda: [reader.release_resident(name) for name in tables]
         engine = cls(args, tokenizer, model, resources, path)
         engine.memory_plan = plan
         return engine
@@ -430,10 +435,23 @@ class Engine:
         return np.asarray(ids, dtype=np.int64)
 
     # ---- evaluation ---------------------------------------------------------------
-    def logits(self, token_ids: Sequence[int]) -> np.ndarray:
-        """Logits float32 [len(token_ids), vocab] of the whole sequence, from an empty cache."""
+    def logits(self, token_ids: Sequence[int], out: np.ndarray | None = None) -> np.ndarray:
+        """Logits float32 [len(token_ids), vocab] of the whole sequence, from an empty cache.
+        out: a float32 array of that shape to fill and return (e.g. an np.memmap): under a DRAM
+        cap, a result of more than memory.LOGITS_PLAN_ROWS rows is not in the plan and needs one."""
         ids = self._prompt_ids(token_ids)
-        out = np.empty((len(ids), self.args.vocab_size), np.float32)
+        shape = (len(ids), self.args.vocab_size)
+        if out is None:
+            plan = self.memory_plan
+            if plan is not None and len(ids) * self.args.vocab_size * 4 > plan.logits_bytes:
+                raise GenerationError(
+                    f"logits of {len(ids)} tokens take {len(ids) * self.args.vocab_size * 4 / 1e6:.0f} MB, more than "
+                    f"the {plan.logits_bytes / 1e6:.0f} MB the DRAM plan holds for them: pass out=, a float32 array of "
+                    f"shape {shape} of your own (an np.memmap of a file keeps it off the cap), or ask for "
+                    f"<= {plan.logits_bytes // (self.args.vocab_size * 4)} tokens")
+            out = np.empty(shape, np.float32)
+        elif out.shape != shape or out.dtype != np.float32:
+            raise GenerationError(f"out must be a float32 array of shape {shape}, got {out.dtype} {out.shape}")
         with self._hold():
             self.model.reset()
             self.model.forward(ids, out)

@@ -25,6 +25,9 @@ import psutil
 from flashinfer.config import ModelArgs
 from flashinfer.errors import FlashinferError
 
+# Rows of an Engine.logits result the plan holds ([rows, vocab] float32); a longer result under a
+# cap is refused unless the caller passes its own buffer (Engine.logits(out=...))
+LOGITS_PLAN_ROWS = 64
 RUNTIME_HEADROOM = 64 * 2**20  # allocator slack, numba's per-call temporaries, Python objects made while running
 MIN_CACHE_SHARE = 0.15  # a sparse cache smaller than this share of a layer thrashes; refuse below it
 # Cache rows per predicted-active neuron (the calibration's largest per-layer share per token).
@@ -48,6 +51,7 @@ class MemoryPlan:
     scratch_bytes: int
     io_bytes: int
     predictor_bytes: int
+    logits_bytes: int = 0  # an Engine.logits result of LOGITS_PLAN_ROWS rows
     cache_bytes: int = 0
     capacities: list[int] = field(default_factory=list)  # neuron-cache rows per layer
     warning: str | None = None  # a plan that runs but below the advised cache size says so
@@ -61,12 +65,14 @@ class MemoryPlan:
     @property
     def total_bytes(self) -> int:
         return (self.runtime_bytes + self.resident_bytes + self.kv_bytes + self.scratch_bytes + self.io_bytes
-                + self.predictor_bytes + self.cache_bytes + self.ffn_resident_bytes + RUNTIME_HEADROOM)
+                + self.predictor_bytes + self.logits_bytes + self.cache_bytes + self.ffn_resident_bytes
+                + RUNTIME_HEADROOM)
 
     def table(self) -> str:
         rows = [("python + numba runtime (measured)", self.runtime_bytes), ("resident weights", self.resident_bytes),
                 (f"KV cache ({self.kv_cache})", self.kv_bytes), ("activations scratch", self.scratch_bytes),
                 ("flash read buffers", self.io_bytes), ("predictor", self.predictor_bytes),
+                (f"logits() result ({LOGITS_PLAN_ROWS} rows)", self.logits_bytes),
                 ("neuron caches", self.cache_bytes),
                 (f"FFN resident ({len(self.resident_layers)} of {self.n_layers} layers)", self.ffn_resident_bytes),
                 ("headroom", RUNTIME_HEADROOM)]
@@ -121,6 +127,7 @@ def plan_memory(cap_bytes: int, args: ModelArgs, manifest, ctx: int, *, sparse: 
     plan = MemoryPlan(cap_bytes=cap_bytes, runtime_bytes=runtime, resident_bytes=resident_in_dram_bytes(manifest, ctx),
                       kv_bytes=kv_cache_bytes(args, ctx, kv_cache), scratch_bytes=scratch_bytes,
                       io_bytes=io_buffer_bytes + layer_buffer, predictor_bytes=predictor_bytes, kv_cache=kv_cache,
+                      logits_bytes=LOGITS_PLAN_ROWS * args.vocab_size * 4,
                       resident_quant=(getattr(manifest, "quant", None) or {}).get("resident"))
     plan.n_layers = len(layers)
     left = cap_bytes - plan.total_bytes

@@ -94,6 +94,9 @@ class Model:
             flash_ffn.hidden.use(self.state.hidden, self.state.up)
         self.ffn_input_observer = None  # callback(layer, x) before each FFN: calibration collects inputs
         self.tracer = None  # flashinfer.profile.Tracer while a traced generation runs
+        # callable dropping the embedding table's touched pages, at each new sequence (Engine sets
+        # it under a DRAM cap: the plan counts the rows of one context, a server's life touches more)
+        self.release_lookup_pages = None
         # Blocks whose decode step runs as one compiled call (kernels.decode_layer) once their
         # FFN is resident: pre-norm blocks whose attention matrices the numba kernels take
         # (float32 ones go through BLAS, which compiled code cannot call without SciPy).
@@ -114,6 +117,8 @@ class Model:
         self.n_past = 0
         if hasattr(self.flash_ffn, "reset"):
             self.flash_ffn.reset()
+        if self.release_lookup_pages is not None:
+            self.release_lookup_pages()
 
     def forward(self, tokens: np.ndarray, logits_out: np.ndarray | None = None) -> np.ndarray:
         """Run `tokens` at positions n_past.. and append them to the KV cache.

@@ -167,3 +167,56 @@ with Engine.open({str(store)!r}, predictor="oracle", dram=sys.argv[1], window=3)
     cap, planned, caches, full, peak = run(str(cap))
     assert 0.98 * cap <= planned <= cap and caches < full  # the caches got what was left, not whole layers
     assert peak <= cap
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tmp_path_factory):
+    from flashinfer.convert import convert_checkpoint
+
+    tmp = tmp_path_factory.mktemp("tiny")
+    synthesize("tiny", tmp / "m", sparsity=0.9)
+    return convert_checkpoint(tmp / "m", tmp / "s", quant="q8", resident_quant="q8")
+
+
+def test_a_capped_logits_result_beyond_the_plan_needs_a_buffer_of_the_callers(tiny_store, tmp_path):
+    from flashinfer import Engine
+    from flashinfer.errors import GenerationError
+    from flashinfer.memory import LOGITS_PLAN_ROWS
+
+    ids = list(range(1, 101))
+    with Engine.open(tiny_store, dram="400MB", ctx=128) as engine:
+        plan = engine.memory_plan
+        assert plan.logits_bytes == LOGITS_PLAN_ROWS * 512 * 4 and f"logits() result ({LOGITS_PLAN_ROWS} rows)" in plan.table()
+        assert engine.logits(ids[:LOGITS_PLAN_ROWS]).shape == (LOGITS_PLAN_ROWS, 512)
+        with pytest.raises(GenerationError) as e:
+            engine.logits(ids)
+        assert str(e.value) == ("logits of 100 tokens take 0 MB, more than the 0 MB the DRAM plan holds for them: pass "
+                                "out=, a float32 array of shape (100, 512) of your own (an np.memmap of a file keeps it "
+                                "off the cap), or ask for <= 64 tokens")
+        out = np.lib.format.open_memmap(tmp_path / "logits.npy", mode="w+", dtype=np.float32, shape=(100, 512))
+        assert engine.logits(ids, out=out) is out
+        np.testing.assert_array_equal(out[:LOGITS_PLAN_ROWS], engine.logits(ids[:LOGITS_PLAN_ROWS]))
+        with pytest.raises(GenerationError, match=r"out must be a float32 array of shape \(100, 512\)"):
+            engine.logits(ids, out=np.empty((100, 512), np.float64))
+    with Engine.open(tiny_store, ctx=128) as engine:  # no cap: no limit
+        assert engine.logits(ids).shape == (100, 512)
+
+
+def test_each_new_sequence_drops_the_token_tables_pages_under_a_cap(tiny_store, monkeypatch):
+    """The plan counts the rows one context touches (resident_in_dram_bytes); a server's life
+    touches more, so a capped engine drops the table's pages when a sequence starts."""
+    from flashinfer import Engine
+    from storage.reader import StoreReader
+
+    released = []
+    original = StoreReader.release_resident
+    monkeypatch.setattr(StoreReader, "release_resident", lambda self, name: released.append(name) or original(self, name))
+    with Engine.open(tiny_store, dram="400MB", ctx=128) as engine:
+        released.clear()
+        for prompt in ("one", "two", "three"):
+            engine.generate(prompt, max_tokens=2, temperature=0)
+        assert released == ["tok_embeddings.weight"] * 3
+    with Engine.open(tiny_store, ctx=128) as engine:  # no cap: the pages stay
+        released.clear()  # (opening releases the pages of matrices it lays out, capped or not)
+        engine.generate("one", max_tokens=2, temperature=0)
+    assert released == []
