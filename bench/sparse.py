@@ -6,6 +6,7 @@ its peak RSS is its own.
 
     python -m bench.sparse --store out/1b-relu-q8 --dram 600MB --tokens 64
     python -m bench.sparse ... --against HEAD~1   # also the sparse rows with the code of a git revision
+    python -m bench.sparse ... --pins 0,0.5,0.8    # only the sparse path, a row per hot-set share (--pin)
 
 The store needs a calibrated predictor (flashinfer calibrate STORE --text FILE) for
 `lowrank`. Reads use O_DIRECT, so every byte counted came from the disk.
@@ -40,7 +41,7 @@ if cfg.get("serial_matmul"):  # the lm_head and prefill matmuls too (decode's pe
 if cfg.get("parallel_matmul"):  # every resident matmul on all cores (the default before 2026-11-25)
     kernels.PARALLEL_MIN_WORK = 1 << 18
 with Engine.open(cfg["store"], ctx=256, predictor=cfg["predictor"], window=cfg["window"], dram=cfg["dram"],
-                 prefetch=cfg["prefetch"], flash_bw=cfg["flash_bw"]) as engine:
+                 prefetch=cfg["prefetch"], flash_bw=cfg["flash_bw"], pin=cfg.get("pin", 0.0)) as engine:
     engine.generate(cfg["prompt"], max_tokens=4)  # warm: JIT, resident pages
     ffn, reader = engine.model.flash_ffn, engine.model.flash_ffn.reader
     reader.stats.__init__()
@@ -104,6 +105,9 @@ def main() -> None:
     parser.add_argument("--heldout-tokens", type=int, default=128)
     parser.add_argument("--no-dense", action="store_true", help="skip the dense baseline (slow on 7B stores)")
     parser.add_argument("--against", metavar="REV", help="also run the sparse rows with the code at this git revision")
+    parser.add_argument("--pins", default=None, metavar="SHARES",
+                        help="comma-separated hot-set shares of the cache (--pin): the sparse row once for each, "
+                             "instead of the usual configurations")
     opts = parser.parse_args()
     base = {"store": os.path.abspath(opts.store), "prompt": PROMPT, "tokens": opts.tokens, "window": opts.window,
             "flash_bw": opts.flash_bw, "heldout": opts.heldout and os.path.abspath(opts.heldout),
@@ -117,6 +121,9 @@ def main() -> None:
                 (f"{opts.predictor}, parallel FFN", sparse | {"parallel_ffn": True}),
                 (f"{opts.predictor} + prefetch", sparse | {"prefetch": True}),
                 (f"{opts.predictor}, traced (profile)", sparse | {"trace": True})]
+    if opts.pins:  # the cache policy alone: a row per hot-set share, the rest equal
+        configs = configs[:1] + [(f"{opts.predictor}, pin {pin}", sparse | {"pin": float(pin)})
+                                 for pin in opts.pins.split(",")]
     if opts.against:  # each sparse row once more with the revision's code, next to this tree's
         old = worktree_at(opts.against)
         configs = [c for name, cfg in configs for c in
@@ -127,7 +134,7 @@ def main() -> None:
                f"--window {opts.window} --predictor {opts.predictor}"
                + (f" --flash-bw {opts.flash_bw}" if opts.flash_bw else "") + (" --no-dense" if opts.no_dense else "")
                + (f" --heldout {opts.heldout} --heldout-tokens {opts.heldout_tokens}" if opts.heldout else "")
-               + (f" --against {opts.against}" if opts.against else ""))
+               + (f" --against {opts.against}" if opts.against else "") + (f" --pins {opts.pins}" if opts.pins else ""))
     print("command:", command)
     print("machine:", machine_line())
     print(f"{'configuration':34} {'tok/s':>6} {'ratio':>6} {'hit rate':>8} {'MB/token':>8} {'wait ms/tok':>11} "

@@ -10,6 +10,12 @@ and an `id_to_row` array (-1 when absent), and the count `n` of rows in use.
 - windowing: a neuron stays while it was predicted active in one of the last `window`
   tokens; under pressure (the window's neurons exceed the capacity) the least recently
   predicted go first.
+- a hot set (`pin_capacity` > 0): the `pin_capacity` neurons predicted most often in this
+  sequence (recounted every PIN_REFRESH tokens) are never evicted once resident; the window
+  and LRU run over the other rows. A pure window keeps a neuron for as long as it keeps
+  reappearing within `window` tokens; when consecutive tokens share little (a tight cap, text
+  whose active sets drift) it evicts neurons that fire on a large share of all tokens
+  (PowerInfer's power law) and reads them again a few tokens later.
 
 Row moves are numba kernels: a 7B model churns hundreds of neurons per layer per token.
 """
@@ -37,14 +43,22 @@ def _delete_rows(rows, row_to_id, id_to_row, n, victims):
     return n
 
 
+PIN_REFRESH = 8  # tokens between recounts of the hot set
+
+
 class NeuronCache:
-    def __init__(self, n_neurons: int, bundle_bytes: int, capacity: int, window: int = 5):
+    def __init__(self, n_neurons: int, bundle_bytes: int, capacity: int, window: int = 5, pin_capacity: int = 0):
         if not 0 < capacity <= n_neurons:
             raise ValueError(f"capacity must be in 1..{n_neurons}, got {capacity}")
         if window < 1:
             raise ValueError(f"window must be >= 1 token, got {window}")
+        if not 0 <= pin_capacity <= capacity:
+            raise ValueError(f"pin_capacity must be in 0..{capacity}, got {pin_capacity}")
         self.capacity = capacity
         self.window = window
+        self.pin_capacity = pin_capacity
+        self.counts = np.zeros(n_neurons if pin_capacity else 0, np.int64)  # tokens each neuron was predicted in
+        self.pinned = np.zeros(n_neurons, np.bool_)  # the hot set (recounted every PIN_REFRESH tokens)
         self.rows = np.zeros((capacity, bundle_bytes), np.uint8)
         self.row_to_id = np.full(capacity, -1, np.int32)
         self.id_to_row = np.full(n_neurons, -1, np.int32)
@@ -54,7 +68,8 @@ class NeuronCache:
 
     @property
     def nbytes(self) -> int:
-        return self.rows.nbytes + self.row_to_id.nbytes + self.id_to_row.nbytes + self.last_active.nbytes
+        return (self.rows.nbytes + self.row_to_id.nbytes + self.id_to_row.nbytes + self.last_active.nbytes
+                + self.counts.nbytes + self.pinned.nbytes)
 
     def resident_ids(self) -> np.ndarray:
         return self.row_to_id[: self.n]
@@ -67,32 +82,54 @@ class NeuronCache:
         """Start a token whose predicted active neurons are `predicted` (sorted, unique int).
 
         Marks them used, evicts neurons that fell out of the window, and, if the predicted
-        set still does not fit, the least recently predicted others. Returns (ids to load,
-        ids evicted). If `predicted` is larger than the capacity, its resident ids (hits) stay
-        and only as many missing ones as the other rows make room for are to load: the rest,
-        `missing(predicted)` once those are committed, are the caller's to compute from a
-        scratch read (SparseFFN does). The cache is never emptied for an oversized set."""
+        set still does not fit, the least recently predicted others (never the hot set's). Returns
+        (ids to load, ids evicted). If `predicted` does not fit beside the hot set's other rows,
+        its resident ids (hits) stay and only as many missing ones as the other rows make room
+        for are to load: the rest, `missing(predicted)` once those are committed, are the
+        caller's to compute from a scratch read (SparseFFN does). The cache is never emptied
+        for an oversized set."""
         t = self.token
         self.token += 1
         self.last_active[predicted] = t
+        if self.pin_capacity:
+            self._count(predicted, t)
         live = self.row_to_id[: self.n]
         stale = self._out_of_window(t)
         missing = self.missing(predicted)
-        to_load = missing[: self.capacity - (predicted.size - missing.size)]  # room beside the hits
+        held = 0  # rows of hot-set neurons not predicted now: never evicted, so no room for loads
+        if self.pin_capacity:
+            held = int(np.count_nonzero(self.pinned[live])) - int(np.count_nonzero(self.pinned[predicted]
+                                                                                   & (self.id_to_row[predicted] >= 0)))
+        to_load = missing[: max(0, self.capacity - (predicted.size - missing.size) - held)]  # room beside the hits
         overflow = self.n - stale.size + to_load.size - self.capacity
         if overflow > 0:  # pressure: evict the least recently predicted that are not needed now
             keep = np.setdiff1d(live, stale, assume_unique=True)
             # not by recency: read-ahead rows of a 1-token window are stamped t too (commit_prefetched)
             keep = keep[~np.isin(keep, predicted, assume_unique=True)]
+            if self.pin_capacity:
+                keep = keep[~self.pinned[keep]]
             lru = keep[np.argsort(self.last_active[keep], kind="stable")[:overflow]]
             stale = np.concatenate([stale, lru])
         self.n = _delete_rows(self.rows, self.row_to_id, self.id_to_row, self.n, stale.astype(np.int32))
         return to_load, stale
 
+    def _count(self, predicted: np.ndarray, t: int) -> None:
+        """Count this token's predictions; every PIN_REFRESH tokens, make the hot set the
+        pin_capacity most counted neurons (ties: the lower ids)."""
+        self.counts[predicted] += 1
+        if t % PIN_REFRESH == PIN_REFRESH - 1 or t == 0:
+            counted = np.flatnonzero(self.counts)
+            hot = counted[np.argsort(-self.counts[counted], kind="stable")[: self.pin_capacity]]
+            self.pinned[:] = False
+            self.pinned[hot] = True
+
     def _out_of_window(self, t: int) -> np.ndarray:
-        """Resident ids not predicted in the `window` tokens up to token t."""
+        """Resident ids not predicted in the `window` tokens up to token t (none of the hot set)."""
         live = self.row_to_id[: self.n]
-        return live[self.last_active[live] <= t - self.window]
+        old = self.last_active[live] <= t - self.window
+        if self.pin_capacity:
+            old &= ~self.pinned[live]
+        return live[old]
 
     def free_rows(self, k: int) -> np.ndarray:
         """The next `k` unused rows (a view): read bundles straight into them, then `commit`.
@@ -155,4 +192,6 @@ class NeuronCache:
     def reset(self) -> None:
         self.clear()
         self.last_active[:] = -(2**40)
+        self.counts[:] = 0
+        self.pinned[:] = False
         self.token = 0

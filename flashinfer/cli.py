@@ -146,7 +146,7 @@ def _sweep_child_args(args: argparse.Namespace) -> list[str]:
                "--top-p": args.top_p, "--seed": args.seed, "--ctx": args.ctx, "--predictor": args.predictor,
                "--window": args.window, "--dram": args.dram, "--flash-bw": args.flash_bw,
                "--flash-latency": args.flash_latency, "--prompt": args.prompt, "--prompt-file": args.prompt_file,
-               "--store": args.store, "--kv-cache": args.kv_cache}
+               "--store": args.store, "--kv-cache": args.kv_cache, "--pin": args.pin}
     out = [args.model] + [item for flag, value in options.items() if value is not None for item in (flag, str(value))]
     return out + (["--prefetch"] if args.prefetch else []) + (["--stream-ffn"] if args.stream_ffn else [])
 
@@ -383,6 +383,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                         "(ReLU models); gate = calibrated threshold on |silu(gate)| (SiLU/GELU models, a store "
                         "converted with --ffn-gate rows)")
     p.add_argument("--window", type=_positive_int, default=5, help="tokens a loaded neuron stays cached (default 5)")
+    p.add_argument("--pin", type=float, default=0.0,
+                   help="share of each neuron cache kept for its layer's hot set, the neurons predicted most often "
+                        "(sparse predictors; default 0: the window alone)")
     p.add_argument("--prefetch", action="store_true",
                    help="read the next layer's guessed neurons while this layer computes (sparse predictors)")
     p.add_argument("--stream-ffn", action="store_true",
@@ -403,7 +406,7 @@ def _open_engine(args: argparse.Namespace, **override):
 
     knobs = {"ctx": args.ctx, "flash_bw": args.flash_bw, "flash_latency": args.flash_latency,
              "predictor": args.predictor, "window": args.window, "dram": args.dram, "prefetch": args.prefetch,
-             "stream_ffn": args.stream_ffn, "kv_cache": args.kv_cache}
+             "stream_ffn": args.stream_ffn, "kv_cache": args.kv_cache, "pin": args.pin}
     progress = Progress("converting")
     try:
         return Engine.open(args.model, **(knobs | override), store=args.store, convert=True, progress=progress,

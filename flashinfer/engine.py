@@ -120,7 +120,8 @@ class Engine:
              flash_latency: str | float | None = None, verify: bool = False, predictor: str = "dense",
              window: int = 5, dram: str | int | None = None, prefetch: bool = False,
              stream_ffn: bool = False, store: str | Path | None = None, convert: bool | None = None,
-             progress=None, notify=None, kv_cache: str = "f16", _footprint: bool = False) -> "Engine":
+             progress=None, notify=None, kv_cache: str = "f16", pin: float = 0.0,
+             _footprint: bool = False) -> "Engine":
         """Open a flash store (made by `flashinfer convert`), a llama.cpp GGUF file or a Hugging
         Face model directory (config.json, *.safetensors, tokenizer.json).
 
@@ -146,6 +147,8 @@ class Engine:
             calibrated |act(gate.x)| (`flashinfer calibrate --sparsity`; store converted with
             --ffn-gate rows): skipped neurons cost no read and no work, at a measured quality cost.
         window: tokens a loaded neuron stays cached after it was last predicted active.
+        pin: share of each neuron cache kept for its layer's hot set, the neurons predicted most
+            often in the sequence, never evicted once read (sparse predictors; 0: window only).
         prefetch: read layer l+1's guessed neurons in the background while layer l computes
             (sparse predictors only; see flashinfer/sparse_ffn.py).
         dram: a cap for the whole process ("2GB"); the planner sizes the neuron caches under
@@ -178,8 +181,10 @@ class Engine:
 
             compile_in_child(path, {"predictor": predictor, "window": window, "prefetch": prefetch,
                                     "stream_ffn": stream_ffn, "kv_cache": kv_cache}, notify)
+        if not isinstance(pin, (int, float)) or not 0.0 <= pin <= 1.0:
+            raise GenerationError(f"pin must be a share of the neuron cache in [0, 1], got {pin!r}")
         return cls._open_store(path, ctx, flash_bw, flash_latency, verify, predictor, window, dram, prefetch,
-                               stream_ffn, kv_cache, _footprint)
+                               stream_ffn, kv_cache, _footprint, pin)
 
     @classmethod
     def _open_hf(cls, path: Path, ctx: int | None, kv_cache: str = "f16") -> "Engine":
@@ -200,7 +205,7 @@ class Engine:
     @classmethod
     def _open_store(cls, path: Path, ctx, flash_bw, flash_latency, verify: bool, predictor: str,
                     window: int, dram, prefetch: bool, stream_ffn: bool = False, kv_cache: str = "f16",
-                    footprint: bool = False) -> "Engine":
+                    footprint: bool = False, pin: float = 0.0) -> "Engine":
         from flashinfer.errors import ConfigError
         from flashinfer.weights import check_store_layout, load_store_weights
         from storage.reader import StoreReader
@@ -218,7 +223,7 @@ class Engine:
             tokenizer = cls._tokenizer_for(path, args)
             ctx = cls._check_ctx(args, ctx)
             flash_ffn, plan = cls._flash_ffn(reader, args, predictor, window, dram, ctx, prefetch, stream_ffn,
-                                             kv_cache, footprint)
+                                             kv_cache, footprint, pin)
             model = Model(args, load_store_weights(args, reader), ctx, flash_ffn=flash_ffn, kv_cache=kv_cache)
         except BaseException:
             reader.close()
@@ -235,7 +240,7 @@ class Engine:
 
     @staticmethod
     def _flash_ffn(reader, args: ModelArgs, predictor: str, window: int, dram, ctx: int, prefetch: bool = False,
-                   stream_ffn: bool = False, kv_cache: str = "f16", footprint: bool = False):
+                   stream_ffn: bool = False, kv_cache: str = "f16", footprint: bool = False, pin: float = 0.0):
         """The FFN source for a store, and the memory plan when a DRAM cap is given. footprint:
         the kernels' types at a small size (flashinfer/precompile.py's child): footprint_rows
         cache rows a layer, or the first FFN layer resident and the others streamed."""
@@ -304,7 +309,7 @@ class Engine:
             from flashinfer.precompile import footprint_rows
 
             capacities = [footprint_rows(spec.n_neurons, args.dim) for spec in layers]
-        return SparseFFN(reader, args, predictor_obj, capacities, window, prefetch=prefetch), plan
+        return SparseFFN(reader, args, predictor_obj, capacities, window, prefetch=prefetch, pin=pin), plan
 
     @staticmethod
     def _tokenizer_for(path: Path, args: ModelArgs) -> Tokenizer:

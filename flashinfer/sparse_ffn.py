@@ -68,7 +68,9 @@ class SparseStats:
 
 class SparseFFN:
     def __init__(self, reader, args: ModelArgs, predictor, capacities: list[int], window: int,
-                 prefetch: bool = False):
+                 prefetch: bool = False, pin: float = 0.0):
+        """pin: the share of each cache (that cannot hold its whole layer) kept for the layer's
+        hot set, the neurons predicted most often (cache.NeuronCache's pin_capacity)."""
         self.reader = reader
         self.predictor = predictor
         self.layers = reader.manifest.ffn_layers
@@ -78,7 +80,8 @@ class SparseFFN:
         self.gated_by_coefficients = hasattr(predictor, "coefficients")
         # a cache that can hold its whole layer never drops a neuron: once read, it stays (the
         # window only saves DRAM, which such a layer does not need)
-        self.caches = [NeuronCache(spec.n_neurons, spec.bundle_bytes, cap, window if cap < spec.n_neurons else KEEP)
+        self.caches = [NeuronCache(spec.n_neurons, spec.bundle_bytes, cap, window if cap < spec.n_neurons else KEEP,
+                                   int(pin * cap) if cap < spec.n_neurons else 0)
                        for spec, cap in zip(self.layers, capacities)]
         self.views = [bundle_views(cache.rows, spec) for cache, spec in zip(self.caches, self.layers)]
         # With the gate predictor, a layer whose cache holds it whole is read whole the first time it
@@ -127,7 +130,7 @@ class SparseFFN:
             self.reader.read_bundles(layer, to_load, out=cache.free_rows(to_load.size), counter=counter)
             cache.commit(to_load)
         t4 = clock()
-        overflow = cache.missing(ids) if ids.size > cache.capacity else ids[:0]
+        overflow = cache.missing(ids)  # what did not fit beside the hits and the hot set: from a scratch read
         stats.wait_seconds += (t1 - t0) + (t4 - t3)
         stats.loaded += int(to_load.size + overflow.size)
         stats.overflow += int(overflow.size)

@@ -98,3 +98,49 @@ def test_randomized_with_read_ahead(window, most):
         resident = set(cache.resident_ids().tolist())
         assert set(predicted.tolist()) <= resident
         assert resident <= set(np.concatenate(history[-window:]).tolist()) | set(fetch.tolist())
+
+
+@pytest.mark.parametrize("window,capacity,pin_capacity", [(1, 30, 10), (3, 25, 20), (5, 12, 12)])
+def test_randomized_with_a_hot_set(window, capacity, pin_capacity):
+    """pin_capacity: the hot set (the most predicted neurons, recounted every PIN_REFRESH tokens)
+    stays once read, outside the window; the other rows keep the window's rules; a step never
+    loads more than the rows the hits and the hot set's other rows leave."""
+    from flashinfer.cache import PIN_REFRESH
+
+    rng = np.random.default_rng(capacity)
+    n_neurons, bundle = 100, 8
+    store = rng.integers(0, 256, (n_neurons, bundle), dtype=np.uint8)
+    cache = NeuronCache(n_neurons, bundle, capacity, window, pin_capacity)
+    weights = 1.0 / np.arange(1, n_neurons + 1) ** 1.2  # power-law firing rates: neuron 0 hottest
+    counts = np.zeros(n_neurons, np.int64)
+    history: list[np.ndarray] = []
+    for t in range(1500):
+        predicted = np.flatnonzero(rng.random(n_neurons) < 3 * weights).astype(np.int64)
+        pinned_before = cache.pinned.copy()
+        before = set(cache.resident_ids().tolist())
+        to_load, evicted = cache.step(predicted)
+        counts[predicted] += 1
+        if t % PIN_REFRESH == PIN_REFRESH - 1 or t == 0:  # the hot set: the most counted, ties to lower ids
+            counted = np.flatnonzero(counts)
+            expected = counted[np.argsort(-counts[counted], kind="stable")[:pin_capacity]]
+            assert np.flatnonzero(cache.pinned).tolist() == sorted(expected.tolist())
+        hits = set(predicted.tolist()) & before
+        held = {i for i in before - set(predicted.tolist()) if cache.pinned[i]}
+        assert to_load.tolist() == sorted(set(predicted.tolist()) - before)[: capacity - len(hits) - len(held)]
+        assert not set(evicted.tolist()) & (set(predicted.tolist()) | {i for i in before if cache.pinned[i]})
+        cache.insert(to_load, store[to_load])
+        check_invariants(cache, store)
+        history.append(predicted)
+        resident = set(cache.resident_ids().tolist())
+        assert held <= resident and hits <= resident
+        unpinned = {i for i in resident if not cache.pinned[i] and not pinned_before[i]}
+        assert unpinned <= set(np.concatenate(history[-window:]).tolist())  # the others: the window's rules
+    assert cache.pinned[:pin_capacity // 2].all()  # the hottest are in the hot set...
+    assert set(np.flatnonzero(cache.pinned[:pin_capacity // 2])) <= set(cache.resident_ids().tolist())  # ...and stay
+    cache.reset()
+    assert not cache.pinned.any() and not cache.counts.any() and cache.n == 0
+
+
+def test_a_hot_set_larger_than_the_cache_is_refused():
+    with pytest.raises(ValueError, match="pin_capacity must be in 0..3, got 4"):
+        NeuronCache(10, 4, capacity=3, pin_capacity=4)
