@@ -92,11 +92,11 @@ def test_lookup_tables_count_only_the_rows_a_context_touches(tied):
 def test_between_required_and_advised_margin_runs_with_a_warning():
     ok = plan(2_000_000_000, ctx=512, share=0.1)
     assert ok.warning is None
-    tight = plan(2_000_000_000, ctx=512, share=0.2)  # caches ~22%: 1.1x of 20% fits, 1.5x does not
+    tight = plan(2_000_000_000, ctx=512, share=0.2)  # caches ~22%: 0.75x of 20% fits, 1.5x does not
     assert tight.warning.startswith("neuron caches of 2") and "expect a low hit rate" in tight.warning
     assert "warning:" in tight.table()
-    with pytest.raises(BudgetError, match="neuron caches of 3"):
-        plan(2_000_000_000, ctx=512, share=0.3)  # 1.1 x 30% = 33% cannot fit
+    with pytest.raises(BudgetError, match="neuron caches of 30%"):
+        plan(2_000_000_000, ctx=512, share=0.4)  # 0.75 x 40% = 30% cannot fit
 
 
 def test_dense_path_needs_room_for_one_layer():
