@@ -54,7 +54,7 @@ from bench.texts import word_salad
 GPL3 = Path("/usr/share/common-licenses/GPL-3")
 SMOLLM2_STORE = Path("out/models/smollm2-auto")
 SYNTHETIC_STORE = Path("out/bench/mistral-7b-relu-q4")
-RESULTS_JSON = Path("bench/results/2026-12-07-locality.json")
+RESULTS_JSON = Path(f"bench/results/{datetime.date.today().isoformat()}-locality.json")
 OFF_SHARES = (0.9, 0.6)  # SmolLM2: share of (token, neuron) pairs left off by the magnitude threshold
 OVERLAP_LAGS = (1, 2, 3, 4, 5)
 RELOAD_WINDOWS = (1, 2, 5, 10)

@@ -152,8 +152,11 @@ def measure_model(preset: Preset, opts, bandwidths) -> list[dict]:
     rows.append(naive | {"model": preset.name, "config": "naive (dense from flash)"})
     reference = naive.get("generated_ids")
     sparse = base | {"predictor": "lowrank", "reference_ids": reference}
-    for name, cfg in (("flashinfer (lowrank, window %d)" % opts.window, sparse),
-                      ("flashinfer, flash at 1GB/s", sparse | {"flash_bw": "1GB/s"})):
+    configs = [("flashinfer (lowrank, window %d)" % opts.window, sparse)]
+    if opts.pin:  # the same with a hot set kept outside the window (--pin)
+        configs.append((f"flashinfer (lowrank, window {opts.window}, pin {opts.pin})", sparse | {"pin": opts.pin}))
+    configs.append(("flashinfer, flash at 1GB/s", sparse | {"flash_bw": "1GB/s", "pin": opts.pin or 0.0}))
+    for name, cfg in configs:
         log(f"{preset.name}: {name}")
         rows.append(run_flashinfer(cfg, cap) | {"model": preset.name, "config": name})
     if gguf is not None and not opts.no_llamacpp:
@@ -211,6 +214,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=None, help="decode tokens (default 128; --quick 32)")
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--window", type=int, default=5)
+    parser.add_argument("--pin", type=float, default=None,
+                        help="also a flashinfer row with this share of each cache kept for the hot set (--pin)")
     parser.add_argument("--ctx", type=int, default=None,
                         help="context flashinfer's KV cache and DRAM plan are sized for (default: prompt + tokens + 8); "
                              "llama.cpp's n_ctx is the same")
