@@ -11,7 +11,7 @@ both as the engine counted them and as the kernel counted them for this process
 the generated token ids, and, given `reference_ids` (the dense run's tokens), the greedy
 agreement with them, teacher-forced token by token as in decoding.
 
-Optional keys: predictor (dense), window (5), flash_bw, ctx (256), prefetch (false), stream_ffn (false), pin (0),
+Optional keys: predictor (dense), window (5), flash_bw, ctx (256), prefetch (false), stream_ffn (false), pin (the engine's default),
 warm_tokens (2: compiles or loads the kernels and touches the resident weights before the measured run),
 trace (true; false: the engine untraced, as an application runs it, and no tracer figures:
 ms_per_token, hit rate, engine bytes and bytes touched are left out).
@@ -67,7 +67,7 @@ def measure(cfg: dict) -> dict:
     engine = Engine.open(cfg["store"], ctx=cfg.get("ctx", 256), predictor=cfg.get("predictor", "dense"),
                          window=cfg.get("window", 5), dram=cfg.get("dram"), prefetch=cfg.get("prefetch", False),
                          flash_bw=cfg.get("flash_bw"), stream_ffn=cfg.get("stream_ffn", False),
-                         pin=cfg.get("pin", 0.0))
+                         **({"pin": cfg["pin"]} if "pin" in cfg else {}))
     with engine:
         open_s = time.perf_counter() - t_open
         prompt = [int(t) for t in cfg["prompt_ids"]]

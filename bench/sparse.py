@@ -41,7 +41,7 @@ if cfg.get("serial_matmul"):  # the lm_head and prefill matmuls too (decode's pe
 if cfg.get("parallel_matmul"):  # every resident matmul on all cores (the default before 2026-11-25)
     kernels.PARALLEL_MIN_WORK = 1 << 18
 with Engine.open(cfg["store"], ctx=256, predictor=cfg["predictor"], window=cfg["window"], dram=cfg["dram"],
-                 prefetch=cfg["prefetch"], flash_bw=cfg["flash_bw"], pin=cfg.get("pin", 0.0)) as engine:
+                 prefetch=cfg["prefetch"], flash_bw=cfg["flash_bw"], **({"pin": cfg["pin"]} if "pin" in cfg else {})) as engine:
     engine.generate(cfg["prompt"], max_tokens=4)  # warm: JIT, resident pages
     ffn, reader = engine.model.flash_ffn, engine.model.flash_ffn.reader
     reader.stats.__init__()

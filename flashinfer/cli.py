@@ -383,9 +383,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                         "(ReLU models); gate = calibrated threshold on |silu(gate)| (SiLU/GELU models, a store "
                         "converted with --ffn-gate rows)")
     p.add_argument("--window", type=_positive_int, default=5, help="tokens a loaded neuron stays cached (default 5)")
-    p.add_argument("--pin", type=float, default=0.0,
+    p.add_argument("--pin", type=float, default=0.5,
                    help="share of each neuron cache kept for its layer's hot set, the neurons predicted most often "
-                        "(sparse predictors; default 0: the window alone)")
+                        "(sparse predictors; default 0.5; 0: the window alone)")
     p.add_argument("--prefetch", action="store_true",
                    help="read the next layer's guessed neurons while this layer computes (sparse predictors)")
     p.add_argument("--stream-ffn", action="store_true",

@@ -26,14 +26,14 @@ def test_a_capped_open_compiles_in_a_child_once(store, tmp_path, monkeypatch):
     run = subprocess.run
     monkeypatch.setattr(precompile.subprocess, "run", lambda argv, **kw: children.append(argv) or run(argv, **kw))
     options = {"predictor": "oracle", "window": 3, "prefetch": False, "stream_ffn": False, "kv_cache": "f16"}
-    with Engine.open(store, predictor="oracle", dram="400MB", window=3) as engine:
+    with Engine.open(store, predictor="oracle", dram="1GB", window=3) as engine:
         assert engine.generate("hello", max_tokens=2).usage.completion_tokens == 2
     assert len(children) == 1 and children[0][1:3] == ["-m", "flashinfer.precompile"]
     assert precompile._stamp(store, options).exists()
-    with Engine.open(store, predictor="oracle", dram="400MB", window=3):
+    with Engine.open(store, predictor="oracle", dram="1GB", window=3):
         pass
     assert len(children) == 1  # stamped: no second child
-    with Engine.open(store, predictor="oracle", dram="400MB", window=3, kv_cache="f32"):
+    with Engine.open(store, predictor="oracle", dram="1GB", window=3, kv_cache="f32"):
         pass
     assert len(children) == 2  # another configuration: its kernels differ (the KV cache's type)
     with Engine.open(store, predictor="oracle", window=3):
@@ -46,7 +46,7 @@ def test_a_failed_child_is_said_and_the_parent_compiles(store, tmp_path, monkeyp
     monkeypatch.setattr(precompile.subprocess, "run",
                         lambda argv, **kw: subprocess.CompletedProcess(argv, -9, "", ""))
     said = []
-    with Engine.open(store, predictor="oracle", dram="400MB", window=3, notify=said.append) as engine:
+    with Engine.open(store, predictor="oracle", dram="1GB", window=3, notify=said.append) as engine:
         assert engine.generate("hello", max_tokens=2).usage.completion_tokens == 2
     assert said == ["note: compiling the kernels in a child process failed (exit code -9 (killed: out of memory?)); "
                     "compiling in this one, whose peak memory may exceed the cap this first time"]
@@ -76,7 +76,7 @@ def test_with_a_cold_numba_cache_the_capped_process_compiles_nothing(store, tmp_
 from numba.core import event
 from flashinfer import Engine
 with event.install_recorder("numba:compile") as rec:
-    with Engine.open({str(store)!r}, predictor="oracle", dram="400MB", window=3) as engine:
+    with Engine.open({str(store)!r}, predictor="oracle", dram="1GB", window=3) as engine:
         engine.generate("hello there", max_tokens=4)
 print(len(rec.buffer))
 """
