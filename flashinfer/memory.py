@@ -94,6 +94,7 @@ class MemoryPlan:
 
 
 KV_ELEMENT_BYTES = {"f16": 2, "f32": 4}  # kernels.KV_DTYPES
+NEURON_MAP_BYTES = 4 + 8 + 8 + 1  # a neuron cache's per-neuron arrays (cache.NeuronCache; tested equal)
 FOUR_BIT_SCHEMES = ("q4", "q4a", "q4k")  # a store resident in these has no lower-bit store to suggest
 
 
@@ -153,7 +154,8 @@ def plan_memory(cap_bytes: int, args: ModelArgs, manifest, ctx: int, *, sparse: 
         plan.ffn_resident_bytes = sum(ffn_bytes[i] for i in plan.resident_layers)
         return plan
     per_row = [spec.bundle_bytes + 4 for spec in layers]  # + row_to_id
-    fixed_maps = sum(spec.n_neurons * 12 for spec in layers)  # id_to_row int32 + last_active int64
+    # per neuron (cache.NeuronCache): id_to_row int32, last_active and counts int64, pinned
+    fixed_maps = sum(spec.n_neurons * NEURON_MAP_BYTES for spec in layers)
     all_rows_bytes = sum(spec.n_neurons * r for spec, r in zip(layers, per_row))
     budget = left - fixed_maps
     share = budget / all_rows_bytes

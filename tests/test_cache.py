@@ -144,3 +144,11 @@ def test_randomized_with_a_hot_set(window, capacity, pin_capacity):
 def test_a_hot_set_larger_than_the_cache_is_refused():
     with pytest.raises(ValueError, match="pin_capacity must be in 0..3, got 4"):
         NeuronCache(10, 4, capacity=3, pin_capacity=4)
+
+
+def test_the_planner_counts_every_per_neuron_array():
+    from flashinfer.memory import NEURON_MAP_BYTES
+
+    cache = NeuronCache(1000, 16, capacity=100, window=5, pin_capacity=50)
+    rows_and_row_map = cache.rows.nbytes + cache.row_to_id.nbytes  # the plan's per-row part: bundle_bytes + 4
+    assert cache.nbytes - rows_and_row_map == 1000 * NEURON_MAP_BYTES
