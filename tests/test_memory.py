@@ -12,6 +12,7 @@ from flashinfer.memory import BudgetError, kv_cache_bytes, plan_memory
 from flashinfer.model import RunState
 from storage.synth import synthesize
 from tests.test_config import MISTRAL
+from tests.conftest import roomy_cap
 
 MISTRAL_7B = ModelArgs.from_hf_config(MISTRAL | {"hidden_act": "relu"})
 # a q4 FFN store of Mistral-7B: 14336 neurons x 6912-byte bundles per layer; q4 resident ~0.85 GB
@@ -184,7 +185,7 @@ def test_a_capped_logits_result_beyond_the_plan_needs_a_buffer_of_the_callers(ti
     from flashinfer.memory import LOGITS_PLAN_ROWS
 
     ids = list(range(1, 101))
-    with Engine.open(tiny_store, dram="1GB", ctx=128) as engine:  # in-process: a pytest worker is 300+ MB
+    with Engine.open(tiny_store, dram=roomy_cap(), ctx=128) as engine:
         plan = engine.memory_plan
         assert plan.logits_bytes == LOGITS_PLAN_ROWS * 512 * 4 and f"logits() result ({LOGITS_PLAN_ROWS} rows)" in plan.table()
         assert engine.logits(ids[:LOGITS_PLAN_ROWS]).shape == (LOGITS_PLAN_ROWS, 512)
@@ -211,7 +212,7 @@ def test_each_new_sequence_drops_the_token_tables_pages_under_a_cap(tiny_store, 
     released = []
     original = StoreReader.release_resident
     monkeypatch.setattr(StoreReader, "release_resident", lambda self, name: released.append(name) or original(self, name))
-    with Engine.open(tiny_store, dram="1GB", ctx=128) as engine:
+    with Engine.open(tiny_store, dram=roomy_cap(), ctx=128) as engine:
         released.clear()
         for prompt in ("one", "two", "three"):
             engine.generate(prompt, max_tokens=2, temperature=0)

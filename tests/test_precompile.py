@@ -9,6 +9,7 @@ import pytest
 from flashinfer import Engine
 from flashinfer import precompile
 from storage.synth import synthesize
+from tests.conftest import roomy_cap
 
 
 @pytest.fixture(scope="module")
@@ -26,14 +27,14 @@ def test_a_capped_open_compiles_in_a_child_once(store, tmp_path, monkeypatch):
     run = subprocess.run
     monkeypatch.setattr(precompile.subprocess, "run", lambda argv, **kw: children.append(argv) or run(argv, **kw))
     options = {"predictor": "oracle", "window": 3, "prefetch": False, "stream_ffn": False, "kv_cache": "f16"}
-    with Engine.open(store, predictor="oracle", dram="1GB", window=3) as engine:
+    with Engine.open(store, predictor="oracle", dram=roomy_cap(), window=3) as engine:
         assert engine.generate("hello", max_tokens=2).usage.completion_tokens == 2
     assert len(children) == 1 and children[0][1:3] == ["-m", "flashinfer.precompile"]
     assert precompile._stamp(store, options).exists()
-    with Engine.open(store, predictor="oracle", dram="1GB", window=3):
+    with Engine.open(store, predictor="oracle", dram=roomy_cap(), window=3):
         pass
     assert len(children) == 1  # stamped: no second child
-    with Engine.open(store, predictor="oracle", dram="1GB", window=3, kv_cache="f32"):
+    with Engine.open(store, predictor="oracle", dram=roomy_cap(), window=3, kv_cache="f32"):
         pass
     assert len(children) == 2  # another configuration: its kernels differ (the KV cache's type)
     with Engine.open(store, predictor="oracle", window=3):
@@ -46,7 +47,7 @@ def test_a_failed_child_is_said_and_the_parent_compiles(store, tmp_path, monkeyp
     monkeypatch.setattr(precompile.subprocess, "run",
                         lambda argv, **kw: subprocess.CompletedProcess(argv, -9, "", ""))
     said = []
-    with Engine.open(store, predictor="oracle", dram="1GB", window=3, notify=said.append) as engine:
+    with Engine.open(store, predictor="oracle", dram=roomy_cap(), window=3, notify=said.append) as engine:
         assert engine.generate("hello", max_tokens=2).usage.completion_tokens == 2
     assert said == ["note: compiling the kernels in a child process failed (exit code -9 (killed: out of memory?)); "
                     "compiling in this one, whose peak memory may exceed the cap this first time"]
