@@ -43,6 +43,20 @@ def _delete_rows(rows, row_to_id, id_to_row, n, victims):
     return n
 
 
+@njit(cache=True, nogil=True)
+def _drop_holes(rows, row_to_id, n, holes):
+    """Close rows `holes` (row_to_id -1, within 0..n-1) by moving the last rows into them, from
+    the highest hole down; returns the new n. (id_to_row of a moved neuron is fixed by the caller.)"""
+    for h in np.sort(holes)[::-1]:
+        last = n - 1
+        if h != last:
+            rows[h, :] = rows[last, :]
+            row_to_id[h] = row_to_id[last]
+            row_to_id[last] = -1
+        n -= 1
+    return n
+
+
 PIN_REFRESH = 8  # tokens between recounts of the hot set
 
 
@@ -65,6 +79,7 @@ class NeuronCache:
         self.last_active = np.full(n_neurons, -(2**40), np.int64)  # token index a neuron was last predicted
         self.n = 0
         self.token = 0  # tokens seen
+        self._holes = np.zeros(0, np.int64)  # rows freed by step(reuse_rows=True), for load_rows
 
     @property
     def nbytes(self) -> int:
@@ -78,7 +93,7 @@ class NeuronCache:
         """The predicted ids (sorted, unique) not resident."""
         return predicted[self.id_to_row[predicted] < 0]
 
-    def step(self, predicted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def step(self, predicted: np.ndarray, reuse_rows: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Start a token whose predicted active neurons are `predicted` (sorted, unique int).
 
         Marks them used, evicts neurons that fell out of the window, and, if the predicted
@@ -87,7 +102,13 @@ class NeuronCache:
         its resident ids (hits) stay and only as many missing ones as the other rows make room
         for are to load: the rest, `missing(predicted)` once those are committed, are the
         caller's to compute from a scratch read (SparseFFN does). The cache is never emptied
-        for an oversized set."""
+        for an oversized set.
+
+        reuse_rows: the rows of as many evicted neurons as there are ids to load are left empty
+        for them (load_rows, commit_rows) instead of being closed by moving the last rows in:
+        each eviction of a packed cache copied a whole bundle (6.9 KB on the Mistral-7B shape,
+        ~1200 a layer and token: 4.35 ms a layer). Until commit_rows (or drop_holes after a
+        failed read) those rows are holes: free_rows/commit must not be used in between."""
         t = self.token
         self.token += 1
         self.last_active[predicted] = t
@@ -103,15 +124,46 @@ class NeuronCache:
         to_load = missing[: max(0, self.capacity - (predicted.size - missing.size) - held)]  # room beside the hits
         overflow = self.n - stale.size + to_load.size - self.capacity
         if overflow > 0:  # pressure: evict the least recently predicted that are not needed now
-            keep = np.setdiff1d(live, stale, assume_unique=True)
+            keep = np.setdiff1d(live, stale)  # sorted: ties in recency go to the lower id, whatever the rows' order
             # not by recency: read-ahead rows of a 1-token window are stamped t too (commit_prefetched)
             keep = keep[~np.isin(keep, predicted, assume_unique=True)]
             if self.pin_capacity:
                 keep = keep[~self.pinned[keep]]
             lru = keep[np.argsort(self.last_active[keep], kind="stable")[:overflow]]
             stale = np.concatenate([stale, lru])
-        self.n = _delete_rows(self.rows, self.row_to_id, self.id_to_row, self.n, stale.astype(np.int32))
+        reused = min(to_load.size, stale.size) if reuse_rows else 0
+        self.n = _delete_rows(self.rows, self.row_to_id, self.id_to_row, self.n, stale[reused:].astype(np.int32))
+        if reused:  # after the deletions, which may have moved these neurons' rows
+            kept = stale[:reused]
+            self._holes = self.id_to_row[kept].astype(np.int64)
+            self.row_to_id[self._holes] = -1
+            self.id_to_row[kept] = -1
         return to_load, stale
+
+    def load_rows(self, k: int) -> np.ndarray:
+        """The rows the next k loads go to (after step(reuse_rows=True)): the evicted neurons'
+        freed rows, then free rows past n."""
+        extra = k - self._holes.size
+        if extra < 0 or self.n + extra > self.capacity:
+            raise ValueError(f"load_rows({k}) after a step that freed {self._holes.size} rows, "
+                             f"{self.capacity - self.n} free past n")
+        return np.concatenate([self._holes, np.arange(self.n, self.n + extra, dtype=np.int64)])
+
+    def commit_rows(self, ids: np.ndarray, rows: np.ndarray) -> None:
+        """Register `ids` as read into `rows` (load_rows(len(ids)))."""
+        self.row_to_id[rows] = ids
+        self.id_to_row[ids] = rows.astype(np.int32)
+        self.n += rows.size - self._holes.size
+        self._holes = self._holes[:0]
+
+    def drop_holes(self) -> None:
+        """After a failed read between step(reuse_rows=True) and commit_rows: close the freed
+        rows, so rows 0..n-1 are all live again (the loads are simply not there)."""
+        if self._holes.size:
+            self.n = _drop_holes(self.rows, self.row_to_id, self.n, self._holes)
+            live = self.row_to_id[: self.n]
+            self.id_to_row[live] = np.arange(self.n, dtype=np.int32)
+            self._holes = self._holes[:0]
 
     def _count(self, predicted: np.ndarray, t: int) -> None:
         """Count this token's predictions; every PIN_REFRESH tokens, make the hot set the

@@ -123,12 +123,17 @@ class SparseFFN:
         ids = self.predictor.predict(layer, x)
         coefs = self.predictor.coefficients(layer) if self.gated_by_coefficients else None
         t2 = clock()
-        to_load, evicted = cache.step(ids)
+        to_load, evicted = cache.step(ids, reuse_rows=True)
         t3 = clock()
         counter = None if tr is None else ReadStats()
-        if to_load.size:  # read straight into the cache's free rows: no staging copy
-            self.reader.read_bundles(layer, to_load, out=cache.free_rows(to_load.size), counter=counter)
-            cache.commit(to_load)
+        if to_load.size:  # straight into the rows the evictions freed, then past n: no row moves
+            rows = cache.load_rows(to_load.size)
+            try:
+                self.reader.read_bundles(layer, to_load, out=cache.rows, counter=counter, rows=rows)
+            except BaseException:
+                cache.drop_holes()  # rows 0..n-1 live again; the error is the caller's
+                raise
+            cache.commit_rows(to_load, rows)
         t4 = clock()
         overflow = cache.missing(ids)  # what did not fit beside the hits and the hot set: from a scratch read
         stats.wait_seconds += (t1 - t0) + (t4 - t3)

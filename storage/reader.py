@@ -227,33 +227,39 @@ class StoreReader:
 
     # ---- FFN bundles --------------------------------------------------------------
     def read_bundles(self, layer: int, neuron_ids, out: np.ndarray | None = None,
-                     counter: ReadStats | None = None) -> np.ndarray:
+                     counter: ReadStats | None = None, rows: np.ndarray | None = None) -> np.ndarray:
         """The bundles of `neuron_ids` (sorted, duplicates dropped) as uint8 [n, bundle_bytes],
         read from disk. Row j of the result is the j-th smallest id. `counter` also gets this
         call's bytes and requests (a tracer attributes bytes to layers with it; `stats` is
-        shared by every thread, so differences of it would mix concurrent reads)."""
+        shared by every thread, so differences of it would mix concurrent reads).
+        rows: with `out`, the j-th smallest id's bundle goes to out[rows[j]] instead (a neuron
+        cache's rows freed by evictions, filled in place: no row moves); returns `out`."""
         spec = self.manifest.ffn_layers[layer]
         ids = np.unique(np.asarray(neuron_ids, dtype=np.int64))
         if ids.size and (ids[0] < 0 or ids[-1] >= spec.n_neurons):
             raise StorageError(f"layer {layer}: neuron ids must be in [0, {spec.n_neurons}), got {ids[0]}..{ids[-1]}")
+        if rows is not None:
+            rows = np.asarray(rows, np.int64)
+            if out is None or rows.shape != ids.shape or (rows.size and (rows.min() < 0 or rows.max() >= out.shape[0])):
+                raise StorageError(f"rows must give a row of out for each of the {ids.size} ids")
         if out is None:
             out = np.empty((ids.size, spec.bundle_bytes), np.uint8)
-        elif out.shape[0] < ids.size or out.shape[1] != spec.bundle_bytes:
+        elif rows is None and out.shape[0] < ids.size or out.shape[1] != spec.bundle_bytes:
             raise StorageError(f"out buffer {out.shape} cannot hold {ids.size} bundles of {spec.bundle_bytes} bytes")
         if not ids.size:
-            return out[:0]
+            return out if rows is not None else out[:0]
         jobs = self._plan_reads(spec, ids)
         if len(jobs) == 1:  # no hand-off to the pool for a single read
-            nbytes = self._read_job(layer, spec, ids, jobs[0], out)
+            nbytes = self._read_job(layer, spec, ids, jobs[0], out, rows)
         else:
-            nbytes = _all_done([self._pool.submit(self._read_job, layer, spec, ids, job, out) for job in jobs])
+            nbytes = _all_done([self._pool.submit(self._read_job, layer, spec, ids, job, out, rows) for job in jobs])
         with self._stats_lock:
             self.stats.bytes_wanted += ids.size * spec.bundle_bytes
         if counter is not None:
             counter.bytes_read += nbytes
             counter.bytes_wanted += ids.size * spec.bundle_bytes
             counter.requests += len(jobs)
-        return out[: ids.size]
+        return out if rows is not None else out[: ids.size]
 
     def _plan_reads(self, spec: fmt.FFNLayer, ids: np.ndarray) -> list[tuple[int, int]]:
         """Split sorted ids into [lo, hi) index ranges, one read each: a new read starts where
@@ -323,8 +329,10 @@ class StoreReader:
             self.stats.bytes_wanted += mat.nbytes
         return out
 
-    def _read_job(self, layer: int, spec: fmt.FFNLayer, ids: np.ndarray, job: tuple[int, int], out: np.ndarray) -> int:
-        """Read one coalesced run of bundles into out[lo:hi]; returns the bytes read from disk."""
+    def _read_job(self, layer: int, spec: fmt.FFNLayer, ids: np.ndarray, job: tuple[int, int], out: np.ndarray,
+                  dest: np.ndarray | None = None) -> int:
+        """Read one coalesced run of bundles into out[lo:hi] (out[dest[lo:hi]] given dest);
+        returns the bytes read from disk."""
         lo, hi = job
         bb = spec.bundle_bytes
         first, last = int(ids[lo]), int(ids[hi - 1])
@@ -335,14 +343,19 @@ class StoreReader:
             raw = np.frombuffer(self._decompress(bytes(data[: chunk.stored_bytes]), self.dir / spec.file, index), np.uint8)
             base = index * spec.bundles_per_chunk
             rows = raw.reshape(-1, bb)
-            np.take(rows, ids[lo:hi] - base, axis=0, out=out[lo:hi])
+            if dest is not None:  # into scattered rows (a cache's freed ones)
+                out[dest[lo:hi]] = rows[ids[lo:hi] - base]
+            else:
+                np.take(rows, ids[lo:hi] - base, axis=0, out=out[lo:hi])
             return data.size
         start = first * bb // fmt.PAGE * fmt.PAGE
         end = fmt.align_up((last + 1) * bb, fmt.PAGE)
         data = self._pread(layer, start, end - start)
         skip = first * bb - start
         rows = data[skip : skip + (last - first + 1) * bb].reshape(-1, bb)
-        if hi - lo == last - first + 1:  # no gaps: one copy
+        if dest is not None:  # into scattered rows (a cache's freed ones)
+            out[dest[lo:hi]] = rows if hi - lo == last - first + 1 else rows[ids[lo:hi] - first]
+        elif hi - lo == last - first + 1:  # no gaps: one copy
             out[lo:hi] = rows
         else:
             np.take(rows, ids[lo:hi] - first, axis=0, out=out[lo:hi])

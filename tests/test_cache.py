@@ -152,3 +152,41 @@ def test_the_planner_counts_every_per_neuron_array():
     cache = NeuronCache(1000, 16, capacity=100, window=5, pin_capacity=50)
     rows_and_row_map = cache.rows.nbytes + cache.row_to_id.nbytes  # the plan's per-row part: bundle_bytes + 4
     assert cache.nbytes - rows_and_row_map == 1000 * NEURON_MAP_BYTES
+
+
+@pytest.mark.parametrize("window,capacity,pin_capacity", [(1, 30, 0), (3, 25, 10), (5, 12, 6)])
+def test_randomized_loads_into_the_rows_evictions_free(window, capacity, pin_capacity):
+    """step(reuse_rows=True) + load_rows + commit_rows (SparseFFN's path): the same neurons
+    resident as the packing path's, every row its id's bundle, no row moved for an eviction
+    that a load replaces; a failed read (drop_holes) leaves a consistent cache."""
+    rng = np.random.default_rng(capacity)
+    n_neurons, bundle = 100, 8
+    store = rng.integers(0, 256, (n_neurons, bundle), dtype=np.uint8)
+    packed = NeuronCache(n_neurons, bundle, capacity, window, pin_capacity)
+    cache = NeuronCache(n_neurons, bundle, capacity, window, pin_capacity)
+    for t in range(1500):
+        predicted = np.unique(rng.choice(n_neurons, int(rng.integers(0, 2 * capacity)))).astype(np.int64)
+        expected, expected_evicted = packed.step(predicted)
+        packed.insert(expected, store[expected])
+        to_load, evicted = cache.step(predicted, reuse_rows=True)
+        assert to_load.tolist() == expected.tolist() and sorted(evicted.tolist()) == sorted(expected_evicted.tolist())
+        if to_load.size:
+            rows = cache.load_rows(to_load.size)
+            if t % 97 == 5:  # a read that fails: the loads are not there, the rest is intact
+                cache.drop_holes()
+                check_invariants(cache, store)
+                packed.step(np.zeros(0, np.int64))  # resynchronise the model: a fresh pair from here
+                packed, cache = NeuronCache(n_neurons, bundle, capacity, window, pin_capacity), \
+                    NeuronCache(n_neurons, bundle, capacity, window, pin_capacity)
+                continue
+            cache.rows[rows] = store[to_load]
+            cache.commit_rows(to_load, rows)
+        check_invariants(cache, store)
+        assert sorted(cache.resident_ids().tolist()) == sorted(packed.resident_ids().tolist())
+
+
+def test_load_rows_asks_for_what_the_step_freed():
+    cache = NeuronCache(10, 4, capacity=3, window=1)
+    cache.step(np.array([0, 1, 2]), reuse_rows=True)
+    with pytest.raises(ValueError, match=r"load_rows\(4\) after a step that freed 0 rows, 3 free past n"):
+        cache.load_rows(4)

@@ -274,3 +274,20 @@ def test_cli_convert_check_run(tmp_path, capsys):
     assert "decode 4 tokens" in capsys.readouterr().err
     err = _cli_error(capsys, "run", str(out), "--prompt", "x", "--flash-bw", "fast")
     assert "fast" in err
+
+
+def test_read_bundles_into_scattered_rows(stores):
+    """rows=: each id's bundle lands in its given row of out (a neuron cache's freed rows), the
+    other rows untouched; the same bytes as a plain read."""
+    from storage.reader import StoreReader
+
+    with StoreReader(stores("relu_llama", "q8", "q8")) as reader:
+        spec = reader.manifest.ffn_layers[0]
+        ids = np.array([1, 2, 3, 9, 40, spec.n_neurons - 1])
+        plain = reader.read_bundles(0, ids)
+        out = np.full((20, spec.bundle_bytes), 7, np.uint8)
+        rows = np.array([19, 0, 5, 6, 2, 11])
+        assert reader.read_bundles(0, ids, out=out, rows=rows) is out
+        np.testing.assert_array_equal(out[rows], plain)
+        untouched = np.setdiff1d(np.arange(20), rows)
+        assert (out[untouched] == 7).all()
