@@ -23,7 +23,7 @@ import time
 import numpy as np
 
 from bench.machine import machine_line
-from bench.vs_llamacpp import REAL_MODELS, english_text, perplexity, real_model_files
+from bench.vs_llamacpp import REAL_MODELS, _llamacpp_logits, english_text, perplexity, real_model_files
 
 KV_TYPES = ("f32", "f16")
 
@@ -54,19 +54,8 @@ def decode_tok_s(engine, ids: list[int], n: int) -> float:
 
 def llamacpp_kv(gguf, ids: list[int]) -> dict:
     """llama.cpp's logits of ids with f32 and with f16 keys and values (GGML types 0 and 1)."""
-    import llama_cpp
-
-    from bench.llamacpp import _extra_bufts
-
-    logits = {}
-    for kv, ggml_type in (("f32", 0), ("f16", 1)):
-        with _extra_bufts(False):  # AMX dies at its first tile instruction on this VM (bench/llamacpp.py)
-            llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=len(ids), n_threads=2, n_threads_batch=2,
-                                  logits_all=True, verbose=False, type_k=ggml_type, type_v=ggml_type)
-        llm.eval(ids)
-        logits[kv] = np.array(llm.scores[: len(ids)])
-        llm.close()
-    return logits
+    return {kv: _llamacpp_logits({"gguf": str(gguf), "threads": 2, "kv_type": ggml_type}, ids)[0]
+            for kv, ggml_type in (("f32", 0), ("f16", 1))}
 
 
 def _quality_rows(name: str, who: str, logits: dict, ids: list[int]) -> list[str]:

@@ -43,20 +43,6 @@ def _delete_rows(rows, row_to_id, id_to_row, n, victims):
     return n
 
 
-@njit(cache=True, nogil=True)
-def _drop_holes(rows, row_to_id, n, holes):
-    """Close rows `holes` (row_to_id -1, within 0..n-1) by moving the last rows into them, from
-    the highest hole down; returns the new n. (id_to_row of a moved neuron is fixed by the caller.)"""
-    for h in np.sort(holes)[::-1]:
-        last = n - 1
-        if h != last:
-            rows[h, :] = rows[last, :]
-            row_to_id[h] = row_to_id[last]
-            row_to_id[last] = -1
-        n -= 1
-    return n
-
-
 PIN_REFRESH = 8  # tokens between recounts of the hot set
 
 
@@ -79,7 +65,7 @@ class NeuronCache:
         self.last_active = np.full(n_neurons, -(2**40), np.int64)  # token index a neuron was last predicted
         self.n = 0
         self.token = 0  # tokens seen
-        self._holes = np.zeros(0, np.int64)  # rows freed by step(reuse_rows=True), for load_rows
+        self._replaced = np.zeros(0, np.int32)  # evicted by step(reuse_rows=True), their rows for load_rows
 
     @property
     def nbytes(self) -> int:
@@ -104,11 +90,12 @@ class NeuronCache:
         caller's to compute from a scratch read (SparseFFN does). The cache is never emptied
         for an oversized set.
 
-        reuse_rows: the rows of as many evicted neurons as there are ids to load are left empty
-        for them (load_rows, commit_rows) instead of being closed by moving the last rows in:
-        each eviction of a packed cache copied a whole bundle (6.9 KB on the Mistral-7B shape,
-        ~1200 a layer and token: 4.35 ms a layer). Until commit_rows (or drop_holes after a
-        failed read) those rows are holes: free_rows/commit must not be used in between."""
+        reuse_rows: as many evicted neurons as there are ids to load keep their rows until the
+        loads are read into them (load_rows, commit_rows) instead of each hole being closed by
+        moving the last row in: each eviction of a packed cache copied a whole bundle (6.9 KB on
+        the Mistral-7B shape, ~1200 a layer and token: 4.35 ms a layer). After a failed read,
+        drop_replaced deletes them as step would have. free_rows/commit must not be used until
+        one of the two."""
         t = self.token
         self.token += 1
         self.last_active[predicted] = t
@@ -131,39 +118,35 @@ class NeuronCache:
                 keep = keep[~self.pinned[keep]]
             lru = keep[np.argsort(self.last_active[keep], kind="stable")[:overflow]]
             stale = np.concatenate([stale, lru])
+        victims = stale.astype(np.int32)
         reused = min(to_load.size, stale.size) if reuse_rows else 0
-        self.n = _delete_rows(self.rows, self.row_to_id, self.id_to_row, self.n, stale[reused:].astype(np.int32))
-        if reused:  # after the deletions, which may have moved these neurons' rows
-            kept = stale[:reused]
-            self._holes = self.id_to_row[kept].astype(np.int64)
-            self.row_to_id[self._holes] = -1
-            self.id_to_row[kept] = -1
+        self._replaced = victims[:reused]
+        self.n = _delete_rows(self.rows, self.row_to_id, self.id_to_row, self.n, victims[reused:])
         return to_load, stale
 
     def load_rows(self, k: int) -> np.ndarray:
-        """The rows the next k loads go to (after step(reuse_rows=True)): the evicted neurons'
-        freed rows, then free rows past n."""
-        extra = k - self._holes.size
+        """The rows the next k loads go to (after step(reuse_rows=True)): those of the neurons
+        it evicted for them, then free rows past n."""
+        extra = k - self._replaced.size
         if extra < 0 or self.n + extra > self.capacity:
-            raise ValueError(f"load_rows({k}) after a step that freed {self._holes.size} rows, "
+            raise ValueError(f"load_rows({k}) after a step that left {self._replaced.size} rows to replace, "
                              f"{self.capacity - self.n} free past n")
-        return np.concatenate([self._holes, np.arange(self.n, self.n + extra, dtype=np.int64)])
+        return np.concatenate([self.id_to_row[self._replaced].astype(np.int64),
+                               np.arange(self.n, self.n + extra, dtype=np.int64)])
 
     def commit_rows(self, ids: np.ndarray, rows: np.ndarray) -> None:
-        """Register `ids` as read into `rows` (load_rows(len(ids)))."""
+        """Register `ids` as read into `rows` (load_rows(len(ids))): the neurons they replace go."""
+        self.id_to_row[self._replaced] = -1
         self.row_to_id[rows] = ids
         self.id_to_row[ids] = rows.astype(np.int32)
-        self.n += rows.size - self._holes.size
-        self._holes = self._holes[:0]
+        self.n += rows.size - self._replaced.size
+        self._replaced = self._replaced[:0]
 
-    def drop_holes(self) -> None:
-        """After a failed read between step(reuse_rows=True) and commit_rows: close the freed
-        rows, so rows 0..n-1 are all live again (the loads are simply not there)."""
-        if self._holes.size:
-            self.n = _drop_holes(self.rows, self.row_to_id, self.n, self._holes)
-            live = self.row_to_id[: self.n]
-            self.id_to_row[live] = np.arange(self.n, dtype=np.int32)
-            self._holes = self._holes[:0]
+    def drop_replaced(self) -> None:
+        """After a failed read between step(reuse_rows=True) and commit_rows: delete the neurons
+        the loads were to replace (their rows may hold part of a load), as step would have."""
+        self.n = _delete_rows(self.rows, self.row_to_id, self.id_to_row, self.n, self._replaced)
+        self._replaced = self._replaced[:0]
 
     def _count(self, predicted: np.ndarray, t: int) -> None:
         """Count this token's predictions; every PIN_REFRESH tokens, make the hot set the

@@ -40,11 +40,11 @@ from flashinfer.model import Model, RunState
 from flashinfer.sampling import check_seed, is_int, sample
 from flashinfer.tokenizer import StreamDecoder, Tokenizer
 
-DEFAULT_MAX_CTX = 4096
+DEFAULT_MAX_CTX = 4096  # KV cache positions unless the caller asks otherwise
 # Share of each neuron cache kept for the hot set (Engine.open's pin). bench.sparse --pins 0,0.5,0.8 on the
 # Mistral-7B shape (lowrank, 32 tokens, 2026-12-07): MB read per token at 2 / 2.5 / 3 GB 748 / 522 / 382 with
 # the window alone, 722 / 492 / 337 at 0.5, 688 / 503 / 348 at 0.8; tokens/s within the machine's noise
-DEFAULT_PIN = 0.5  # KV cache positions unless the caller asks otherwise
+DEFAULT_PIN = 0.5
 WARM_UP_ENV = "FLASHINFER_WARM_UP"  # "first-token": Engine.open warms only the first decode token (see _warm_up)
 
 
@@ -166,6 +166,8 @@ class Engine:
 
         path = Path(path)
         _check_kv_cache(kv_cache)
+        if not isinstance(pin, (int, float)) or not 0.0 <= pin <= 1.0:
+            raise GenerationError(f"pin must be a share of the neuron cache in [0, 1], got {pin!r}")
         kind = source_kind(path)
         store_only = (flash_bw is not None or flash_latency is not None or predictor != "dense" or dram is not None
                       or prefetch or stream_ffn)
@@ -186,8 +188,6 @@ class Engine:
 
             compile_in_child(path, {"predictor": predictor, "window": window, "prefetch": prefetch,
                                     "stream_ffn": stream_ffn, "kv_cache": kv_cache}, notify)
-        if not isinstance(pin, (int, float)) or not 0.0 <= pin <= 1.0:
-            raise GenerationError(f"pin must be a share of the neuron cache in [0, 1], got {pin!r}")
         return cls._open_store(path, ctx, flash_bw, flash_latency, verify, predictor, window, dram, prefetch,
                                stream_ffn, kv_cache, _footprint, pin)
 
@@ -210,7 +210,7 @@ class Engine:
     @classmethod
     def _open_store(cls, path: Path, ctx, flash_bw, flash_latency, verify: bool, predictor: str,
                     window: int, dram, prefetch: bool, stream_ffn: bool = False, kv_cache: str = "f16",
-                    footprint: bool = False, pin: float = 0.0) -> "Engine":
+                    footprint: bool = False, pin: float = DEFAULT_PIN) -> "Engine":
         from flashinfer.errors import ConfigError
         from flashinfer.weights import check_store_layout, load_store_weights
         from storage.reader import StoreReader
@@ -245,7 +245,8 @@ class Engine:
 
     @staticmethod
     def _flash_ffn(reader, args: ModelArgs, predictor: str, window: int, dram, ctx: int, prefetch: bool = False,
-                   stream_ffn: bool = False, kv_cache: str = "f16", footprint: bool = False, pin: float = 0.0):
+                   stream_ffn: bool = False, kv_cache: str = "f16", footprint: bool = False,
+                   pin: float = DEFAULT_PIN):
         """The FFN source for a store, and the memory plan when a DRAM cap is given. footprint:
         the kernels' types at a small size (flashinfer/precompile.py's child): footprint_rows
         cache rows a layer, or the first FFN layer resident and the others streamed."""

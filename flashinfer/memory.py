@@ -20,9 +20,11 @@ from __future__ import annotations
 import resource
 from dataclasses import dataclass, field
 
+import numpy as np
 import psutil
 
 from flashinfer.config import ModelArgs
+from flashinfer.kernels.attention import KV_DTYPES
 from flashinfer.errors import FlashinferError
 
 # Rows of an Engine.logits result the plan holds ([rows, vocab] float32); a longer result under a
@@ -93,7 +95,7 @@ class MemoryPlan:
         return "DRAM plan:\n" + "\n".join(lines)
 
 
-KV_ELEMENT_BYTES = {"f16": 2, "f32": 4}  # kernels.KV_DTYPES
+KV_ELEMENT_BYTES = {name: np.dtype(dtype).itemsize for name, dtype in KV_DTYPES.items()}
 NEURON_MAP_BYTES = 4 + 8 + 8 + 1  # a neuron cache's per-neuron arrays (cache.NeuronCache; tested equal)
 FOUR_BIT_SCHEMES = ("q4", "q4a", "q4k")  # a store resident in these has no lower-bit store to suggest
 

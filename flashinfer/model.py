@@ -83,7 +83,6 @@ class Model:
         self.weights = weights
         self.ctx = ctx
         self.state = RunState(args, ctx, chunk, kv_cache)
-        self.kv_cache = kv_cache
         # per layer (Gemma 3 interleaves sliding-window layers, with their own RoPE base, between global ones)
         self.layer_windows = [args.layer_window(i) for i in range(args.n_layers)]
         self.layer_inv_freq = [args.layer_inv_freq(i) for i in range(args.n_layers)]

@@ -50,12 +50,13 @@ def cache_dir() -> Path:
 def _stamp(store: Path, options: dict) -> Path:
     import numba
 
+    from flashinfer.kernels import sources_digest
+
     manifest = json.loads((Path(store) / "manifest.json").read_text())
-    sources = sorted((Path(__file__).resolve().parent / "kernels").glob("*.py"))
     digest = hashlib.sha256()
     for part in (json.dumps({"quant": manifest.get("quant"), "model_config": manifest.get("model_config"),
                              "version": manifest.get("version"), "options": options}, sort_keys=True).encode(),
-                 numba.__version__.encode(), *(p.read_bytes() for p in sources)):
+                 numba.__version__.encode(), sources_digest().encode()):
         digest.update(part)
     return cache_dir() / "precompiled" / digest.hexdigest()[:32]
 

@@ -131,7 +131,7 @@ class SparseFFN:
             try:
                 self.reader.read_bundles(layer, to_load, out=cache.rows, counter=counter, rows=rows)
             except BaseException:
-                cache.drop_holes()  # rows 0..n-1 live again; the error is the caller's
+                cache.drop_replaced()  # rows 0..n-1 hold what they say again; the error is the caller's
                 raise
             cache.commit_rows(to_load, rows)
         t4 = clock()

@@ -244,7 +244,7 @@ class StoreReader:
                 raise StorageError(f"rows must give a row of out for each of the {ids.size} ids")
         if out is None:
             out = np.empty((ids.size, spec.bundle_bytes), np.uint8)
-        elif rows is None and out.shape[0] < ids.size or out.shape[1] != spec.bundle_bytes:
+        elif (rows is None and out.shape[0] < ids.size) or out.shape[1] != spec.bundle_bytes:
             raise StorageError(f"out buffer {out.shape} cannot hold {ids.size} bundles of {spec.bundle_bytes} bytes")
         if not ids.size:
             return out if rows is not None else out[:0]

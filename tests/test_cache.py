@@ -158,7 +158,7 @@ def test_the_planner_counts_every_per_neuron_array():
 def test_randomized_loads_into_the_rows_evictions_free(window, capacity, pin_capacity):
     """step(reuse_rows=True) + load_rows + commit_rows (SparseFFN's path): the same neurons
     resident as the packing path's, every row its id's bundle, no row moved for an eviction
-    that a load replaces; a failed read (drop_holes) leaves a consistent cache."""
+    that a load replaces; a failed read (drop_replaced) leaves a consistent cache."""
     rng = np.random.default_rng(capacity)
     n_neurons, bundle = 100, 8
     store = rng.integers(0, 256, (n_neurons, bundle), dtype=np.uint8)
@@ -172,8 +172,9 @@ def test_randomized_loads_into_the_rows_evictions_free(window, capacity, pin_cap
         assert to_load.tolist() == expected.tolist() and sorted(evicted.tolist()) == sorted(expected_evicted.tolist())
         if to_load.size:
             rows = cache.load_rows(to_load.size)
-            if t % 97 == 5:  # a read that fails: the loads are not there, the rest is intact
-                cache.drop_holes()
+            if t % 97 == 5:  # a read that fails part-way: the loads are not there, the rest is intact
+                cache.rows[rows[: rows.size // 2]] = 0  # what a partial read left in the replaced rows
+                cache.drop_replaced()
                 check_invariants(cache, store)
                 packed.step(np.zeros(0, np.int64))  # resynchronise the model: a fresh pair from here
                 packed, cache = NeuronCache(n_neurons, bundle, capacity, window, pin_capacity), \
@@ -188,5 +189,5 @@ def test_randomized_loads_into_the_rows_evictions_free(window, capacity, pin_cap
 def test_load_rows_asks_for_what_the_step_freed():
     cache = NeuronCache(10, 4, capacity=3, window=1)
     cache.step(np.array([0, 1, 2]), reuse_rows=True)
-    with pytest.raises(ValueError, match=r"load_rows\(4\) after a step that freed 0 rows, 3 free past n"):
+    with pytest.raises(ValueError, match=r"load_rows\(4\) after a step that left 0 rows to replace, 3 free past n"):
         cache.load_rows(4)

@@ -17,6 +17,12 @@ import hashlib
 from pathlib import Path
 
 
+def sources_digest(here: Path = Path(__file__).resolve().parent) -> str:
+    """sha256 of every kernel source (these files, in name order): what numba's cached machine
+    code of them was compiled from."""
+    return hashlib.sha256(b"".join(p.read_bytes() for p in sorted(here.glob("*.py")))).hexdigest()
+
+
 def _drop_stale_compiled_kernels(here: Path = Path(__file__).resolve().parent) -> None:
     """Delete numba's cached machine code of these kernels when any of their sources changed.
 
@@ -28,7 +34,7 @@ def _drop_stale_compiled_kernels(here: Path = Path(__file__).resolve().parent) -
     alone (the sources of an install do not change)."""
     cache = here / "__pycache__"
     try:
-        digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(here.glob("*.py")))).hexdigest()
+        digest = sources_digest(here)
         stamp = cache / "kernel-sources.sha256"
         if stamp.is_file() and stamp.read_text() == digest:
             return
