@@ -327,7 +327,7 @@ def test_a_body_over_the_limit_by_its_length_gets_413_before_it_is_sent(server):
     assert json.loads(response.read())["error"] == {
         "message": "the request body is over the server's limit of 1000000 bytes (--max-body)", **TOO_LARGE}
     conn.close()
-    body = {"model": "llama", "prompt": "hi", "max_tokens": 2, "padding": ""}  # a field we ignore
+    body = {"model": "llama", "prompt": "hi", "max_tokens": 2, "temperature": 0, "padding": ""}  # a field we ignore
     body["padding"] = "x" * (1_000_000 - len(json.dumps(body)))
     assert len(json.dumps(body)) == 1_000_000  # exactly the limit: read and served
     status, result = server.request("POST", "/v1/completions", body)
@@ -362,7 +362,7 @@ def test_a_chunked_body_over_the_limit_gets_413_at_the_limit(engines):
     running = ServerThread(engines("llama"), max_body_bytes=50_000)
     try:
         conn = http.client.HTTPConnection("127.0.0.1", running.port, timeout=30)
-        body = json.dumps({"model": "llama", "prompt": "hi", "max_tokens": 2}).encode()
+        body = json.dumps({"model": "llama", "prompt": "hi", "max_tokens": 2, "temperature": 0}).encode()
         conn.request("POST", "/v1/completions", body=iter([body[:10], body[10:]]), encode_chunked=True,
                      headers={"Content-Type": "application/json"})
         response = conn.getresponse()
@@ -438,7 +438,7 @@ def test_flashinfer_serve_command(tmp_path):
         # the server's first request may compile kernels the load did not (prefill's): from a fresh clone,
         # beside a second test process compiling too, that took over 30 s once
         client = openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=300)
-        result = client.completions.create(model="tiny-llama", prompt="hi", max_tokens=4)
+        result = client.completions.create(model="tiny-llama", prompt="hi", max_tokens=4, temperature=0)
         assert result.usage.completion_tokens == 4
         with pytest.raises(openai.APIStatusError, match="over the server's limit of 2000 bytes") as e:  # --max-body
             client.completions.create(model="tiny-llama", prompt="x" * 2000, max_tokens=4)
