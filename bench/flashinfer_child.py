@@ -55,6 +55,11 @@ def dram_bytes_touched(store: str, summary: dict, predictor_bytes: int = 0) -> f
                    if tied or "embed" not in name)
     bundles = sum(row["predicted_per_token"] * layer["bundle_bytes"]
                   for row, layer in zip(summary["layers"], manifest["ffn_layers"]))
+    # whole FFN matrices (W_gate of a --ffn-gate rows store): the gate predictor multiplies every
+    # layer's each token, resident or streamed through buffers the predictor's bytes count
+    matrices = sum(m["nbytes"] for layer in manifest["ffn_layers"] for m in layer.get("matrices", []))
+    if matrices:
+        predictor_bytes = max(predictor_bytes, matrices)
     return resident + bundles + predictor_bytes
 
 

@@ -3,6 +3,7 @@ with the tokens just before it, and so how much a sliding-window neuron cache mu
 
     python -m bench.locality                      # SmolLM2-135M (1024 tokens) + synthetic 7B (128 tokens)
     python -m bench.locality --skip-synthetic --tokens 512
+    python -m bench.locality --gates              # SmolLM2's gate statistics, what synth's SwiGLU presets plant
 
 Why: "LLM in a flash" (section 3.1, windowing) keeps in DRAM the neurons active over the last
 w tokens and reads from flash only those a new token adds; for OPT-6.7B it reports ~2.4% of
@@ -31,6 +32,12 @@ Models:
   (calibrate.activation_rows); over --synthetic-tokens tokens of word salad (seed 2). Its
   firing rates are planted (power-law hot set), its locality is whatever random weights and
   a 100-word salad give: a control for how much locality skew alone yields.
+
+`--gates` prints instead, per layer of SmolLM2, what storage/synth.py's SwiGLU presets take
+their SILU_* defaults from: the share of gate pre-activations > 0, the share of those carried by
+the 10% of neurons most often positive, the per-neuron std of the gate over tokens, and at the
+gate predictor's 40% / 50% skipped (one |silu(gate.x)| threshold per layer) the kept set's top-10%
+share and how much of it has a negative gate.
 
 The FFN inputs are collected through Model.ffn_input_observer during one Engine.logits pass;
 the weights are decoded from the store with flashinfer/calibrate.py's helpers, a layer at a time.
@@ -114,6 +121,41 @@ def relu_mask(reader, layer: int, x: np.ndarray, gated: bool) -> np.ndarray:
     if bias is not None:
         z += bias
     return z > 0
+
+
+def gate_products(reader, layer: int, x: np.ndarray) -> np.ndarray:
+    """gate . x float32 [tokens, n_neurons], W_gate whole or from the bundles (as swiglu_magnitudes)."""
+    from flashinfer.calibrate import component_values, gate_rows, layer_bundles
+
+    spec = reader.manifest.ffn_layers[layer]
+    w_gate = gate_rows(reader, layer) if spec.matrix("gate") else component_values(layer_bundles(reader, layer),
+                                                                                   spec, "gate")
+    return x @ w_gate.T
+
+
+def gate_statistics(store: Path, n_tokens: int) -> list[dict[str, float]]:
+    """Per layer of a SwiGLU store over the first n_tokens of the GPL-3: the figures synth plants."""
+    from predictors.sparsity import silu
+    from storage.reader import StoreReader
+    from storage.synth import hot10_share
+
+    ids, inputs, _ = open_engine_inputs(store, lambda e: e.tokenize(GPL3.read_text())[:n_tokens],
+                                        ctx=max(1100, n_tokens + 1), kv_cache="f32")
+    rows = []
+    with StoreReader(store) as reader:
+        for layer, x in enumerate(inputs):
+            g = gate_products(reader, layer, x)
+            positive = g > 0
+            row = {"layer": layer, "positive": float(positive.mean()),
+                   "hot10_of_positives": hot10_share(positive.sum(0).astype(np.float64)),
+                   "gate_std_median": float(np.median(g.std(0)))}
+            magnitude = np.abs(silu(g))
+            for skipped in (0.4, 0.5):
+                kept = magnitude > np.quantile(magnitude, skipped)
+                row[f"hot10_kept_{skipped:g}"] = hot10_share(kept.sum(0).astype(np.float64))
+                row[f"negative_of_kept_{skipped:g}"] = float((kept & ~positive).sum() / kept.sum())
+            rows.append(row)
+    return rows
 
 
 # ---- metrics ---------------------------------------------------------------------------
@@ -242,7 +284,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-smollm2", action="store_true")
     parser.add_argument("--skip-synthetic", action="store_true")
     parser.add_argument("--json", type=Path, default=RESULTS_JSON, help="where the per-layer numbers go")
+    parser.add_argument("--gates", action="store_true",
+                        help="SmolLM2's gate statistics (what storage/synth.py's SwiGLU presets plant) instead")
     opts = parser.parse_args(argv)
+    if opts.gates:
+        rows = gate_statistics(opts.smollm2_store, opts.tokens)
+        for key in rows[0]:
+            if key != "layer":
+                values = [r[key] for r in rows]
+                print(f"{key:22s} mean {np.mean(values):.3f}  min {np.min(values):.3f}  max {np.max(values):.3f}  "
+                      f"first {values[0]:.3f}  middle {values[len(values) // 2]:.3f}  last {values[-1]:.3f}")
+        return 0
 
     command = "python -m bench.locality " + " ".join(map(shlex.quote, argv if argv is not None else sys.argv[1:]))
     print(f"command: {command}\nmachine: {machine_line()}\ndate: {datetime.date.today()}")

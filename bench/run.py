@@ -4,6 +4,7 @@ the naive baseline and llama.cpp, every runtime in the same memory cgroup, cold.
     python -m bench.run                 # mistral-7b-relu q4 under 2GB (builds the store once: ~1 h)
     python -m bench.run --quick         # the 1b preset under 700MB, < 5 minutes once built
     python -m bench.run --models mistral-7b-relu,opt-6.7b --cap 2GB --tokens 128
+    python -m bench.run --models mistral-7b   # SwiGLU: naive vs the gate predictor at 40% and 50% skipped
 
 Per model it builds, or reuses from --work: `flashinfer synth` (with a Q4_0 GGUF of the same
 weights for llama.cpp), `flashinfer convert --quant q4 --resident-quant q4`, and
@@ -11,10 +12,17 @@ weights for llama.cpp), `flashinfer convert --quant q4 --resident-quant q4`, and
 cap covers the page cache; caches are dropped before each run, so every run reads its
 weights from disk):
   - naive: flashinfer, `dense` predictor: every FFN neuron read from flash every token;
+  - flashinfer dense: every neuron, FFN layers kept while they fit the cap, the others read one
+    ahead of the layer computing (flash_ffn.FlashFFN's read_ahead);
   - flashinfer: `lowrank` predictor, windowed neuron cache, at the device's speed;
   - flashinfer at 1GB/s: the same with the flash throttled to 1 GB/s;
   - llama.cpp: llama-cpp-python on the Q4_0 GGUF, default mmap, --threads threads;
   - llama.cpp without a cap, for reference (no cgroup; caches dropped first).
+A SwiGLU preset (mistral-7b: SiLU, gates planted with SmolLM2's sign share and spread) is
+converted with `--ffn-gate rows` and calibrated with `flashinfer calibrate --sparsity S` for each
+of --gate-sparsities (each calibration's predictors/ kept beside the store as STORE.gate-S and
+put back before its row); its flashinfer rows are flashinfer's dense path (layers kept while they
+fit, the others read one ahead) and the gate predictor at each S, instead of lowrank.
 Each decodes --tokens tokens after a --prompt-tokens prompt (token ids, the same for all).
 
 Reported per row: decode tokens/s, ms/token split (flashinfer's tracer: I/O, memory
@@ -24,7 +32,7 @@ greedy agreement with the naive (dense) run, teacher-forced over its tokens. The
 row bounds flashinfer's sparse run from below: bytes read / disk bandwidth + bytes touched
 in DRAM / memory bandwidth, both bandwidths measured in this run (bench/roofline.py).
 
-llama.cpp runs SiLU where our synthetic models have ReLU (bench/llamacpp.py says why), so
+llama.cpp runs SiLU where our synthetic ReLU models have ReLU (bench/llamacpp.py says why), so
 its row is a speed comparison on the same shapes and bytes, without an agreement figure.
 Its Q4_0 weights are not bit-identical to the store's q4 (storage/quant.py: same size and
 decode cost, rounded on a different grid).
@@ -58,10 +66,30 @@ FI = [sys.executable, "-m", "flashinfer.cli"]
 class Preset:
     name: str
     gguf: bool  # llama.cpp can run it (llama/mistral arch; OPT is not in llama.cpp)
+    gated: bool = False  # SwiGLU: the gate predictor (--ffn-gate rows, calibrated per --gate-sparsities)
 
 
 PRESETS = {p.name: p for p in (Preset("mistral-7b-relu", True), Preset("llama-2-7b-relu", True),
-                               Preset("opt-6.7b", False), Preset("1b", True))}
+                               Preset("opt-6.7b", False), Preset("1b", True), Preset("mistral-7b", True, gated=True))}
+GATE_SPARSITIES = (0.4, 0.5)
+
+
+def gate_calibration(store: Path, sparsity: float) -> Path:
+    """Where a SwiGLU store's calibration for `sparsity` (its whole predictors/ directory, with
+    checksums) is kept, beside the store: `flashinfer calibrate` replaces predictors/ each time."""
+    return store.parent / f"{store.name}.gate-{sparsity:g}"
+
+
+def install_gate(store: Path, sparsity: float) -> None:
+    """Make the calibration kept for `sparsity` the store's predictors/ (in one step)."""
+    from flashinfer.calibrate import PREDICTOR_DIR
+    from storage import atomic
+
+    target = store / PREDICTOR_DIR
+    staging = atomic.staging_dir(target)
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(gate_calibration(store, sparsity), staging)
+    atomic.replace_dir(staging, target)
 
 
 def log(msg: str) -> None:
@@ -73,14 +101,17 @@ def sh(argv: list[str]) -> None:
     subprocess.run([str(a) for a in argv], check=True, cwd=ROOT)
 
 
-def build(preset: Preset, work: Path, calibration_tokens: int | None) -> tuple[Path, Path | None]:
+def build(preset: Preset, work: Path, calibration_tokens: int | None,
+          gate_sparsities: tuple[float, ...] = GATE_SPARSITIES) -> tuple[Path, Path | None]:
     """(store, gguf or None), built once into `work` and reused while their files exist.
     calibration_tokens None: no `flashinfer calibrate` (dense runs need no predictor)."""
     store = work / f"{preset.name}-q4"
     gguf = work / f"{preset.name}-q4_0.gguf" if preset.gguf else None
-    calibrated = store / "predictors" / "lowrank.npz"
+    calibrations = ([gate_calibration(store, s) for s in gate_sparsities] if preset.gated
+                    else [store / "predictors" / "lowrank.npz"])
+    calibrated = all(path.exists() for path in calibrations)
     converted = (store / "manifest.json").exists() and (gguf is None or gguf.exists())
-    if converted and (calibration_tokens is None or calibrated.exists()):
+    if converted and (calibration_tokens is None or calibrated):
         log(f"reusing {store}" + (f" and {gguf}" if gguf else ""))
         return store, gguf
     work.mkdir(parents=True, exist_ok=True)
@@ -95,12 +126,22 @@ def build(preset: Preset, work: Path, calibration_tokens: int | None) -> tuple[P
         # resident), so both runtimes compute with the same weights; the down columns, which run
         # across the file's blocks, are re-quantized to q4 (as many bytes as llama.cpp reads)
         source = [gguf, "--tokenizer", hf] if gguf is not None else [hf]
-        sh([*FI, "convert", *source, store, "--quant", "q4", "--resident-quant", "q4", "--overwrite"])
+        # a SwiGLU store keeps W_gate whole, which the gate predictor reads a layer at a time
+        layout = ["--ffn-gate", "rows"] if preset.gated else []
+        sh([*FI, "convert", *source, store, "--quant", "q4", "--resident-quant", "q4", *layout, "--overwrite"])
         shutil.rmtree(hf)
-    if calibration_tokens is not None and not calibrated.exists():
+    if calibration_tokens is not None and not calibrated:
         text = work / f"{preset.name}-calibration.txt"
         text.write_text(word_salad(calibration_tokens * 2, seed=1))
-        sh([*FI, "calibrate", store, "--text", text, "--tokens", str(calibration_tokens)])
+        calibrate = [*FI, "calibrate", store, "--text", text, "--tokens", str(calibration_tokens)]
+        if not preset.gated:
+            sh(calibrate)
+        for s in gate_sparsities if preset.gated else ():
+            if not gate_calibration(store, s).exists():
+                sh([*calibrate, "--sparsity", str(s)])
+                kept = gate_calibration(store, s)
+                shutil.copytree(store / "predictors", kept.with_name(kept.name + ".tmp"), dirs_exist_ok=True)
+                kept.with_name(kept.name + ".tmp").rename(kept)
     return store, gguf
 
 
@@ -139,7 +180,7 @@ def run_child(argv: list[str], cap: int | None, drop_caches: bool = True) -> dic
 
 
 def measure_model(preset: Preset, opts, bandwidths) -> list[dict]:
-    store, gguf = build(preset, Path(opts.work), opts.calibration_tokens)
+    store, gguf = build(preset, Path(opts.work), opts.calibration_tokens, opts.gate_sparsities)
     cap = parse_size(opts.cap)
     prompt = prompt_ids(store, opts.prompt_tokens)
     # the context the KV cache (and so the DRAM plan) is sized for: --ctx, else just the run's tokens
@@ -151,13 +192,24 @@ def measure_model(preset: Preset, opts, bandwidths) -> list[dict]:
     naive = run_flashinfer(base | {"predictor": "dense", "stream_ffn": True}, cap)
     rows.append(naive | {"model": preset.name, "config": "naive (dense from flash)"})
     reference = naive.get("generated_ids")
-    sparse = base | {"predictor": "lowrank", "reference_ids": reference}
-    configs = [("flashinfer (lowrank, window %d)" % opts.window, sparse)]
-    if opts.pin is not None:  # the same with another share of the caches kept for the hot set (--pin)
-        configs.append((f"flashinfer (lowrank, window {opts.window}, pin {opts.pin})", sparse | {"pin": opts.pin}))
-    configs.append(("flashinfer, flash at 1GB/s", sparse | {"flash_bw": "1GB/s"}))
+    # the dense path as flashinfer runs it (layers kept while they fit, the rest read one ahead):
+    # what a predictor's rows gain over it is the sparsity's own
+    configs = [("flashinfer dense (layers kept, rest read ahead)", base | {"predictor": "dense",
+                                                                         "reference_ids": reference})]
+    if preset.gated:
+        configs += [(f"flashinfer (gate, {s:.0%} skipped)",
+                     base | {"predictor": "gate", "reference_ids": reference, "gate_sparsity": s})
+                    for s in opts.gate_sparsities]
+    else:
+        sparse = base | {"predictor": "lowrank", "reference_ids": reference}
+        configs.append(("flashinfer (lowrank, window %d)" % opts.window, sparse))
+        if opts.pin is not None:  # the same with another share of the caches kept for the hot set (--pin)
+            configs.append((f"flashinfer (lowrank, window {opts.window}, pin {opts.pin})", sparse | {"pin": opts.pin}))
+        configs.append(("flashinfer, flash at 1GB/s", sparse | {"flash_bw": "1GB/s"}))
     for name, cfg in configs:
         log(f"{preset.name}: {name}")
+        if "gate_sparsity" in cfg:
+            install_gate(store, cfg.pop("gate_sparsity"))
         rows.append(run_flashinfer(cfg, cap) | {"model": preset.name, "config": name})
     if gguf is not None and not opts.no_llamacpp:
         for name, limit in ((f"llama.cpp, {opts.cap} cgroup", cap), ("llama.cpp, no cap (reference)", None)):
@@ -165,7 +217,7 @@ def measure_model(preset: Preset, opts, bandwidths) -> list[dict]:
             argv = llamacpp_argv(gguf, prompt, opts.tokens, threads=opts.threads, ctx=ctx)
             rows.append(run_child(argv, limit) | {"model": preset.name, "config": name})
     for row in rows:  # the roofline of the sparse runs, from this run's bandwidths
-        if row.get("bytes_touched_per_token") and row.get("predictor") == "lowrank" and row.get("decode_tok_s"):
+        if row.get("bytes_touched_per_token") and row.get("predictor") in ("lowrank", "gate") and row.get("decode_tok_s"):
             bound = roofline.roofline_ms(row["read_bytes_per_token"], row["bytes_touched_per_token"],
                                          bandwidths.best_disk_bytes_per_s, bandwidths.best_mem_bytes_per_s,
                                          overlap=False)
@@ -194,7 +246,7 @@ def table(rows: list[dict]) -> str:
         ratio = f"{r['decode_tok_s'] / base['decode_tok_s']:.2f}x" if base and r.get("decode_tok_s") else "-"
         agree = f"{r['agreement']:.3f}" if "agreement" in r else ("1 (reference)" if r["config"].startswith("naive")
                                                                   else "n/a (SiLU)" if r.get("runtime") == "llama.cpp"
-                                                                  else "-")
+                                                                  and not getattr(PRESETS.get(r["model"]), "gated", False) else "-")
         roof = f"{r['roofline_ms']:.0f} ({r['roofline_ratio']:.1f}x)" if "roofline_ms" in r else "-"
         lines.append(f"| {r['model']} | {r['config']} | {r['decode_tok_s']:.2f} | {ratio} | {split} | "
                      f"{(r.get('read_bytes_per_token') or 0) / 1e6:.1f} | {_mib(r.get('cgroup_peak_bytes'))} | "
@@ -222,6 +274,8 @@ def main() -> None:
                              "llama.cpp's n_ctx is the same")
     parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads (default 2, the machine's cores)")
     parser.add_argument("--calibration-tokens", type=int, default=None, help="default 1024 (--quick 512)")
+    parser.add_argument("--gate-sparsities", default=",".join(map(str, GATE_SPARSITIES)),
+                        help="SwiGLU presets: the gate predictor's skipped shares, one row each (default 0.4,0.5)")
     parser.add_argument("--work", default=str(ROOT / "out" / "bench"), help="where models are built and kept")
     parser.add_argument("--no-llamacpp", action="store_true")
     parser.add_argument("--build-only", action="store_true", help="build (or check) the models, measure nothing")
@@ -231,12 +285,16 @@ def main() -> None:
     opts.cap = opts.cap or ("700MB" if opts.quick else "2GB")
     opts.tokens = opts.tokens or (32 if opts.quick else 128)
     opts.calibration_tokens = opts.calibration_tokens or (512 if opts.quick else 1024)
+    try:
+        opts.gate_sparsities = tuple(float(v) for v in opts.gate_sparsities.split(","))
+    except ValueError:
+        parser.error(f"--gate-sparsities must be comma-separated fractions, got {opts.gate_sparsities!r}")
     unknown = [m for m in opts.models.split(",") if m not in PRESETS]
     if unknown:
         parser.error(f"unknown model preset {unknown[0]!r}; one of {', '.join(PRESETS)}")
     if opts.build_only:
         for name in opts.models.split(","):
-            build(PRESETS[name], Path(opts.work), opts.calibration_tokens)
+            build(PRESETS[name], Path(opts.work), opts.calibration_tokens, opts.gate_sparsities)
         return
     version, why = cgroup.cgroup_support()
     if version is None:

@@ -251,7 +251,7 @@ class Engine:
         the kernels' types at a small size (flashinfer/precompile.py's child): footprint_rows
         cache rows a layer, or the first FFN layer resident and the others streamed."""
         from flashinfer.flash_ffn import FlashFFN
-        from flashinfer.memory import free_memory_budget, plan_memory, resident_layers_within
+        from flashinfer.memory import ffn_layer_bytes, free_memory_budget, plan_memory, resident_layers_within
         from flashinfer.sparse_ffn import OVERFLOW_SCRATCH_BYTES, SparseFFN, oracle_from_store
         from storage.units import parse_size
 
@@ -273,6 +273,7 @@ class Engine:
                 f"{args.act} model); the {predictor} predictor reads single neurons, each with its down column "
                 "in its bundle: convert the model again with `flashinfer convert MODEL OUT --ffn-down columns`")
         sparse_share = None
+        layered = False  # the gate predictor streaming whole layers (below)
         runtime_bytes = psutil.Process().memory_info().rss  # before the predictor, which the plan counts itself
         if predictor == "dense":
             predictor_obj = None
@@ -281,7 +282,18 @@ class Engine:
         elif predictor in ("lowrank", "static"):
             predictor_obj, sparse_share = _load_calibrated(reader, predictor)
         elif predictor == "gate":
-            predictor_obj, sparse_share = _load_gate_predictor(reader, args)
+            # under a cap that cannot keep every layer whole: layers streamed with their W_gate
+            # (flash_ffn.FlashFFN's gate mode) instead of neuron caches. (The precompile child runs
+            # the neuron-cache path: its kernels include every one the gate mode calls.)
+            # With no cap, the same rule as the dense path's: what the machine has free.
+            if footprint:
+                layered = False
+            elif dram is not None:
+                layered = not _gate_layers_fit(reader, args, ctx, cap_bytes=parse_size(dram),
+                                               runtime_bytes=runtime_bytes, kv_cache=kv_cache)
+            else:
+                layered = sum(ffn_layer_bytes(spec) for spec in layers) > free_memory_budget()
+            predictor_obj, sparse_share = _load_gate_predictor(reader, args, gates=not layered)
         else:
             raise GenerationError(f"predictor {predictor!r} is not available "
                                   "(available: dense, oracle, lowrank, static, gate)")
@@ -290,7 +302,8 @@ class Engine:
         if dram is not None:
             # a sparse path also reads what its caches cannot hold into a scratch area (sparse_ffn.py)
             io_bytes = reader.io_buffer_bytes + (OVERFLOW_SCRATCH_BYTES if predictor_obj is not None else 0)
-            plan = plan_memory(parse_size(dram), args, reader.manifest, ctx, sparse=predictor_obj is not None,
+            plan = plan_memory(parse_size(dram), args, reader.manifest, ctx,
+                               sparse=predictor_obj is not None and not layered,
                                predictor_bytes=getattr(predictor_obj, "nbytes", 0),
                                io_buffer_bytes=io_bytes, scratch_bytes=RunState.scratch_bytes(args, ctx),
                                sparse_share=sparse_share, runtime_bytes=runtime_bytes, stream_ffn=stream_ffn,
@@ -298,10 +311,11 @@ class Engine:
             capacities = plan.capacities or capacities
         if stream_ffn and predictor_obj is not None:
             raise GenerationError("stream_ffn applies to the dense predictor: a sparse one reads through its neuron cache")
-        if predictor_obj is None:
+        if predictor_obj is None or layered:
             if prefetch:
                 raise GenerationError("prefetch needs a sparse predictor (lowrank, static or oracle): the dense path "
-                                      "reads every neuron anyway")
+                                      "reads every neuron anyway, and so does the gate predictor under a cap that "
+                                      "cannot keep every layer (whole layers stream, read one ahead)")
             if stream_ffn:
                 resident = []
             elif footprint:  # a resident layer's one-call block and a streamed layer's kernels both compile
@@ -310,7 +324,10 @@ class Engine:
                 resident = plan.resident_layers
             else:  # no cap: keep what the machine has room for (flashinfer/memory.py)
                 resident = resident_layers_within(layers, free_memory_budget())
-            return FlashFFN(reader, args, frozenset(resident)), plan
+            # the streamed layers are read one ahead (two buffers, counted by the plan), except in
+            # the naive baseline, which waits for each read as the paper's does
+            return FlashFFN(reader, args, frozenset(resident), read_ahead=not stream_ffn,
+                            gate=predictor_obj if layered else None), plan
         if footprint:
             from flashinfer.precompile import footprint_rows
 
@@ -757,10 +774,35 @@ def _check_gate_store(reader, args: ModelArgs) -> None:
             "`flashinfer convert MODEL OUT --ffn-gate rows`, then `flashinfer calibrate OUT --text FILE --sparsity 0.4`")
 
 
-def _load_gate_predictor(reader, args: ModelArgs):
+def _gate_layers_fit(reader, args: ModelArgs, ctx: int, *, cap_bytes: int, runtime_bytes: int,
+                     kv_cache: str) -> bool:
+    """Whether the gate predictor's neuron caches can hold every layer whole under the cap, with
+    every layer's W_gate resident beside them: then each layer is read once and kept (SparseFFN).
+    Otherwise layers stream whole, with their W_gate, one read ahead, and as many as fit stay
+    resident (flash_ffn.FlashFFN's gate mode): a selection of 40-60% of a layer is read through
+    its gaps anyway, so a cache of neurons smaller than the layer saves no bytes over that."""
+    from flashinfer.calibrate import GATE_REPORT_FILE, PREDICTOR_DIR
+    from flashinfer.memory import BudgetError, plan_memory
+    from flashinfer.sparse_ffn import OVERFLOW_SCRATCH_BYTES
+
+    layers = reader.manifest.ffn_layers
+    predictor_bytes = sum(spec.matrix("gate").nbytes + 4 * spec.n_neurons for spec in layers)
+    try:
+        plan = plan_memory(cap_bytes, args, reader.manifest, ctx, sparse=True, predictor_bytes=predictor_bytes,
+                           io_buffer_bytes=reader.io_buffer_bytes + OVERFLOW_SCRATCH_BYTES,
+                           scratch_bytes=RunState.scratch_bytes(args, ctx),
+                           sparse_share=_calibrated_share(reader.dir / PREDICTOR_DIR / GATE_REPORT_FILE),
+                           runtime_bytes=runtime_bytes, kv_cache=kv_cache)
+    except BudgetError:
+        return False
+    return all(c >= spec.n_neurons for c, spec in zip(plan.capacities, layers))
+
+
+def _load_gate_predictor(reader, args: ModelArgs, gates: bool = True):
     """The gate predictor of a store: every layer's W_gate read from its layer file and kept in DRAM
-    (the planner counts it as the predictor's bytes), multiplied by the engine's kernels, and the
-    calibrated thresholds; with the largest kept share of a layer the calibration measured."""
+    (the planner counts it as the predictor's bytes; gates=False: none, the layers' own buffers hold
+    it, flash_ffn.FlashFFN's gate mode), multiplied by the engine's kernels, and the calibrated
+    thresholds; with the largest kept share of a layer the calibration measured."""
     from flashinfer import kernels as K
     from flashinfer.calibrate import GATE_FILE, GATE_REPORT_FILE, PREDICTOR_DIR
     from flashinfer.weights import kernel_product, matrix_from_quantized
@@ -771,7 +813,8 @@ def _load_gate_predictor(reader, args: ModelArgs):
         raise GenerationError(f"{reader.dir}: no calibrated gate thresholds ({PREDICTOR_DIR}/{GATE_FILE}); run "
                               f"`flashinfer calibrate {reader.dir} --text FILE --sparsity 0.4` first")
     thresholds, sparsity = GatePredictor.load_thresholds(path, [spec.n_neurons for spec in reader.manifest.ffn_layers])
-    gates = [matrix_from_quantized(reader.matrix_tensor(layer, "gate")) for layer in range(args.n_layers)]
+    gates = [matrix_from_quantized(reader.matrix_tensor(layer, "gate")) for layer in range(args.n_layers)] \
+        if gates else []
     act = K.ACTS[args.act]
 
     def activation(g):

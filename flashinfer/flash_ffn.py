@@ -20,7 +20,7 @@ from flashinfer.memory import ffn_layer_bytes
 from flashinfer.weights import EMPTY, NO_SCALES, Matrix, interleave_rows, matrix_from_quantized
 from storage import quant
 from storage.format import BundleComponent, FFNLayer
-from storage.reader import ReadStats, planar_tensor
+from storage.reader import ReadStats, aligned_buffer, planar_tensor
 
 _DATA_DTYPE = {"f32": np.float32, "f16": np.uint16, "q8": np.int8, "q4": np.uint8, "q4a": np.uint8, "q4k": np.uint8}
 
@@ -201,18 +201,43 @@ def ffn_over_selected(x: np.ndarray, n_rows: int, ids: np.ndarray, coefs: np.nda
 
 class FlashFFN:
     """The dense FFN from a store: layers in `resident` read once and kept in DRAM, the others
-    streamed from flash every token (the paper's naive baseline when none is resident)."""
+    streamed from flash every token (the paper's naive baseline when none is resident).
 
-    def __init__(self, reader, args: ModelArgs, resident: frozenset[int] = frozenset()):
+    With `read_ahead`, a streamed layer is read while the one before it computes (two layer
+    buffers, flashinfer/read_ahead.py): the token's reads run back to back instead of waiting for
+    each layer's compute. Without, one buffer and each read waits its turn (the naive baseline).
+
+    With `gate` (a predictors.sparsity.GatePredictor's thresholds, on a --ffn-gate rows store) the
+    layer's W_gate, read with it, decides per token which neurons' up and down run
+    (ffn_over_selected): the gate predictor under a cap too small to keep every layer. Its
+    selections (40-60% of a layer) are too dense for neuron-by-neuron reads to save bytes -- the
+    reader reads through the gaps between misses -- so whole layers stream in long reads, one
+    ahead, and as many as fit stay resident: what a cache of neurons would have held, without
+    its misses scattered over every layer."""
+
+    def __init__(self, reader, args: ModelArgs, resident: frozenset[int] = frozenset(), read_ahead: bool = False,
+                 gate=None):
         self.reader = reader
         self.layers = reader.manifest.ffn_layers
         self.act = K.ACTS[args.act]
         self.all_ids = [np.arange(layer.n_neurons, dtype=np.int64) for layer in self.layers]
         self.resident = frozenset(resident)
+        self.gate = gate
+        self.row_ids = [np.arange(layer.n_neurons, dtype=np.int32) for layer in self.layers] if gate else None
         # layer -> its bundles once read (resident layers only); filled by the first forward
         self.resident_bundles: dict[int, np.ndarray] = {}
-        streamed = [ffn_layer_bytes(layer) for i, layer in enumerate(self.layers) if i not in self.resident]
-        self.buffer = np.empty(max(streamed, default=0), np.uint8)  # one streamed layer's bundles at a time
+        streamed_layers = [i for i in range(len(self.layers)) if i not in self.resident]
+        streamed = [reader.layer_file_bytes(i) for i in streamed_layers]  # ffn_layer_bytes, page-aligned
+        self._ahead = None
+        if read_ahead and streamed_layers:
+            from flashinfer.read_ahead import ReadAhead
+
+            after = {layer: streamed_layers[(k + 1) % len(streamed_layers)] for k, layer in enumerate(streamed_layers)}
+            self._ahead = ReadAhead(max(streamed), lambda layer, whole: self._read_layer(layer, whole), after.get,
+                                    "ffn-read")
+            self._ahead_views: dict[tuple[int, int], BundleViews] = {}  # (layer, buffer) -> views
+        # one streamed layer at a time, page-aligned for read_layer's O_DIRECT reads
+        self.buffer = aligned_buffer(0 if self._ahead else max(streamed, default=0))
         self.hidden = HiddenScratch()  # for layers that keep W_down as rows
         # layer -> the component views of its bundles (resident: its own array; streamed: the
         # buffer), made once: building them per token cost 1.3 ms of a 22 ms SmolLM2 token
@@ -222,33 +247,64 @@ class FlashFFN:
 
     @property
     def nbytes(self) -> int:
-        return self.buffer.nbytes + sum(b.nbytes for b in self.resident_bundles.values())
+        ahead = self._ahead.nbytes if self._ahead is not None else 0
+        return self.buffer.nbytes + ahead + sum(b.nbytes for b in self.resident_bundles.values())
+
+    def _split(self, layer: int, whole: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(bundles [n_neurons, bundle_bytes], whole matrices' bytes): views of a layer's buffer."""
+        spec = self.layers[layer]
+        n_bundle_bytes = spec.n_neurons * spec.bundle_bytes
+        return (whole[:n_bundle_bytes].reshape(spec.n_neurons, spec.bundle_bytes),
+                whole[n_bundle_bytes : n_bundle_bytes + layer_matrix_bytes(spec)])
+
+    def _read_layer(self, layer: int, whole: np.ndarray, counter=None) -> None:
+        """Read layer `layer`'s bundles and whole matrices into `whole`, as they lie in its file:
+        in long reads straight into it (StoreReader.read_layer), or bundle by bundle where the
+        layer is compressed."""
+        spec = self.layers[layer]
+        if spec.compression == "none":
+            self.reader.read_layer(layer, whole, counter)
+            return
+        bundles, matrices = self._split(layer, whole)
+        self.reader.read_bundles(layer, self.all_ids[layer], out=bundles, counter=counter)
+        for m in spec.matrices:
+            at = m.offset - spec.n_neurons * spec.bundle_bytes
+            self.reader.read_matrix(layer, m.name, out=matrices[at : at + m.nbytes], counter=counter)
 
     def _bundles(self, layer: int, counter) -> tuple[BundleViews, bool]:
         """(the views of the layer's bundles, whether they were read from flash now)."""
         spec = self.layers[layer]
         if layer in self.resident_bundles:
             return self._views[layer], False
-        whole = np.empty(ffn_layer_bytes(spec), np.uint8) if layer in self.resident else self.buffer
-        n_bundle_bytes = spec.n_neurons * spec.bundle_bytes
-        bundles = whole[:n_bundle_bytes].reshape(spec.n_neurons, spec.bundle_bytes)
-        matrices = whole[n_bundle_bytes : n_bundle_bytes + layer_matrix_bytes(spec)]
+        if self._ahead is not None and layer not in self.resident:
+            whole = self._ahead.get(layer)  # read while the layer before computed
+            key = (layer, 0 if whole is self._ahead.buffers[0] else 1)
+            if key not in self._ahead_views:
+                bundles, matrices = self._split(layer, whole)
+                self._ahead_views[key] = bundle_views(bundles, spec, matrices)
+            if counter is not None and self._ahead.last_fresh:
+                counter.bytes_read += self.reader.layer_file_bytes(layer)
+            return self._ahead_views[key], self._ahead.last_fresh
+        whole = aligned_buffer(self.reader.layer_file_bytes(layer)) if layer in self.resident else self.buffer
+        bundles, matrices = self._split(layer, whole)
         if layer in self.resident or layer not in self._views:
             self._views[layer] = bundle_views(bundles, spec, matrices)
-        self.reader.read_bundles(layer, self.all_ids[layer], out=bundles, counter=counter)
-        for m in spec.matrices:
-            at = m.offset - n_bundle_bytes
-            self.reader.read_matrix(layer, m.name, out=matrices[at : at + m.nbytes], counter=counter)
+        self._read_layer(layer, whole, counter)
         if layer in self.resident:
             self.resident_bundles[layer] = whole
             if self._views[layer].down_rows:  # read once, then streamed from DRAM every token: in lanes
                 self._views[layer] = interleave_dense_layer(bundles, self._views[layer])
         return self._views[layer], True
 
+    def close(self) -> None:
+        if self._ahead is not None:
+            self._ahead.close()
+
     def resident_views(self, layer: int) -> BundleViews | None:
         """The views of a resident layer's bundles once read (None before, and for streamed
-        layers): what kernels.decode_layer computes the FFN from."""
-        return self._views[layer] if layer in self.resident_bundles else None
+        layers, and in gate mode, whose FFN is not the dense one kernels.decode_layer computes):
+        what kernels.decode_layer computes the FFN from."""
+        return self._views[layer] if layer in self.resident_bundles and self.gate is None else None
 
     def runs_parallel(self, layer: int, dim: int) -> bool:
         """Whether ffn_over_bundles splits this layer over threads (the same test)."""
@@ -257,19 +313,27 @@ class FlashFFN:
     def forward(self, layer: int, x: np.ndarray, out: np.ndarray) -> None:
         spec = self.layers[layer]
         tr = self.tracer
-        if tr is None:
-            views, _ = self._bundles(layer, None)
-            ffn_over_bundles(x, spec.n_neurons, views, self.act, out, self.partial, self.hidden)
-            return
-        counter = ReadStats()
-        t0 = tr.now()
+        counter = None if tr is None else ReadStats()
+        t0 = 0.0 if tr is None else tr.now()
         views, was_read = self._bundles(layer, counter)
-        t1 = tr.now()
-        ffn_over_bundles(x, spec.n_neurons, views, self.act, out, self.partial, self.hidden)
+        read_end = t1 = 0.0 if tr is None else tr.now()
+        selected = spec.n_neurons
+        if self.gate is None:
+            ffn_over_bundles(x, spec.n_neurons, views, self.act, out, self.partial, self.hidden)
+        else:  # the gate decides from the layer's own W_gate which neurons' up and down run
+            coefs = self.gate.coefficients_with(x, views.gate)
+            if tr is not None:
+                selected = int((np.abs(coefs) > self.gate.thresholds[layer]).any(axis=0).sum())
+                t1 = tr.now()
+                tr.ffn_part(layer, "predict", read_end, t1, neurons=selected)
+            ffn_over_selected(x, spec.n_neurons, self.row_ids[layer], coefs, self.gate.thresholds[layer], views,
+                              out, self.partial)
+        if tr is None:
+            return
         t2 = tr.now()
-        loaded = spec.n_neurons if was_read else 0
         if was_read:
-            tr.ffn_part(layer, "read", t0, t1, neurons=spec.n_neurons, bytes=counter.bytes_read)
+            tr.ffn_part(layer, "read", t0, read_end, neurons=spec.n_neurons, bytes=counter.bytes_read)
         tr.ffn_part(layer, "ffn", t1, t2, rows=spec.n_neurons)
+        loaded = selected if was_read else 0
         resident_rows = spec.n_neurons if layer in self.resident else 0
-        tr.neurons(layer, spec.n_neurons, loaded, 0, resident_rows, resident_rows, counter.bytes_read)
+        tr.neurons(layer, selected, loaded, 0, resident_rows, resident_rows, counter.bytes_read)

@@ -132,9 +132,13 @@ def plan_memory(cap_bytes: int, args: ModelArgs, manifest, ctx: int, *, sparse: 
     `kv_cache`: the KV cache's element type ("f16" or "f32")."""
     runtime = psutil.Process().memory_info().rss if runtime_bytes is None else runtime_bytes
     layers = manifest.ffn_layers
-    # the dense path streams each layer through one layer-sized buffer; the sparse path reads
-    # straight into the neuron caches' free rows (NeuronCache.free_rows), so it needs none
-    layer_buffer = 0 if sparse else max(ffn_layer_bytes(spec) for spec in layers)
+    # the dense path streams each layer through a layer-sized buffer, two when it reads the next
+    # layer while one computes (flash_ffn.FlashFFN's read_ahead; the naive stream_ffn waits for
+    # each read); the sparse path reads straight into the neuron caches' free rows
+    # (NeuronCache.free_rows), so it needs none
+    from flashinfer.read_ahead import SLOTS
+
+    layer_buffer = 0 if sparse else max(ffn_layer_bytes(spec) for spec in layers) * (1 if stream_ffn else SLOTS)
     plan = MemoryPlan(cap_bytes=cap_bytes, runtime_bytes=runtime, resident_bytes=resident_in_dram_bytes(manifest, ctx),
                       kv_bytes=kv_cache_bytes(args, ctx, kv_cache), scratch_bytes=scratch_bytes,
                       io_bytes=io_buffer_bytes + layer_buffer, predictor_bytes=predictor_bytes, kv_cache=kv_cache,

@@ -301,9 +301,14 @@ class GatePredictor:
         self._coefficients: dict[int, np.ndarray] = {}
 
     def predict(self, layer: int, x: np.ndarray) -> np.ndarray:
-        c = self.activation(self.product(np.ascontiguousarray(_rows(x), np.float32), self.gates[layer], NO_BIAS))
+        c = self.coefficients_with(x, self.gates[layer])
         self._coefficients[layer] = c
         return np.flatnonzero((np.abs(c) > self.thresholds[layer]).any(axis=0))
+
+    def coefficients_with(self, x: np.ndarray, gate) -> np.ndarray:
+        """act(gate . x) [T, n_neurons] with `gate` the layer's W_gate from wherever it is (the
+        dense path's layer buffer: flash_ffn.FlashFFN's gate mode)."""
+        return self.activation(self.product(np.ascontiguousarray(_rows(x), np.float32), gate, NO_BIAS))
 
     def coefficients(self, layer: int) -> np.ndarray:
         """act(gate . x) [T, n_neurons] of the last predict(layer, x), handed over once."""

@@ -361,15 +361,56 @@ class StoreReader:
             np.take(rows, ids[lo:hi] - first, axis=0, out=out[lo:hi])
         return end - start
 
+    def read_layer(self, layer: int, out: np.ndarray, counter: ReadStats | None = None) -> np.ndarray:
+        """Layer `layer`'s file as it is laid out -- its bundles, then its whole matrices at their
+        offsets -- read straight into `out` (page-aligned, aligned_buffer; at least
+        layer_file_bytes(layer) long), max_read_bytes at a time with several in flight: what a
+        layer streamed whole needs, without the staging copy of read_bundles (the dense path's
+        FFN layers, flash_ffn.FlashFFN). Uncompressed layers only."""
+        spec = self.manifest.ffn_layers[layer]
+        length = self.layer_file_bytes(layer)
+        if spec.compression != "none":
+            raise StorageError(f"{self.dir / spec.file}: read_layer reads uncompressed layers; use read_bundles")
+        if out.ctypes.data % fmt.PAGE or out.size < length:
+            raise StorageError(f"read_layer needs a page-aligned buffer of {length} bytes (aligned_buffer), got "
+                               f"{out.size} bytes at offset {out.ctypes.data % fmt.PAGE} from a page")
+        starts = range(0, length, self.max_read_bytes)
+        view = memoryview(out)
+
+        def piece(start: int) -> int:
+            n = min(self.max_read_bytes, length - start)
+            self._pread_into(layer, start, view[start : start + n])
+            return n
+
+        total = _all_done([self._pool.submit(piece, start) for start in starts])
+        if counter is not None:
+            counter.bytes_read += total
+            counter.bytes_wanted += total
+            counter.requests += len(starts)
+        with self._stats_lock:
+            self.stats.bytes_wanted += total
+        return out
+
+    def layer_file_bytes(self, layer: int) -> int:
+        """The page-aligned extent of a layer's bundles and whole matrices in its file (read_layer)."""
+        spec = self.manifest.ffn_layers[layer]
+        end = max([spec.n_neurons * spec.bundle_bytes] + [m.offset + m.nbytes for m in spec.matrices])
+        return fmt.align_up(end, fmt.PAGE)
+
     def _pread(self, layer: int, offset: int, length: int) -> np.ndarray:
         """Read [offset, offset + length) (page-aligned) into this thread's staging buffer."""
+        buf = self._staging(length)
+        self._pread_into(layer, offset, memoryview(buf)[:length])
+        return buf[:length]
+
+    def _pread_into(self, layer: int, offset: int, view: memoryview) -> None:
+        """Read [offset, offset + len(view)) (page-aligned) into `view` (page-aligned memory)."""
+        length = len(view)
         if self.throttle is not None and self.throttle.enabled:
             self.throttle.acquire(length)
-        buf = self._staging(length)
         fd = self._fds[layer]
         t0 = time.perf_counter()
         done = 0
-        view = memoryview(buf)
         while done < length:
             try:
                 n = self.preadv(fd, [view[done:length]], offset + done)
@@ -390,7 +431,6 @@ class StoreReader:
             self.stats.bytes_read += length
             self.stats.requests += 1
             self.stats.read_seconds += elapsed
-        return buf[:length]
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

@@ -175,8 +175,8 @@ PRESETS: dict[str, SynthShape] = {
                              rope_theta=1e6, sliding_window=4096, act="silu"),  # Mistral-7B-v0.1's shape, SwiGLU
 }
 # SwiGLU presets plant the sign of each neuron's gate, not zeros (SiLU has none), with defaults
-# measured on the real SmolLM2-135M-Instruct (1024 tokens of the GPL-3, every layer; /tmp script
-# recorded in bench/RESULTS.md 2026-12-07): 37% of gate pre-activations are positive (20-61% by
+# measured on the real SmolLM2-135M-Instruct (1024 tokens of the GPL-3, every layer:
+# `python -m bench.locality --gates`): 37% of gate pre-activations are positive (20-61% by
 # layer), the 10% of neurons most often positive carry 22% of the positives (15-29%), and a
 # neuron's gate varies with a std of 0.5 over tokens (median neuron of the middle layer; 0.35
 # first, 0.76 last). The scale matters for SiLU, unlike ReLU: at 0.5 most |silu(g)| lie where

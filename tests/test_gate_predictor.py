@@ -223,3 +223,71 @@ def test_rows_committed_without_a_prediction_stay_in_the_window():
     for _ in range(3):
         _, evicted = cache.step(np.array([1]))
     assert set(cache.resident_ids()) == {1} and cache.check() is None
+
+
+# ---- under a cap that cannot keep every layer: whole layers streamed with their W_gate ------
+
+def test_streamed_layers_compute_what_the_cached_path_does(calibrated, monkeypatch):
+    from flashinfer import engine as engine_module
+    from flashinfer.flash_ffn import FlashFFN
+    from tests.conftest import roomy_cap
+
+    store, _ = calibrated
+    ids = list(range(3, 30))
+    with Engine.open(store, predictor="gate") as engine:
+        expected, tokens = engine.logits(ids), engine.generate(ids[:8], max_tokens=6, temperature=0).token_ids
+    monkeypatch.setattr(engine_module, "_gate_layers_fit", lambda *a, **k: False)
+    with Engine.open(store, predictor="gate", dram=roomy_cap()) as engine:
+        ffn = engine.model.flash_ffn
+        assert isinstance(ffn, FlashFFN) and ffn.gate is not None and ffn.gate.gates == []
+        assert ffn.resident == frozenset(range(len(ffn.layers)))  # a roomy cap: every layer stays
+        assert engine.memory_plan.predictor_bytes == sum(t.nbytes for t in ffn.gate.thresholds)
+        np.testing.assert_allclose(engine.logits(ids), expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+        assert engine.generate(ids[:8], max_tokens=6, temperature=0).token_ids == tokens
+        result = engine.generate(ids[:8], max_tokens=6, temperature=0, trace=True)
+        layers = engine.last_trace.summary()["layers"]
+        assert all(0.3 < row["predicted_per_token"] / spec.n_neurons < 0.9 for row, spec in zip(layers, ffn.layers))
+        assert result.token_ids == tokens
+    with Engine.open(store, predictor="gate", dram=roomy_cap()) as engine:  # the same, streamed one ahead
+        kept = engine.model.flash_ffn
+        engine.model.flash_ffn = FlashFFN(kept.reader, engine.args, frozenset(), read_ahead=True, gate=kept.gate)
+        np.testing.assert_allclose(engine.logits(ids), expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+        assert engine.generate(ids[:8], max_tokens=6, temperature=0).token_ids == tokens
+
+
+def test_the_gate_path_streams_layers_when_the_cap_cannot_keep_them_all(tmp_path, monkeypatch):
+    from flashinfer.config import ModelArgs
+    from flashinfer.engine import _gate_layers_fit
+    from storage import synth
+    from storage.reader import StoreReader
+
+    monkeypatch.setitem(synth.PRESETS, "tiny-silu-6", synth.SynthShape("llama", 64, 6, 4, 4, 256, 512, 512, act="silu"))
+    synth.synthesize("tiny-silu-6", tmp_path / "hf")
+    store = convert_checkpoint(tmp_path / "hf", tmp_path / "store", quant="q8", resident_quant="q8", ffn_gate="rows")
+    with StoreReader(store) as reader:
+        args = ModelArgs.from_dict(reader.manifest.model_config)
+        fit = lambda cap: _gate_layers_fit(reader, args, 64, cap_bytes=cap, runtime_bytes=0, kv_cache="f16")  # noqa: E731
+        assert fit(1 << 40) and not fit(1 << 20)
+        lo, hi = 1 << 20, 1 << 40  # the least cap that keeps every layer whole, gates and all
+        while hi - lo > 1:
+            lo, hi = (lo, (lo + hi) // 2) if fit((lo + hi) // 2) else ((lo + hi) // 2, hi)
+        layers = reader.manifest.ffn_layers
+        whole = sum(spec.n_neurons * (spec.bundle_bytes + 4) + spec.matrix("gate").nbytes for spec in layers)
+        assert hi > whole  # it takes the layers' bundles and gates (and more: runtime, KV, buffers)
+        assert not fit(hi - whole // 12)  # a sixth of a layer short: the layers stream
+
+
+def test_with_no_cap_and_little_free_memory_the_gate_path_streams_layers(calibrated, monkeypatch):
+    from flashinfer import memory
+    from flashinfer.flash_ffn import FlashFFN
+
+    store, _ = calibrated
+    ids = list(range(3, 30))
+    with Engine.open(store, predictor="gate") as engine:
+        expected = engine.logits(ids)
+    layer_bytes = memory.ffn_layer_bytes(Manifest.load(store).ffn_layers[0])
+    monkeypatch.setattr(memory, "free_memory_budget", lambda: layer_bytes + 1)  # room for one layer
+    with Engine.open(store, predictor="gate") as engine:
+        ffn = engine.model.flash_ffn
+        assert isinstance(ffn, FlashFFN) and ffn.gate is not None and ffn.resident == frozenset({0})
+        np.testing.assert_allclose(engine.logits(ids), expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
