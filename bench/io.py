@@ -7,6 +7,12 @@ Builds (once) a store of two Mistral-7B-shaped FFN layers (14336 neurons, dim 40
 layer files with O_DIRECT, and the bench drops the files from the page cache first.
 
     python -m bench.io [--repeats 5]
+    python -m bench.io --threads 4,16,32 --gaps 64KiB,256KiB --shares 0.1,0.2,1 --no-throttle
+
+--gaps sets the reader's gap rule (read through a gap of unwanted bundles smaller than it:
+storage/reader.py DEFAULT_GAP_BYTES). ms/read is what a layer waits for a read of that share:
+when it is the same for a 10% and a 100% share, the disk is bound by requests, not bytes, and a
+sparse selection spread over a layer costs as much as the layer.
 """
 
 from __future__ import annotations
@@ -69,28 +75,38 @@ def measure(reader: StoreReader, fraction: float, repeats: int, rng) -> tuple[fl
 
 
 def main() -> None:
+    import sys
+
+    from storage.units import parse_size
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", default="1,2,4,8", help="reader threads to try (comma-separated)")
+    parser.add_argument("--gaps", default="64KiB", help="gap rules to try (comma-separated sizes; default the reader's)")
+    parser.add_argument("--shares", default="0.01,0.05,0.2,1", help="shares of a layer read (comma-separated)")
+    parser.add_argument("--no-throttle", action="store_true", help="skip the rows throttled to 1 GB/s")
     opts = parser.parse_args()
     store = build_store()
-    print(f"command: python -m bench.io --repeats {opts.repeats}")
+    print("command: python -m bench.io " + " ".join(sys.argv[1:]))
     print("machine:", machine_line())
     print(f"layer: {N_NEURONS} neurons x {DIM} dim, q4 bundles; reads with O_DIRECT after dropping the page cache")
-    print(f"{'threads':>7} {'throttle':>9} {'share':>6} {'MB/read':>8} {'req/read':>8} {'wanted GB/s':>11} {'disk GB/s':>9}")
+    print(f"{'threads':>7} {'gap':>6} {'throttle':>9} {'share':>6} {'MB/read':>8} {'req/read':>8} {'ms/read':>8} "
+          f"{'wanted GB/s':>11} {'disk GB/s':>9}")
     rng = np.random.default_rng(1)
-    for threads in (1, 2, 4, 8):
-        for bw in (None, "1GB/s"):
-            if bw and threads != 4:
-                continue
-            throttle = Throttle.from_strings(bw) if bw else None
-            drop_cache(store)
-            with StoreReader(store, io_threads=threads, throttle=throttle) as reader:
-                bundle = reader.manifest.ffn_layers[0].bundle_bytes
-                for fraction in (0.01, 0.05, 0.20, 1.0):
-                    wanted_bw, disk_bw, requests = measure(reader, fraction, opts.repeats, rng)
-                    mb = N_NEURONS * fraction * bundle / 1e6
-                    print(f"{threads:>7} {bw or 'off':>9} {fraction:>6.0%} {mb:>8.1f} {requests:>8} "
-                          f"{wanted_bw:>11.2f} {disk_bw:>9.2f}")
+    for threads in (int(t) for t in opts.threads.split(",")):
+        for gap in opts.gaps.split(","):
+            for bw in (None, "1GB/s"):
+                if bw and (threads != 4 or opts.no_throttle):
+                    continue
+                throttle = Throttle.from_strings(bw) if bw else None
+                drop_cache(store)
+                with StoreReader(store, io_threads=threads, throttle=throttle, gap_bytes=parse_size(gap)) as reader:
+                    bundle = reader.manifest.ffn_layers[0].bundle_bytes
+                    for fraction in (float(f) for f in opts.shares.split(",")):
+                        wanted_bw, disk_bw, requests = measure(reader, fraction, opts.repeats, rng)
+                        mb = N_NEURONS * fraction * bundle / 1e6
+                        print(f"{threads:>7} {gap:>6} {bw or 'off':>9} {fraction:>6.0%} {mb:>8.1f} {requests:>8} "
+                              f"{mb / 1e3 / wanted_bw * 1e3:>8.1f} {wanted_bw:>11.2f} {disk_bw:>9.2f}")
 
 
 if __name__ == "__main__":
