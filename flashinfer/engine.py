@@ -679,7 +679,9 @@ class Engine:
         plan = self.memory_plan
         trace.run.update({
             "model": str(self.source), "n_layers": self.args.n_layers,
-            "predictor": getattr(getattr(ffn, "predictor", None), "name", "dense" if ffn is not None else "in-memory"),
+            # a FlashFFN in gate mode holds its predictor as `gate`
+            "predictor": getattr(getattr(ffn, "predictor", None) or getattr(ffn, "gate", None), "name",
+                                 "dense" if ffn is not None else "in-memory"),
             "window": getattr(ffn.caches[0], "window", None) if hasattr(ffn, "caches") else None,
             "prefetch": getattr(ffn, "prefetch", False),
             "jit_s": self.jit_seconds, "prompt_tokens": usage.prompt_tokens,

@@ -35,10 +35,12 @@ def summary_table(summary: dict, run: dict) -> str:
     resident = run.get("resident_ffn_layers")
     if resident is not None:
         n_layers = run.get("n_layers") or len(summary["layers"])
-        lines.append(f"dense FFN: {len(resident)} of {n_layers} layers resident in DRAM after their first read"
+        gate = run.get("predictor") == "gate"  # whole layers with their W_gate, the gate deciding per neuron
+        what = "gate predictor over whole FFN layers" if gate else "dense FFN"
+        lines.append(f"{what}: {len(resident)} of {n_layers} layers resident in DRAM after their first read"
                      + (f" ({_ranges(resident)}); the others stream from flash every token" if 0 < len(resident) < n_layers
                         else "; nothing is read from flash per token" if resident else "; every layer streams from flash"))
-        if resident:  # kernels/layer.py: the untraced engine runs such a block's decode step as one call
+        if resident and not gate:  # kernels/layer.py: the untraced engine runs such a block's decode step as one call
             lines.append("traced per kernel: an untraced decode runs each resident block as one compiled call "
                          "(kernels.decode_layer), without the Python between kernels counted in 'other' here")
     lines.append("")

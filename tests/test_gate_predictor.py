@@ -248,6 +248,11 @@ def test_streamed_layers_compute_what_the_cached_path_does(calibrated, monkeypat
         layers = engine.last_trace.summary()["layers"]
         assert all(0.3 < row["predicted_per_token"] / spec.n_neurons < 0.9 for row, spec in zip(layers, ffn.layers))
         assert result.token_ids == tokens
+        from flashinfer.profile_report import summary_table
+
+        trace = engine.last_trace
+        assert trace.run["predictor"] == "gate"
+        assert "gate predictor over whole FFN layers: 2 of 2 layers resident" in summary_table(trace.summary(), trace.run)
     with Engine.open(store, predictor="gate", dram=roomy_cap()) as engine:  # the same, streamed one ahead
         kept = engine.model.flash_ffn
         engine.model.flash_ffn = FlashFFN(kept.reader, engine.args, frozenset(), read_ahead=True, gate=kept.gate)
