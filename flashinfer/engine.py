@@ -385,13 +385,20 @@ class Engine:
         """Prompts of 4, 8 and a whole chunk of tokens: the kernels chosen by a prompt's length
         (serial or parallel matmuls by work, rows reused from 4 tokens on, attention through BLAS
         from 8) are monotone in it, so these and the 1- and 2-token passes cover every length
-        (a 16-token prompt compiled 144 more numba functions after the standard warm-up)."""
+        (a 16-token prompt compiled 144 more numba functions after the standard warm-up); and a
+        chunk's logits at every position, as Engine.logits asks."""
         from flashinfer import kernels as K
 
         for n in (K.ROW_REUSE_MIN_TOKENS, K.ATTENTION_BLAS_MIN_TOKENS, self.model.state.chunk):
             if n <= self.model.ctx:  # distinct tokens: a sparse layer's selection is their union, as a prompt's
                 self.model.reset()
                 self.model.forward(np.arange(n, dtype=np.int64) % self.args.vocab_size)
+        # Engine.logits: the head over every position of a chunk (its own matmul path: a capped
+        # process compiled 31 functions on its first logits() of 16 tokens, 2026-12-07)
+        n = min(self.model.state.chunk, self.model.ctx)
+        self.model.reset()
+        self.model.forward(np.arange(n, dtype=np.int64) % self.args.vocab_size,
+                           np.empty((n, self.args.vocab_size), np.float32))
 
     @property
     def ctx(self) -> int:

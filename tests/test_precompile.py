@@ -79,6 +79,7 @@ from flashinfer import Engine
 with event.install_recorder("numba:compile") as rec:
     with Engine.open({str(store)!r}, predictor="oracle", dram="1GB", window=3) as engine:
         engine.generate("hello there", max_tokens=4)
+        engine.logits(list(range(3, 19)))  # every position's logits: the head's own matmul path
 print(len(rec.buffer))
 """
     env = os.environ | {"NUMBA_CACHE_DIR": str(tmp_path / "numba")}
