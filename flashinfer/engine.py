@@ -251,8 +251,8 @@ class Engine:
         the kernels' types at a small size (flashinfer/precompile.py's child): footprint_rows
         cache rows a layer, or the first FFN layer resident and the others streamed."""
         from flashinfer.flash_ffn import FlashFFN
-        from flashinfer.memory import ffn_layer_bytes, free_memory_budget, plan_memory, resident_layers_within
-        from flashinfer.sparse_ffn import OVERFLOW_SCRATCH_BYTES, SparseFFN, oracle_from_store
+        from flashinfer.memory import ffn_layer_bytes, free_memory_budget, resident_layers_within
+        from flashinfer.sparse_ffn import SparseFFN, oracle_from_store
         from storage.units import parse_size
 
         if not isinstance(window, int) or window < 1:
@@ -300,14 +300,10 @@ class Engine:
         plan = None
         capacities = [spec.n_neurons for spec in layers]
         if dram is not None:
-            # a sparse path also reads what its caches cannot hold into a scratch area (sparse_ffn.py)
-            io_bytes = reader.io_buffer_bytes + (OVERFLOW_SCRATCH_BYTES if predictor_obj is not None else 0)
-            plan = plan_memory(parse_size(dram), args, reader.manifest, ctx,
-                               sparse=predictor_obj is not None and not layered,
-                               predictor_bytes=getattr(predictor_obj, "nbytes", 0),
-                               io_buffer_bytes=io_bytes, scratch_bytes=RunState.scratch_bytes(args, ctx),
-                               sparse_share=sparse_share, runtime_bytes=runtime_bytes, stream_ffn=stream_ffn,
-                               kv_cache=kv_cache)
+            plan = _plan(reader, args, ctx, parse_size(dram), runtime_bytes, kv_cache,
+                         sparse=predictor_obj is not None and not layered,
+                         predictor_bytes=getattr(predictor_obj, "nbytes", 0), sparse_share=sparse_share,
+                         overflow_scratch=predictor_obj is not None, stream_ffn=stream_ffn)
             capacities = plan.capacities or capacities
         if stream_ffn and predictor_obj is not None:
             raise GenerationError("stream_ffn applies to the dense predictor: a sparse one reads through its neuron cache")
@@ -791,20 +787,33 @@ def _gate_layers_fit(reader, args: ModelArgs, ctx: int, *, cap_bytes: int, runti
     resident (flash_ffn.FlashFFN's gate mode): a selection of 40-60% of a layer is read through
     its gaps anyway, so a cache of neurons smaller than the layer saves no bytes over that."""
     from flashinfer.calibrate import GATE_REPORT_FILE, PREDICTOR_DIR
-    from flashinfer.memory import BudgetError, plan_memory
-    from flashinfer.sparse_ffn import OVERFLOW_SCRATCH_BYTES
+    from flashinfer.memory import BudgetError
 
     layers = reader.manifest.ffn_layers
     predictor_bytes = sum(spec.matrix("gate").nbytes + 4 * spec.n_neurons for spec in layers)
     try:
-        plan = plan_memory(cap_bytes, args, reader.manifest, ctx, sparse=True, predictor_bytes=predictor_bytes,
-                           io_buffer_bytes=reader.io_buffer_bytes + OVERFLOW_SCRATCH_BYTES,
-                           scratch_bytes=RunState.scratch_bytes(args, ctx),
-                           sparse_share=_calibrated_share(reader.dir / PREDICTOR_DIR / GATE_REPORT_FILE),
-                           runtime_bytes=runtime_bytes, kv_cache=kv_cache)
+        plan = _plan(reader, args, ctx, cap_bytes, runtime_bytes, kv_cache, sparse=True,
+                     predictor_bytes=predictor_bytes,
+                     sparse_share=_calibrated_share(reader.dir / PREDICTOR_DIR / GATE_REPORT_FILE))
     except BudgetError:
         return False
     return all(c >= spec.n_neurons for c, spec in zip(plan.capacities, layers))
+
+
+def _plan(reader, args: ModelArgs, ctx: int, cap_bytes: int, runtime_bytes: int, kv_cache: str, *, sparse: bool,
+          predictor_bytes: int, sparse_share: float | None, overflow_scratch: bool | None = None,
+          stream_ffn: bool = False):
+    """flashinfer.memory.plan_memory for a store's FFN source. A predictor's path also reads what
+    its caches cannot hold into a scratch area (sparse_ffn.py), counted with the read buffers
+    (overflow_scratch; default: when sparse)."""
+    from flashinfer.memory import plan_memory
+    from flashinfer.sparse_ffn import OVERFLOW_SCRATCH_BYTES
+
+    scratch = sparse if overflow_scratch is None else overflow_scratch
+    return plan_memory(cap_bytes, args, reader.manifest, ctx, sparse=sparse, predictor_bytes=predictor_bytes,
+                       io_buffer_bytes=reader.io_buffer_bytes + (OVERFLOW_SCRATCH_BYTES if scratch else 0),
+                       scratch_bytes=RunState.scratch_bytes(args, ctx), sparse_share=sparse_share,
+                       runtime_bytes=runtime_bytes, stream_ffn=stream_ffn, kv_cache=kv_cache)
 
 
 def _load_gate_predictor(reader, args: ModelArgs, gates: bool = True):

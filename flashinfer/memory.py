@@ -26,6 +26,8 @@ import psutil
 from flashinfer.config import ModelArgs
 from flashinfer.kernels.attention import KV_DTYPES
 from flashinfer.errors import FlashinferError
+from flashinfer.read_ahead import SLOTS
+from storage.format import layer_extent
 
 # Rows of an Engine.logits result the plan holds ([rows, vocab] float32); a longer result under a
 # cap is refused unless the caller passes its own buffer (Engine.logits(out=...))
@@ -136,8 +138,6 @@ def plan_memory(cap_bytes: int, args: ModelArgs, manifest, ctx: int, *, sparse: 
     # layer while one computes (flash_ffn.FlashFFN's read_ahead; the naive stream_ffn waits for
     # each read); the sparse path reads straight into the neuron caches' free rows
     # (NeuronCache.free_rows), so it needs none
-    from flashinfer.read_ahead import SLOTS
-
     layer_buffer = 0 if sparse else max(ffn_layer_bytes(spec) for spec in layers) * (1 if stream_ffn else SLOTS)
     plan = MemoryPlan(cap_bytes=cap_bytes, runtime_bytes=runtime, resident_bytes=resident_in_dram_bytes(manifest, ctx),
                       kv_bytes=kv_cache_bytes(args, ctx, kv_cache), scratch_bytes=scratch_bytes,
@@ -182,8 +182,8 @@ def plan_memory(cap_bytes: int, args: ModelArgs, manifest, ctx: int, *, sparse: 
 
 def ffn_layer_bytes(spec) -> int:
     """The bundles and whole matrices of one FFN layer (a manifest FFNLayer), as they lie in its
-    file (a matrix starts 4 KiB-aligned): what it takes resident or streamed."""
-    return max([spec.n_neurons * spec.bundle_bytes] + [m.offset + m.nbytes for m in spec.matrices])
+    file: what it takes resident or streamed (storage.format.layer_extent)."""
+    return layer_extent(spec)
 
 
 def resident_layers_within(layers, budget_bytes: int) -> list[int]:

@@ -1,7 +1,7 @@
 """Two buffers and a background thread: the layer being computed and the next one being read.
 
-What streams from flash a whole layer at a time (the dense path's FFN layers that do not fit the
-cap, the gate predictor's W_gate) is read one layer ahead: `get(l)` waits for layer l's read (or
+What streams from flash a whole layer at a time (the FFN layers that do not fit the cap, on the
+dense path and on the gate predictor's, flash_ffn.FlashFFN) is read one layer ahead: `get(l)` waits for layer l's read (or
 reads it now, the first time or after a jump) and starts the read of `following(l)` into the
 other buffer, so it overlaps layer l's compute and the next layer's attention. The reads
 (O_DIRECT preads in the reader's threads) release the GIL, as do the kernels, so on 2 cores they
@@ -10,7 +10,6 @@ really run side by side. A buffer handed out by get(l) stays valid until the nex
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -32,7 +31,6 @@ class ReadAhead:
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self._ahead: tuple[int, int, Future] | None = None  # (key, slot, read in flight)
         self._current: tuple[int, int] | None = None  # (key, slot) in DRAM for use
-        self.last_wait = 0.0  # seconds the last get() that brought an item in waited for it
         self.last_fresh = False  # whether the last get() brought its item in (else it was there already)
 
     @property
@@ -44,7 +42,6 @@ class ReadAhead:
         if self._current is not None and self._current[0] == key:
             self.last_fresh = False
             return self.buffers[self._current[1]]
-        t0 = time.perf_counter()
         ahead, self._ahead = self._ahead, None
         if ahead is not None and ahead[0] == key:
             slot = ahead[1]
@@ -59,7 +56,6 @@ class ReadAhead:
         following = self._following(key)
         if following is not None and following != key:
             self._ahead = (following, 1 - slot, self._io.submit(self._read, following, self.buffers[1 - slot]))
-        self.last_wait = time.perf_counter() - t0
         self.last_fresh = True
         return self.buffers[slot]
 

@@ -175,6 +175,13 @@ class FFNLayer:
         return next((m for m in self.matrices if m.name == name), None)
 
 
+def layer_extent(layer) -> int:
+    """The bytes of an FFN layer's bundles and whole matrices as they lie in its file, from
+    offset 0 (a matrix starts 4 KiB-aligned after the bundles): what the layer takes resident or
+    streamed (flashinfer.memory plans it; StoreReader.read_layer reads it, page-aligned)."""
+    return max([layer.n_neurons * layer.bundle_bytes] + [m.offset + m.nbytes for m in layer.matrices])
+
+
 @dataclass(frozen=True)
 class Manifest:
     model_config: dict  # flashinfer ModelArgs fields (storage does not interpret them)

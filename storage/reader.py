@@ -393,9 +393,7 @@ class StoreReader:
 
     def layer_file_bytes(self, layer: int) -> int:
         """The page-aligned extent of a layer's bundles and whole matrices in its file (read_layer)."""
-        spec = self.manifest.ffn_layers[layer]
-        end = max([spec.n_neurons * spec.bundle_bytes] + [m.offset + m.nbytes for m in spec.matrices])
-        return fmt.align_up(end, fmt.PAGE)
+        return fmt.align_up(fmt.layer_extent(self.manifest.ffn_layers[layer]), fmt.PAGE)
 
     def _pread(self, layer: int, offset: int, length: int) -> np.ndarray:
         """Read [offset, offset + length) (page-aligned) into this thread's staging buffer."""
