@@ -72,7 +72,7 @@ def measure(cfg: dict) -> dict:
     engine = Engine.open(cfg["store"], ctx=cfg.get("ctx", 256), predictor=cfg.get("predictor", "dense"),
                          window=cfg.get("window", 5), dram=cfg.get("dram"), prefetch=cfg.get("prefetch", False),
                          flash_bw=cfg.get("flash_bw"), stream_ffn=cfg.get("stream_ffn", False),
-                         **({"pin": cfg["pin"]} if "pin" in cfg else {}))
+                         kv_cache=cfg.get("kv_cache", "f16"), **({"pin": cfg["pin"]} if "pin" in cfg else {}))
     with engine:
         open_s = time.perf_counter() - t_open
         prompt = [int(t) for t in cfg["prompt_ids"]]

@@ -77,7 +77,7 @@ from bench.cgroup import proc_read_bytes
 LLAMA_ACTIVATION = "silu"  # src/models/llama.cpp: LLM_FFN_SILU, LLM_FFN_PAR (see the docstring)
 FLASHINFER_ACT_KEY = "flashinfer.hidden_act"  # storage.gguf.FLASHINFER_ACT_KEY, not imported: the child stays light
 RESULT_FIELDS = (
-    "runtime", "llama_cpp_version", "model", "model_bytes", "threads", "mmap", "extra_bufts", "ctx",
+    "runtime", "llama_cpp_version", "model", "model_bytes", "threads", "mmap", "extra_bufts", "ctx", "kv_cache",
     "model_activation", "llamacpp_activation", "activation_matches",
     "load_s", "prompt_tokens", "prefill_s", "prefill_tok_s", "generated_ids", "decode_steps", "decode_s",
     "decode_tok_s", "ms_per_token", "read_bytes_load", "read_bytes_prefill", "read_bytes_decode",
@@ -131,9 +131,15 @@ def _extra_bufts(enabled: bool):
         lib.llama_model_default_params = defaults
 
 
+# --kv-cache: llama.cpp's KV cache types by flashinfer's names (GGML F32, F16, Q8_0); q8_0 values
+# need llama.cpp's flash attention, so a q8 run turns it on (for keys and values alike)
+KV_CACHE_TYPES = {"f32": 0, "f16": 1, "q8": 8}
+
+
 def run(model: str, prompt_ids: list[int], max_tokens: int, *, threads: int = 2, mmap: bool = True,
-        extra_bufts: bool = False, ctx: int | None = None) -> dict:
-    """Load `model`, evaluate `prompt_ids`, greedily generate `max_tokens`; the RESULT_FIELDS."""
+        extra_bufts: bool = False, ctx: int | None = None, kv_cache: str = "f16") -> dict:
+    """Load `model`, evaluate `prompt_ids`, greedily generate `max_tokens`; the RESULT_FIELDS.
+    kv_cache: the KV cache's type, KV_CACHE_TYPES (f16 is llama.cpp's default)."""
     import llama_cpp
     import numpy as np
 
@@ -148,8 +154,10 @@ def run(model: str, prompt_ids: list[int], max_tokens: int, *, threads: int = 2,
     read0 = proc_read_bytes()
     t0 = time.perf_counter()
     with _extra_bufts(extra_bufts):
+        kv = KV_CACHE_TYPES[kv_cache]
         llm = llama_cpp.Llama(model_path=model, n_ctx=ctx, n_threads=threads, n_threads_batch=threads,
-                              use_mmap=mmap, logits_all=False, verbose=False)
+                              use_mmap=mmap, logits_all=False, verbose=False, type_k=kv, type_v=kv,
+                              **({"flash_attn": True} if kv_cache == "q8" else {}))
     load_s = time.perf_counter() - t0
     read_loaded = proc_read_bytes()
     n_vocab = llm.n_vocab()
@@ -178,7 +186,7 @@ def run(model: str, prompt_ids: list[int], max_tokens: int, *, threads: int = 2,
     llm.close()
     return {
         "runtime": "llama.cpp", "llama_cpp_version": llama_cpp.__version__, "model": str(model),
-        "model_bytes": os.path.getsize(model), "threads": threads, "mmap": mmap, "extra_bufts": extra_bufts, "ctx": ctx,
+        "model_bytes": os.path.getsize(model), "threads": threads, "mmap": mmap, "extra_bufts": extra_bufts, "ctx": ctx, "kv_cache": kv_cache,
         **activation_report(metadata),
         "load_s": load_s, "prompt_tokens": len(prompt_ids), "prefill_s": prefill_s,
         "prefill_tok_s": len(prompt_ids) / prefill_s, "generated_ids": generated, "decode_steps": steps,
@@ -192,7 +200,7 @@ def run(model: str, prompt_ids: list[int], max_tokens: int, *, threads: int = 2,
 
 
 def llamacpp_argv(model: str | os.PathLike, prompt_ids: list[int], max_tokens: int, *, threads: int = 2,
-                  mmap: bool = True, extra_bufts: bool = False, ctx: int | None = None) -> list[str]:
+                  mmap: bool = True, extra_bufts: bool = False, ctx: int | None = None, kv_cache: str = "f16") -> list[str]:
     """The command line that runs `run(...)` as a child (for bench.cgroup.run_limited)."""
     argv = [sys.executable, "-m", "bench.llamacpp", str(model), "--prompt-ids", ",".join(map(str, prompt_ids)),
             "--max-tokens", str(max_tokens), "--threads", str(threads)]
@@ -202,6 +210,8 @@ def llamacpp_argv(model: str | os.PathLike, prompt_ids: list[int], max_tokens: i
         argv.append("--extra-bufts")
     if ctx:
         argv += ["--ctx", str(ctx)]
+    if kv_cache != "f16":
+        argv += ["--kv-cache", kv_cache]
     return argv
 
 
@@ -219,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--ctx", type=int, default=None, help="context size (default: prompt + max tokens)")
+    parser.add_argument("--kv-cache", default="f16", choices=tuple(KV_CACHE_TYPES), help="KV cache type (default f16)")
     parser.add_argument("--no-mmap", dest="mmap", action="store_false", help="read the weights into RAM at load")
     parser.add_argument("--extra-bufts", action="store_true",
                         help="llama.cpp's default: repack Q4_0 / use AMX, copying those weights into RAM "
@@ -234,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         result = run(opts.model, opts.prompt_ids, opts.max_tokens, threads=opts.threads, mmap=opts.mmap,
-                     extra_bufts=opts.extra_bufts, ctx=opts.ctx)
+                     extra_bufts=opts.extra_bufts, ctx=opts.ctx, kv_cache=opts.kv_cache)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

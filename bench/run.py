@@ -186,7 +186,7 @@ def measure_model(preset: Preset, opts, bandwidths) -> list[dict]:
     # the context the KV cache (and so the DRAM plan) is sized for: --ctx, else just the run's tokens
     ctx = opts.ctx or opts.prompt_tokens + opts.tokens + 8
     base = {"store": str(store), "prompt_ids": prompt, "tokens": opts.tokens, "ctx": ctx, "dram": opts.cap,
-            "window": opts.window}
+            "window": opts.window, "kv_cache": opts.kv_cache}
     rows = []
     log(f"{preset.name}: naive baseline (dense predictor)")
     naive = run_flashinfer(base | {"predictor": "dense", "stream_ffn": True}, cap)
@@ -214,7 +214,7 @@ def measure_model(preset: Preset, opts, bandwidths) -> list[dict]:
     if gguf is not None and not opts.no_llamacpp:
         for name, limit in ((f"llama.cpp, {opts.cap} cgroup", cap), ("llama.cpp, no cap (reference)", None)):
             log(f"{preset.name}: {name}")
-            argv = llamacpp_argv(gguf, prompt, opts.tokens, threads=opts.threads, ctx=ctx)
+            argv = llamacpp_argv(gguf, prompt, opts.tokens, threads=opts.threads, ctx=ctx, kv_cache=opts.kv_cache)
             rows.append(run_child(argv, limit) | {"model": preset.name, "config": name})
     for row in rows:  # the roofline of the sparse runs, from this run's bandwidths
         if row.get("bytes_touched_per_token") and row.get("predictor") in ("lowrank", "gate") and row.get("decode_tok_s"):
@@ -273,6 +273,8 @@ def main() -> None:
                         help="context flashinfer's KV cache and DRAM plan are sized for (default: prompt + tokens + 8); "
                              "llama.cpp's n_ctx is the same")
     parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads (default 2, the machine's cores)")
+    parser.add_argument("--kv-cache", default="f16", choices=("f16", "f32", "q8"),
+                        help="KV cache type of every runtime (default f16; q8: flashinfer's q8, llama.cpp's q8_0)")
     parser.add_argument("--calibration-tokens", type=int, default=None, help="default 1024 (--quick 512)")
     parser.add_argument("--gate-sparsities", default=",".join(map(str, GATE_SPARSITIES)),
                         help="SwiGLU presets: the gate predictor's skipped shares, one row each (default 0.4,0.5)")
@@ -311,7 +313,7 @@ def main() -> None:
               f"{bandwidths.best_disk_bytes_per_s / 1e9:.2f} GB/s best sequential; DRAM streaming "
               f"{bandwidths.best_mem_bytes_per_s / 1e9:.1f} GB/s. cgroup v{version}, caches dropped before each run.\n"
               f"Command: `{command}` ({opts.tokens} decode tokens after a {opts.prompt_tokens}-token prompt, "
-              f"context {opts.ctx or opts.prompt_tokens + opts.tokens + 8}; "
+              f"context {opts.ctx or opts.prompt_tokens + opts.tokens + 8}, {opts.kv_cache} KV cache; "
               f"llama.cpp {opts.threads} threads).\n")
     text = header + "\n" + table(rows) + "\n"
     print(text)

@@ -148,8 +148,11 @@ def _llamacpp_logits(cfg: dict, ids: list[int]) -> tuple[np.ndarray, float]:
 
     from bench.llamacpp import _extra_bufts
 
-    # cfg "kv_type": the KV cache's GGML type (0 f32, 1 f16: llama.cpp's default), for bench/kv_cache.py
+    # cfg "kv_type": the KV cache's GGML type (0 f32, 1 f16: llama.cpp's default, 8 q8_0), for
+    # bench/kv_cache.py; "flash_attn": llama.cpp's flash attention (it needs it for a quantized V cache)
     kv = {"type_k": cfg["kv_type"], "type_v": cfg["kv_type"]} if "kv_type" in cfg else {}
+    if cfg.get("flash_attn"):
+        kv["flash_attn"] = True
     with _extra_bufts(False):  # AMX dies at its first tile instruction on this VM (bench/llamacpp.py)
         llm = llama_cpp.Llama(model_path=cfg["gguf"], n_ctx=len(ids), n_threads=cfg["threads"],
                               n_threads_batch=cfg["threads"], logits_all=True, verbose=False, **kv)

@@ -140,7 +140,9 @@ class Engine:
 
         ctx: KV cache length in tokens (default: the model's maximum, capped at 4096).
         kv_cache: the KV cache's element type: "f16" (default; llama.cpp's too: half the bytes of
-            a long context, attention reads them widened) or "f32" (keys and values as computed).
+            a long context, attention reads them widened), "f32" (keys and values as computed) or
+            "q8" (int8 codes with a float32 scale per 32 channels of a position, as llama.cpp's
+            q8_0: 0.56x of f16's bytes, for a long context under a tight cap).
         flash_bw / flash_latency: emulate slower flash for a store ("1GB/s", "50us").
         verify: check every checksum of a store before running.
         predictor: for a store, which FFN neurons to load per token: "dense" (all, read every

@@ -24,7 +24,7 @@ import numpy as np
 import psutil
 
 from flashinfer.config import ModelArgs
-from flashinfer.kernels.attention import KV_DTYPES
+from flashinfer.kernels.attention import KV_DTYPES, kv_q8_block
 from flashinfer.errors import FlashinferError
 from flashinfer.read_ahead import SLOTS
 from storage.format import layer_extent
@@ -98,13 +98,18 @@ class MemoryPlan:
 
 
 KV_ELEMENT_BYTES = {name: np.dtype(dtype).itemsize for name, dtype in KV_DTYPES.items()}
+SMALLER_KV_CACHES = {"f32": ("f16", "q8"), "f16": ("q8",), "q8": ()}  # in the order a refusal suggests them
 NEURON_MAP_BYTES = 4 + 8 + 8 + 1  # a neuron cache's per-neuron arrays (cache.NeuronCache; tested equal)
 FOUR_BIT_SCHEMES = ("q4", "q4a", "q4k")  # a store resident in these has no lower-bit store to suggest
 
 
 def kv_cache_bytes(args: ModelArgs, ctx: int, kv_cache: str = "f16") -> int:
-    """Keys and values of every layer for ctx positions, in the KV cache's element type."""
-    return 2 * args.n_layers * ctx * args.kv_dim * KV_ELEMENT_BYTES[kv_cache]
+    """Keys and values of every layer for ctx positions, in the KV cache's element type (q8: its
+    codes and a float32 scale per kv_q8_block channels)."""
+    per_position = args.kv_dim * KV_ELEMENT_BYTES[kv_cache]
+    if kv_cache == "q8":
+        per_position += 4 * (args.kv_dim // kv_q8_block(args.head_dim))
+    return 2 * args.n_layers * ctx * per_position
 
 
 def resident_in_dram_bytes(manifest, ctx: int) -> int:
@@ -210,8 +215,10 @@ def free_memory_budget() -> int:
 def _refusal(plan: MemoryPlan, args: ModelArgs, ctx: int, short_bytes: int, cache_share: float | None = None) -> str:
     what = f"neuron caches of {cache_share:.0%} of each layer" if cache_share else "the dense path"
     hints = []
-    if plan.kv_cache == "f32" and plan.kv_bytes // 2 >= short_bytes:
-        hints.append("--kv-cache f16")
+    for smaller in SMALLER_KV_CACHES[plan.kv_cache]:  # the first that would make up the shortfall
+        if plan.kv_bytes - kv_cache_bytes(args, ctx, smaller) >= short_bytes:
+            hints.append(f"--kv-cache {smaller}")
+            break
     if plan.kv_bytes > short_bytes:
         per_token = kv_cache_bytes(args, 1, plan.kv_cache)
         hints.append(f"--ctx {max(16, ctx - -(-short_bytes // per_token))}")

@@ -34,7 +34,7 @@ def add_rows(out: np.ndarray, m: Matrix, rows: np.ndarray) -> None:
 
 class RunState:
     """Scratch activations for up to `chunk` tokens, and the KV cache for `ctx` positions in
-    `kv_cache` elements (kernels.KV_DTYPES: "f16" or "f32")."""
+    `kv_cache` elements (kernels.KV_DTYPES: "f16", "f32" or "q8")."""
 
     def __init__(self, args: ModelArgs, ctx: int, chunk: int, kv_cache: str = "f16"):
         self.chunk = chunk
@@ -57,10 +57,13 @@ class RunState:
         kv = K.KV_DTYPES[kv_cache]
         self.k_cache_t = np.zeros((args.n_layers, args.kv_dim, ctx), kv)
         self.v_cache = np.zeros((args.n_layers, ctx, args.kv_dim), kv)
+        # per layer: its caches, and a q8 cache's scales (the kernels take them as one LayerKV)
+        self.kv = [K.layer_kv(self.k_cache_t[i], self.v_cache[i], args.head_dim) for i in range(args.n_layers)]
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in vars(self).values() if isinstance(a, np.ndarray))
+        scales = sum(kv.k_scale.nbytes + kv.v_scale.nbytes for kv in self.kv)
+        return scales + sum(a.nbytes for a in vars(self).values() if isinstance(a, np.ndarray))
 
     @staticmethod
     def scratch_bytes(args: ModelArgs, ctx: int, chunk: int = DEFAULT_CHUNK) -> int:
@@ -75,7 +78,7 @@ class Model:
                  kv_cache: str = "f16"):
         """`flash_ffn`: an object whose forward(layer, x, out) computes the FFN from flash
         (flashinfer/flash_ffn.py); None computes it from the dense matrices in `weights`.
-        `kv_cache`: the KV cache's element type, "f16" (default, as llama.cpp's) or "f32"."""
+        `kv_cache`: the KV cache's element type, "f16" (default, as llama.cpp's), "f32" or "q8"."""
         if ctx > args.max_seq_len and args.positional == "learned":
             raise GenerationError(f"ctx {ctx} exceeds this model's {args.max_seq_len} learned positions")
         K.one_blas_thread()  # numba's threads do the parallel work (kernels/__init__.py says why)
@@ -231,7 +234,7 @@ class Model:
         the run state's buffers, the block's weights), built once; building them per call was
         most of the 13 us of Python a block cost."""
         a, s, ffn = self.args, self.state, self.flash_ffn
-        before = (s.x[:1], s.xb[:1], s.q[:1], s.k[:1], s.v[:1], s.attn[:1], s.block_out[:1], s.k_cache_t[i], s.v_cache[i])
+        before = (s.x[:1], s.xb[:1], s.q[:1], s.k[:1], s.v[:1], s.attn[:1], s.block_out[:1], s.kv[i])
         after = (s.positions, self.layer_inv_freq[i], a.norm == "rms", a.norm_eps, layer.attn_norm_w, layer.attn_norm_b,
                  layer.ffn_norm_w, layer.ffn_norm_b, layer.wq, layer.bq, layer.wk, layer.bk, layer.wv, layer.bv,
                  layer.wo, layer.bo, a.positional == "rope", a.head_dim, a.n_kv_heads, self.layer_windows[i], s.scores, views,
@@ -257,9 +260,9 @@ class Model:
         if a.positional == "rope":
             positions = s.positions[start : start + n]
             K.rope_qk(q, k, positions, self.layer_inv_freq[i], a.head_dim)
-        K.store_kv(k, v, s.k_cache_t[i], s.v_cache[i], start)
+        K.store_kv(k, v, s.kv[i], start)
         attn = s.attn[:n]
-        K.attention_for(n, start + n, a.q_dim)(q, s.k_cache_t[i], s.v_cache[i], start, a.n_kv_heads, a.head_dim,
+        K.attention_for(n, start + n, a.q_dim)(q, s.kv[i], start, a.n_kv_heads, a.head_dim,
                                                self.layer_windows[i], s.scores, attn)
         linear(attn, layer.wo, layer.bo, out)
 

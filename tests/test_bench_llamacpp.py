@@ -58,6 +58,16 @@ def test_the_child_generates_n_greedy_ids_and_reports_sane_meters(ggufs, kind):
     assert out["activation_matches"] is False
 
 
+def test_a_q8_kv_cache_run_is_llamacpps_q8_0_and_still_generates(tmp_path):
+    """--kv-cache q8 (bench/run.py's choice for every runtime) reaches llama.cpp as q8_0 keys
+    and values with flash attention, which a quantized V cache needs (without it, or with heads
+    narrower than q8_0's 32-element block, as tiny's 16, llama.cpp fails to create its context)."""
+    gguf = synth.synthesize("tiny-256", tmp_path / "hf", gguf_path=tmp_path / "q4.gguf", gguf_type="q4_0",
+                            gguf_resident_type="q8_0").gguf_path
+    out = child(llamacpp_argv(gguf, PROMPT, N, threads=THREADS, kv_cache="q8"))
+    assert out["kv_cache"] == "q8" and len(out["generated_ids"]) == N
+
+
 def test_greedy_ids_do_not_depend_on_how_the_weights_are_loaded(ggufs):
     mapped = child(llamacpp_argv(ggufs["q4_0"], PROMPT, N, threads=THREADS))
     read_in = child(llamacpp_argv(ggufs["q4_0"], PROMPT, N, threads=THREADS, mmap=False))

@@ -211,27 +211,62 @@ def test_rope():
     np.testing.assert_array_equal(k, k_alone)
 
 
-@pytest.mark.parametrize("kv_cache", ["f32", "f16"])
+def q8_dequantized(x, block):
+    """x [positions, channels] as a q8 KV cache keeps it: per position and block of channels,
+    codes round(x * 127 / amax) times amax / 127 (numpy's rounding of halves to even, as np.rint)."""
+    blocks = x.reshape(x.shape[0], -1, block)
+    top = np.abs(blocks).max(axis=2, keepdims=True)
+    scale = top / np.float32(127)
+    codes = np.rint(blocks * np.where(top > 0, np.float32(127) / np.where(top > 0, top, 1), 0)).astype(np.int8)
+    return codes.reshape(x.shape), scale[..., 0], (codes * scale).reshape(x.shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("kv_cache", ["f32", "f16", "q8"])
 @pytest.mark.parametrize("kernel", ["attention", "attention_serial", "attention_blas"])
-@pytest.mark.parametrize("n_kv_heads,window", [(4, 0), (2, 0), (1, 3)])
-def test_attention_gqa_and_window(n_kv_heads, window, kernel, kv_cache):
-    head_dim, n_heads, ctx, start, n_tokens = 8, 4, 16, 5, 4
+@pytest.mark.parametrize("n_kv_heads,window,head_dim", [(4, 0, 8), (2, 0, 64), (1, 3, 8)])
+def test_attention_gqa_and_window(n_kv_heads, window, head_dim, kernel, kv_cache):
+    """Every kernel over every cache type equals the float64 reference over the values the cache
+    holds (halves; q8's codes times their scales, checked against numpy's quantization)."""
+    n_heads, ctx, start, n_tokens = 4, 16, 5, 4
     q = randn(n_tokens, n_heads * head_dim) * 3  # scores spread over several units: a real softmax
     k_cache, v_cache = randn(ctx, n_kv_heads * head_dim), randn(ctx, n_kv_heads * head_dim)
-    kv = K.KV_DTYPES[kv_cache]
-    k_cache_t, v_stored = np.zeros((n_kv_heads * head_dim, ctx), kv), np.zeros((ctx, n_kv_heads * head_dim), kv)
-    K.store_kv(k_cache, v_cache, k_cache_t, v_stored, 0)
+    kv_dtype = K.KV_DTYPES[kv_cache]
+    k_cache_t, v_stored = np.zeros((n_kv_heads * head_dim, ctx), kv_dtype), np.zeros((ctx, n_kv_heads * head_dim), kv_dtype)
+    kv = K.layer_kv(k_cache_t, v_stored, head_dim)
+    K.store_kv(k_cache, v_cache, kv, 0)
     if kv_cache == "f16":  # stored rounded to the nearest half; the reference gets the same values
         k_cache, v_cache = (c.astype(np.float16).astype(np.float32) for c in (k_cache, v_cache))
         np.testing.assert_array_equal(k_cache_t, k_cache.T.astype(np.float16).view(np.uint16))
         np.testing.assert_array_equal(v_stored, v_cache.astype(np.float16).view(np.uint16))
+    elif kv_cache == "q8":
+        block = K.kv_q8_block(head_dim)
+        assert block == min(32, head_dim) and kv.k_scale.shape == (n_kv_heads * head_dim // block, ctx)
+        (k_codes, k_scale, k_cache), (v_codes, v_scale, v_cache) = (q8_dequantized(c, block) for c in (k_cache, v_cache))
+        np.testing.assert_array_equal(k_cache_t, k_codes.T)
+        np.testing.assert_array_equal(v_stored, v_codes)
+        np.testing.assert_allclose(kv.k_scale, k_scale.T, rtol=1e-7)
+        np.testing.assert_allclose(kv.v_scale, v_scale, rtol=1e-7)
     else:
         np.testing.assert_array_equal(k_cache_t, k_cache.T)
         np.testing.assert_array_equal(v_stored, v_cache)
     out, scores = np.empty_like(q), np.empty((n_heads * n_tokens, ctx), np.float32)
-    getattr(K, kernel)(q, k_cache_t, v_stored, start, n_kv_heads, head_dim, window, scores, out)
+    getattr(K, kernel)(q, kv, start, n_kv_heads, head_dim, window, scores, out)
     expected = ref.attention(q, k_cache, v_cache, start, n_kv_heads, head_dim, window)
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_q8_kv_cache_keeps_an_all_zero_block_and_extremes():
+    """A block of zeros gets scale 0 and codes 0 (no division by zero); a block's largest |x|
+    is stored exactly as +-127 times its scale."""
+    head_dim = 32
+    k_t, v = np.zeros((head_dim, 2), np.int8), np.zeros((2, head_dim), np.int8)
+    kv = K.layer_kv(k_t, v, head_dim)
+    x = np.zeros((2, head_dim), np.float32)
+    x[1, 3], x[1, 7] = -5.0, 2.0
+    K.store_kv(x, x, kv, 0)
+    assert kv.k_scale[0, 0] == 0 and not k_t[:, 0].any() and kv.v_scale[0, 0] == 0 and not v[0].any()
+    assert k_t[3, 1] == -127 and v[1, 3] == -127 and k_t[7, 1] == 51 and v[1, 7] == 51  # 2 * 127 / 5 = 50.8
+    assert kv.k_scale[0, 1] == kv.v_scale[1, 0] == np.float32(5.0) / np.float32(127)
 
 
 def test_f16_bits_rounds_as_numpy():

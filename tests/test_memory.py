@@ -30,7 +30,7 @@ def plan(cap, ctx, share=0.1, sparse=True, stream_ffn=False, kv_cache="f16"):
 def test_scratch_estimate_equals_what_runstate_allocates():
     args = ModelArgs.from_hf_config(MISTRAL | {"num_hidden_layers": 2, "hidden_size": 256, "intermediate_size": 512,
                                                "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1000})
-    for kv_cache in ("f16", "f32"):
+    for kv_cache in ("f16", "f32", "q8"):
         state = RunState(args, ctx=64, chunk=16, kv_cache=kv_cache)
         assert state.nbytes - kv_cache_bytes(args, 64, kv_cache) == RunState.scratch_bytes(args, 64, chunk=16)
 
@@ -44,6 +44,29 @@ def test_an_f16_kv_cache_leaves_a_long_context_room_for_neurons():
     with pytest.raises(BudgetError) as e:
         plan(2_000_000_000, ctx=2048, share=0.05, kv_cache="f32")
     assert "Would fit: --kv-cache f16 or --ctx " in str(e.value) and "KV cache (f32)" in str(e.value)
+
+
+def test_a_q8_kv_cache_is_the_refusals_next_suggestion_after_f16():
+    """At 2048 tokens the 7B's q8 cache is 144 MiB (int8 codes and a float32 scale per 32
+    channels), 0.5625x of f16's; where f16 leaves a plan short by less than the difference, the
+    refusal names --kv-cache q8 (and f32's names f16 first, when halving is enough)."""
+    assert kv_cache_bytes(MISTRAL_7B, 2048, "q8") == 144 * 2**20
+    f16 = plan(2_000_000_000, ctx=2048, share=0.05)
+    q8 = plan(2_000_000_000, ctx=2048, share=0.05, kv_cache="q8")
+    assert f16.kv_bytes - q8.kv_bytes == 112 * 2**20 and "KV cache (q8)" in q8.table()
+    # a share of each layer that fits with q8 keys and values, not with halves
+    share = next(s / 1000 for s in range(400, 0, -1) if _fits(ctx=2048, share=s / 1000, kv_cache="q8"))
+    with pytest.raises(BudgetError) as e:
+        plan(2_000_000_000, ctx=2048, share=share)
+    assert "Would fit: --kv-cache q8 or --ctx " in str(e.value)
+
+
+def _fits(**kw) -> bool:
+    try:
+        plan(2_000_000_000, **kw)
+        return True
+    except BudgetError:
+        return False
 
 
 def test_a_refusal_suggests_lower_bit_resident_weights_only_where_there_are_some():

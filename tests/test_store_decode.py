@@ -17,16 +17,17 @@ from tests.test_store import QUANT_BOUNDS, _cli_error, stores  # noqa: F401  (mo
 
 # GQA + window (W_down as rows, and as columns); Gemma 3's q/k norms, query scale, sandwich norms
 # and per-layer windows; ReLU; LayerNorm + biases
-@pytest.mark.parametrize("name,down,ffn,resident", [
+@pytest.mark.parametrize("name,down,ffn,resident,kv_cache", [
     # rows at q4 / q8: what `flashinfer run HF_DIR` converts a SiLU model to (kernels compiled once per suite)
-    ("mistral", "rows", "q4", "q8"), ("mistral", "columns", "q4a", "q4"), ("gemma3", "rows", "q4", "q8"),
-    ("relu_llama", "auto", "q8", "q8"), ("relu_llama", "auto", "q4a", "q4"), ("opt", "auto", "q8", "q8"),
-    pytest.param("opt", "auto", "q4a", "q4", marks=pytest.mark.slow)])  # ~34 s cold compile; opt q8 stays
-def test_fused_decode_step_equals_the_per_kernel_path(stores, name, down, ffn, resident):  # noqa: F811
+    ("mistral", "rows", "q4", "q8", "f16"), ("mistral", "columns", "q4a", "q4", "f16"), ("gemma3", "rows", "q4", "q8", "f16"),
+    ("relu_llama", "auto", "q8", "q8", "f16"), ("relu_llama", "auto", "q4a", "q4", "f16"), ("opt", "auto", "q8", "q8", "f16"),
+    ("mistral", "rows", "q4", "q8", "q8"),  # int8 keys and values with their scales (kernels.LayerKV)
+    pytest.param("opt", "auto", "q4a", "q4", "f16", marks=pytest.mark.slow)])  # ~34 s cold compile; opt q8 stays
+def test_fused_decode_step_equals_the_per_kernel_path(stores, name, down, ffn, resident, kv_cache):  # noqa: F811
     # kernels.decode_layer (a decode step of a block as one compiled call, used once a block's
     # FFN is resident) gives the logits of model.py's per-kernel path, token by token
     ids = load_golden(name)["prompt_ids"].tolist()[:12]
-    with Engine.open(stores(name, ffn, resident, down=down)) as engine:
+    with Engine.open(stores(name, ffn, resident, down=down), kv_cache=kv_cache) as engine:
         model = engine.model
         assert any(model._fusable)
         runs = []

@@ -48,8 +48,8 @@ def _drop_stale_compiled_kernels(here: Path = Path(__file__).resolve().parent) -
 
 _drop_stale_compiled_kernels()
 
-from .attention import (ATTENTION_BLAS_MIN_TOKENS, KV_DTYPES, attention, attention_blas, attention_for, attention_serial, exp_nonpositive, f16_bits,
-                        rope, rope_qk, store_kv)
+from .attention import (ATTENTION_BLAS_MIN_TOKENS, KV_DTYPES, LayerKV, attention, attention_blas, attention_for, attention_serial, exp_nonpositive, f16_bits,
+                        kv_q8_block, layer_kv, rope, rope_qk, store_kv)
 from .blocks import FAST, prepare_input, quantize_blocks, row_axpy, uses_int_dots, widen
 from .ffn import (ACT_GELU_TANH, ACT_RELU, ACT_SILU, ACTS, activate_, ffn_down_rows, ffn_rows, ffn_rows_coef,
                   ffn_rows_coef_parallel, ffn_rows_parallel, gated_act, relu_)
@@ -70,4 +70,4 @@ def one_blas_thread() -> None:
 
 __all__ = ["ATTENTION_BLAS_MIN_TOKENS", "ACT_GELU_TANH", "ACT_RELU", "ACT_SILU", "ACTS", "FAST", "PARALLEL_MIN_WORK", "ROW_REUSE_MIN_TOKENS", "add_rows", "one_blas_thread", "attention",
            "attention_blas", "attention_for", "attention_serial", "compiled_call", "decode_layer", "exp_nonpositive", "activate_", "ffn_down_rows", "ffn_rows", "ffn_rows_coef", "ffn_rows_coef_parallel", "ffn_rows_parallel", "gated_act", "layernorm", "matmul", "matmul_for", "matmul_serial",
-           "prepare_input", "quantize_blocks", "relu_", "rmsnorm", "rope", "rope_qk", "row_axpy", "store_kv", "KV_DTYPES", "f16_bits", "uses_int_dots", "widen"]
+           "prepare_input", "quantize_blocks", "relu_", "rmsnorm", "rope", "rope_qk", "row_axpy", "store_kv", "KV_DTYPES", "LayerKV", "kv_q8_block", "layer_kv", "f16_bits", "uses_int_dots", "widen"]

@@ -66,7 +66,7 @@ def _block_ffn_jit(xb, v, n_neurons, act, ffn_parallel, partial, ffn_up, ffn_hid
 
 
 @njit(cache=True, nogil=True, fastmath=FAST)
-def decode_layer(x, xb, q, k, v, attn, block_out, k_cache_t, v_cache, start, positions, inv_freq, rms, eps,
+def decode_layer(x, xb, q, k, v, attn, block_out, kv, start, positions, inv_freq, rms, eps,
                  attn_norm_w, attn_norm_b, ffn_norm_w, ffn_norm_b, wq, bq, wk, bk, wv, bv, wo, bo, use_rope,
                  head_dim, n_kv_heads, window, scores, ffn, n_neurons, act, ffn_parallel, partial, b_down, shared_qkv,
                  ffn_up, ffn_hidden, qk_norm, q_norm_w, k_norm_w, query_scale, sandwich, attn_post_norm_w,
@@ -74,7 +74,7 @@ def decode_layer(x, xb, q, k, v, attn, block_out, k_cache_t, v_cache, start, pos
     """x [1, dim] += attn(norm(x)); then x += ffn(norm(x)), a pre-norm block (Llama, Mistral,
     Qwen2; OPT-125m's pre-LN too) at position `start`. Matrices are weights.Matrix tuples, `ffn`
     the block's resident bundles as flash_ffn.BundleViews; xb/q/k/v/attn/block_out [1, ...] scratch
-    rows; the new key and value go into k_cache_t / v_cache in their element type (store_kv). ffn_parallel: whether the
+    rows; the new key and value go into the layer's LayerKV `kv` in its element type (store_kv). ffn_parallel: whether the
     FFN runs on all cores (flash_ffn.ffn_over_bundles decides it the same way), `partial` its
     per-thread sums; shared_qkv: wq, wk and wv share a scheme and group (matmul3); ffn_up /
     ffn_hidden: scratch [>= 1, n_neurons] of a layer that keeps W_down as rows (ffn.down_rows).
@@ -96,11 +96,11 @@ def decode_layer(x, xb, q, k, v, attn, block_out, k_cache_t, v_cache, start, pos
         q *= query_scale
     if use_rope:
         rope_qk(q, k, positions[start : start + 1], inv_freq, head_dim)
-    store_kv(k, v, k_cache_t, v_cache, start)
+    store_kv(k, v, kv, start)
     if (start + 1) * q.shape[1] >= ATTENTION_PARALLEL_MIN_WORK:
-        attention(q, k_cache_t, v_cache, start, n_kv_heads, head_dim, window, scores, attn)
+        attention(q, kv, start, n_kv_heads, head_dim, window, scores, attn)
     else:
-        attention_serial(q, k_cache_t, v_cache, start, n_kv_heads, head_dim, window, scores, attn)
+        attention_serial(q, kv, start, n_kv_heads, head_dim, window, scores, attn)
     _linear(attn, wo, bo, block_out)
     if sandwich:
         rmsnorm(block_out, attn_post_norm_w, eps, block_out)
