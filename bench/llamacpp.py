@@ -26,7 +26,7 @@ wait for the scheduler at every graph node; measured on the 1b Q4_0 GGUF (630 MB
 
 ## llama.cpp runs SiLU on our ReLU models: same bytes, a different function
 
-The synthetic models (storage/synth.py) are ReLU-gated Llama/Mistral (`hidden_act: relu`):
+The synthetic models (storage/synth/) are ReLU-gated Llama/Mistral (`hidden_act: relu`):
 FFN = down(relu(gate x) * up x). llama.cpp's `llama` architecture cannot be told so:
 - its graph hard-codes the activation: `build_ffn(..., LLM_FFN_SILU, LLM_FFN_PAR, il)` in
   llama.cpp src/models/llama.cpp (lines 189-194 in the copy vendored by llama-cpp-python

@@ -27,13 +27,13 @@ Models:
   |silu(gate_i . x_t) (up_i . x_t)| exceeds the layer's threshold that leaves 90% (and, a
   second column, 60%) of the layer's (token, neuron) pairs off; over the first --tokens tokens
   of the GPL-3 text Debian ships.
-- the synthetic mistral-7b-relu store (storage/synth.py: random weights, planted sparsity):
+- the synthetic mistral-7b-relu store (storage/synth/: random weights, planted sparsity):
   gated ReLU, so active means gate pre-activation > 0, exactly as the oracle predictor decides
   (calibrate.activation_rows); over --synthetic-tokens tokens of word salad (seed 2). Its
   firing rates are planted (power-law hot set), its locality is whatever random weights and
   a 100-word salad give: a control for how much locality skew alone yields.
 
-`--gates` prints instead, per layer of SmolLM2, what storage/synth.py's SwiGLU presets take
+`--gates` prints instead, per layer of SmolLM2, what storage/synth/presets.py's SwiGLU presets take
 their SILU_* defaults from: the share of gate pre-activations > 0, the share of those carried by
 the 10% of neurons most often positive, the per-neuron std of the gate over tokens, and at the
 gate predictor's 40% / 50% skipped (one |silu(gate.x)| threshold per layer) the kept set's top-10%
@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-synthetic", action="store_true")
     parser.add_argument("--json", type=Path, default=RESULTS_JSON, help="where the per-layer numbers go")
     parser.add_argument("--gates", action="store_true",
-                        help="SmolLM2's gate statistics (what storage/synth.py's SwiGLU presets plant) instead")
+                        help="SmolLM2's gate statistics (what storage/synth/presets.py's SwiGLU presets plant) instead")
     opts = parser.parse_args(argv)
     if opts.gates:
         rows = gate_statistics(opts.smollm2_store, opts.tokens)

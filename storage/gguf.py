@@ -22,7 +22,7 @@ Where GGUF differs from an HF checkpoint:
   block, along a row); `rows_f32` dequantizes with gguf-py's numpy reference dequantizers
   only the blocks a request covers (a column range is widened to whole blocks, then trimmed);
 - the FFN activation is not recorded: llama.cpp's llama graph is always SiLU-gated. Files
-  written by storage/synth.py carry `flashinfer.hidden_act` ("relu"); llama.cpp ignores it.
+  written by storage/synth/writing.py carry `flashinfer.hidden_act` ("relu"); llama.cpp ignores it.
 
 storage/gguf_header.py walks the header first with every count bounded by the file's size; then
 GGUFReader parses it (metadata and tensor table); its values are copied out and the

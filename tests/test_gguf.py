@@ -1,7 +1,7 @@
 """storage/gguf.py and `flashinfer convert MODEL.gguf`: a GGUF file makes the same store as
 the Hugging Face checkpoint it was exported from.
 
-The GGUFs here come from storage/synth.py (F16, written alongside the HF directory) or are
+The GGUFs here come from storage/synth/writing.py (F16, written alongside the HF directory) or are
 written by `_write_gguf` from that checkpoint, as convert_hf_to_gguf.py would (q/k rows
 permuted, matrices in the given type, norms F32). The synthetic model is ReLU-gated; GGUF
 has no key for that (llama.cpp always runs SiLU), so both writers add flashinfer's own

@@ -1,4 +1,4 @@
-"""storage/synth.py: synthetic HF checkpoints with planted FFN sparsity, checked through the engine."""
+"""storage/synth/: synthetic HF checkpoints with planted FFN sparsity, checked through the engine."""
 
 import json
 import shutil
@@ -168,7 +168,7 @@ def test_reproducible_and_seed_matters(tmp_path, tiny_dir):
 def test_sharded_output_loads_like_the_single_file(tmp_path, tiny_dir, monkeypatch):
     from flashinfer import Engine
 
-    monkeypatch.setattr(synth, "MAX_SHARD_BYTES", 100_000)
+    monkeypatch.setattr(synth.writing, "MAX_SHARD_BYTES", 100_000)  # where the writer reads it
     sharded = synth.synthesize("tiny", tmp_path / "sharded").out_dir
     shards = sorted(sharded.glob("model-*-of-*.safetensors"))
     assert len(shards) >= 3 and not (sharded / "model.safetensors").exists()
@@ -266,7 +266,7 @@ def test_existing_output_is_refused_unless_overwrite(tmp_path):
 
 
 def test_not_enough_disk_space(tmp_path, monkeypatch):
-    monkeypatch.setattr(synth.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12, 1000))
+    monkeypatch.setattr(synth.writing.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12, 1000))
     with pytest.raises(StorageError, match=r"not enough disk space.*needs 14\.\d\d GB.*0\.00 GB free"):
         synth.synthesize("mistral-7b-relu", tmp_path / "m")
 
