@@ -5,6 +5,7 @@ the naive baseline and llama.cpp, every runtime in the same memory cgroup, cold.
     python -m bench.run --quick         # the 1b preset under 700MB, < 5 minutes once built
     python -m bench.run --models mistral-7b-relu,opt-6.7b --cap 2GB --tokens 128
     python -m bench.run --models mistral-7b   # SwiGLU: naive vs the gate predictor at 40% and 50% skipped
+    python -m bench.run --ctx 2048 --kv-cache q8 --recall-of neurons,mass   # a long context; two calibrations
 
 Per model it builds, or reuses from --work: `flashinfer synth` (with a Q4_0 GGUF of the same
 weights for llama.cpp), `flashinfer convert --quant q4 --resident-quant q4`, and
@@ -14,7 +15,9 @@ weights from disk):
   - naive: flashinfer, `dense` predictor: every FFN neuron read from flash every token;
   - flashinfer dense: every neuron, FFN layers kept while they fit the cap, the others read one
     ahead of the layer computing (flash_ffn.FlashFFN's read_ahead);
-  - flashinfer: `lowrank` predictor, windowed neuron cache, at the device's speed;
+  - flashinfer: `lowrank` predictor, windowed neuron cache, at the device's speed (a row per
+    --recall-of calibration: thresholds for 99% of the active neurons, or of their mass; each
+    calibration's predictors/ kept beside the store as STORE.lowrank-<of>, put back before its row);
   - flashinfer at 1GB/s: the same with the flash throttled to 1 GB/s;
   - llama.cpp: llama-cpp-python on the Q4_0 GGUF, default mmap, --threads threads;
   - llama.cpp without a cap, for reference (no cgroup; caches dropped first).
@@ -72,24 +75,50 @@ class Preset:
 PRESETS = {p.name: p for p in (Preset("mistral-7b-relu", True), Preset("llama-2-7b-relu", True),
                                Preset("opt-6.7b", False), Preset("1b", True), Preset("mistral-7b", True, gated=True))}
 GATE_SPARSITIES = (0.4, 0.5)
+RECALL_OF = ("neurons",)  # ReLU presets: the low-rank calibrations measured (flashinfer calibrate --recall-of)
 
 
-def gate_calibration(store: Path, sparsity: float) -> Path:
-    """Where a SwiGLU store's calibration for `sparsity` (its whole predictors/ directory, with
-    checksums) is kept, beside the store: `flashinfer calibrate` replaces predictors/ each time."""
-    return store.parent / f"{store.name}.gate-{sparsity:g}"
+def kept_calibration(store: Path, tag: str) -> Path:
+    """Where a calibration of the store (its whole predictors/ directory, with checksums) is kept,
+    beside the store, by tag ("gate-0.4", "lowrank-mass"): `flashinfer calibrate` replaces
+    predictors/ each time, and a run compares several."""
+    return store.parent / f"{store.name}.{tag}"
 
 
-def install_gate(store: Path, sparsity: float) -> None:
-    """Make the calibration kept for `sparsity` the store's predictors/ (in one step)."""
+def gate_tag(sparsity: float) -> str:
+    return f"gate-{sparsity:g}"
+
+
+def lowrank_tag(recall_of: str) -> str:
+    return f"lowrank-{recall_of}"
+
+
+def keep_calibration(store: Path, tag: str) -> None:
+    """Copy the store's predictors/ to kept_calibration(store, tag) (complete, or not there)."""
+    kept = kept_calibration(store, tag)
+    shutil.copytree(store / "predictors", kept.with_name(kept.name + ".tmp"), dirs_exist_ok=True)
+    kept.with_name(kept.name + ".tmp").rename(kept)
+
+
+def install_calibration(store: Path, tag: str) -> None:
+    """Make the calibration kept as `tag` the store's predictors/ (in one step)."""
     from flashinfer.calibrate import PREDICTOR_DIR
     from storage import atomic
 
     target = store / PREDICTOR_DIR
     staging = atomic.staging_dir(target)
     shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(gate_calibration(store, sparsity), staging)
+    shutil.copytree(kept_calibration(store, tag), staging)
     atomic.replace_dir(staging, target)
+
+
+def installed_recall_of(store: Path) -> str | None:
+    """What the store's installed low-rank calibration set its thresholds for ("neurons" for
+    one made before --recall-of existed), or None without one."""
+    report = store / "predictors" / "lowrank.json"
+    if not (store / "predictors" / "lowrank.npz").exists() or not report.exists():
+        return None
+    return json.loads(report.read_text()).get("recall_of", "neurons")
 
 
 def log(msg: str) -> None:
@@ -102,13 +131,15 @@ def sh(argv: list[str]) -> None:
 
 
 def build(preset: Preset, work: Path, calibration_tokens: int | None,
-          gate_sparsities: tuple[float, ...] = GATE_SPARSITIES) -> tuple[Path, Path | None]:
+          gate_sparsities: tuple[float, ...] = GATE_SPARSITIES,
+          recall_of: tuple[str, ...] = RECALL_OF) -> tuple[Path, Path | None]:
     """(store, gguf or None), built once into `work` and reused while their files exist.
-    calibration_tokens None: no `flashinfer calibrate` (dense runs need no predictor)."""
+    calibration_tokens None: no `flashinfer calibrate` (dense runs need no predictor). Each
+    calibration (gate: per sparsity; ReLU: per --recall-of) is kept beside the store."""
     store = work / f"{preset.name}-q4"
     gguf = work / f"{preset.name}-q4_0.gguf" if preset.gguf else None
-    calibrations = ([gate_calibration(store, s) for s in gate_sparsities] if preset.gated
-                    else [store / "predictors" / "lowrank.npz"])
+    tags = [gate_tag(s) for s in gate_sparsities] if preset.gated else [lowrank_tag(of) for of in recall_of]
+    calibrations = [kept_calibration(store, tag) for tag in tags]
     calibrated = all(path.exists() for path in calibrations)
     converted = (store / "manifest.json").exists() and (gguf is None or gguf.exists())
     if converted and (calibration_tokens is None or calibrated):
@@ -134,14 +165,15 @@ def build(preset: Preset, work: Path, calibration_tokens: int | None,
         text = work / f"{preset.name}-calibration.txt"
         text.write_text(word_salad(calibration_tokens * 2, seed=1))
         calibrate = [*FI, "calibrate", store, "--text", text, "--tokens", str(calibration_tokens)]
-        if not preset.gated:
-            sh(calibrate)
         for s in gate_sparsities if preset.gated else ():
-            if not gate_calibration(store, s).exists():
+            if not kept_calibration(store, gate_tag(s)).exists():
                 sh([*calibrate, "--sparsity", str(s)])
-                kept = gate_calibration(store, s)
-                shutil.copytree(store / "predictors", kept.with_name(kept.name + ".tmp"), dirs_exist_ok=True)
-                kept.with_name(kept.name + ".tmp").rename(kept)
+                keep_calibration(store, gate_tag(s))
+        for of in () if preset.gated else recall_of:
+            if not kept_calibration(store, lowrank_tag(of)).exists():
+                if installed_recall_of(store) != of:  # a store calibrated before is kept as it is
+                    sh([*calibrate, "--recall-of", of])
+                keep_calibration(store, lowrank_tag(of))
     return store, gguf
 
 
@@ -180,7 +212,7 @@ def run_child(argv: list[str], cap: int | None, drop_caches: bool = True) -> dic
 
 
 def measure_model(preset: Preset, opts, bandwidths) -> list[dict]:
-    store, gguf = build(preset, Path(opts.work), opts.calibration_tokens, opts.gate_sparsities)
+    store, gguf = build(preset, Path(opts.work), opts.calibration_tokens, opts.gate_sparsities, opts.recall_of)
     cap = parse_size(opts.cap)
     prompt = prompt_ids(store, opts.prompt_tokens)
     # the context the KV cache (and so the DRAM plan) is sized for: --ctx, else just the run's tokens
@@ -198,18 +230,20 @@ def measure_model(preset: Preset, opts, bandwidths) -> list[dict]:
                                                                          "reference_ids": reference})]
     if preset.gated:
         configs += [(f"flashinfer (gate, {s:.0%} skipped)",
-                     base | {"predictor": "gate", "reference_ids": reference, "gate_sparsity": s})
+                     base | {"predictor": "gate", "reference_ids": reference, "calibration": gate_tag(s)})
                     for s in opts.gate_sparsities]
     else:
-        sparse = base | {"predictor": "lowrank", "reference_ids": reference}
-        configs.append(("flashinfer (lowrank, window %d)" % opts.window, sparse))
+        sparse = base | {"predictor": "lowrank", "reference_ids": reference, "calibration": lowrank_tag(opts.recall_of[0])}
+        for of in opts.recall_of:
+            what = "" if of == "neurons" else f", {of} recall"
+            configs.append((f"flashinfer (lowrank{what}, window {opts.window})", sparse | {"calibration": lowrank_tag(of)}))
         if opts.pin is not None:  # the same with another share of the caches kept for the hot set (--pin)
             configs.append((f"flashinfer (lowrank, window {opts.window}, pin {opts.pin})", sparse | {"pin": opts.pin}))
         configs.append(("flashinfer, flash at 1GB/s", sparse | {"flash_bw": "1GB/s"}))
     for name, cfg in configs:
         log(f"{preset.name}: {name}")
-        if "gate_sparsity" in cfg:
-            install_gate(store, cfg.pop("gate_sparsity"))
+        if "calibration" in cfg:
+            install_calibration(store, cfg.pop("calibration"))
         rows.append(run_flashinfer(cfg, cap) | {"model": preset.name, "config": name})
     if gguf is not None and not opts.no_llamacpp:
         for name, limit in ((f"llama.cpp, {opts.cap} cgroup", cap), ("llama.cpp, no cap (reference)", None)):
@@ -278,6 +312,9 @@ def main() -> None:
     parser.add_argument("--calibration-tokens", type=int, default=None, help="default 1024 (--quick 512)")
     parser.add_argument("--gate-sparsities", default=",".join(map(str, GATE_SPARSITIES)),
                         help="SwiGLU presets: the gate predictor's skipped shares, one row each (default 0.4,0.5)")
+    parser.add_argument("--recall-of", default=",".join(RECALL_OF),
+                        help="ReLU presets: a lowrank row per calibration, comma-separated: neurons (default), "
+                             "mass (flashinfer calibrate --recall-of)")
     parser.add_argument("--work", default=str(ROOT / "out" / "bench"), help="where models are built and kept")
     parser.add_argument("--no-llamacpp", action="store_true")
     parser.add_argument("--build-only", action="store_true", help="build (or check) the models, measure nothing")
@@ -291,12 +328,15 @@ def main() -> None:
         opts.gate_sparsities = tuple(float(v) for v in opts.gate_sparsities.split(","))
     except ValueError:
         parser.error(f"--gate-sparsities must be comma-separated fractions, got {opts.gate_sparsities!r}")
+    opts.recall_of = tuple(opts.recall_of.split(","))
+    if not opts.recall_of or any(of not in ("neurons", "mass") for of in opts.recall_of):
+        parser.error(f"--recall-of takes neurons and/or mass, comma-separated, got {','.join(opts.recall_of)!r}")
     unknown = [m for m in opts.models.split(",") if m not in PRESETS]
     if unknown:
         parser.error(f"unknown model preset {unknown[0]!r}; one of {', '.join(PRESETS)}")
     if opts.build_only:
         for name in opts.models.split(","):
-            build(PRESETS[name], Path(opts.work), opts.calibration_tokens, opts.gate_sparsities)
+            build(PRESETS[name], Path(opts.work), opts.calibration_tokens, opts.gate_sparsities, opts.recall_of)
         return
     version, why = cgroup.cgroup_support()
     if version is None:

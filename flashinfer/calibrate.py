@@ -6,7 +6,10 @@
 2. Layer by layer: read the layer's inputs and bundles, decode the rows that decide activity
    (gate for gated FFNs, up otherwise), compute the true pre-activations z = W x + b, and
    hand (x, z > 0) to predictors.lowrank to fit (rank `rank`, `last_rank` for the last
-   `last_layers` layers, where the paper too spends more); report recall on held-out tokens.
+   `last_layers` layers, where the paper too spends more), its threshold set for `target_recall`
+   of the active neurons (`recall_of="neurons"`) or of their activation mass (`"mass"`: each
+   active neuron weighted by what it adds to the layer's output, |act| x |up.x| x |down column|);
+   report recall, mass recall and predicted/active on held-out tokens.
    The static hot set (predictors.sparsity.StaticPredictor) is fitted on the same masks.
 3. Save predictors/lowrank.npz, predictors/static.npz, a JSON report and checksums.json (each
    file's size and blake2b) into the store as one directory, written aside and swapped in
@@ -52,8 +55,9 @@ THRESHOLD_SHARE = 0.15  # the 15% before them pick each layer's threshold (predi
 class LayerReport:
     layer: int
     recall: float  # share of active neurons predicted (held-out tokens)
-    mass_recall: float  # share of sum |activation| predicted
+    mass_recall: float  # share of the active neurons' activation mass predicted (activation_mass)
     fraction: float  # share of neurons predicted per token
+    active: float  # share of neurons active per token (fraction / active: what the predictor over-reads)
     predictor_bytes: int
     rank: int
     origin: str  # "fit" or "svd": which factors won on the threshold tokens (predictors/lowrank.py)
@@ -115,24 +119,46 @@ def component_values(bundles: np.ndarray, spec, name: str) -> np.ndarray:
     return quant.dequantize(rows)
 
 
-def activation_rows(reader, layer: int, gated: bool) -> tuple[np.ndarray, np.ndarray | None]:
+def activation_rows(reader, layer: int, gated: bool, bundles: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """The rows deciding activity (gate or up) as float32 [n_neurons, dim], and their bias."""
     spec = reader.manifest.ffn_layers[layer]
-    bundles = layer_bundles(reader, layer)
+    bundles = layer_bundles(reader, layer) if bundles is None else bundles
     b = spec.component("gate_bias" if gated else "up_bias")
     bias = None if b is None else np.ascontiguousarray(bundles[:, b.offset : b.offset + 4]).view(np.float32)[:, 0].copy()
     return component_values(bundles, spec, "gate" if gated else "up"), bias
 
 
+def activation_mass(reader, layer: int, gated: bool, bundles: np.ndarray, x: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """What each neuron adds to the layer's output per token, float32 [tokens, n_neurons]:
+    relu(z) x |down column| (ungated), x |up . x| too (gated ReLU); 0 where inactive."""
+    from storage import quant
+
+    spec = reader.manifest.ffn_layers[layer]
+    if spec.component("down") is not None:
+        down_norms = np.linalg.norm(component_values(bundles, spec, "down"), axis=1)
+    else:  # W_down kept whole as rows [dim, n_neurons]
+        down_norms = np.linalg.norm(quant.dequantize(reader.matrix_tensor(layer, "down")), axis=0)
+    mass = np.maximum(z, 0) * down_norms.astype(np.float32)
+    if gated:
+        mass *= np.abs(x @ component_values(bundles, spec, "up").T)
+    return mass
+
+
+RECALL_OF = ("neurons", "mass")
+
+
 def calibrate_store(store: str | Path, text: str, *, max_tokens: int = 2048, rank: int = 128,
                     last_rank: int | None = None, last_layers: int | None = None, target_recall: float = 0.99,
-                    progress=None) -> list[LayerReport]:
+                    recall_of: str = "neurons", progress=None) -> list[LayerReport]:
     """Fit and save the store's predictors; `last_rank` defaults to 2 x `rank` for the last
-    `last_layers` (default an eighth of the layers, at least 1)."""
+    `last_layers` (default an eighth of the layers, at least 1). `recall_of`: what
+    `target_recall` is a share of, the active neurons or their activation mass (RECALL_OF)."""
     from flashinfer.engine import Engine
     from predictors.lowrank import fit_lowrank_layer
     from predictors.sparsity import LowRankPredictor, StaticPredictor, recall_report
 
+    if recall_of not in RECALL_OF:
+        raise FlashinferError(f"recall_of {recall_of!r} is not one of {', '.join(RECALL_OF)}")
     store = Path(store)
     out_dir = store / PREDICTOR_DIR
     with Engine.open(store) as engine:
@@ -155,30 +181,37 @@ def calibrate_store(store: str | Path, text: str, *, max_tokens: int = 2048, ran
             layers, hot_sets, reports = [], [], []
             for i, path in enumerate(input_paths):
                 x = np.fromfile(path, np.float32).reshape(len(token_ids), engine.args.dim)
-                w_act, bias = activation_rows(engine.model.flash_ffn.reader, i, engine.args.gated_ffn)
+                reader, gated = engine.model.flash_ffn.reader, engine.args.gated_ffn
+                bundles = layer_bundles(reader, i)
+                w_act, bias = activation_rows(reader, i, gated, bundles)
                 z = x @ w_act.T + (0 if bias is None else bias)
+                mass = activation_mass(reader, i, gated, bundles, x[fit_end:], z[fit_end:])  # threshold and held-out tokens
+                del bundles
                 r_i = layer_rank(i, n_layers, rank, last_rank, last_layers)
+                threshold_data = (x[fit_end:split], z[fit_end:split] > 0)
+                if recall_of == "mass":
+                    threshold_data += (mass[: split - fit_end],)
                 layer = fit_lowrank_layer(w_act, bias, x[:fit_end], z[:fit_end] > 0, rank=r_i, target_recall=target_recall,
-                                          threshold_data=(x[fit_end:split], z[fit_end:split] > 0))
+                                          threshold_data=threshold_data)
                 hot = StaticPredictor.fit([z[:split] > 0], STATIC_COVERAGE).hot_sets[0]
                 layers.append(layer)
                 hot_sets.append(hot)
                 held_x, held_z = x[split:], z[split:]
-                held_active, held_mass = held_z > 0, np.maximum(held_z, 0)
+                held_active, held_mass = held_z > 0, mass[split - fit_end :]
                 predicted = LowRankPredictor([layer]).scores(0, held_x) > layer.threshold
                 r = recall_report(predicted, held_active, held_mass)
                 static_mask = np.zeros(held_z.shape[1], bool)
                 static_mask[hot] = True
                 st = recall_report(np.broadcast_to(static_mask, held_z.shape), held_active, held_mass)
-                reports.append(LayerReport(i, r["recall"], r["mass_recall"], r["fraction"], layer.nbytes, r_i,
-                                           layer.origin, st["recall"], st["fraction"]))
+                reports.append(LayerReport(i, r["recall"], r["mass_recall"], r["fraction"], float(held_active.mean()),
+                                           layer.nbytes, r_i, layer.origin, st["recall"], st["fraction"]))
                 path.unlink()  # done with this layer's inputs: free the disk as we go
                 if progress is not None:
                     progress(i + 1, n_layers)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
     report = {"tokens": len(token_ids), "held_out_tokens": len(token_ids) - split, "rank": rank,
-              "last_rank": last_rank, "last_layers": last_layers, "target_recall": target_recall,
+              "last_rank": last_rank, "last_layers": last_layers, "target_recall": target_recall, "recall_of": recall_of,
               "static_coverage": STATIC_COVERAGE, "layers": [asdict(r) for r in reports]}
     save_predictors(store, {LOWRANK_FILE: LowRankPredictor(layers).save, STATIC_FILE: StaticPredictor(hot_sets).save,
                             REPORT_FILE: lambda p: Path(p).write_text(json.dumps(report, indent=1))})

@@ -281,15 +281,22 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     progress = Progress("calibrating: fitting predictors", unit="layers")
     try:
         reports = calibrate_store(args.store, text, max_tokens=args.tokens, rank=args.rank, last_rank=args.last_rank,
-                                  last_layers=args.last_layers, target_recall=args.recall, progress=progress)
+                                  last_layers=args.last_layers, target_recall=args.recall, recall_of=args.recall_of,
+                                  progress=progress)
     finally:
         progress.close()
-    print(f"{'':>5} {'lowrank':-^50} {'static hot set':-^19}")
-    print(f"{'layer':>5} {'rank':>5} {'kept':>4} {'recall':>7} {'mass recall':>11} {'predicted':>9} {'size MB':>8} "
-          f"{'recall':>9} {'predicted':>9}")
+    print(f"{'':>5} {'lowrank':-^70} {'static hot set':-^19}")
+    print(f"{'layer':>5} {'rank':>5} {'kept':>4} {'recall':>7} {'mass recall':>11} {'active':>6} {'predicted':>9} "
+          f"{'pred/act':>8} {'size MB':>8} {'recall':>9} {'predicted':>9}")
     for r in reports:
-        print(f"{r.layer:>5} {r.rank:>5} {r.origin:>4} {r.recall:>7.3f} {r.mass_recall:>11.3f} {r.fraction:>9.3f} "
-              f"{r.predictor_bytes / 1e6:>8.2f} {r.static_recall:>9.3f} {r.static_fraction:>9.3f}")
+        print(f"{r.layer:>5} {r.rank:>5} {r.origin:>4} {r.recall:>7.3f} {r.mass_recall:>11.3f} {r.active:>6.3f} "
+              f"{r.fraction:>9.3f} {r.fraction / max(r.active, 1e-9):>8.2f} {r.predictor_bytes / 1e6:>8.2f} "
+              f"{r.static_recall:>9.3f} {r.static_fraction:>9.3f}")
+    n = len(reports)
+    print(f"{'mean':>5} {'':>5} {'':>4} {sum(r.recall for r in reports) / n:>7.3f} "
+          f"{sum(r.mass_recall for r in reports) / n:>11.3f} {sum(r.active for r in reports) / n:>6.3f} "
+          f"{sum(r.fraction for r in reports) / n:>9.3f} "
+          f"{sum(r.fraction for r in reports) / max(sum(r.active for r in reports), 1e-9):>8.2f}")
     print(f"saved {args.store}/predictors/lowrank.npz and static.npz (recall measured on the last 20% of the "
           "tokens, unseen by the fit; kept: the logistic fit or the plain truncated SVD, whichever needed fewer "
           "neurons for the target recall on the 15% before them)")
@@ -556,7 +563,11 @@ def build_parser() -> argparse.ArgumentParser:
                            help="rank of the last layers' predictors (default 2 x --rank)")
     calibrate.add_argument("--last-layers", type=int, default=None,
                            help="how many final layers get --last-rank (default an eighth of the layers)")
-    calibrate.add_argument("--recall", type=float, default=0.99, help="target recall of active neurons (default 0.99)")
+    calibrate.add_argument("--recall", type=float, default=0.99,
+                           help="target recall (default 0.99) of the active neurons, or of their mass (--recall-of)")
+    calibrate.add_argument("--recall-of", default="neurons", choices=("neurons", "mass"),
+                           help="what --recall is a share of: the active neurons (default), or their activation "
+                                "mass, |act| x |up.x| x |down column| (fewer neurons: small activations may be missed)")
     calibrate.add_argument("--sparsity", type=float, default=None,
                            help="SiLU/GELU models: the share of FFN neurons the gate predictor skips (default 0.4); "
                                 "ReLU models take their sparsity from the model")

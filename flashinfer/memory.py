@@ -39,7 +39,11 @@ RUNTIME_HEADROOM = 64 * 2**20  # allocator slack, numba's per-call temporaries, 
 # under 2 GB peaked 31-57 MiB over its plan, and in a 2 GB cgroup the kernel then evicted clean
 # file pages (the libraries' code) and faulted them back every token: 240 ms of a 1.8 s token.
 COMPILED_KERNELS_BYTES = 80 * 2**20
-MIN_CACHE_SHARE = 0.15  # a sparse cache smaller than this share of a layer thrashes; refuse below it
+# With no calibrated share (oracle), a sparse cache smaller than this share of a layer is refused.
+# With one, REQUIRED_MARGIN x the share decides alone: this floor predates the overflow that keeps
+# a cache's hits (sparse_ffn.py), and it refused the 7B's mass-recall predictor (11.7% a token)
+# at ctx 2048 under 2 GB with room for 13.6% caches (2026-12-07).
+MIN_CACHE_SHARE = 0.15
 # Cache rows per predicted-active neuron (the calibration's largest per-layer share per token).
 # Below REQUIRED_MARGIN most of a token's own selection streams through the overflow scratch
 # every token (sparse_ffn.py) and the cache buys little: refused. Between it and ADVISED_MARGIN
@@ -170,7 +174,7 @@ def plan_memory(cap_bytes: int, args: ModelArgs, manifest, ctx: int, *, sparse: 
     all_rows_bytes = sum(spec.n_neurons * r for spec, r in zip(layers, per_row))
     budget = left - fixed_maps
     share = budget / all_rows_bytes
-    needed = min(1.0, max(MIN_CACHE_SHARE, REQUIRED_MARGIN * (sparse_share or 0.0)))
+    needed = min(1.0, REQUIRED_MARGIN * sparse_share) if sparse_share else MIN_CACHE_SHARE
     if share < needed:
         short = int(needed * all_rows_bytes) - budget
         raise BudgetError(_refusal(plan, args, ctx, short, cache_share=needed))

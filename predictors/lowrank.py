@@ -6,9 +6,12 @@ score(x) = (x A) B + c approximates the activation-deciding pre-activation W x +
 2. Fit on calibration pairs (FFN input x, active mask) with a class-balanced logistic loss
    (active neurons are 3-10% of all: unweighted, the fit would learn "never active").
 3. Choose the decision threshold on tokens the fit did not see so that `target_recall` of
-   the active neurons score above it, and keep the fitted factors only if they need fewer
-   neurons for that recall than the plain SVD (on the 1B synthetic model they did not before
-   the step sizes became relative: see fit_lowrank_layer).
+   the active neurons score above it — or, given each active neuron's weight (its activation
+   mass: |act| x |down column|, what it adds to the layer's output), `target_recall` of their
+   summed mass: small activations then may go unpredicted, as they change the output little —
+   and keep the fitted factors only if they need fewer neurons for that recall than the plain
+   SVD (on the 1B synthetic model they did not before the step sizes became relative: see
+   fit_lowrank_layer).
 """
 
 from __future__ import annotations
@@ -33,12 +36,14 @@ def truncated_svd(w: np.ndarray, rank: int, seed: int = 0) -> tuple[np.ndarray, 
 
 def fit_lowrank_layer(w_act: np.ndarray, bias: np.ndarray | None, x: np.ndarray, active: np.ndarray,
                       rank: int = 128, target_recall: float = 0.99, steps: int = 150, lr: float = 0.01,
-                      seed: int = 0, threshold_data: tuple[np.ndarray, np.ndarray] | None = None) -> LowRankLayer:
+                      seed: int = 0, threshold_data: tuple | None = None) -> LowRankLayer:
     """w_act [n_neurons, dim], x [tokens, dim] float32, active [tokens, n_neurons] bool.
 
-    `threshold_data` (x, active) of tokens the fit does not see picks the decision threshold:
-    on the fitted tokens the scores are optimistic (1.6k tokens for a rank-128 fit), and a
-    threshold set there for 0.99 recall gave 0.81-0.97 on unseen text (1B synthetic model)."""
+    `threshold_data` (x, active) or (x, active, mass) of tokens the fit does not see picks the
+    decision threshold: on the fitted tokens the scores are optimistic (1.6k tokens for a
+    rank-128 fit), and a threshold set there for 0.99 recall gave 0.81-0.97 on unseen text (1B
+    synthetic model). With `mass` [tokens, n_neurons] (each neuron's activation mass), the
+    threshold keeps `target_recall` of the active neurons' mass instead of their count."""
     rank = min(rank, *w_act.shape)
     u, s, vt = truncated_svd(w_act.astype(np.float32), rank, seed)
     root = np.sqrt(s).astype(np.float32)
@@ -71,22 +76,38 @@ def fit_lowrank_layer(w_act: np.ndarray, bias: np.ndarray | None, x: np.ndarray,
             v *= 0.999
             v += 0.001 * grad * grad
             param -= lr_p * (m / (1 - 0.9**step)) / (np.sqrt(v / (1 - 0.999**step)) + 1e-8)
+    mass = None
     if threshold_data is not None:
-        x, active = threshold_data
+        x, active, *rest = threshold_data
+        mass = rest[0] if rest else None
     x = x.astype(np.float32)
     # keep the fit only where it beats the plain truncated SVD on the threshold tokens: the
     # logistic loss is not the objective we care about (fewest neurons at the target recall)
-    candidates = [LowRankLayer(*params, *_threshold(x, active, *params, target_recall), origin="fit"),
-                  LowRankLayer(*initial, *_threshold(x, active, *initial, target_recall), origin="svd")]
+    candidates = [LowRankLayer(*params, *_threshold(x, active, *params, target_recall, mass), origin="fit"),
+                  LowRankLayer(*initial, *_threshold(x, active, *initial, target_recall, mass), origin="svd")]
     return min(candidates, key=lambda layer: layer.fitted_fraction)
 
 
 def _threshold(x: np.ndarray, active: np.ndarray, a: np.ndarray, b: np.ndarray, c: np.ndarray,
-               target_recall: float) -> tuple[float, float]:
-    """(threshold giving `target_recall` of the active neurons on x, share of neurons above it)."""
+               target_recall: float, mass: np.ndarray | None = None) -> tuple[float, float]:
+    """(threshold giving `target_recall` of the active neurons on x — of their summed `mass`
+    when given —, share of neurons above it)."""
     scores = (x @ a) @ b + c
     positive_scores = scores[active]
     if not positive_scores.size:
         return 0.0, float((scores > 0).mean())
-    threshold = float(np.quantile(positive_scores, 1.0 - target_recall))
+    if mass is None:
+        threshold = float(np.quantile(positive_scores, 1.0 - target_recall))
+    else:
+        threshold = mass_threshold(positive_scores, mass[active], target_recall)
     return threshold, float((scores > threshold).mean())
+
+
+def mass_threshold(scores: np.ndarray, mass: np.ndarray, target: float) -> float:
+    """The highest threshold t such that the entries scoring above t hold >= `target` of the
+    total mass: the lowest-scoring entries are dropped while their mass stays within 1 - target."""
+    order = np.argsort(scores, kind="stable")
+    dropped = np.cumsum(mass[order], dtype=np.float64)
+    n_drop = int(np.searchsorted(dropped, (1.0 - target) * dropped[-1], side="right"))
+    n_drop = min(n_drop, len(order) - 1)  # keep at least the top-scoring entry
+    return float(np.nextafter(np.float32(scores[order[n_drop]]), np.float32(-np.inf)))

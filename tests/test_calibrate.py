@@ -40,6 +40,36 @@ def test_reports_recall_on_held_out_tokens(calibrated):
                                                                   "checksums.json"}
 
 
+def test_a_mass_target_predicts_fewer_neurons_for_the_same_output_mass(calibrated, tmp_path):
+    """--recall-of mass: the threshold keeps 0.99 of the active neurons' activation mass (|act| x
+    |up.x| x |down column|) instead of 0.99 of their count, so the small activations it may miss
+    buy a smaller predicted set at each layer, while held-out mass recall stays near the target."""
+    import json
+    import shutil
+
+    store, by_count, text = calibrated
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy)
+    by_mass = calibrate_store(copy, text, max_tokens=1500, rank=16, target_recall=0.99, recall_of="mass")
+    for count, mass in zip(by_count, by_mass):
+        assert mass.fraction < count.fraction and mass.active == count.active
+        assert mass.mass_recall >= 0.97 and mass.recall < count.recall
+    assert json.loads((copy / "predictors" / "lowrank.json").read_text())["recall_of"] == "mass"
+    with pytest.raises(FlashinferError, match="recall_of 'weight' is not one of neurons, mass"):
+        calibrate_store(copy, text, recall_of="weight")
+
+
+def test_mass_threshold_drops_the_lowest_scores_within_the_mass_allowed():
+    from predictors.lowrank import mass_threshold
+
+    scores = np.array([5.0, 1.0, 3.0, 2.0, 4.0], np.float32)
+    mass = np.array([50.0, 1.0, 20.0, 4.0, 25.0])  # total 100; ascending by score: 1, 4, 20, 25, 50
+    assert np.sum(scores > mass_threshold(scores, mass, 0.95)) == 3  # drop 1 + 4 = 5 <= 5
+    assert np.sum(scores > mass_threshold(scores, mass, 0.96)) == 4  # 5 > 4: drop only the 1
+    assert np.sum(scores > mass_threshold(scores, mass, 1.0)) == 5
+    assert np.sum(scores > mass_threshold(scores, mass, 0.0)) == 1  # at least the top entry stays
+
+
 def _decode_logits(engine, ids) -> np.ndarray:
     """Token by token, as in generation: each step predicts for one token."""
     engine.model.reset()

@@ -39,10 +39,10 @@ def test_an_f16_kv_cache_leaves_a_long_context_room_for_neurons():
     """Mistral-7B's KV cache at 2048 tokens: 512 MiB as float32, 256 MiB as halves (the default).
     At 2 GB the f32 one leaves too little for the neuron caches; the refusal names --kv-cache f16."""
     assert kv_cache_bytes(MISTRAL_7B, 2048, "f32") == 512 * 2**20 == 2 * kv_cache_bytes(MISTRAL_7B, 2048)
-    halves = plan(2_000_000_000, ctx=2048, share=0.05)
+    halves = plan(2_000_000_000, ctx=2048, share=0.2)
     assert halves.kv_bytes == 256 * 2**20 and "KV cache (f16)" in halves.table()
     with pytest.raises(BudgetError) as e:
-        plan(2_000_000_000, ctx=2048, share=0.05, kv_cache="f32")
+        plan(2_000_000_000, ctx=2048, share=0.2, kv_cache="f32")
     assert "Would fit: --kv-cache f16 or --ctx " in str(e.value) and "KV cache (f32)" in str(e.value)
 
 
@@ -88,11 +88,22 @@ def test_7b_fits_2gb_with_a_short_context():
 
 
 def test_7b_with_long_context_is_refused_with_what_would_fit():
+    """Caches must hold REQUIRED_MARGIN (0.75) of a token's calibrated selection: 15% of each
+    layer for a predictor that selects 20%."""
     with pytest.raises(BudgetError) as e:
-        plan(2_000_000_000, ctx=4096)
+        plan(2_000_000_000, ctx=4096, share=0.2)
     message = str(e.value)
     assert message.startswith("a DRAM cap of 2000 MB cannot hold this model with neuron caches of 15% of each layer")
     assert "Would fit: --ctx " in message and "--dram " in message
+
+
+def test_the_cache_floor_applies_only_without_a_calibrated_share():
+    """A calibrated selection of 8% a token needs caches of 6% (REQUIRED_MARGIN); with no share
+    (the oracle: none is known ahead) the planner keeps its 15% floor (MIN_CACHE_SHARE)."""
+    small = plan(2_000_000_000, ctx=4096, share=0.08)
+    assert all(c < 0.15 * 14336 for c in small.capacities) and "warning" in small.table()
+    with pytest.raises(BudgetError, match="neuron caches of 15% of each layer"):
+        plan(2_000_000_000, ctx=4096, share=None)
 
 
 @pytest.mark.parametrize("tied", [False, True])
