@@ -63,7 +63,7 @@ class ContributionOracle:
     def __init__(self, engine, calibration_ids: list[int], sparsity: float):
         import tempfile
 
-        from flashinfer.calibrate import collect_ffn_inputs, down_columns
+        from flashinfer.calibrate import collect_ffn_inputs, down_column_norms
         from flashinfer.flash_ffn import bundle_views
         from flashinfer.weights import kernel_product
 
@@ -72,8 +72,7 @@ class ContributionOracle:
         self.product = kernel_product
         self.ups = [bundle_views(reader.read_bundles(i, np.arange(spec.n_neurons)), spec).up
                     for i, spec in enumerate(ffn.layers)]
-        self.down_norms = [np.linalg.norm(down_columns(reader, i), axis=1).astype(np.float32)
-                           for i in range(len(ffn.layers))]
+        self.down_norms = [down_column_norms(reader, i) for i in range(len(ffn.layers))]
         with tempfile.TemporaryDirectory() as tmp:
             paths = collect_ffn_inputs(engine, calibration_ids, Path(tmp))
             self.levels = [float(np.quantile(self.contribution(i, np.fromfile(p, np.float32).reshape(

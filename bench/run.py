@@ -56,9 +56,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bench import cgroup, roofline
-from bench.llamacpp import llamacpp_argv
+from bench.llamacpp import KV_CACHE_TYPES, llamacpp_argv
 from bench.machine import machine_line
 from bench.texts import word_salad
+from flashinfer.calibrate import RECALL_OF
 from storage.units import parse_size
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,7 +76,7 @@ class Preset:
 PRESETS = {p.name: p for p in (Preset("mistral-7b-relu", True), Preset("llama-2-7b-relu", True),
                                Preset("opt-6.7b", False), Preset("1b", True), Preset("mistral-7b", True, gated=True))}
 GATE_SPARSITIES = (0.4, 0.5)
-RECALL_OF = ("neurons",)  # ReLU presets: the low-rank calibrations measured (flashinfer calibrate --recall-of)
+DEFAULT_RECALL_OF = ("neurons",)  # ReLU presets: the low-rank calibrations measured (flashinfer calibrate --recall-of)
 
 
 def kept_calibration(store: Path, tag: str) -> Path:
@@ -132,7 +133,7 @@ def sh(argv: list[str]) -> None:
 
 def build(preset: Preset, work: Path, calibration_tokens: int | None,
           gate_sparsities: tuple[float, ...] = GATE_SPARSITIES,
-          recall_of: tuple[str, ...] = RECALL_OF) -> tuple[Path, Path | None]:
+          recall_of: tuple[str, ...] = DEFAULT_RECALL_OF) -> tuple[Path, Path | None]:
     """(store, gguf or None), built once into `work` and reused while their files exist.
     calibration_tokens None: no `flashinfer calibrate` (dense runs need no predictor). Each
     calibration (gate: per sparsity; ReLU: per --recall-of) is kept beside the store."""
@@ -307,12 +308,12 @@ def main() -> None:
                         help="context flashinfer's KV cache and DRAM plan are sized for (default: prompt + tokens + 8); "
                              "llama.cpp's n_ctx is the same")
     parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads (default 2, the machine's cores)")
-    parser.add_argument("--kv-cache", default="f16", choices=("f16", "f32", "q8"),
+    parser.add_argument("--kv-cache", default="f16", choices=tuple(KV_CACHE_TYPES),
                         help="KV cache type of every runtime (default f16; q8: flashinfer's q8, llama.cpp's q8_0)")
     parser.add_argument("--calibration-tokens", type=int, default=None, help="default 1024 (--quick 512)")
     parser.add_argument("--gate-sparsities", default=",".join(map(str, GATE_SPARSITIES)),
                         help="SwiGLU presets: the gate predictor's skipped shares, one row each (default 0.4,0.5)")
-    parser.add_argument("--recall-of", default=",".join(RECALL_OF),
+    parser.add_argument("--recall-of", default=",".join(DEFAULT_RECALL_OF),
                         help="ReLU presets: a lowrank row per calibration, comma-separated: neurons (default), "
                              "mass (flashinfer calibrate --recall-of)")
     parser.add_argument("--work", default=str(ROOT / "out" / "bench"), help="where models are built and kept")
@@ -329,7 +330,7 @@ def main() -> None:
     except ValueError:
         parser.error(f"--gate-sparsities must be comma-separated fractions, got {opts.gate_sparsities!r}")
     opts.recall_of = tuple(opts.recall_of.split(","))
-    if not opts.recall_of or any(of not in ("neurons", "mass") for of in opts.recall_of):
+    if not opts.recall_of or any(of not in RECALL_OF for of in opts.recall_of):
         parser.error(f"--recall-of takes neurons and/or mass, comma-separated, got {','.join(opts.recall_of)!r}")
     unknown = [m for m in opts.models.split(",") if m not in PRESETS]
     if unknown:

@@ -128,19 +128,25 @@ def activation_rows(reader, layer: int, gated: bool, bundles: np.ndarray | None 
     return component_values(bundles, spec, "gate" if gated else "up"), bias
 
 
-def activation_mass(reader, layer: int, gated: bool, bundles: np.ndarray, x: np.ndarray, z: np.ndarray) -> np.ndarray:
-    """What each neuron adds to the layer's output per token, float32 [tokens, n_neurons]:
-    relu(z) x |down column| (ungated), x |up . x| too (gated ReLU); 0 where inactive."""
+def down_column_norms(reader, layer: int, bundles: np.ndarray | None = None) -> np.ndarray:
+    """|W_down[:, i]| per neuron, float32 [n_neurons]: what a unit activation of neuron i adds to
+    the layer's output. From the bundles' down columns, or from W_down kept whole as rows
+    [dim, n_neurons] (--ffn-down rows). `bundles`: the layer's, when the caller has read them."""
     from storage import quant
 
     spec = reader.manifest.ffn_layers[layer]
-    if spec.component("down") is not None:
-        down_norms = np.linalg.norm(component_values(bundles, spec, "down"), axis=1)
-    else:  # W_down kept whole as rows [dim, n_neurons]
-        down_norms = np.linalg.norm(quant.dequantize(reader.matrix_tensor(layer, "down")), axis=0)
-    mass = np.maximum(z, 0) * down_norms.astype(np.float32)
+    if spec.component("down") is None:
+        return np.linalg.norm(quant.dequantize(reader.matrix_tensor(layer, "down")), axis=0).astype(np.float32)
+    bundles = layer_bundles(reader, layer) if bundles is None else bundles
+    return np.linalg.norm(component_values(bundles, spec, "down"), axis=1).astype(np.float32)
+
+
+def activation_mass(reader, layer: int, gated: bool, bundles: np.ndarray, x: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """What each neuron adds to the layer's output per token, float32 [tokens, n_neurons]:
+    relu(z) x |down column| (ungated), x |up . x| too (gated ReLU); 0 where inactive."""
+    mass = np.maximum(z, 0) * down_column_norms(reader, layer, bundles)
     if gated:
-        mass *= np.abs(x @ component_values(bundles, spec, "up").T)
+        mass *= np.abs(x @ component_values(bundles, reader.manifest.ffn_layers[layer], "up").T)
     return mass
 
 
@@ -245,9 +251,6 @@ def gate_rows(reader, layer: int) -> np.ndarray:
     return quant.dequantize(reader.matrix_tensor(layer, "gate"))
 
 
-def down_columns(reader, layer: int) -> np.ndarray:
-    """The down columns of a layer's bundles as float32 [n_neurons, dim]."""
-    return component_values(layer_bundles(reader, layer), reader.manifest.ffn_layers[layer], "down")
 
 
 def check_sparsity(sparsity) -> float:
@@ -289,7 +292,7 @@ def calibrate_gate(store: str | Path, text: str, *, sparsity: float = DEFAULT_GA
                 c = act(x @ gate_rows(reader, i).T)
                 spec, bundles = reader.manifest.ffn_layers[i], layer_bundles(reader, i)  # read once for up and down
                 u = x @ component_values(bundles, spec, "up").T
-                down_norms = np.linalg.norm(component_values(bundles, spec, "down"), axis=1)
+                down_norms = down_column_norms(reader, i, bundles)
                 # s_i: neuron i's typical |up . x| times its down column's norm (predictors.sparsity.GatePredictor)
                 scale = np.maximum(np.abs(u[:split]).mean(axis=0) * down_norms, 1e-30).astype(np.float32)
                 return c, u, down_norms, scale
