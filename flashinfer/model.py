@@ -9,6 +9,8 @@ take its place without touching attention.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from flashinfer import kernels as K
@@ -16,6 +18,11 @@ from flashinfer.config import ModelArgs
 from flashinfer.errors import GenerationError
 from flashinfer.weights import EMPTY, LayerWeights, Matrix, ModelWeights
 
+# "0": every decode step through the per-kernel path, never kernels.decode_layer's one compiled
+# call (to rule it out when a decode differs; the default test suite, where each model type's
+# decode_layer is a cold compile of 20-80 s that tests/test_store_decode.py checks once against
+# the per-kernel path)
+FUSED_DECODE_ENV = "FLASHINFER_FUSED_DECODE"
 DEFAULT_CHUNK = 64  # prefill tokens per pass: big enough to reuse each weight row, small scratch
 
 
@@ -104,7 +111,8 @@ class Model:
         # (float32 ones go through BLAS, which compiled code cannot call without SciPy).
         # (Gemma 3's q/k norms, query scale, sandwich norms and per-layer windows and RoPE bases
         # included; its sandwich norms are RMSNorms there, as every model with them has)
-        self.fused_decode = (args.norm_before and hasattr(flash_ffn, "resident_views")
+        self.fused_decode = (os.environ.get(FUSED_DECODE_ENV) != "0" and args.norm_before
+                             and hasattr(flash_ffn, "resident_views")
                              and not (args.sandwich_norm and args.norm != "rms"))
         self._fusable = [self.fused_decode and all(m.data.dtype != np.float32 for m in (l.wq, l.wk, l.wv, l.wo))
                          for l in weights.layers]

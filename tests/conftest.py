@@ -14,6 +14,10 @@ settings.load_profile(os.environ.get("FLASHINFER_HYPOTHESIS_PROFILE", "ci"))
 # second one, and the full warm-up compiles each model type's one-call block (~20-50 s cold);
 # test_engine's warm-up test runs the default
 os.environ.setdefault("FLASHINFER_WARM_UP", "first-token")
+# ... and decodes through the per-kernel path: each model type's one-call block (kernels.decode_layer)
+# is a cold compile of 20-80 s; tests/test_store_decode.py turns it on to check it against that
+# path for every model family, and the real model's test runs it as users do
+os.environ.setdefault("FLASHINFER_FUSED_DECODE", "0")
 
 FIXTURES = Path(__file__).parent / "fixtures"
 GOLDEN_MODELS = ["llama", "mistral", "relu_llama", "qwen2", "gemma3", "opt", "opt_postln", "llama_bf16", "llama_f16_sharded"]

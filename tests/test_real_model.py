@@ -30,6 +30,7 @@ import pytest
 from flashinfer import Engine
 from flashinfer.errors import FlashinferError
 from flashinfer.fetch import fetch
+from flashinfer.model import FUSED_DECODE_ENV
 from flashinfer.store_cache import store_for
 from flashinfer.tokenizer import Tokenizer
 
@@ -77,8 +78,10 @@ def engine(gguf, tmp_path_factory):
     opened = {}
 
     def get(name: str) -> Engine:
-        if name not in opened:
-            opened[name] = Engine.open(store_for(gguf(name), tmp_path_factory.mktemp(name) / "store"))
+        if name not in opened:  # decoding as users do: through the one-call blocks (tests/conftest.py)
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setenv(FUSED_DECODE_ENV, "1")
+                opened[name] = Engine.open(store_for(gguf(name), tmp_path_factory.mktemp(name) / "store"))
         return opened[name]
 
     yield get

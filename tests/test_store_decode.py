@@ -23,9 +23,11 @@ from tests.test_store import QUANT_BOUNDS, _cli_error, stores  # noqa: F401  (mo
     ("relu_llama", "auto", "q8", "q8", "f16"), ("relu_llama", "auto", "q4a", "q4", "f16"), ("opt", "auto", "q8", "q8", "f16"),
     ("mistral", "rows", "q4", "q8", "q8"),  # int8 keys and values with their scales (kernels.LayerKV)
     pytest.param("opt", "auto", "q4a", "q4", "f16", marks=pytest.mark.slow)])  # ~34 s cold compile; opt q8 stays
-def test_fused_decode_step_equals_the_per_kernel_path(stores, name, down, ffn, resident, kv_cache):  # noqa: F811
+def test_fused_decode_step_equals_the_per_kernel_path(stores, name, down, ffn, resident, kv_cache,  # noqa: F811
+                                                     monkeypatch):
     # kernels.decode_layer (a decode step of a block as one compiled call, used once a block's
     # FFN is resident) gives the logits of model.py's per-kernel path, token by token
+    monkeypatch.setenv("FLASHINFER_FUSED_DECODE", "1")  # the suite's default is "0" (tests/conftest.py)
     ids = load_golden(name)["prompt_ids"].tolist()[:12]
     with Engine.open(stores(name, ffn, resident, down=down), kv_cache=kv_cache) as engine:
         model = engine.model
@@ -64,6 +66,7 @@ def test_the_full_warm_up_runs_what_a_first_turn_runs(stores, monkeypatch):  # n
         return {id(d): len(d.signatures) for d in gc.get_objects()
                 if issubclass(type(d), CPUDispatcher) and d.py_func.__module__.startswith("flashinfer.kernels")}
 
+    monkeypatch.setenv("FLASHINFER_FUSED_DECODE", "1")
     forwarded, forward = [], Model.forward
     monkeypatch.setattr(Model, "forward", lambda self, tokens, *a: forwarded.append(len(tokens)) or forward(self, tokens, *a))
     for mode, calls in (("first-token", [1]), (None, [1, 1, 2])):
