@@ -11,7 +11,7 @@ both as the engine counted them and as the kernel counted them for this process
 the generated token ids, and, given `reference_ids` (the dense run's tokens), the greedy
 agreement with them, teacher-forced token by token as in decoding.
 
-Optional keys: predictor (dense), window (5), flash_bw, ctx (256), prefetch (false), stream_ffn (false), pin (the engine's default),
+Optional keys: predictor (dense; auto: the row reports what it chose and its probe's figures), window (5), flash_bw, ctx (256), prefetch (false), stream_ffn (false), pin (the engine's default),
 warm_tokens (2: compiles or loads the kernels and touches the resident weights before the measured run),
 trace (true; false: the engine untraced, as an application runs it, and no tracer figures:
 ms_per_token, hit rate, engine bytes and bytes touched are left out).
@@ -86,10 +86,11 @@ def measure(cfg: dict) -> dict:
                 read_prefilled = proc_read_bytes()
         read_end = proc_read_bytes()
         steps = max(last.usage.completion_tokens - 1, 1)
+        choice = engine.predictor_choice
         prefill_tok_s, decode_tok_s = last.timings.rates(last.usage)
         out = {
             "runtime": "flashinfer",
-            "predictor": cfg.get("predictor", "dense"),
+            "predictor": choice.predictor if choice else cfg.get("predictor", "dense"),  # auto: what it chose
             "open_s": open_s,
             "jit_s": engine.jit_seconds,
             "prompt_tokens": last.usage.prompt_tokens,
@@ -105,6 +106,9 @@ def measure(cfg: dict) -> dict:
             "plan": engine.memory_plan.table() if engine.memory_plan else None,
             "generated_ids": [int(t) for t in last.token_ids],
         }
+        if choice:
+            out |= {"auto_choice": choice.line(), "auto_probe_s": choice.probe_s, "auto_dense_ms": choice.dense_ms,
+                    "auto_sparse_ms": choice.sparse_ms}
         if trace:
             summary = engine.last_trace.summary()
             out |= {

@@ -19,6 +19,8 @@ weights from disk):
     --recall-of calibration: thresholds for 99% of the active neurons, or of their mass; each
     calibration's predictors/ kept beside the store as STORE.lowrank-<of>, put back before its row);
   - flashinfer at 1GB/s: the same with the flash throttled to 1 GB/s;
+  - with --auto: `--predictor auto` (flashinfer/auto_predictor.py: dense or lowrank, whichever a
+    probe at open reads faster) at the device's speed and at 1 GB/s, beside dense at 1 GB/s;
   - llama.cpp: llama-cpp-python on the Q4_0 GGUF, default mmap, --threads threads;
   - llama.cpp without a cap, for reference (no cgroup; caches dropped first).
 A SwiGLU preset (mistral-7b: SiLU, gates planted with SmolLM2's sign share and spread) is
@@ -241,11 +243,20 @@ def measure_model(preset: Preset, opts, bandwidths) -> list[dict]:
         if opts.pin is not None:  # the same with another share of the caches kept for the hot set (--pin)
             configs.append((f"flashinfer (lowrank, window {opts.window}, pin {opts.pin})", sparse | {"pin": opts.pin}))
         configs.append(("flashinfer, flash at 1GB/s", sparse | {"flash_bw": "1GB/s"}))
+        if opts.auto:  # --predictor auto on this disk and on slower flash, and the dense row it passes over there
+            configs += [("flashinfer dense, flash at 1GB/s", base | {"predictor": "dense", "reference_ids": reference,
+                                                                      "flash_bw": "1GB/s"}),
+                        ("flashinfer auto", sparse | {"predictor": "auto"}),
+                        ("flashinfer auto, flash at 1GB/s", sparse | {"predictor": "auto", "flash_bw": "1GB/s"})]
     for name, cfg in configs:
         log(f"{preset.name}: {name}")
         if "calibration" in cfg:
             install_calibration(store, cfg.pop("calibration"))
-        rows.append(run_flashinfer(cfg, cap) | {"model": preset.name, "config": name})
+        row = run_flashinfer(cfg, cap)
+        if cfg["predictor"] == "auto" and "auto_choice" in row:
+            name += f" -> {row['predictor']}"
+            log(row["auto_choice"])
+        rows.append(row | {"model": preset.name, "config": name})
     if gguf is not None and not opts.no_llamacpp:
         for name, limit in ((f"llama.cpp, {opts.cap} cgroup", cap), ("llama.cpp, no cap (reference)", None)):
             log(f"{preset.name}: {name}")
@@ -316,6 +327,9 @@ def main() -> None:
     parser.add_argument("--recall-of", default=",".join(DEFAULT_RECALL_OF),
                         help="ReLU presets: a lowrank row per calibration, comma-separated: neurons (default), "
                              "mass (flashinfer calibrate --recall-of)")
+    parser.add_argument("--auto", action="store_true",
+                        help="ReLU models: add --predictor auto rows, at this disk's speed and at 1GB/s, and dense at "
+                             "1GB/s (what auto chooses between there)")
     parser.add_argument("--work", default=str(ROOT / "out" / "bench"), help="where models are built and kept")
     parser.add_argument("--no-llamacpp", action="store_true")
     parser.add_argument("--build-only", action="store_true", help="build (or check) the models, measure nothing")

@@ -387,8 +387,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                         "q8: int8 with a scale per 32 channels, 0.56x of f16)")
     p.add_argument("--flash-bw", default=None, help="emulate flash of this bandwidth, e.g. 1GB/s (store only)")
     p.add_argument("--flash-latency", default=None, help="extra latency per flash read, e.g. 50us (store only)")
-    p.add_argument("--predictor", default="dense", choices=("dense", "oracle", "lowrank", "static", "gate"),
+    p.add_argument("--predictor", default="dense", choices=("dense", "auto", "oracle", "lowrank", "static", "gate"),
                    help="FFN neurons to load per token (store only): dense = all (default), "
+                        "auto = dense or lowrank, whichever this disk reads faster under --dram (measured at open), "
                         "lowrank = calibrated predictor, static = calibrated hot set, oracle = exact (small models) "
                         "(ReLU models); gate = calibrated threshold on |silu(gate)| (SiLU/GELU models, a store "
                         "converted with --ffn-gate rows)")

@@ -109,6 +109,7 @@ class Engine:
         self.eos_ids = (set(args.eos_token_ids) | set(self.generation_config.eos_token_ids)
                         | ({tokenizer.eos_id} if tokenizer.eos_id is not None else set()))
         self.memory_plan = None  # set by open() when a DRAM cap is given
+        self.predictor_choice = None  # what predictor="auto" chose and why (flashinfer/auto_predictor.py)
         self.last_trace = None  # the Trace of the last generate(..., trace=True)
         # reuse_prefix: a prompt that starts with the previous sequence (its prompt and what it
         # generated, as a chat's next turn does) computes only its new tokens: the KV cache and the
@@ -145,8 +146,11 @@ class Engine:
             q8_0: 0.56x of f16's bytes, for a long context under a tight cap).
         flash_bw / flash_latency: emulate slower flash for a store ("1GB/s", "50us").
         verify: check every checksum of a store before running.
-        predictor: for a store, which FFN neurons to load per token: "dense" (all, read every
-            token: the naive baseline) or "oracle" (exactly the active ones, through the
+        predictor: for a store, which FFN neurons to load per token: "auto" (dense or lowrank,
+            whichever this disk reads faster under this cap, measured at open by reading a few
+            layers both ways: flashinfer/auto_predictor.py; the choice and its figures are
+            `engine.predictor_choice`), "dense" (every neuron: the FFN layers the cap
+            leaves room for kept, the others read every token) or "oracle" (exactly the active ones, through the
             windowed neuron cache; small models only, see flashinfer/sparse_ffn.py), "lowrank"
             (fitted by `flashinfer calibrate`) or "static" (the calibration's fixed hot set); for
             SiLU/GELU models "gate": the exact gate of every neuron, thresholded per layer at a
@@ -185,13 +189,45 @@ class Engine:
         # the gate predictor reads W_gate whole: a GGUF or HF model converts into that layout for it
         options = ConvertOptions(ffn_gate="rows") if predictor == "gate" else ConvertOptions()
         path = store_for(path, store, options, progress=progress, notify=notify)
+        choice = None
+        if predictor == "auto":  # measured on this disk before anything is compiled or planned for it
+            if stream_ffn:
+                raise GenerationError("stream_ffn is the naive baseline of the dense predictor; ask for "
+                                      "predictor='dense' with it, not 'auto'")
+            choice = cls._choose_predictor(path, ctx, flash_bw, flash_latency, dram, kv_cache)
+            predictor = choice.predictor
+            prefetch = prefetch and predictor != "dense"  # prefetch applies to a sparse choice
+            if notify is not None:
+                notify(choice.line())
         if dram is not None and not _footprint:  # compile outside the cap, before the plan (flashinfer/precompile.py)
             from flashinfer.precompile import compile_in_child
 
             compile_in_child(path, {"predictor": predictor, "window": window, "prefetch": prefetch,
                                     "stream_ffn": stream_ffn, "kv_cache": kv_cache}, notify)
-        return cls._open_store(path, ctx, flash_bw, flash_latency, verify, predictor, window, dram, prefetch,
-                               stream_ffn, kv_cache, _footprint, pin)
+        engine = cls._open_store(path, ctx, flash_bw, flash_latency, verify, predictor, window, dram, prefetch,
+                                 stream_ffn, kv_cache, _footprint, pin)
+        engine.predictor_choice = choice
+        return engine
+
+    @classmethod
+    def _choose_predictor(cls, path: Path, ctx, flash_bw, flash_latency, dram, kv_cache: str):
+        """What predictor="auto" runs on this store, cap and disk (flashinfer/auto_predictor.py)."""
+        from flashinfer.auto_predictor import choose_predictor
+        from storage.reader import StoreReader
+        from storage.throttle import Throttle
+        from storage.units import parse_size
+
+        throttle = Throttle.from_strings(flash_bw, flash_latency) if flash_bw or flash_latency else None
+        with StoreReader(path, throttle=throttle) as reader:
+            try:
+                args = ModelArgs.from_dict(reader.manifest.model_config)
+            except (TypeError, ValueError):  # _open_store reports it with the fix
+                from flashinfer.auto_predictor import PredictorChoice
+
+                return PredictorChoice("dense", "the store's model_config is unreadable")
+            return choose_predictor(reader, args, ctx=cls._check_ctx(args, ctx),
+                                    cap_bytes=None if dram is None else parse_size(dram), kv_cache=kv_cache,
+                                    runtime_bytes=psutil.Process().memory_info().rss)
 
     @classmethod
     def _open_hf(cls, path: Path, ctx: int | None, kv_cache: str = "f16") -> "Engine":

@@ -152,6 +152,15 @@ def q8_matrix(w: np.ndarray) -> Matrix | None:
     return Matrix(qt.data, qt.scales.view(np.uint16), NO_SCALES, quant.DEFAULT_GROUP_SIZE)
 
 
+def q8_matrix_bytes(rows: int, k: int) -> int | None:
+    """nbytes of q8_matrix of a [rows, k] matrix (None where it keeps it float32)."""
+    from storage import quant
+
+    if k % quant.DEFAULT_GROUP_SIZE:
+        return None
+    return rows * quant.scheme_bytes_per_row("q8", k, quant.DEFAULT_GROUP_SIZE)
+
+
 def weight_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     """Every canonical tensor the model needs, with its shape."""
     d, q, kv, f = args.dim, args.q_dim, args.kv_dim, args.ffn_dim

@@ -236,6 +236,34 @@ class LowRankPredictor:
         return sum(p.nbytes if m is None else p.a.nbytes + p.c.nbytes + m.nbytes
                    for p, m in zip(self.layers, self.b_quantized))
 
+    @staticmethod
+    def loaded_nbytes(path, quantized_bytes: Callable[[int, int], int | None] | None = None) -> int:
+        """nbytes of load(path, quantize=...), from the .npz's array headers alone: a choice made
+        before loading (flashinfer/auto_predictor.py) reads no arrays, whose freed temporaries
+        would stay in the RSS a DRAM plan counts. quantized_bytes(rows, k): the bytes `quantize`
+        makes of B transposed ([n_neurons, rank]), None where it keeps float32 (None: float32).
+        A damaged file raises FormatError, as load does."""
+        f32 = np.dtype(np.float32).itemsize
+        try:
+            shapes = {}
+            with zipfile.ZipFile(path) as z:
+                for info in z.infolist():
+                    with z.open(info) as member:
+                        version = np.lib.format.read_magic(member)
+                        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                       else np.lib.format.read_array_header_2_0)
+                        shapes[info.filename.removesuffix(".npy")] = read_header(member)[0]
+            total, i = 0, 0
+            while f"a{i}" in shapes:
+                (dim, rank), (n,) = shapes[f"a{i}"], shapes[f"c{i}"]
+                b = quantized_bytes(n, rank) if quantized_bytes is not None else None
+                total += f32 * (dim * rank + n) + (f32 * rank * n if b is None else b)
+                i += 1
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, NotImplementedError, RuntimeError) as e:
+            raise FormatError(f"{path}: not a predictor file ({type(e).__name__}: {e}); calibrate again "
+                              "(`flashinfer calibrate STORE --text FILE`)") from None
+        return total
+
     def save(self, path) -> None:
         if self.b_quantized is not None:
             raise ValueError("a predictor loaded with a quantized B has no float32 B to save; save the fitted one")

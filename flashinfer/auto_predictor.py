@@ -1,0 +1,154 @@
+"""`--predictor auto` (Engine.open(..., predictor="auto")): the FFN source that this disk serves
+faster, chosen at open by reading from it.
+
+Under a cap that cannot keep every FFN layer, a token either streams the layers that are not
+resident whole (the dense path, read one layer ahead) or reads only its predicted neurons
+through the neuron caches (the calibrated low-rank predictor). Which one wins depends on what a
+scattered read costs on this disk, and disks differ by an order of magnitude there: on the
+2-core VM of bench/RESULTS.md a random 10% of a 7B q4 layer took 74 ms and the whole 99 MB
+layer 77-88 ms (the disk serves requests, not bytes: streaming ran 1.5x faster end to end),
+while flash whose reads cost their bytes (the paper's, or `--flash-bw 1GB/s`) makes the
+selection cost its share and the sparse path ~3x faster. So the choice is measured, not
+modelled: a few layers are read both ways through the run's own StoreReader (O_DIRECT, its gap
+merging and read sizes, the throttle), and the per-token read time of each plan is estimated
+from them.
+
+The estimate charges the sparse path a layer's whole predicted share every token (its caches'
+hits would read less) and leaves compute out (the dense path overlaps its reads with compute):
+both lean towards dense, which is exact where the predictor is not; and lowrank must also win
+by SPARSE_MARGIN. Only ReLU stores with a calibrated low-rank predictor have a choice: the gate
+predictor of a SiLU/GELU model streams whole layers under such a cap too (it saves compute, not
+reads, and costs quality), so auto leaves it to be asked for by name.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+PROBE_LAYERS = 3  # layers read both ways, spread over those the dense plan streams
+PROBE_REPEATS = 2  # each read twice, the faster kept: a shared disk's noise only slows reads
+SPARSE_MARGIN = 0.8  # lowrank only where its reads take less than this share of dense's
+
+
+@dataclass(frozen=True)
+class PredictorChoice:
+    predictor: str  # "dense" or "lowrank": what the engine runs
+    reason: str  # one line for the user (the CLI prints it; engine.predictor_choice keeps it)
+    dense_ms: float | None = None  # estimated FFN read time per token, layers streamed whole
+    sparse_ms: float | None = None  # the same, each layer's predicted neurons read
+    probe_s: float = 0.0  # what the measurement took
+
+    def line(self) -> str:
+        return f"predictor auto: {self.predictor} ({self.reason})"
+
+
+def choose_predictor(reader, args, *, ctx: int, cap_bytes: int | None, kv_cache: str, runtime_bytes: int,
+                     seed: int = 0) -> PredictorChoice:
+    """The predictor `auto` stands for on this store, cap and disk (module docstring)."""
+    from flashinfer.calibrate import LOWRANK_FILE, PREDICTOR_DIR, REPORT_FILE
+    from flashinfer.engine import _calibrated_share, _plan
+    from flashinfer.memory import BudgetError
+    from flashinfer.weights import q8_matrix_bytes
+    from predictors.sparsity import LowRankPredictor
+
+    layers = reader.manifest.ffn_layers
+    if args.act != "relu":
+        return PredictorChoice("dense", f"a {args.act} FFN: the gate predictor saves no reads under a cap and "
+                                        "costs quality; ask for it with --predictor gate")
+    if any(spec.matrix("down") for spec in layers):
+        return PredictorChoice("dense", "this store keeps W_down as rows, which neuron reads cannot use "
+                                        "(convert with --ffn-down columns for a choice)")
+    if not (reader.dir / PREDICTOR_DIR / LOWRANK_FILE).is_file():
+        return PredictorChoice("dense", f"no calibrated predictor: `flashinfer calibrate {reader.dir} --text FILE` "
+                                        "makes one")
+    resident = dense_resident_layers(reader, args, ctx, cap_bytes, kv_cache, runtime_bytes)
+    if resident is not None and len(resident) == len(layers):
+        return PredictorChoice("dense", "every FFN layer fits in memory: read once, exact")
+    if cap_bytes is not None:
+        predictor_bytes = LowRankPredictor.loaded_nbytes(reader.dir / PREDICTOR_DIR / LOWRANK_FILE, q8_matrix_bytes)
+        share = _calibrated_share(reader.dir / PREDICTOR_DIR / REPORT_FILE)
+        try:
+            _plan(reader, args, ctx, cap_bytes, runtime_bytes, kv_cache, sparse=True,
+                  predictor_bytes=predictor_bytes, sparse_share=share)
+        except BudgetError:
+            if resident is None:  # neither fits: the lowrank refusal says what would
+                raise
+            return PredictorChoice("dense", "the low-rank predictor's neuron caches do not fit the cap")
+    if resident is None:
+        return PredictorChoice("lowrank", "the dense path does not fit the cap; the low-rank predictor's caches do")
+    streamed = [i for i in range(len(layers)) if i not in set(resident)]
+    dense_ms, sparse_ms, probe_s = probe_reads(reader, streamed, calibrated_shares(reader), seed)
+    dense_token = dense_ms * len(streamed)
+    sparse_token = sparse_ms * len(layers)
+    figures = (f"reads a token, measured: {len(streamed)} whole layers {dense_token:.1f} ms, the predicted neurons "
+               f"of {len(layers)} layers {sparse_token:.1f} ms; probe {probe_s:.2f} s")
+    if sparse_token < SPARSE_MARGIN * dense_token:
+        return PredictorChoice("lowrank", figures, dense_token, sparse_token, probe_s)
+    return PredictorChoice("dense", figures, dense_token, sparse_token, probe_s)
+
+
+def dense_resident_layers(reader, args, ctx: int, cap_bytes: int | None, kv_cache: str,
+                          runtime_bytes: int) -> list[int] | None:
+    """The FFN layers the dense path would keep resident (the engine's rule: the plan under a
+    cap, else the machine's free memory), or None where the dense path does not fit the cap."""
+    from flashinfer.engine import _plan
+    from flashinfer.memory import BudgetError, free_memory_budget, resident_layers_within
+
+    if cap_bytes is None:
+        return resident_layers_within(reader.manifest.ffn_layers, free_memory_budget())
+    try:
+        return _plan(reader, args, ctx, cap_bytes, runtime_bytes, kv_cache, sparse=False, predictor_bytes=0,
+                     sparse_share=None).resident_layers
+    except BudgetError:
+        return None
+
+
+def calibrated_shares(reader) -> list[float]:
+    """Each layer's predicted share of neurons per token, from the calibration report (the
+    largest share for every layer where the report has no layers)."""
+    import json
+
+    from flashinfer.calibrate import PREDICTOR_DIR, REPORT_FILE
+    from flashinfer.engine import _calibrated_share
+
+    path = reader.dir / PREDICTOR_DIR / REPORT_FILE
+    n = len(reader.manifest.ffn_layers)
+    largest = _calibrated_share(path)  # validates the report (a damaged one: FormatError with the fix)
+    if largest is None:
+        return [1.0] * n
+    shares = [float(layer["fraction"]) for layer in json.loads(path.read_text())["layers"]]
+    return shares if len(shares) == n else [largest] * n
+
+
+def probe_reads(reader, layers: list[int], shares: list[float], seed: int = 0) -> tuple[float, float, float]:
+    """(ms to read one of `layers` whole, ms to read a random selection of its calibrated share of
+    neurons, seconds the probe took): the means over up to PROBE_LAYERS of them, each read
+    PROBE_REPEATS times both ways, alternating, the faster of each kept."""
+    from storage.reader import aligned_buffer
+
+    t0 = time.perf_counter()
+    picks = [layers[int(k)] for k in np.linspace(0, len(layers) - 1, min(PROBE_LAYERS, len(layers)))]
+    rng = np.random.default_rng(seed)
+    buffer = aligned_buffer(max(reader.layer_file_bytes(i) for i in picks))
+    dense, sparse = [], []
+    for i in picks:
+        n = reader.manifest.ffn_layers[i].n_neurons
+        ids = np.sort(rng.choice(n, size=max(1, round(shares[i] * n)), replace=False))
+        whole = selection = float("inf")
+        for _ in range(PROBE_REPEATS):
+            t = time.perf_counter()
+            if reader.manifest.ffn_layers[i].compression == "none":
+                reader.read_layer(i, buffer)
+            else:  # a compressed layer streams as bundles (flash_ffn.FlashFFN)
+                reader.read_bundles(i, np.arange(n))
+            whole = min(whole, time.perf_counter() - t)
+            t = time.perf_counter()
+            reader.read_bundles(i, ids)
+            selection = min(selection, time.perf_counter() - t)
+        dense.append(whole)
+        sparse.append(selection)
+    del buffer
+    return 1e3 * float(np.mean(dense)), 1e3 * float(np.mean(sparse)), time.perf_counter() - t0
