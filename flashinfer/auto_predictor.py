@@ -13,10 +13,12 @@ modelled: a few layers are read both ways through the run's own StoreReader (O_D
 merging and read sizes, the throttle), and the per-token read time of each plan is estimated
 from them.
 
-The estimate charges the sparse path a layer's whole predicted share every token (its caches'
-hits would read less) and leaves compute out (the dense path overlaps its reads with compute):
-both lean towards dense, which is exact where the predictor is not; and lowrank must also win
-by SPARSE_MARGIN. Only ReLU stores with a calibrated low-rank predictor have a choice: the gate
+The sparse path reads what its neuron caches miss: the calibration ran the cache's own policy
+over its held-out tokens' predictions at a few cache sizes (lowrank.json's cache_miss_shares),
+and the probe reads a random selection of that many neurons at the planned cache size (every
+predicted neuron for a calibration made before that table). Compute is left out (the dense
+path overlaps its reads with compute, which favours dense, the exact one), and lowrank must
+win by SPARSE_MARGIN. Only ReLU stores with a calibrated low-rank predictor have a choice: the gate
 predictor of a SiLU/GELU model streams whole layers under such a cap too (it saves compute, not
 reads, and costs quality), so auto leaves it to be asked for by name.
 """
@@ -67,12 +69,13 @@ def choose_predictor(reader, args, *, ctx: int, cap_bytes: int | None, kv_cache:
     resident = dense_resident_layers(reader, args, ctx, cap_bytes, kv_cache, runtime_bytes)
     if resident is not None and len(resident) == len(layers):
         return PredictorChoice("dense", "every FFN layer fits in memory: read once, exact")
+    capacities = [spec.n_neurons for spec in layers]  # no cap: the caches hold whole layers
     if cap_bytes is not None:
         predictor_bytes = LowRankPredictor.loaded_nbytes(reader.dir / PREDICTOR_DIR / LOWRANK_FILE, q8_matrix_bytes)
         share = _calibrated_share(reader.dir / PREDICTOR_DIR / REPORT_FILE)
         try:
-            _plan(reader, args, ctx, cap_bytes, runtime_bytes, kv_cache, sparse=True,
-                  predictor_bytes=predictor_bytes, sparse_share=share)
+            capacities = _plan(reader, args, ctx, cap_bytes, runtime_bytes, kv_cache, sparse=True,
+                               predictor_bytes=predictor_bytes, sparse_share=share).capacities
         except BudgetError:
             if resident is None:  # neither fits: the lowrank refusal says what would
                 raise
@@ -80,11 +83,14 @@ def choose_predictor(reader, args, *, ctx: int, cap_bytes: int | None, kv_cache:
     if resident is None:
         return PredictorChoice("lowrank", "the dense path does not fit the cap; the low-rank predictor's caches do")
     streamed = [i for i in range(len(layers)) if i not in set(resident)]
-    dense_ms, sparse_ms, probe_s = probe_reads(reader, streamed, calibrated_shares(reader), seed)
+    read_shares, simulated = expected_read_shares(reader, capacities)
+    dense_ms, sparse_ms, probe_s = probe_reads(reader, streamed, read_shares, seed)
     dense_token = dense_ms * len(streamed)
     sparse_token = sparse_ms * len(layers)
-    figures = (f"reads a token, measured: {len(streamed)} whole layers {dense_token:.1f} ms, the predicted neurons "
-               f"of {len(layers)} layers {sparse_token:.1f} ms; probe {probe_s:.2f} s")
+    what = "the neurons the caches miss" if simulated else "every predicted neuron"
+    figures = (f"reads a token, measured: {len(streamed)} whole layers {dense_token:.1f} ms, {what} "
+               f"({np.mean(read_shares):.1%} of a layer) in {len(layers)} layers {sparse_token:.1f} ms; "
+               f"probe {probe_s:.2f} s")
     if sparse_token < SPARSE_MARGIN * dense_token:
         return PredictorChoice("lowrank", figures, dense_token, sparse_token, probe_s)
     return PredictorChoice("dense", figures, dense_token, sparse_token, probe_s)
@@ -106,25 +112,37 @@ def dense_resident_layers(reader, args, ctx: int, cap_bytes: int | None, kv_cach
         return None
 
 
-def calibrated_shares(reader) -> list[float]:
-    """Each layer's predicted share of neurons per token, from the calibration report (the
-    largest share for every layer where the report has no layers)."""
+def expected_read_shares(reader, capacities: list[int]) -> tuple[list[float], bool]:
+    """(per layer the share of its neurons a token reads through neuron caches of `capacities`
+    rows, whether the caches' hits are in it): the calibrated predicted share times the share of
+    it that the calibration's cache simulation at that size missed (lowrank.json's
+    cache_miss_shares, interpolated; default window and pin), or the predicted share alone for a
+    report made before the simulation existed."""
     import json
 
     from flashinfer.calibrate import PREDICTOR_DIR, REPORT_FILE
     from flashinfer.engine import _calibrated_share
 
     path = reader.dir / PREDICTOR_DIR / REPORT_FILE
-    n = len(reader.manifest.ffn_layers)
+    specs = reader.manifest.ffn_layers
     largest = _calibrated_share(path)  # validates the report (a damaged one: FormatError with the fix)
     if largest is None:
-        return [1.0] * n
-    shares = [float(layer["fraction"]) for layer in json.loads(path.read_text())["layers"]]
-    return shares if len(shares) == n else [largest] * n
+        return [1.0] * len(specs), False
+    report = json.loads(path.read_text())
+    layers = report["layers"]
+    if len(layers) != len(specs):
+        return [largest] * len(specs), False
+    table = report.get("cache_shares")
+    simulated = bool(table) and all(len(layer.get("cache_miss_shares") or ()) == len(table) for layer in layers)
+    shares = []
+    for layer, spec, capacity in zip(layers, specs, capacities):
+        miss = float(np.interp(capacity / spec.n_neurons, table, layer["cache_miss_shares"])) if simulated else 1.0
+        shares.append(float(layer["fraction"]) * miss)
+    return shares, simulated
 
 
 def probe_reads(reader, layers: list[int], shares: list[float], seed: int = 0) -> tuple[float, float, float]:
-    """(ms to read one of `layers` whole, ms to read a random selection of its calibrated share of
+    """(ms to read one of `layers` whole, ms to read a random selection of `shares[layer]` of its
     neurons, seconds the probe took): the means over up to PROBE_LAYERS of them, each read
     PROBE_REPEATS times both ways, alternating, the faster of each kept."""
     from storage.reader import aligned_buffer

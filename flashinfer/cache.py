@@ -230,3 +230,20 @@ class NeuronCache:
         self.counts[:] = 0
         self.pinned[:] = False
         self.token = 0
+
+
+def simulated_miss_share(predicted: np.ndarray, capacity: int, window: int, pin_capacity: int) -> float:
+    """The share of predicted neurons a NeuronCache of `capacity` rows would read over a
+    sequence of tokens whose predicted sets are `predicted` (bool [tokens, n_neurons]): the
+    cache's own policy run on entries without rows (bundle_bytes 0). Calibration records it at
+    a few cache sizes (flashinfer/calibrate.py), so a choice made before the first token
+    (flashinfer/auto_predictor.py) knows what the caches will spare."""
+    cache = NeuronCache(predicted.shape[1], 0, capacity, window, pin_capacity)
+    misses = wanted = 0
+    for row in predicted:
+        ids = np.flatnonzero(row)
+        to_load, _ = cache.step(ids)
+        misses += cache.missing(ids).size  # the loads and what overflows to the scratch read
+        cache.commit(to_load)
+        wanted += ids.size
+    return misses / max(wanted, 1)

@@ -49,6 +49,9 @@ DEFAULT_GATE_SPARSITY = 0.4  # share of FFN neurons skipped (CATS' operating poi
 STATIC_COVERAGE = 0.9  # the hot set keeps the most frequent neurons until they carry 90% of firings
 HELD_OUT_SHARE = 0.2  # last 20% of the calibration tokens measure recall on text the fit did not see
 THRESHOLD_SHARE = 0.15  # the 15% before them pick each layer's threshold (predictors/lowrank.py says why)
+# neuron-cache sizes (shares of a layer) at which the report gives the share of predicted neurons a
+# cache with the engine's default window and pin would still read (cache.simulated_miss_share)
+CACHE_TABLE_SHARES = (0.1, 0.15, 0.2, 0.3, 0.5)
 
 
 @dataclass
@@ -63,6 +66,9 @@ class LayerReport:
     origin: str  # "fit" or "svd": which factors won on the threshold tokens (predictors/lowrank.py)
     static_recall: float  # the static hot set on the same held-out tokens
     static_fraction: float
+    # per CACHE_TABLE_SHARES: the share of the predicted neurons still read from flash by a cache
+    # of that size (held-out tokens, default window and pin; empty in reports made before it)
+    cache_miss_shares: tuple[float, ...] = ()
 
 
 def collect_ffn_inputs(engine, token_ids: list[int], scratch: Path) -> list[Path]:
@@ -210,7 +216,8 @@ def calibrate_store(store: str | Path, text: str, *, max_tokens: int = 2048, ran
                 static_mask[hot] = True
                 st = recall_report(np.broadcast_to(static_mask, held_z.shape), held_active, held_mass)
                 reports.append(LayerReport(i, r["recall"], r["mass_recall"], r["fraction"], float(held_active.mean()),
-                                           layer.nbytes, r_i, layer.origin, st["recall"], st["fraction"]))
+                                           layer.nbytes, r_i, layer.origin, st["recall"], st["fraction"],
+                                           cache_miss_shares(predicted)))
                 path.unlink()  # done with this layer's inputs: free the disk as we go
                 if progress is not None:
                     progress(i + 1, n_layers)
@@ -218,10 +225,25 @@ def calibrate_store(store: str | Path, text: str, *, max_tokens: int = 2048, ran
             shutil.rmtree(scratch, ignore_errors=True)
     report = {"tokens": len(token_ids), "held_out_tokens": len(token_ids) - split, "rank": rank,
               "last_rank": last_rank, "last_layers": last_layers, "target_recall": target_recall, "recall_of": recall_of,
-              "static_coverage": STATIC_COVERAGE, "layers": [asdict(r) for r in reports]}
+              "static_coverage": STATIC_COVERAGE, "cache_shares": CACHE_TABLE_SHARES,
+              "layers": [asdict(r) for r in reports]}
     save_predictors(store, {LOWRANK_FILE: LowRankPredictor(layers).save, STATIC_FILE: StaticPredictor(hot_sets).save,
                             REPORT_FILE: lambda p: Path(p).write_text(json.dumps(report, indent=1))})
     return reports
+
+
+def cache_miss_shares(predicted: np.ndarray) -> tuple[float, ...]:
+    """Per CACHE_TABLE_SHARES, the share of `predicted` (bool [tokens, n_neurons]) a neuron cache of
+    that size with the engine's default window and pin reads from flash."""
+    from flashinfer.cache import simulated_miss_share
+    from flashinfer.engine import DEFAULT_PIN, DEFAULT_WINDOW
+
+    n = predicted.shape[1]
+    shares = []
+    for share in CACHE_TABLE_SHARES:
+        capacity = max(1, int(share * n))
+        shares.append(simulated_miss_share(predicted, capacity, DEFAULT_WINDOW, int(DEFAULT_PIN * capacity)))
+    return tuple(shares)
 
 
 @dataclass

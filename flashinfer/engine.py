@@ -45,6 +45,7 @@ DEFAULT_MAX_CTX = 4096  # KV cache positions unless the caller asks otherwise
 # Mistral-7B shape (lowrank, 32 tokens, 2026-12-07): MB read per token at 2 / 2.5 / 3 GB 748 / 522 / 382 with
 # the window alone, 722 / 492 / 337 at 0.5, 688 / 503 / 348 at 0.8; tokens/s within the machine's noise
 DEFAULT_PIN = 0.5
+DEFAULT_WINDOW = 5  # tokens a loaded neuron stays cached after it was last predicted
 WARM_UP_ENV = "FLASHINFER_WARM_UP"  # "first-token": Engine.open warms only the first decode token (see _warm_up)
 
 
@@ -123,7 +124,7 @@ class Engine:
     @classmethod
     def open(cls, path: str | Path, ctx: int | None = None, flash_bw: str | float | None = None,
              flash_latency: str | float | None = None, verify: bool = False, predictor: str = "dense",
-             window: int = 5, dram: str | int | None = None, prefetch: bool = False,
+             window: int = DEFAULT_WINDOW, dram: str | int | None = None, prefetch: bool = False,
              stream_ffn: bool = False, store: str | Path | None = None, convert: bool | None = None,
              progress=None, notify=None, kv_cache: str = "f16", pin: float = DEFAULT_PIN,
              _footprint: bool = False) -> "Engine":

@@ -131,3 +131,57 @@ def test_the_predictor_is_sized_from_its_file_as_it_loads(tmp_path):
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(FormatError, match="calibrate again"):
         LowRankPredictor.loaded_nbytes(path)
+
+
+def test_the_cache_simulation_counts_what_the_cache_would_read():
+    import numpy as np
+
+    from flashinfer.cache import simulated_miss_share
+
+    same = np.zeros((10, 50), bool)
+    same[:, :8] = True  # the same 8 neurons every token: read once
+    assert simulated_miss_share(same, capacity=10, window=5, pin_capacity=0) == pytest.approx(1 / 10)
+    drifting = np.zeros((10, 50), bool)
+    for t in range(10):
+        drifting[t, 5 * t : 5 * t + 5] = True  # new neurons every token: every one read
+    assert simulated_miss_share(drifting, capacity=50, window=5, pin_capacity=0) == 1.0
+    # a cache smaller than a token's set reads the overflow every token (scratch), keeps the rest
+    assert simulated_miss_share(same, capacity=4, window=5, pin_capacity=0) == pytest.approx((8 + 9 * 4) / 80)
+
+
+def test_calibration_reports_what_each_cache_size_would_read_and_auto_uses_it(stores):
+    import json
+
+    from flashinfer.calibrate import CACHE_TABLE_SHARES, PREDICTOR_DIR, REPORT_FILE
+    from flashinfer.auto_predictor import expected_read_shares
+
+    store = stores[0]
+    report = json.loads((store / PREDICTOR_DIR / REPORT_FILE).read_text())
+    assert report["cache_shares"] == list(CACHE_TABLE_SHARES)
+    for layer in report["layers"]:
+        misses = layer["cache_miss_shares"]
+        assert len(misses) == len(CACHE_TABLE_SHARES) and all(0 < m <= 1 for m in misses)
+        assert all(b <= a + 0.02 for a, b in zip(misses, misses[1:]))  # a larger cache reads no more
+    with StoreReader(store) as reader:
+        n = [spec.n_neurons for spec in reader.manifest.ffn_layers]
+        shares, simulated = expected_read_shares(reader, [int(0.2 * k) for k in n])
+    assert simulated
+    assert shares == pytest.approx([layer["fraction"] * layer["cache_miss_shares"][2] for layer in report["layers"]],
+                                   rel=0.05)  # 0.2 of a layer, up to int() rounding
+
+
+def test_a_report_without_the_cache_table_charges_every_predicted_neuron(stores, tmp_path):
+    import json
+    import shutil
+
+    from flashinfer.auto_predictor import expected_read_shares
+    from flashinfer.calibrate import PREDICTOR_DIR, REPORT_FILE
+
+    old = shutil.copytree(stores[0], tmp_path / "old")
+    path = old / PREDICTOR_DIR / REPORT_FILE
+    report = json.loads(path.read_text())
+    report.pop("cache_shares")
+    path.write_text(json.dumps(report))
+    with StoreReader(old, verify=False) as reader:
+        shares, simulated = expected_read_shares(reader, [1] * len(report["layers"]))
+    assert not simulated and shares == [layer["fraction"] for layer in report["layers"]]
