@@ -8,7 +8,8 @@ scattered read costs on this disk, and disks differ by an order of magnitude the
 2-core VM of bench/RESULTS.md a random 10% of a 7B q4 layer took 74 ms and the whole 99 MB
 layer 77-88 ms (the disk serves requests, not bytes: streaming ran 1.5x faster end to end),
 while flash whose reads cost their bytes (the paper's, or `--flash-bw 1GB/s`) makes the
-selection cost its share and the sparse path ~3x faster. So the choice is measured, not
+selection cost its share and the sparse path faster (the 7B at --flash-bw 1GB/s: 1.85x,
+bench/RESULTS.md 2026-12-08). So the choice is measured, not
 modelled: a few layers are read both ways through the run's own StoreReader (O_DIRECT, its gap
 merging and read sizes, the throttle), and the per-token read time of each plan is estimated
 from them.
@@ -34,8 +35,8 @@ import numpy as np
 PROBE_LAYERS = 3  # layers read both ways, spread over those the dense plan streams
 PROBE_REPEATS = 2  # each read twice, the faster kept: a shared disk's noise only slows reads
 # lowrank where its estimated reads take less than this share of dense's. 1.0, not lower: the
-# estimate already leans to dense (the 7B at 2 GB, 2026-12-08: estimated sparse/dense 1.64-1.80 at
-# this disk's speed, 0.73-0.87 at --flash-bw 1GB/s; measured end to end 1.58 and 0.54 a token); a
+# estimate already leans to dense (the 7B at 2 GB, 2026-12-08: estimated sparse/dense 1.50-1.80 at
+# this disk's speed, 0.68-0.87 at --flash-bw 1GB/s; measured end to end 1.58 and 0.54 a token); a
 # margin of 0.8 chose dense at 1GB/s, where lowrank ran 1.85x faster.
 SPARSE_MARGIN = 1.0
 
@@ -45,7 +46,7 @@ class PredictorChoice:
     predictor: str  # "dense" or "lowrank": what the engine runs
     reason: str  # one line for the user (the CLI prints it; engine.predictor_choice keeps it)
     dense_ms: float | None = None  # estimated FFN read time per token, layers streamed whole
-    sparse_ms: float | None = None  # the same, each layer's predicted neurons read
+    sparse_ms: float | None = None  # the same, the neurons each layer's caches would miss read
     probe_s: float = 0.0  # what the measurement took
 
     def line(self) -> str:
