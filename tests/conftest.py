@@ -73,3 +73,15 @@ def roomy_cap() -> int:
     import psutil
 
     return psutil.Process().memory_info().rss + 2**30
+
+
+# The files whose cold runs are longest (numba compiles; tests/ durations, 2026-12-08: test_kernels
+# ~440 s, test_store ~250, test_store_decode ~200, test_real_model ~70), collected first: `make test`
+# hands whole files to its two processes in collection order (--dist loadfile), so the small files
+# fill in behind the long ones instead of one long file starting last on a process and running alone.
+LONGEST_FILES_FIRST = ("test_kernels.py", "test_store.py", "test_store_decode.py", "test_real_model.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the order within a file stays

@@ -49,7 +49,7 @@ def test_table_rows_ratios_and_errors():
         {"model": "m", "config": "flashinfer", "decode_tok_s": 8.0, "read_bytes_per_token": 1e8, "agreement": 0.9,
          "ms_per_token": {"io": 60, "memory_management": 5, "predictor": 10, "attention": 30, "ffn_compute": 10,
                           "other": 10, "total": 125}, "cgroup_peak_bytes": 2**30, "oom_killed": False,
-         "roofline_ms": 50.0, "roofline_ratio": 2.5},
+         "roofline_ms": 50.0, "roofline_ratio": 2.5, "prefill_tok_s": 41.25},
         {"model": "m", "config": "llama.cpp", "runtime": "llama.cpp", "decode_tok_s": 1.0, "ms_per_token": 1000.0,
          "read_bytes_per_token": 2e9, "cgroup_peak_bytes": 2**31, "oom_killed": False},
         {"model": "m", "config": "llama.cpp, killed", "error": "OOM-killed by the cgroup", "cgroup_peak_bytes": 2**31,
@@ -57,6 +57,7 @@ def test_table_rows_ratios_and_errors():
     ]
     lines = bench_run.table(rows).splitlines()
     assert lines[0].startswith("| model |") and set(lines[1]) == {"|", "-"}
-    assert "| 8.00 | 4.00x | 125 (60 / 5 / 60) | 100.0 |" in lines[3] and "| 0.900 | 50 (2.5x) |" in lines[3]
+    assert "| 8.00 | 4.00x | 125 (60 / 5 / 60) | 100.0 |" in lines[3] and "| 0.900 | 50 (2.5x) | 41.2 |" in lines[3]
+    assert all(line.count("|") == lines[0].count("|") for line in lines)  # every row fills every column
     assert "| 1.00 | 0.50x | 1000 |" in lines[4] and "n/a (SiLU)" in lines[4]
     assert "error: OOM-killed by the cgroup" in lines[5] and "| yes |" in lines[5]

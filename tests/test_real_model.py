@@ -74,14 +74,28 @@ def gguf():
 
 
 @pytest.fixture(scope="module")
-def engine(gguf, tmp_path_factory):
+def stores(gguf, tmp_path_factory):
+    """Each model's store, converted from its GGUF once per module."""
+    converted = {}
+
+    def get(name: str) -> Path:
+        if name not in converted:
+            converted[name] = store_for(gguf(name), tmp_path_factory.mktemp(name) / "store")
+        return converted[name]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def engine(stores):
+    """Engines that decode through the per-kernel path, the suite's default (tests/conftest.py):
+    the one-call blocks users decode through are compared with it on the real model by
+    test_the_one_call_blocks_decode_as_the_per_kernel_path (slow: their ~60 s cold compile)."""
     opened = {}
 
     def get(name: str) -> Engine:
-        if name not in opened:  # decoding as users do: through the one-call blocks (tests/conftest.py)
-            with pytest.MonkeyPatch.context() as patch:
-                patch.setenv(FUSED_DECODE_ENV, "1")
-                opened[name] = Engine.open(store_for(gguf(name), tmp_path_factory.mktemp(name) / "store"))
+        if name not in opened:
+            opened[name] = Engine.open(stores(name))
         return opened[name]
 
     yield get
@@ -124,3 +138,22 @@ def test_greedy_tokens_follow_llama_cpp_on_the_same_file(engine, name, case):
 
 def test_the_capital_of_france(engine):
     assert engine("smollm2").generate("The capital of France is", max_tokens=4).text.startswith(" Paris")
+
+
+@pytest.mark.slow  # ~60 s cold: the one-call block's own compile for this model's schemes
+def test_the_one_call_blocks_decode_as_the_per_kernel_path(stores, monkeypatch):
+    """What users run (FLASHINFER_FUSED_DECODE unset: kernels.decode_layer per resident block)
+    decodes the real SmolLM2 as the per-kernel path does, token by token (test_store_decode's
+    twin test, on the real file's schemes), and answers Paris through it."""
+    monkeypatch.setenv(FUSED_DECODE_ENV, "1")
+    with Engine.open(stores("smollm2")) as engine:
+        model = engine.model
+        assert all(model._fusable)
+        assert engine.generate("The capital of France is", max_tokens=4).text.startswith(" Paris")
+        ids = engine.tokenize("The capital of France is Paris. The capital of Italy is")
+        runs = []
+        for fused in (True, False):
+            model._fusable = [fused] * len(model._fusable)
+            model.reset()
+            runs.append(np.array([model.forward(np.array([t])).copy() for t in ids]))
+    np.testing.assert_allclose(runs[0], runs[1], rtol=1e-5, atol=1e-5)

@@ -67,8 +67,16 @@ QUANT_BOUNDS = {("f16", "f16"): (0.01, 0.001), ("q8", "q8"): (0.2, 0.025), ("q4"
                 ("q4a", "q8"): (1.0, 0.16)}
 
 
-@pytest.mark.parametrize("ffn,resident", list(QUANT_BOUNDS))
-@pytest.mark.parametrize("name", ["llama", "mistral", "relu_llama", "opt", "opt_postln"])
+# q4 and q4a FFNs of the SiLU fixtures (W_down as rows) each compile ~60 s of their own dense-FFN
+# kernels cold: `make test-all` runs them (the suite's 10-minute bound, 2026-12-08). Their kernels
+# stay in the default suite through test_store_decode (mistral's q4 rows fused and per-kernel, q4a
+# rows against columns) and test_kernels.test_ffn_down_rows; q4/q4a here through the ReLU fixtures.
+SLOW_QUANT_CASES = {(name, ffn) for name in ("llama", "mistral") for ffn in ("q4", "q4a")}
+
+
+@pytest.mark.parametrize("name,ffn,resident", [
+    pytest.param(name, ffn, resident, marks=[pytest.mark.slow] if (name, ffn) in SLOW_QUANT_CASES else [])
+    for name in ["llama", "mistral", "relu_llama", "opt", "opt_postln"] for ffn, resident in QUANT_BOUNDS])
 def test_quantization_error_is_bounded(stores, name, ffn, resident):
     golden = load_golden(name)
     with Engine.open(stores(name, ffn, resident)) as engine:

@@ -20,9 +20,12 @@ from tests.test_store import QUANT_BOUNDS, _cli_error, stores  # noqa: F401  (mo
 @pytest.mark.parametrize("name,down,ffn,resident,kv_cache", [
     # rows at q4 / q8: what `flashinfer run HF_DIR` converts a SiLU model to (kernels compiled once per suite)
     ("mistral", "rows", "q4", "q8", "f16"), ("mistral", "columns", "q4a", "q4", "f16"), ("gemma3", "rows", "q4", "q8", "f16"),
-    ("relu_llama", "auto", "q8", "q8", "f16"), ("relu_llama", "auto", "q4a", "q4", "f16"), ("opt", "auto", "q8", "q8", "f16"),
+    ("relu_llama", "auto", "q4a", "q4", "f16"), ("opt", "auto", "q8", "q8", "f16"),
     ("mistral", "rows", "q4", "q8", "q8"),  # int8 keys and values with their scales (kernels.LayerKV)
-    pytest.param("opt", "auto", "q4a", "q4", "f16", marks=pytest.mark.slow)])  # ~34 s cold compile; opt q8 stays
+    # cold compiles of their own (~34 s, ~38 s) for the suite's 10-minute bound: opt q8 and
+    # relu_llama q4a stay, and relu_llama's q4a shares mistral's columns block
+    pytest.param("opt", "auto", "q4a", "q4", "f16", marks=pytest.mark.slow),
+    pytest.param("relu_llama", "auto", "q8", "q8", "f16", marks=pytest.mark.slow)])
 def test_fused_decode_step_equals_the_per_kernel_path(stores, name, down, ffn, resident, kv_cache,  # noqa: F811
                                                      monkeypatch):
     # kernels.decode_layer (a decode step of a block as one compiled call, used once a block's
