@@ -275,12 +275,12 @@ def measure_model(preset: Preset, opts, bandwidths) -> list[dict]:
 def table(rows: list[dict]) -> str:
     naive = {r["model"]: r for r in rows if r["config"].startswith("naive") and "decode_tok_s" in r}
     head = ("| model | configuration | tok/s | vs naive | ms/token (I/O / mem. mgmt / compute) | MB read/token "
-            "| peak cgroup MiB | OOM | agreement | roofline ms (achieved/bound) |")
+            "| peak cgroup MiB | OOM | agreement | roofline ms (achieved/bound) | prefill tok/s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['model']} | {r['config']} | error: {r['error']} | | | | "
-                         f"{_mib(r.get('cgroup_peak_bytes'))} | {'yes' if r.get('oom_killed') else 'no'} | | |")
+                         f"{_mib(r.get('cgroup_peak_bytes'))} | {'yes' if r.get('oom_killed') else 'no'} | | | |")
             continue
         ms = r.get("ms_per_token")
         if isinstance(ms, dict):
@@ -294,9 +294,10 @@ def table(rows: list[dict]) -> str:
                                                                   else "n/a (SiLU)" if r.get("runtime") == "llama.cpp"
                                                                   and not getattr(PRESETS.get(r["model"]), "gated", False) else "-")
         roof = f"{r['roofline_ms']:.0f} ({r['roofline_ratio']:.1f}x)" if "roofline_ms" in r else "-"
+        prefill = f"{r['prefill_tok_s']:.1f}" if r.get("prefill_tok_s") else "-"
         lines.append(f"| {r['model']} | {r['config']} | {r['decode_tok_s']:.2f} | {ratio} | {split} | "
                      f"{(r.get('read_bytes_per_token') or 0) / 1e6:.1f} | {_mib(r.get('cgroup_peak_bytes'))} | "
-                     f"{'yes' if r.get('oom_killed') else 'no'} | {agree} | {roof} |")
+                     f"{'yes' if r.get('oom_killed') else 'no'} | {agree} | {roof} | {prefill} |")
     return "\n".join(lines)
 
 
