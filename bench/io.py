@@ -98,7 +98,7 @@ def main() -> None:
             for bw in (None, "1GB/s"):
                 if bw and (threads != 4 or opts.no_throttle):
                     continue
-                throttle = Throttle.from_strings(bw) if bw else None
+                throttle = Throttle.for_options(bw)
                 drop_cache(store)
                 with StoreReader(store, io_threads=threads, throttle=throttle, gap_bytes=parse_size(gap)) as reader:
                     bundle = reader.manifest.ffn_layers[0].bundle_bytes

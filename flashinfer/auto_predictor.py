@@ -107,15 +107,16 @@ def dense_resident_layers(reader, args, ctx: int, cap_bytes: int | None, kv_cach
     """The FFN layers the dense path would keep resident (the engine's rule: the plan under a
     cap, else the machine's free memory), or None where the dense path does not fit the cap."""
     from flashinfer.engine import _plan
-    from flashinfer.memory import BudgetError, free_memory_budget, resident_layers_within
+    from flashinfer.memory import BudgetError, dense_resident_layers as resident_of
 
-    if cap_bytes is None:
-        return resident_layers_within(reader.manifest.ffn_layers, free_memory_budget())
-    try:
-        return _plan(reader, args, ctx, cap_bytes, runtime_bytes, kv_cache, sparse=False, predictor_bytes=0,
-                     sparse_share=None).resident_layers
-    except BudgetError:
-        return None
+    plan = None
+    if cap_bytes is not None:
+        try:
+            plan = _plan(reader, args, ctx, cap_bytes, runtime_bytes, kv_cache, sparse=False, predictor_bytes=0,
+                         sparse_share=None)
+        except BudgetError:
+            return None
+    return resident_of(reader.manifest.ffn_layers, plan)
 
 
 def expected_read_shares(reader, capacities: list[int]) -> tuple[list[float], bool]:

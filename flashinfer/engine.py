@@ -218,8 +218,7 @@ class Engine:
         from storage.throttle import Throttle
         from storage.units import parse_size
 
-        throttle = Throttle.from_strings(flash_bw, flash_latency) if flash_bw or flash_latency else None
-        with StoreReader(path, throttle=throttle) as reader:
+        with StoreReader(path, throttle=Throttle.for_options(flash_bw, flash_latency)) as reader:
             try:
                 args = ModelArgs.from_dict(reader.manifest.model_config)
             except (TypeError, ValueError):  # _open_store reports it with the fix
@@ -255,8 +254,7 @@ class Engine:
         from storage.reader import StoreReader
         from storage.throttle import Throttle
 
-        throttle = Throttle.from_strings(flash_bw, flash_latency) if flash_bw or flash_latency else None
-        reader = StoreReader(path, verify=verify, throttle=throttle)
+        reader = StoreReader(path, verify=verify, throttle=Throttle.for_options(flash_bw, flash_latency))
         try:
             try:
                 args = ModelArgs.from_dict(reader.manifest.model_config)
@@ -290,7 +288,7 @@ class Engine:
         the kernels' types at a small size (flashinfer/precompile.py's child): footprint_rows
         cache rows a layer, or the first FFN layer resident and the others streamed."""
         from flashinfer.flash_ffn import FlashFFN
-        from flashinfer.memory import ffn_layer_bytes, free_memory_budget, resident_layers_within
+        from flashinfer.memory import dense_resident_layers, ffn_layer_bytes, free_memory_budget
         from flashinfer.sparse_ffn import SparseFFN, oracle_from_store
         from storage.units import parse_size
 
@@ -355,10 +353,8 @@ class Engine:
                 resident = []
             elif footprint:  # a resident layer's one-call block and a streamed layer's kernels both compile
                 resident = [0]
-            elif plan is not None:
-                resident = plan.resident_layers
-            else:  # no cap: keep what the machine has room for (flashinfer/memory.py)
-                resident = resident_layers_within(layers, free_memory_budget())
+            else:
+                resident = dense_resident_layers(layers, plan)
             # the streamed layers are read one ahead (two buffers, counted by the plan), except in
             # the naive baseline, which waits for each read as the paper's does
             return FlashFFN(reader, args, frozenset(resident), read_ahead=not stream_ffn,

@@ -206,6 +206,12 @@ def resident_layers_within(layers, budget_bytes: int) -> list[int]:
     return chosen
 
 
+def dense_resident_layers(layers, plan) -> list[int]:
+    """The FFN layers the dense path keeps resident: the memory plan's under a cap (plan not
+    None), else those that fit in what the machine has free (free_memory_budget)."""
+    return plan.resident_layers if plan is not None else resident_layers_within(layers, free_memory_budget())
+
+
 # With no --dram, a dense run keeps FFN layers resident in what the machine has free, less
 # this much for everything else on it (and the page cache the store's reads go through).
 FREE_MEMORY_RESERVE = 1 << 30

@@ -65,6 +65,12 @@ class Throttle:
                    0.0 if latency is None else parse_duration(latency),
                    None if burst is None else parse_size(burst))
 
+    @classmethod
+    def for_options(cls, flash_bw: str | float | None, latency: str | float | None = None) -> Throttle | None:
+        """The throttle of a run's --flash-bw / --flash-latency, or None when neither is given
+        (reads go at the disk's own speed, with no bookkeeping)."""
+        return cls.from_strings(flash_bw, latency) if flash_bw or latency else None
+
     def acquire(self, nbytes: int) -> None:
         """Block the calling thread until `nbytes` may be read, plus the per-request latency."""
         if not self.enabled:

@@ -96,6 +96,12 @@ def test_from_strings():
     assert not Throttle.from_strings(None).enabled
 
 
+def test_for_options_is_none_unless_a_run_asks_for_one():
+    assert Throttle.for_options(None, None) is None  # no --flash-bw / --flash-latency: no throttle at all
+    assert Throttle.for_options("1GB/s").bw_bytes_per_s == 1e9
+    assert Throttle.for_options(None, "50us").latency_s == 50e-6
+
+
 @pytest.mark.parametrize("kwargs,message", [
     ({"bw_bytes_per_s": 0}, "bandwidth must be > 0"),
     ({"bw_bytes_per_s": 1e6, "latency_s": -1}, "latency must be >= 0"),
