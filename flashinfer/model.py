@@ -243,11 +243,13 @@ class Model:
         most of the 13 us of Python a block cost."""
         a, s, ffn = self.args, self.state, self.flash_ffn
         before = (s.x[:1], s.xb[:1], s.q[:1], s.k[:1], s.v[:1], s.attn[:1], s.block_out[:1], s.kv[i])
+        # the scratch's dimensions tell decode_layer which FFN the block runs (kernels.NO_DOWN_ROWS)
+        scratch = (s.up, s.hidden) if views.down_rows else (K.NO_DOWN_ROWS, K.NO_DOWN_ROWS)
         after = (s.positions, self.layer_inv_freq[i], a.norm == "rms", a.norm_eps, layer.attn_norm_w, layer.attn_norm_b,
                  layer.ffn_norm_w, layer.ffn_norm_b, layer.wq, layer.bq, layer.wk, layer.bk, layer.wv, layer.bv,
                  layer.wo, layer.bo, a.positional == "rope", a.head_dim, a.n_kv_heads, self.layer_windows[i], s.scores, views,
                  ffn.layers[i].n_neurons, self.act, ffn.runs_parallel(i, a.dim), ffn.partial.get(1), layer.b_down,
-                 self._shared_qkv[i], s.up, s.hidden, a.qk_norm, layer.q_norm_w, layer.k_norm_w,
+                 self._shared_qkv[i], *scratch, a.qk_norm, layer.q_norm_w, layer.k_norm_w,
                  np.float32(a.query_scale), a.sandwich_norm, layer.attn_post_norm_w, layer.ffn_post_norm_w)
         return before, after
 

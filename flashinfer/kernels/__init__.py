@@ -54,7 +54,7 @@ from .blocks import FAST, prepare_input, quantize_blocks, row_axpy, uses_int_dot
 from .ffn import (ACT_GELU_TANH, ACT_RELU, ACT_SILU, ACTS, activate_, ffn_down_rows, ffn_rows, ffn_rows_coef,
                   ffn_rows_coef_parallel, ffn_rows_parallel, gated_act, relu_)
 from .matmul import PARALLEL_MIN_WORK, ROW_REUSE_MIN_TOKENS, add_rows, matmul, matmul_for, matmul_serial
-from .layer import compiled_call, decode_layer
+from .layer import NO_DOWN_ROWS, compiled_call, decode_layer
 from .norms import layernorm, rmsnorm
 
 
@@ -69,5 +69,5 @@ def one_blas_thread() -> None:
     threadpool_limits(limits=1, user_api="blas")
 
 __all__ = ["ATTENTION_BLAS_MIN_TOKENS", "ACT_GELU_TANH", "ACT_RELU", "ACT_SILU", "ACTS", "FAST", "PARALLEL_MIN_WORK", "ROW_REUSE_MIN_TOKENS", "add_rows", "one_blas_thread", "attention",
-           "attention_blas", "attention_for", "attention_serial", "compiled_call", "decode_layer", "exp_nonpositive", "activate_", "ffn_down_rows", "ffn_rows", "ffn_rows_coef", "ffn_rows_coef_parallel", "ffn_rows_parallel", "gated_act", "layernorm", "matmul", "matmul_for", "matmul_serial",
+           "attention_blas", "attention_for", "attention_serial", "NO_DOWN_ROWS", "compiled_call", "decode_layer", "exp_nonpositive", "activate_", "ffn_down_rows", "ffn_rows", "ffn_rows_coef", "ffn_rows_coef_parallel", "ffn_rows_parallel", "gated_act", "layernorm", "matmul", "matmul_for", "matmul_serial",
            "prepare_input", "quantize_blocks", "relu_", "rmsnorm", "rope", "rope_qk", "row_axpy", "store_kv", "KV_DTYPES", "LayerKV", "kv_q8_block", "layer_kv", "f16_bits", "uses_int_dots", "widen"]

@@ -296,12 +296,15 @@ def ffn_down_rows(x, up, up_b, gate, gate_b, down, act, u, h, out):
     of exactly n columns."""
     n_tokens = x.shape[0]
     hidden = h[:n_tokens]  # rows only: a column slice would make the matmuls' inputs strided
+    ups = u[:n_tokens]
     if gate.data.shape[0]:  # gate and up from one prepared input, in one parallel region
-        ups = u[:n_tokens]
         matmul2(x, gate, gate_b, hidden, up, up_b, ups)
         gated_act(hidden, ups, act)
     else:  # OPT: ReLU only (the config refuses other ungated activations, as model._ffn says)
-        linear(x, up, up_b, hidden)
+        # up's products alone (the gate has no rows), through the call above with the two
+        # swapped: where up and gate are of one type (every gated store) that is the same
+        # compiled region, not a matmul of up's types compiled only for this branch (2026-12-08)
+        matmul2(x, up, up_b, hidden, gate, gate_b, ups)
         relu_(hidden)
     linear(hidden, down, EMPTY_BIAS, out)
 

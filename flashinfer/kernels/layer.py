@@ -10,6 +10,7 @@ Each product still picks its serial or parallel kernel by its own work, as the P
 
 from __future__ import annotations
 
+import numpy as np
 from numba import njit, typeof
 from numba.core.typing.typeof import Purpose
 from numba.extending import overload
@@ -42,12 +43,26 @@ def _norm(rms, x, weight, bias, eps, out):
         layernorm(x, weight, bias, eps, out)
 
 
+# decode_layer's ffn_up / ffn_hidden for a block whose FFN keeps W_down in its bundles (columns):
+# scratch of another number of dimensions, so the kernel's types say which FFN the block runs and
+# only that one is compiled. Both were compiled before (one a runtime branch never taken): a block
+# of bundle columns compiled ffn_down_rows too, 40-60 s of its cold compile (2026-12-08).
+NO_DOWN_ROWS = np.zeros(0, np.float32)
+
+
 def _block_ffn(xb, v, n_neurons, act, ffn_parallel, partial, ffn_up, ffn_hidden, out):
     """out = the FFN of xb over a block's resident bundles `v` (flash_ffn.BundleViews): W_down's
-    rows (v.down_rows), else the bundles' down columns on all cores or one (pure-Python form)."""
+    rows (v.down_rows, scratch ffn_up / ffn_hidden [>= 1, n]), else the bundles' down columns
+    (scratch NO_DOWN_ROWS) on all cores or one (pure-Python form)."""
     if v.down_rows:
         ffn_down_rows(xb, v.up, v.up_bias, v.gate, v.gate_bias, v.down, act, ffn_up, ffn_hidden, out)
-    elif ffn_parallel:
+    else:
+        _columns_ffn(xb, v, n_neurons, act, ffn_parallel, partial, out)
+
+
+@njit(nogil=True, fastmath=FAST)
+def _columns_ffn(xb, v, n_neurons, act, ffn_parallel, partial, out):
+    if ffn_parallel:
         ffn_rows_parallel(xb, n_neurons, v.up.data, v.up.scales, v.up.mins, v.gate.data, v.gate.scales, v.gate.mins,
                           v.down.data, v.down.scales, v.down.mins, v.up_bias, v.gate_bias, v.group, act,
                           partial[:, :1], out)
@@ -58,11 +73,11 @@ def _block_ffn(xb, v, n_neurons, act, ffn_parallel, partial, ffn_up, ffn_hidden,
 
 @overload(_block_ffn)
 def _block_ffn_jit(xb, v, n_neurons, act, ffn_parallel, partial, ffn_up, ffn_hidden, out):
-    down = v.types[v.fields.index("down")]  # numba's type of the Matrix namedtuple, then of its codes
-    if down.types[down.fields.index("data")].ndim == 3:  # W_down in lanes: the rows path only
-        return lambda xb, v, n_neurons, act, ffn_parallel, partial, ffn_up, ffn_hidden, out: ffn_down_rows(
-            xb, v.up, v.up_bias, v.gate, v.gate_bias, v.down, act, ffn_up, ffn_hidden, out)
-    return _block_ffn
+    if ffn_up.ndim == 1:  # NO_DOWN_ROWS: the bundles' down columns
+        return lambda xb, v, n_neurons, act, ffn_parallel, partial, ffn_up, ffn_hidden, out: _columns_ffn(
+            xb, v, n_neurons, act, ffn_parallel, partial, out)
+    return lambda xb, v, n_neurons, act, ffn_parallel, partial, ffn_up, ffn_hidden, out: ffn_down_rows(
+        xb, v.up, v.up_bias, v.gate, v.gate_bias, v.down, act, ffn_up, ffn_hidden, out)
 
 
 @njit(cache=True, nogil=True, fastmath=FAST)
@@ -77,7 +92,8 @@ def decode_layer(x, xb, q, k, v, attn, block_out, kv, start, positions, inv_freq
     rows; the new key and value go into the layer's LayerKV `kv` in its element type (store_kv). ffn_parallel: whether the
     FFN runs on all cores (flash_ffn.ffn_over_bundles decides it the same way), `partial` its
     per-thread sums; shared_qkv: wq, wk and wv share a scheme and group (matmul3); ffn_up /
-    ffn_hidden: scratch [>= 1, n_neurons] of a layer that keeps W_down as rows (ffn.down_rows).
+    ffn_hidden: scratch [>= 1, n_neurons] of a layer that keeps W_down as rows (ffn.down_rows),
+    NO_DOWN_ROWS for one that keeps it in its bundles (only that block's FFN is compiled).
     Gemma 3's extras: qk_norm (each head of q and k RMS-normed by q_norm_w / k_norm_w), q times
     query_scale (when not 1), sandwich (the attention and FFN outputs RMS-normed by
     attn_post_norm_w / ffn_post_norm_w before the residual adds)."""
