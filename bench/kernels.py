@@ -243,6 +243,9 @@ def store_decode_against(rev: str, store: str, repeats: int = 15, contexts: tupl
             start = model.n_past
             if context == contexts[0]:
                 operands = {k: [(b, a) for _, b, a in model._fused_operands] for k in (K, old_k)}
+                if not hasattr(old_k, "NO_DOWN_ROWS"):  # REV's decode_layer types 2-D FFN scratch for every block
+                    operands[old_k] = [(b, tuple(state.hidden if a is K.NO_DOWN_ROWS else a for a in after))
+                                       for b, after in operands[old_k]]
 
             def blocks(k):
                 for before, after in operands[k]:
