@@ -62,6 +62,7 @@ def _block_ffn(xb, v, n_neurons, act, ffn_parallel, partial, ffn_up, ffn_hidden,
 
 @njit(nogil=True, fastmath=FAST)
 def _columns_ffn(xb, v, n_neurons, act, ffn_parallel, partial, out):
+    """_block_ffn over the bundles' down columns: ffn_rows_parallel (all cores) or ffn_rows."""
     if ffn_parallel:
         ffn_rows_parallel(xb, n_neurons, v.up.data, v.up.scales, v.up.mins, v.gate.data, v.gate.scales, v.gate.mins,
                           v.down.data, v.down.scales, v.down.mins, v.up_bias, v.gate_bias, v.group, act,
