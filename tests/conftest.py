@@ -85,3 +85,15 @@ LONGEST_FILES_FIRST = ("test_kernels.py", "test_store.py", "test_store_decode.py
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the order within a file stays
+
+
+def decode_fused_and_per_kernel(model, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """The logits of `ids` decoded one token at a time from an empty context, through the one-call
+    blocks (kernels.decode_layer) and then through model.py's per-kernel path: [len(ids), vocab] each.
+    Leaves every block on the per-kernel path."""
+    runs = []
+    for fused in (True, False):
+        model._fusable = [fused] * len(model._fusable)
+        model.reset()
+        runs.append(np.array([model.forward(np.array([t])).copy() for t in ids]))
+    return runs[0], runs[1]

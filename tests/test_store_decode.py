@@ -11,7 +11,7 @@ from flashinfer import kernels as K
 from flashinfer.convert import convert_checkpoint
 from flashinfer.errors import GenerationError
 from storage import format as fmt
-from tests.conftest import FIXTURES, load_golden
+from tests.conftest import FIXTURES, decode_fused_and_per_kernel, load_golden
 from tests.test_store import QUANT_BOUNDS, _cli_error, stores  # noqa: F401  (module-scoped store fixture)
 
 
@@ -35,12 +35,7 @@ def test_fused_decode_step_equals_the_per_kernel_path(stores, name, down, ffn, r
     with Engine.open(stores(name, ffn, resident, down=down), kv_cache=kv_cache) as engine:
         model = engine.model
         assert any(model._fusable)
-        runs = []
-        for fused in (True, False):
-            model._fusable = [fused] * len(model._fusable)
-            model.reset()
-            logits = [model.forward(np.array([t])).copy() for t in ids]
-            runs.append(np.array(logits))
+        fused, per_kernel = decode_fused_and_per_kernel(model, ids)
         # the fused steps after each block's first called its machine code, not numba's dispatcher
         # (kernels.compiled_call found the compiled signature: the per-call typing is skipped)
         calls = [operands[0] for operands in model._fused_operands if operands is not None]
@@ -49,7 +44,7 @@ def test_fused_decode_step_equals_the_per_kernel_path(stores, name, down, ffn, r
             assert model.weights.layers[0].wq.data.ndim == 3  # and a resident W_down's rows (flash_ffn)
             views = model.flash_ffn.resident_views(0)
             assert not views.down_rows or views.down.data.ndim == 3
-    np.testing.assert_allclose(runs[0], runs[1], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(fused, per_kernel, rtol=1e-5, atol=1e-5)
 
 
 def test_the_full_warm_up_runs_what_a_first_turn_runs(stores, monkeypatch):  # noqa: F811
